@@ -1,0 +1,1 @@
+"""srl: distributed reinforcement learning."""
