@@ -1,0 +1,213 @@
+"""Decode attention: a few query rows against a long KV cache, split over KV (flash-decoding).
+
+Used through ``srl.kernels.flash_attention.flash_decode`` (and by ``flash_attention``
+for short queries that need no gradient). A program owns one (batch, KV head) pair,
+all query rows of that KV head's group (GROUP heads x Nq positions packed into the
+M dimension of one tile, so a KV tile is read once per group) and one contiguous
+split of the keys. With more than one split each program writes a normalized
+partial output and its base-2 logsumexp; a second kernel merges the splits:
+``O = sum_s 2^(L_s - L) O_s`` with ``L = log2 sum_s 2^L_s``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srl.kernels._flash_common import INTERPRET, autotune, launch, needs_upcast
+
+_LOG2E = 1.4426950408889634  # 1 / ln(2)
+MAX_DECODE_QUERIES = 16
+_INTERP_DECODE = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+# H100 tiles by head dim (see flash_attention.py for how they were picked)
+_DECODE_TILES = {16: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                 32: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                 64: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                 128: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                 256: {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}}
+
+
+def _decode_configs():
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+        cfg({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+    ]
+
+
+@autotune(_decode_configs, key=["HEAD_DIM", "BLOCK_M", "SPLIT", "LEN_BUCKET", "CAUSAL"])
+@triton.jit
+def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
+                   stride_qb, stride_qh, stride_qn,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_ob, stride_oh, stride_on,
+                   H_KV, N_Q, N_K, GROUP, ROWS, M_PAD, NUM_SPLITS, SPLIT_LEN, LEN_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   HAS_KV_LENS: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // H_KV).to(tl.int64)
+    off_kvh = (off_bkv % H_KV).to(tl.int64)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head in group, position)
+    row_ok = rows < ROWS
+    pos = rows % N_Q
+    off_h = off_kvh * GROUP + (rows // N_Q).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + off_b * stride_qb + off_h[:, None] * stride_qh + pos[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if HAS_KV_LENS:
+        n_k = tl.load(KV_LENS + off_b).to(tl.int32)
+    else:
+        n_k = N_K
+    causal_shift = n_k - N_Q  # query pos sees key j iff j <= pos + causal_shift
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, n_k)
+    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + (lo + offs_n)[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= pos[:, None] + causal_shift)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    if SPLIT:
+        # partials: O_PART (B*H_KV, NUM_SPLITS, M_PAD, D) fp32, LSE_PART (B*H_KV, NUM_SPLITS, M_PAD)
+        part = (off_bkv.to(tl.int64) * NUM_SPLITS + split) * M_PAD + rows
+        tl.store(LSE_PART + part, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=row_ok)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+    else:
+        o_ptrs = O + off_b * stride_ob + off_h[:, None] * stride_oh + pos[:, None] * stride_on + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_combine(O_PART, LSE_PART, O, stride_ob, stride_oh, stride_on,
+                    H_KV, N_Q, GROUP, M_PAD, NUM_SPLITS,
+                    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+    row = tl.program_id(0)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // H_KV).to(tl.int64)
+    off_h = (off_bkv % H_KV).to(tl.int64) * GROUP + row // N_Q
+    pos = row % N_Q
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    part = (off_bkv.to(tl.int64) * NUM_SPLITS + offs_s) * M_PAD + row
+    lse = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # (SPLITS_P2,), 0 for empty splits
+    o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + pos * stride_on + offs_d, out.to(O.dtype.element_ty))
+
+
+def _num_splits(programs, n_k, device):
+    """Enough splits to give the GPU about four programs per SM, each >= 256 keys."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 2
+    want = triton.cdiv(4 * sms, programs)
+    return max(1, min(want, triton.cdiv(n_k, 256), 256))
+
+
+def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=None):
+    """Attention of a few new query rows against a KV cache (flash-decoding).
+
+    Args:
+        q: (B, H, Nq, D) with Nq in 1..16 (decode, or speculative verification).
+        k, v: (B, H_kv, Nk, D) cache views (any strides with a contiguous last
+            dim); H must be a multiple of H_kv.
+        causal: query i sees key j iff j <= i + Nk - Nq (bottom-right); with one
+            query row this is plain attention over the whole cache.
+        sm_scale: softmax scale, default 1/sqrt(D).
+        kv_lens: optional (B,) integer tensor, valid cache length per batch
+            element (1 <= kv_lens <= Nk); keys past it are ignored.
+        num_splits: KV splits; default picks enough to fill the GPU.
+
+    Returns:
+        (B, H, Nq, D) tensor of q's dtype.
+    """
+    from srl.kernels.flash_attention import _check_kernel_inputs, _last_dim_contiguous, attention_reference
+
+    _check_kernel_inputs(q, k, v)
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Nq > MAX_DECODE_QUERIES:
+        raise ValueError(f"flash_decode takes at most {MAX_DECODE_QUERIES} query rows, got q shape {tuple(q.shape)}")
+    if kv_lens is not None:
+        if kv_lens.shape != (B,) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_lens must be an int32/int64 tensor of shape ({B},), got "
+                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
+        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
+    scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    if not (q.is_cuda or INTERPRET):
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+
+    group = H // Hkv
+    rows = group * Nq
+    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    m_blocks = triton.cdiv(rows, block_m)
+    m_pad = m_blocks * block_m
+    splits = num_splits or _num_splits(B * Hkv * m_blocks, Nk, q.device)
+    split_len = triton.cdiv(Nk, splits)
+    splits = triton.cdiv(Nk, split_len)
+    use_split = splits > 1
+
+    o = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    if use_split:
+        o_part = torch.empty((B * Hkv, splits, m_pad, D), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((B * Hkv, splits, m_pad), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = o  # unused
+    args = (q, k, v, o, o_part, lse_part, kv_lens if kv_lens is not None else o, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=needs_upcast(q),
+                HAS_KV_LENS=kv_lens is not None, SPLIT=use_split, BLOCK_M=block_m)
+    tiles = _INTERP_DECODE if INTERPRET else _DECODE_TILES[D]
+    launch(_decode_kernel, lambda c: (splits, B * Hkv, m_blocks), args, meta, tiles)
+    if use_split:
+        _decode_combine[(rows, B * Hkv)](
+            o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), Hkv, Nq, group, m_pad, splits,
+            HEAD_DIM=D, SPLITS_P2=max(triton.next_power_of_2(splits), 2))
+    return o

@@ -1,0 +1,623 @@
+"""FlashAttention-2 in Triton: forward, backward and a split-KV decode path.
+
+``flash_attention(q, k, v, causal=False, sm_scale=None)`` computes
+``softmax(sm_scale * q @ k^T + mask) @ v`` on (B, H, N, D) tensors, like
+``torch.nn.functional.scaled_dot_product_attention``, with two extensions:
+
+* grouped-query attention: ``k`` and ``v`` may have fewer heads than ``q``
+  (``H % H_kv == 0``; query head ``h`` reads KV head ``h // (H // H_kv)``);
+* ``Nq != Nk`` with the causal mask aligned bottom-right: query ``i`` sees key
+  ``j`` iff ``j <= i + Nk - Nq``. A query row that sees no key returns zeros
+  (and gets zero gradients), never NaN.
+
+The module follows the usual order: reference (the definition), Triton kernels,
+launchers, ``torch.autograd.Function``, dispatcher. The decode kernels (queries
+of length 1..16 against a long KV cache, flash-decoding) live in
+``_flash_decode.py``.
+
+Algorithm (FlashAttention-2). Forward: a program owns BLOCK_M query rows and
+streams BLOCK_N keys at a time, keeping a running row max ``m``, running sum
+``l`` and an unnormalized fp32 accumulator; scores are kept in base 2 (the scale
+is multiplied by log2(e) once) so the kernel uses ``exp2``. Only the row
+logsumexp ``L = m + log2(l)`` (base 2) is saved. Backward: ``D = rowsum(dO * O)``
+is precomputed; one kernel owns a key block and accumulates dK, dV over query
+blocks (and over the query heads of its KV group), a second owns a query block
+and accumulates dQ over key blocks. Both recompute ``P = exp2(S - L)``, so no
+atomics are needed and results are deterministic.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the reference,
+or the Triton interpreter when the environment has ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from srl.kernels._flash_common import INTERPRET, TUNE, autotune, constexpr_arg, launch, needs_upcast
+
+__all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * log2(e))
+
+
+# --------------------------------------------------------------------------
+# Reference: the definition of the result
+# --------------------------------------------------------------------------
+def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None):
+    """Plain torch attention; computes in float32 (float64 if the inputs are).
+
+    Same semantics as :func:`flash_attention` (GQA, bottom-right causal mask,
+    zeros for rows that see no key). ``kv_lens`` (B,) optionally limits the
+    valid keys of each batch element (as in :func:`flash_decode`).
+    """
+    _check_inputs(q, k, v)
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    if Hkv != H:  # (B, Hkv, Nk, D) -> (B, H, Nk, D)
+        kf = kf.repeat_interleave(H // Hkv, dim=1)
+        vf = vf.repeat_interleave(H // Hkv, dim=1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    cols = torch.arange(Nk, device=q.device)
+    if kv_lens is None:
+        n_valid = torch.full((B,), Nk, device=q.device, dtype=torch.long)
+    else:
+        n_valid = kv_lens.to(device=q.device, dtype=torch.long)
+    # (B, 1, 1, Nk) key validity, then (B, 1, Nq, Nk) causal visibility
+    mask = cols[None, None, None, :] < n_valid[:, None, None, None]
+    if causal:
+        rows = torch.arange(Nq, device=q.device)
+        last = rows[None, :, None] + (n_valid[:, None, None] - Nq)  # (B, Nq, 1)
+        mask = mask & (cols[None, None, None, :] <= last[:, None])
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.matmul(p, vf).to(q.dtype)
+
+
+# --------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------
+def _check_inputs(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(
+            f"q (B, H, Nq, D) = {tuple(q.shape)} and k/v (B, H_kv, Nk, D) = {tuple(k.shape)} "
+            "must agree on batch size B and head dim D")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q heads H={H} must be a multiple of k/v heads H_kv={Hkv} (grouped-query attention)")
+    if Nq == 0 or Nk == 0 or B == 0 or H == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k/v {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_kernel_inputs(q, k, v):
+    _check_inputs(q, k, v)
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={D} (q shape {tuple(q.shape)}) is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------
+# Triton kernels: forward
+# --------------------------------------------------------------------------
+def _fwd_configs():
+    cfg = triton.Config
+    return [
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+    ]
+
+
+def _prune_big_head(configs, named_args, **kwargs):
+    """Drop tiles that cannot fit in shared memory/registers at D=256."""
+    if constexpr_arg("HEAD_DIM", named_args, kwargs) < 256:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64
+            and c.kwargs.get("BLOCK_N", 64) <= 64 and c.num_stages <= 3]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+               offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Stream key blocks [lo, hi) through the online softmax of one query block."""
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols < n_k)[:, None]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        if MASKED:
+            visible = cols[None, :] < n_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with no visible key so far keeps m = -inf: shift by 0 instead
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@autotune(_fwd_configs, key=["HEAD_DIM", "CAUSAL", "N_BUCKET"], prune=_prune_big_head)
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, qk_scale,
+              stride_qb, stride_qh, stride_qn,
+              stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn,
+              stride_ob, stride_oh, stride_on,
+              H, GROUP, N_Q, N_K, N_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(BLOCK_N <= 256)
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_kvh = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m < N_Q)[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # key j is visible to query i iff j <= i + causal_shift (bottom-right aligned)
+    causal_shift = N_K - N_Q
+    if CAUSAL:
+        # keys every row of this block sees, then the diagonal band
+        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), N_K)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), N_K)
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                               offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale,
+                               False, CAUSAL, UPCAST, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                               offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale,
+                               True, CAUSAL, UPCAST, BLOCK_N)
+
+    empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    acc = acc / l_safe[:, None]
+    row_ok = offs_m < N_Q
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------
+# Triton kernels: backward
+# --------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA,
+                    stride_ob, stride_oh, stride_on,
+                    stride_dob, stride_doh, stride_don,
+                    H, N_Q,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """DELTA[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (offs_m < N_Q)[:, None]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=row_ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+def _bwd_configs(first, second):
+    cfg = triton.Config
+    return [
+        cfg({first: 64, second: 128}, num_warps=8, num_stages=2),
+        cfg({first: 64, second: 128}, num_warps=8, num_stages=3),
+        cfg({first: 128, second: 64}, num_warps=8, num_stages=2),
+        cfg({first: 128, second: 64}, num_warps=8, num_stages=3),
+        cfg({first: 128, second: 32}, num_warps=4, num_stages=3),
+        cfg({first: 64, second: 64}, num_warps=4, num_stages=3),
+        cfg({first: 128, second: 128}, num_warps=8, num_stages=2),
+    ]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    if constexpr_arg("HEAD_DIM", named_args, kwargs) < 256:
+        return configs
+    kept = [c for c in configs if max(c.kwargs.values()) <= 64 or
+            (min(c.kwargs.values()) <= 32 and c.num_stages <= 2)]
+    return kept or configs[-2:-1]
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qn, stride_don,
+                offs_n, offs_m0, lo, hi, n_q, causal_shift, qk_scale,
+                MASKED: tl.constexpr, EVEN_M: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi)."""
+    q_ptrs += lo * stride_qn
+    do_ptrs += lo * stride_don
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        if EVEN_M:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE_ROW + offs_m)
+            delta = tl.load(DELTA_ROW + offs_m)
+        else:
+            row_ok = offs_m < n_q
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): S^T in base 2
+        if MASKED:
+            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        q_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+    return dk, dv
+
+
+@autotune(lambda: _bwd_configs("BLOCK_N", "BLOCK_M"), key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
+          prune=_prune_bwd)
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+                   stride_qb, stride_qh, stride_qn,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_don,
+                   stride_dkb, stride_dkh, stride_dkn,
+                   stride_dvb, stride_dvh, stride_dvn,
+                   H, H_KV, GROUP, N_Q, N_K, N_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   EVEN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // H_KV).to(tl.int64)
+    off_kvh = (off_bkv % H_KV).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = (offs_n < N_K)[:, None]
+    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    causal_shift = N_K - N_Q
+    if CAUSAL:
+        # query i sees key j iff i >= j - causal_shift: skip the query blocks before,
+        # mask the band of blocks that straddle the diagonal, then run unmasked.
+        lo = tl.minimum(tl.maximum(start_n - causal_shift, 0), N_Q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        band_end = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), N_Q)
+        mid = lo + tl.cdiv(band_end - lo, BLOCK_M) * BLOCK_M
+        mid = tl.minimum(mid, tl.cdiv(N_Q, BLOCK_M) * BLOCK_M)
+    else:
+        lo = 0
+        mid = 0
+    for g in range(0, GROUP):
+        off_h = off_kvh * GROUP + g
+        off_bh = off_b * H + off_h
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m0[:, None] * stride_qn + offs_d[None, :]
+        do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_don + offs_d[None, :]
+        lse_row = LSE + off_bh * N_Q
+        delta_row = DELTA + off_bh * N_Q
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qn, stride_don,
+                             offs_n, offs_m0, lo, mid, N_Q, causal_shift, qk_scale,
+                             True, EVEN_M, UPCAST, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qn, stride_don,
+                             offs_n, offs_m0, mid, N_Q, N_Q, causal_shift, qk_scale,
+                             False, EVEN_M, UPCAST, BLOCK_M)
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+              offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    k_ptrs += lo * stride_kn
+    v_ptrs += lo * stride_vn
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols < n_k)[:, None]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            visible = cols[None, :] < n_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@autotune(lambda: _bwd_configs("BLOCK_M", "BLOCK_N"), key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
+          prune=_prune_bwd)
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
+                 stride_qb, stride_qh, stride_qn,
+                 stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_don,
+                 stride_dqb, stride_dqh, stride_dqn,
+                 H, GROUP, N_Q, N_K, N_BUCKET,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    off_kvh = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    causal_shift = N_K - N_Q
+    if CAUSAL:
+        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), N_K)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), N_K)
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                   offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale, False, CAUSAL, UPCAST, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                   offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale, True, CAUSAL, UPCAST, BLOCK_N)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+def _tiles(block_m, block_n, warps, stages):
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+# Tiles per head dim (H100, triton 3.6; picked from SRL_FLASH_AUTOTUNE=1 runs of
+# benchmarks/kernels/attention.py). The interpreter uses one small tile.
+_FWD_TILES = {16: _tiles(128, 64, 4, 3), 32: _tiles(128, 64, 4, 3), 64: _tiles(128, 64, 4, 4),
+              128: _tiles(128, 64, 8, 3), 256: _tiles(64, 64, 4, 2)}
+_DKDV_TILES = {16: _tiles(64, 128, 8, 2), 32: _tiles(64, 128, 8, 2), 64: _tiles(64, 128, 8, 2),
+               128: _tiles(64, 128, 8, 2), 256: _tiles(32, 64, 4, 2)}
+_DQ_TILES = {16: _tiles(128, 64, 8, 2), 32: _tiles(128, 64, 8, 2), 64: _tiles(128, 64, 8, 2),
+             128: _tiles(128, 64, 8, 2), 256: _tiles(64, 32, 4, 2)}
+_INTERP_TILES = _tiles(64, 64, 4, 1)
+
+
+def _fwd_tiles(d, causal):
+    return _INTERP_TILES if INTERPRET else _FWD_TILES[d]
+
+
+def _bwd_tiles(d, causal):
+    if INTERPRET:
+        return _INTERP_TILES, _INTERP_TILES
+    return _DKDV_TILES[d], _DQ_TILES[d]
+
+
+def _bucket(n):
+    """Autotune key: short (<= 1k) or long sequences; keeps the number of tuning runs small."""
+    return 0 if n <= 1024 else 1
+
+
+def _strides(t):  # (b, h, n) strides; the last dim is contiguous
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _forward(q, k, v, causal, sm_scale):
+    """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    args = (q, k, v, o, lse, sm_scale * _LOG2E,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=needs_upcast(q))
+    launch(_attn_fwd, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, _fwd_tiles(D, causal))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, sm_scale):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    do = _last_dim_contiguous(do)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    pre_m = 64
+    _bwd_preprocess[(triton.cdiv(Nq, pre_m), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=pre_m)
+    upcast = needs_upcast(q)
+    bucket = _bucket(max(Nq, Nk))
+    kv_args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale,
+               *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+               H, Hkv, H // Hkv, Nq, Nk, bucket)
+    q_args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale,
+              *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+              H, H // Hkv, Nq, Nk, bucket)
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=upcast)
+    kv_tiles, q_tiles = _bwd_tiles(D, causal)
+    # EVEN_M: every query block is full (all BLOCK_M values tried divide 128)
+    even_m = Nq % (128 if TUNE else kv_tiles["BLOCK_M"]) == 0
+    launch(_attn_bwd_dkdv, lambda c: (triton.cdiv(Nk, c["BLOCK_N"]), B * Hkv), kv_args,
+           dict(meta, EVEN_M=even_m), kv_tiles)
+    launch(_attn_bwd_dq, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), q_args, meta, q_tiles)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------
+# autograd.Function and dispatcher
+# --------------------------------------------------------------------------
+class FlashAttentionFunction(torch.autograd.Function):
+    """Triton FlashAttention-2; saves q, k, v, O and the row logsumexp only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = _forward(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def _use_triton(t):
+    return t.is_cuda or INTERPRET
+
+
+def flash_attention(q, k, v, causal=False, sm_scale=None):
+    """Scaled dot-product attention on (B, H, N, D) tensors.
+
+    Args:
+        q: (B, H, Nq, D) queries, float16 / bfloat16 (float32 is accepted and
+            runs tf32 matmuls on the GPU).
+        k, v: (B, H_kv, Nk, D) keys and values; H must be a multiple of H_kv.
+        causal: mask key j for query i unless j <= i + Nk - Nq (bottom-right).
+        sm_scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, H, Nq, D) tensor of q's dtype; rows that see no key are zero.
+
+    Raises:
+        ValueError: on shapes, dtypes, devices or head dims it does not support.
+
+    CUDA tensors run the Triton kernels (queries of at most 16 rows that need no
+    gradient take the split-KV decode kernel); CPU tensors run
+    :func:`attention_reference`, or the Triton interpreter under TRITON_INTERPRET=1.
+    """
+    _check_kernel_inputs(q, k, v)
+    scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    if not _use_triton(q):
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and q.shape[2] <= 16 and q.is_cuda:
+        return flash_decode(q, k, v, causal=causal, sm_scale=scale)
+    if needs_grad:
+        return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _forward(q, k, v, bool(causal), scale)[0]
+
+
+from srl.kernels._flash_decode import flash_decode  # noqa: E402  (uses the helpers above)

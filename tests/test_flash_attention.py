@@ -1,0 +1,253 @@
+"""FlashAttention kernels against the float64 reference.
+
+Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1) at
+small shapes; bf16 there goes through load-then-upcast because the interpreter's
+bf16 ``tl.dot`` is wrong. Tests marked ``gpu`` run the compiled kernels.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_CPU = not torch.cuda.is_available()
+# Triton picks interpreted or compiled code when it is imported: if something imported
+# it before this file could set TRITON_INTERPRET, run this file again in a fresh process.
+_LATE = _CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "triton" in sys.modules
+if _CPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import srl.kernels._flash_common as _common  # noqa: E402
+from srl.kernels.flash_attention import attention_reference, flash_attention, flash_decode  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter_only(request):
+    if _LATE and request.node.originalname != "test_interpreter_suite_in_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET was set: see test_interpreter_suite_in_fresh_process")
+
+
+@pytest.mark.skipif(not _LATE, reason="only needed when triton was imported before this file")
+def test_interpreter_suite_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_kernels_are_exercised_not_the_reference():
+    # on CPU the comparisons below would be vacuous if dispatch fell back to the reference
+    assert torch.cuda.is_available() or _common.INTERPRET
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device=DEV, seed=0, layout="bhnd", scale=1.0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(heads, n):
+        if layout == "bnhd":  # (B, N, H, D) storage seen as (B, H, N, D): non-standard strides
+            t = torch.randn(b, n, heads, d, generator=gen).transpose(1, 2)
+        else:
+            t = torch.randn(b, heads, n, d, generator=gen)
+        return (t * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    return rand(h, n_q), rand(h_kv, n_k), rand(h_kv, n_k)
+
+
+def reference_with_grads(q, k, v, do, causal, sm_scale=None):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention_reference(q64, k64, v64, causal=causal, sm_scale=sm_scale)
+    out.backward(do.double())
+    return out, q64.grad, k64.grad, v64.grad
+
+
+def run_kernel(q, k, v, causal, sm_scale=None, seed=1):
+    out = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    do = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    out.backward(do)
+    return out, q.grad, k.grad, v.grad, do
+
+
+def check_against_reference(q, k, v, causal, tol):
+    out, dq, dk, dv, do = run_kernel(q, k, v, causal)
+    ref = reference_with_grads(q, k, v, do, causal)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
+        assert got.shape == want.shape, name
+        assert torch.isfinite(got).all(), f"{name} has NaN/inf"
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    return out, dq, dk, dv
+
+
+# (B, H, H_kv, Nq, Nk, D, causal, dtype, layout)
+CASES = {
+    "square_fp16": (1, 2, 2, 128, 128, 64, False, torch.float16, "bhnd"),
+    "ragged_causal_fp16": (1, 2, 2, 200, 200, 64, True, torch.float16, "bhnd"),
+    "gqa_short_queries_causal": (1, 4, 1, 64, 200, 32, True, torch.float16, "bhnd"),
+    "nq_gt_nk_causal_fp32": (2, 2, 1, 200, 72, 32, True, torch.float32, "bhnd"),
+    "nq_ne_nk_strided_fp32": (1, 2, 2, 72, 200, 32, False, torch.float32, "bnhd"),
+    "d128_bf16_upcast": (1, 2, 2, 128, 192, 128, True, torch.bfloat16, "bhnd"),
+    "d16_gqa_fp16": (1, 4, 2, 40, 40, 16, False, torch.float16, "bhnd"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients_match_float64_reference(case):
+    b, h, h_kv, n_q, n_k, d, causal, dtype, layout = CASES[case]
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, layout=layout, seed=list(CASES).index(case))
+    check_against_reference(q, k, v, causal, TOL[dtype])
+
+
+def test_rows_that_see_no_key_are_zero_not_nan():
+    # Nq > Nk causal, bottom-right aligned: query i sees key j iff j <= i - (Nq - Nk)
+    n_q, n_k = 200, 72
+    q, k, v = make_qkv(1, 2, 2, n_q, n_k, 32, torch.float16, seed=3)
+    out, dq, dk, dv = check_against_reference(q, k, v, True, TOL[torch.float16])
+    blind = n_q - n_k
+    assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
+    assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
+    assert out[:, :, blind:].abs().sum() > 0
+
+
+def test_huge_logits_stay_finite_and_accurate():
+    # |s| up to ~1e4: a softmax without max subtraction overflows
+    q, k, v = make_qkv(1, 2, 2, 200, 200, 64, torch.float16, seed=4, scale=12.0)
+    out, dq, dk, dv, do = run_kernel(q, k, v, causal=True)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True)
+    assert rel_err(out, ref) <= TOL[torch.float16]
+
+
+def test_negative_control_wrong_scale_fails_tolerance():
+    q, k, v = make_qkv(1, 2, 2, 128, 128, 64, torch.float16, seed=5)
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=False)
+    with torch.no_grad():
+        right = flash_attention(q, k, v)
+        wrong = flash_attention(q, k, v, sm_scale=1.1 * 64 ** -0.5)
+        wrong_mask = flash_attention(q, k, v, causal=True)
+    assert rel_err(right, ref) <= TOL[torch.float16]
+    assert rel_err(wrong, ref) > 10 * TOL[torch.float16]
+    assert rel_err(wrong_mask, ref) > 10 * TOL[torch.float16]
+
+
+def test_negative_control_gradient_check_detects_a_wrong_dk():
+    q, k, v = make_qkv(1, 1, 1, 64, 64, 32, torch.float32, seed=6)
+    out, dq, dk, dv, do = run_kernel(q, k, v, causal=True)
+    _, _, dk_ref, _ = reference_with_grads(q, k, v, do, causal=True)
+    assert rel_err(dk, dk_ref) <= TOL[torch.float32]
+    assert rel_err(dk * 1.01, dk_ref) > TOL[torch.float32]  # a 1% error is caught
+    assert rel_err(dq, dk_ref) > 0.1
+
+
+@pytest.mark.parametrize(
+    "n_q,group,kv_lens,splits",
+    [(1, 4, None, 3), (1, 1, None, 1), (5, 2, [256, 100], 4), (16, 4, [3, 256], None)],
+    ids=["gqa_split3", "mha_nosplit", "verify5_kvlens_split4", "verify16_rows64_auto"],
+)
+def test_decode_matches_reference(n_q, group, kv_lens, splits):
+    b, h_kv, n_k, d = 2, 2, 256, 64
+    q, k, v = make_qkv(b, h_kv * group, h_kv, n_q, n_k, d, torch.float16, seed=7)
+    lens = None if kv_lens is None else torch.tensor(kv_lens, device=DEV)
+    with torch.no_grad():
+        out = flash_decode(q, k, v, kv_lens=lens, num_splits=splits)
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(),
+                              causal=True, kv_lens=lens)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= TOL[torch.float16]
+    if kv_lens is not None and min(kv_lens) < n_q:  # batch 0 has 3 keys: its first 13 rows see none
+        blind = n_q - min(kv_lens)
+        assert torch.equal(out[0, :, :blind], torch.zeros_like(out[0, :, :blind]))
+
+
+def test_decode_bf16_upcast_and_long_split():
+    q, k, v = make_qkv(1, 4, 1, 3, 250, 128, torch.bfloat16, seed=8)
+    with torch.no_grad():
+        out = flash_decode(q, k, v, num_splits=5)
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True)
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
+
+
+def test_reference_matches_torch_sdpa():
+    q, k, v = (t.detach().double() for t in make_qkv(2, 4, 2, 33, 33, 16, torch.float64, device="cpu"))
+    k_rep, v_rep = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    for causal in (False, True):
+        want = F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=causal)
+        assert rel_err(attention_reference(q, k, v, causal=causal), want) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "shapes,dtype,match",
+    [
+        (((2, 4, 8), (2, 4, 8, 16), (2, 4, 8, 16)), torch.float16, r"q must be 4-D"),
+        (((1, 4, 8, 16), (1, 4, 8, 16), (1, 4, 9, 16)), torch.float16, r"same shape"),
+        (((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), torch.float16, r"multiple of k/v heads"),
+        (((1, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16)), torch.float16, r"batch size B and head dim D"),
+        (((1, 4, 8, 48), (1, 4, 8, 48), (1, 4, 8, 48)), torch.float16, r"head dim D=48"),
+        (((1, 4, 8, 16), (1, 4, 8, 16), (1, 4, 8, 16)), torch.int32, r"dtype torch.int32"),
+    ],
+)
+def test_bad_inputs_raise_value_error(shapes, dtype, match):
+    q, k, v = (torch.zeros(s, dtype=dtype) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v)
+
+
+def test_bad_decode_inputs_raise_value_error():
+    q = torch.zeros(1, 2, 17, 32, dtype=torch.float16)
+    k = torch.zeros(1, 2, 64, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="at most 16 query rows"):
+        flash_decode(q, k, k)
+    with pytest.raises(ValueError, match="kv_lens"):
+        flash_decode(q[:, :, :1], k, k, kv_lens=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="share a dtype"):
+        flash_attention(q, k.float(), k)
+
+
+# --------------------------------------------------------------------------- GPU
+GPU_CASES = [
+    # (B, H, H_kv, Nq, Nk, D, causal)
+    (2, 8, 8, 1024, 1024, 64, False),
+    (2, 8, 8, 1000, 1000, 128, True),
+    (1, 8, 2, 333, 1111, 128, True),
+    (1, 4, 4, 1111, 333, 64, True),
+    (2, 4, 1, 517, 517, 32, False),
+    (1, 4, 4, 700, 700, 256, True),
+    (4, 16, 16, 2048, 2048, 128, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[str(c) for c in GPU_CASES])
+def test_gpu_forward_and_gradients(case, dtype):
+    b, h, h_kv, n_q, n_k, d, causal = case
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device="cuda", seed=n_q + d)
+    check_against_reference(q, k, v, causal, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_q,group,n_k", [(1, 1, 131072), (1, 8, 100000), (7, 4, 65537), (16, 2, 4096)])
+def test_gpu_decode_long_cache(n_q, group, n_k):
+    b, h_kv, d = 2, 2, 128
+    q, k, v = make_qkv(b, h_kv * group, h_kv, n_q, n_k, d, torch.bfloat16, device="cuda", seed=n_k)
+    lens = torch.tensor([n_k, n_k // 3 + 1], device="cuda")
+    with torch.no_grad():
+        out = flash_decode(q, k, v, kv_lens=lens)
+        via_entry = flash_attention(q, k, v, causal=True)
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(),
+                              causal=True, kv_lens=lens)
+    assert rel_err(out, ref) <= 1e-2
+    ref_full = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True)
+    assert rel_err(via_entry, ref_full) <= 1e-2
