@@ -82,13 +82,13 @@ def make_schedule(kind, steps=9, period=3, seed=0):
     return p0, grads, refreshes
 
 
-def run_sophia(p0, grads, refreshes, foreach, dtype=torch.float64, **hp):
-    params = [torch.nn.Parameter(torch.tensor(x, dtype=dtype)) for x in p0]
+def run_sophia(p0, grads, refreshes, foreach, dtype=torch.float64, device="cpu", **hp):
+    params = [torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in p0]
     opt = Sophia(params, update_period=3, foreach=foreach, **hp)
     wins = []
     for t, g in enumerate(grads):
         for p, gi in zip(params, g):
-            p.grad = torch.tensor(gi, dtype=dtype)
+            p.grad = torch.tensor(gi, dtype=dtype, device=device)
         opt.step()
         wins.append(opt.win_rate())
         assert opt.hessian_due() == (refreshes[t] is not None)
@@ -96,11 +96,11 @@ def run_sophia(p0, grads, refreshes, foreach, dtype=torch.float64, **hp):
             kind, est, scale = refreshes[t]
             if kind == "gnb":
                 for p, e in zip(params, est):
-                    p.grad = torch.tensor(e, dtype=dtype)
+                    p.grad = torch.tensor(e, dtype=dtype, device=device)
                 opt.update_hessian(scale=scale)
             else:
-                opt.update_hessian([torch.tensor(e, dtype=dtype) for e in est], scale=scale)
-    return [p.detach().double().numpy() for p in params], wins, opt
+                opt.update_hessian([torch.tensor(e, dtype=dtype, device=device) for e in est], scale=scale)
+    return [p.detach().double().cpu().numpy() for p in params], wins, opt
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -117,6 +117,19 @@ def test_step_matches_float64_hand_computation(kind, foreach):
     if kind == "raw":
         assert any((h < 0).any() for h in (opt.state[p]["hessian"] for p in opt.param_groups[0]["params"]))
     assert opt.num_steps == 9 and opt.num_hessian_updates == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_foreach_matches_hand_computation(dtype):
+    for kind in ("gnb", "raw"):
+        p0, grads, refreshes = make_schedule(kind)
+        ref, ref_wins = reference_run(p0, grads, refreshes, **HP)
+        got, wins, _ = run_sophia(p0, grads, refreshes, True, dtype=dtype, device="cuda", **HP)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+        np.testing.assert_allclose(wins, ref_wins, atol=1e-6)
 
 
 @pytest.mark.parametrize(
