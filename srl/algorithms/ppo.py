@@ -1,0 +1,191 @@
+"""PPO (Schulman et al. 2017) with GAE (Schulman et al. 2016).
+
+The loss terms are pure functions tested against hand-computed values; :class:`PPOLearner`
+holds the network and optimizer and turns a batch of trajectories into gradient steps, with no
+knowledge of processes or sockets.
+
+Sample layout (arrays shaped [T, B, ...]): ``obs`` has T+1 rows (the last one bootstraps),
+``action``, ``logp`` (behaviour log-prob), ``reward``, ``terminated``, ``truncated`` and
+``valid`` (0 on gymnasium's next-step autoreset steps, which carry no transition).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from srl.config import AlgorithmConfig, OptimizerConfig
+
+
+# --------------------------------------------------------------------------- ALGO LOGIC
+
+
+def gae(reward: torch.Tensor, value: torch.Tensor, next_value: torch.Tensor, terminated: torch.Tensor,
+        done: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over [T, B].
+
+    ``next_value[t]`` is V(obs[t+1]); after a truncation that is the final observation, so the
+    episode is bootstrapped; after a termination it is multiplied by zero. ``done`` cuts the
+    advantage recursion between episodes. Returns ``(advantages, returns)``.
+    """
+    T = reward.shape[0]
+    adv = torch.zeros_like(reward)
+    last = torch.zeros_like(reward[0])
+    for t in reversed(range(T)):
+        delta = reward[t] + gamma * (1.0 - terminated[t]) * next_value[t] - value[t]
+        last = delta + gamma * lam * (1.0 - done[t]) * last
+        adv[t] = last
+    return adv, adv + value
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clipped surrogate objective, negated for minimization."""
+    ratio = torch.exp(logp - old_logp)
+    pg_loss1 = -adv * ratio
+    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return torch.max(pg_loss1, pg_loss2).mean()
+
+
+def value_loss(value: torch.Tensor, old_value: torch.Tensor, ret: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """0.5 * squared error, optionally PPO2-style clipped around the old value."""
+    v_loss_unclipped = (value - ret) ** 2
+    if clip is None:
+        return 0.5 * v_loss_unclipped.mean()
+    v_clipped = old_value + torch.clamp(value - old_value, -clip, clip)
+    v_loss_clipped = (v_clipped - ret) ** 2
+    return 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class PPOLearner:
+    """Gradient steps for one policy; ``train(batch)`` returns cleanrl-named statistics."""
+
+    def __init__(self, policy: torch.nn.Module, algo: AlgorithmConfig, opt: OptimizerConfig,
+                 device: str = "cpu", total_env_steps: int | None = None, seed: int = 0):
+        from srl.optim import build_optimizer
+
+        self.policy = policy.to(device)
+        self.algo, self.opt_cfg, self.device = algo, opt, device
+        self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **opt.kwargs)
+        self.sophia = hasattr(self.optimizer, "hessian_due")
+        self.total_env_steps = total_env_steps
+        self.env_steps = 0
+        self.updates = 0
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def _lr(self) -> float:
+        if not self.opt_cfg.anneal_lr or not self.total_env_steps:
+            return self.opt_cfg.lr
+        return self.opt_cfg.lr * max(0.0, 1.0 - self.env_steps / self.total_env_steps)
+
+    def train(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        b = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        T, B = b["reward"].shape[:2]
+        policy = self.policy
+        if policy.obs_norm is not None:
+            valid_obs = b["obs"][:T][b["valid"].bool()]
+            policy.obs_norm.update(valid_obs)
+        with torch.no_grad():
+            all_values = policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
+        terminated, truncated = b["terminated"].float(), b["truncated"].float()
+        done = torch.clamp(terminated + truncated, max=1.0)
+        adv, ret = gae(b["reward"].float(), all_values[:T], all_values[1:], terminated, done,
+                       self.algo.gamma, self.algo.gae_lambda)
+        mask = b["valid"].reshape(-1).bool()
+        flat = {
+            "obs": b["obs"][:T].reshape(T * B, *b["obs"].shape[2:])[mask],
+            "action": b["action"].reshape(T * B, *b["action"].shape[2:])[mask],
+            "logp": b["logp"].reshape(-1)[mask].float(),
+            "adv": adv.reshape(-1)[mask],
+            "ret": ret.reshape(-1)[mask],
+            "value": all_values[:T].reshape(-1)[mask],
+        }
+        n = int(mask.sum())
+        self.env_steps += n
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        stats = self._epochs(flat, n)
+        stats["losses/explained_variance"] = _explained_variance(flat["value"], flat["ret"])
+        stats["charts/learning_rate"] = self._lr()
+        stats["perf/train_s"] = time.perf_counter() - t0
+        return stats
+
+    def _epochs(self, flat: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        algo = self.algo
+        mb_size = max(1, n // algo.minibatches)
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(algo.epochs):
+            perm = torch.randperm(n, generator=self.rng).to(self.device)
+            for start in range(0, n - mb_size + 1, mb_size):
+                idx = perm[start:start + mb_size]
+                for k, v in self._minibatch_step({k: v[idx] for k, v in flat.items()}).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> dict[str, float]:
+        algo = self.algo
+        logp, entropy, value, _ = self.policy.evaluate(mb["obs"], mb["action"])
+        adv = mb["adv"]
+        if algo.norm_adv and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg_loss = policy_loss(logp, mb["logp"], adv, algo.clip)
+        v_loss = value_loss(value, mb["value"], mb["ret"], algo.value_clip)
+        entropy_loss = entropy.mean()
+        loss = pg_loss - algo.ent_coef * entropy_loss + algo.vf_coef * v_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        if self.sophia and self.optimizer.hessian_due():
+            self._refresh_hessian(mb)
+        with torch.no_grad():
+            log_ratio = logp - mb["logp"]
+            approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
+            clipfrac = ((log_ratio.exp() - 1.0).abs() > algo.clip).float().mean()
+        stats = {"losses/sophia_win_rate": self.optimizer.win_rate()} if self.sophia else {}
+        return {
+            **stats,
+            "losses/policy_loss": pg_loss.item(),
+            "losses/value_loss": v_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": clipfrac.item(),
+            "losses/grad_norm": float(grad_norm),
+        }
+
+    def _refresh_hessian(self, mb: dict[str, torch.Tensor]) -> None:
+        """Sophia's Gauss-Newton-Bartlett refresh on the current minibatch (no extra samples):
+        back-propagate a loss on actions sampled from the policy itself, then fold grad**2 in."""
+        from srl.optim import gnb_loss, gnb_loss_gaussian, gnb_num_predictions
+
+        self.optimizer.zero_grad(set_to_none=True)
+        _, _, _, head = self.policy.evaluate(mb["obs"], mb["action"])
+        if self.policy.info.discrete:
+            loss = gnb_loss(head)
+        else:
+            loss = gnb_loss_gaussian(head, self.policy.log_std.expand_as(head))
+        loss.backward()
+        self.optimizer.update_hessian(scale=gnb_num_predictions(head))
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "env_steps": self.env_steps, "updates": self.updates,
+                "rng": self.rng.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
+        self.rng.set_state(state["rng"])
+
+
+def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    var = target.var()
+    return float("nan") if var == 0 else float(1 - (target - pred).var() / var)

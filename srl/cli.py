@@ -1,0 +1,77 @@
+"""``srl run | eval``: the command line. Bad input ends with one line on stderr and status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from srl.errors import ConfigError, SrlError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="srl", description="Distributed reinforcement learning.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment file")
+    run.add_argument("config", nargs="?", help="experiment YAML file")
+    run.add_argument("overrides", nargs="*", help="field=value overrides, e.g. workers.actors.count=4")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    run.add_argument("--run-dir", metavar="DIR", help="write the run here instead of log.dir/name-time")
+    run.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help="run on a Ray cluster")
+    ev = sub.add_parser("eval", help="play episodes with a run's latest checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--video", metavar="PATH", help="record the first episode to this video file")
+    ev.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mode")
+    ev.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _eval(args)
+    except SrlError as exc:
+        print(f"srl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    from srl.config import load_experiment
+    from srl.experiment import Experiment
+
+    overrides = list(args.overrides)
+    if args.resume:
+        if args.config and "=" in args.config:
+            overrides.insert(0, args.config)
+        path = os.path.join(args.resume, "config.yaml")
+        if not os.path.isdir(args.resume) or not os.path.exists(path):
+            raise ConfigError("", "not a run directory (no config.yaml inside)", args.resume)
+        cfg = load_experiment(path, overrides)
+        exp = Experiment(cfg, run_dir=args.resume, resume=True)
+    else:
+        if not args.config:
+            raise ConfigError("", "srl run needs an experiment file (or --resume RUN_DIR)")
+        cfg = load_experiment(args.config, overrides)
+        exp = Experiment(cfg, run_dir=args.run_dir)
+    if args.ray:
+        cfg.cluster.backend, cfg.cluster.address = "ray", args.ray
+    result = exp.run()
+    print(result.final_line(), flush=True)
+    return 0
+
+
+def _eval(args) -> int:
+    from srl.workers.eval import evaluate
+
+    report = evaluate(args.run_dir, episodes=args.episodes, video=args.video,
+                      deterministic=not args.stochastic, seed=args.seed)
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

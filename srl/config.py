@@ -1,0 +1,488 @@
+"""Typed experiment schema: YAML in, validated dataclasses out.
+
+Every problem with an experiment file becomes a :class:`ConfigError` naming the file and the
+dotted field, so the CLI can print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from srl.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"
+    """A gymnasium id (any registered one) or an srl env such as ``srl/Null-v0``."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments passed to the environment constructor."""
+    vectorize: str = "auto"
+    """``auto`` uses the env's own vectorized implementation when it has one, else ``sync``."""
+
+    def validate(self) -> None:
+        from srl.registry import check_env_id
+
+        if self.vectorize not in ("auto", "sync", "vector_entry_point"):
+            raise ConfigError("env.vectorize", f"must be auto, sync or vector_entry_point, got {self.vectorize!r}")
+        check_env_id(self.id)
+
+
+@dataclass
+class PolicyConfig:
+    type: str = "mlp"
+    """Registered policy type (``mlp``)."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the actor and critic trunks."""
+    activation: str = "tanh"
+    """``tanh`` or ``relu``."""
+    shared_trunk: bool = False
+    """Share one trunk between actor and critic heads."""
+    obs_norm: bool = False
+    """Normalize observations with running mean / std kept by the trainer."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of a Gaussian head (continuous actions)."""
+
+    def validate(self) -> None:
+        from srl.registry import POLICIES, check_name
+
+        check_name("policy.type", self.type, POLICIES)
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError("policy.hidden", f"must be a non-empty list of positive widths, got {self.hidden}")
+        if self.activation not in ("tanh", "relu"):
+            raise ConfigError("policy.activation", f"must be tanh or relu, got {self.activation!r}")
+
+
+@dataclass
+class AlgorithmConfig:
+    type: str = "ppo"
+    """Registered algorithm (``ppo``)."""
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    """PPO's ratio clip epsilon."""
+    value_clip: Optional[float] = None
+    """Clip the value update around the behaviour value (None: off)."""
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    epochs: int = 4
+    minibatches: int = 4
+    batch_size: int = 2048
+    """Env steps per training batch (trajectories are gathered until this many)."""
+    norm_adv: bool = True
+    max_policy_lag: int = 4
+    """Trajectories produced by a policy more than this many versions old are dropped."""
+
+    def validate(self) -> None:
+        from srl.registry import ALGORITHMS, check_name
+
+        check_name("algorithm.type", self.type, ALGORITHMS)
+        _in_range("algorithm.gamma", self.gamma, 0.0, 1.0)
+        _in_range("algorithm.gae_lambda", self.gae_lambda, 0.0, 1.0)
+        _in_range("algorithm.clip", self.clip, 0.0, 10.0, low_open=True)
+        _in_range("algorithm.ent_coef", self.ent_coef, 0.0, 100.0)
+        _in_range("algorithm.vf_coef", self.vf_coef, 0.0, 100.0)
+        _in_range("algorithm.max_grad_norm", self.max_grad_norm, 0.0, 1e9, low_open=True)
+        _at_least("algorithm.epochs", self.epochs, 1)
+        _at_least("algorithm.minibatches", self.minibatches, 1)
+        _at_least("algorithm.batch_size", self.batch_size, 1)
+        _at_least("algorithm.max_policy_lag", self.max_policy_lag, 0)
+        if self.value_clip is not None:
+            _in_range("algorithm.value_clip", self.value_clip, 0.0, 1e9, low_open=True)
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "adam"
+    """``adam``, ``adamw``, ``sgd`` or ``sophia``."""
+    lr: float = 3e-4
+    anneal_lr: bool = False
+    """Decay the learning rate linearly to 0 over ``stop.env_steps``."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra optimizer arguments (``betas``, ``rho``, ``weight_decay``, ``update_period`` ...)."""
+
+    def validate(self) -> None:
+        from srl.registry import OPTIMIZERS, check_name
+
+        check_name("optimizer.type", self.type, OPTIMIZERS)
+        _in_range("optimizer.lr", self.lr, 0.0, 10.0, low_open=True)
+
+
+@dataclass
+class ActorsConfig:
+    count: int = 1
+    envs_per_actor: int = 16
+    ring: int = 1
+    """Env groups per actor: while one group waits for actions the next one steps (remote policy only)."""
+    rollout_len: int = 32
+    """T: steps per trajectory sent to the trainer."""
+    inline_policy: bool = True
+    """Run the policy inside the actor process (tiny CPU policies) instead of on a policy worker."""
+
+    def validate(self) -> None:
+        _at_least("workers.actors.count", self.count, 1)
+        _at_least("workers.actors.envs_per_actor", self.envs_per_actor, 1)
+        _at_least("workers.actors.ring", self.ring, 1)
+        _at_least("workers.actors.rollout_len", self.rollout_len, 1)
+        if self.envs_per_actor % self.ring:
+            raise ConfigError(
+                "workers.actors.ring",
+                f"must divide workers.actors.envs_per_actor ({self.envs_per_actor}), got {self.ring}",
+            )
+
+
+@dataclass
+class PoliciesConfig:
+    count: int = 1
+    """Policy workers (used when actors do not run the policy inline)."""
+    device: str = "cpu"
+    max_batch: int = 4096
+    """Upper bound on observations in one forward pass."""
+
+    def validate(self) -> None:
+        _at_least("workers.policies.count", self.count, 0)
+        _at_least("workers.policies.max_batch", self.max_batch, 1)
+        _check_device("workers.policies.device", self.device)
+
+
+@dataclass
+class TrainersConfig:
+    count: int = 1
+    device: str = "cpu"
+    torch_threads: int = 1
+    """Intra-op threads for the trainer's torch."""
+
+    def validate(self) -> None:
+        if self.count != 1:
+            raise ConfigError("workers.trainers.count", f"only 1 trainer per policy is supported for now, got {self.count}")
+        _check_device("workers.trainers.device", self.device)
+        _at_least("workers.trainers.torch_threads", self.torch_threads, 1)
+
+
+@dataclass
+class WorkersConfig:
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    policies: PoliciesConfig = field(default_factory=PoliciesConfig)
+    trainers: TrainersConfig = field(default_factory=TrainersConfig)
+    sync: bool = False
+    """Strictly on-policy: each actor waits for the weights trained on its last trajectory.
+    Slower, but a seeded run is reproducible step for step."""
+    heartbeat_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    """A worker silent for this long is treated as dead and restarted."""
+    max_restarts: int = 10
+    start_method: str = "fork"
+    """How the local scheduler starts worker processes: ``fork`` (fast) or ``spawn``."""
+
+    def validate(self) -> None:
+        self.actors.validate()
+        self.policies.validate()
+        self.trainers.validate()
+        if not self.actors.inline_policy and self.policies.count < 1:
+            raise ConfigError("workers.policies.count", "must be >= 1 when workers.actors.inline_policy is false")
+        _in_range("workers.heartbeat_s", self.heartbeat_s, 0.0, 60.0, low_open=True)
+        _in_range("workers.heartbeat_timeout_s", self.heartbeat_timeout_s, self.heartbeat_s, 3600.0)
+        _at_least("workers.max_restarts", self.max_restarts, 0)
+        if self.start_method not in ("fork", "spawn", "forkserver"):
+            raise ConfigError("workers.start_method", f"must be fork, spawn or forkserver, got {self.start_method!r}")
+
+
+@dataclass
+class StopConfig:
+    env_steps: Optional[int] = None
+    mean_return: Optional[float] = None
+    """Stop once the mean return over the last 20 finished episodes reaches this."""
+    wall_s: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.env_steps is not None:
+            _at_least("stop.env_steps", self.env_steps, 1)
+        if self.wall_s is not None:
+            _in_range("stop.wall_s", self.wall_s, 0.0, 1e9, low_open=True)
+        if self.env_steps is None and self.wall_s is None and self.mean_return is None:
+            raise ConfigError("stop", "needs at least one of env_steps, mean_return, wall_s")
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs"
+    """Parent folder of run directories."""
+    tensorboard: bool = True
+    every_s: float = 1.0
+    """Seconds between metric rows."""
+    console: bool = True
+
+    def validate(self) -> None:
+        _in_range("log.every_s", self.every_s, 0.0, 3600.0, low_open=True)
+
+
+@dataclass
+class CheckpointConfig:
+    every_seconds: float = 60.0
+    keep: int = 3
+
+    def validate(self) -> None:
+        _in_range("checkpoint.every_seconds", self.every_seconds, 0.0, 1e9, low_open=True)
+        _at_least("checkpoint.keep", self.keep, 1)
+
+
+@dataclass
+class NetworkConfig:
+    host: str = "127.0.0.1"
+    """Address sockets bind to; loopback unless you mean it."""
+    hmac: bool = False
+    """Sign every frame with a per-run secret (always on for cluster runs)."""
+
+
+@dataclass
+class ClusterConfig:
+    backend: str = "local"
+    """``local`` (processes on this host) or ``ray``."""
+    address: Optional[str] = None
+    """Ray address (``auto`` to join a running cluster)."""
+
+    def validate(self) -> None:
+        if self.backend not in ("local", "ray"):
+            raise ConfigError("cluster.backend", f"must be local or ray, got {self.backend!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 1
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        if not self.name or any(c in self.name for c in "/\\"):
+            raise ConfigError("name", f"must be a non-empty name without slashes, got {self.name!r}")
+        _at_least("seed", self.seed, 0)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(name, f"must be >= {low}, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    bad = value <= low if low_open else value < low
+    if bad or value > high:
+        lo = "(" if low_open else "["
+        raise ConfigError(name, f"must be in {lo}{low}, {high}], got {value}")
+
+
+def _check_device(name: str, device: str) -> None:
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise ConfigError(name, f"must be cpu, cuda or cuda:N, got {device!r}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses aliases, so a file cannot expand into an alias bomb."""
+
+    def compose_node(self, parent, index):  # noqa: D401 - yaml hook
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases (*{event.anchor}) are not allowed in experiment files")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as exc:
+        tag = getattr(exc, "problem", "") or str(exc)
+        raise ConfigError("", f"not allowed: {tag.strip()} (YAML tags that build Python objects are refused)", source)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"not valid YAML: {' '.join(str(exc).split())}", source)
+
+
+def load_experiment(path: str | os.PathLike, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML file, apply ``a.b=value`` overrides, and validate it."""
+    source = os.fspath(path)
+    if not os.path.exists(source):
+        raise ConfigError("", "file not found", source)
+    if os.path.isdir(source):
+        raise ConfigError("", "is a directory, expected a YAML file", source)
+    try:
+        with open(source, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read: {exc}", source)
+    data = parse_yaml(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"must hold a mapping of experiment fields, got {type(data).__name__}", source)
+    return experiment_from_dict(data, overrides or [], source)
+
+
+def experiment_from_dict(data: dict, overrides: list[str] | tuple = (), source: str = "<dict>") -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from plain data plus overrides."""
+    data = _deep_copy(data)
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        cfg = from_dict(ExperimentConfig, data, "")
+        return cfg.validate()
+    except ConfigError as exc:
+        raise exc.with_source(source)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError("", f"override {item!r} must look like key=value", "override")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    _resolve_field(ExperimentConfig, parts, key)
+    value = parse_yaml(raw, f"override {key}")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_field(cls: type, parts: list[str], key: str) -> None:
+    """Check an override path against the schema, with a did-you-mean for typos."""
+    current: Any = cls
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(current):
+            if _origin(current) is dict or current is dict:
+                return  # free-form mapping such as env.kwargs
+            raise ConfigError(".".join(parts[:i]), f"is not a section, cannot set {key!r}", "override")
+        hints = _hints(current)
+        if part not in hints:
+            raise ConfigError(".".join(parts[: i + 1]), _unknown_key_message(part, list(hints)), "override")
+        current = _strip_optional(hints[part])
+
+
+def from_dict(cls: type, data: Any, path: str) -> Any:
+    """Convert plain YAML data into dataclass ``cls``, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"must be a mapping, got {_type_name(data)}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(name, _unknown_key_message(str(key), list(hints)))
+        kwargs[key] = _convert(hints[key], value, name)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    if _is_optional(tp):
+        if value is None:
+            return None
+        tp = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    origin = _origin(tp)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {_type_name(value)} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"must be an integer, got {_type_name(value)} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {_type_name(value)} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {_type_name(value)} {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {_type_name(value)} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {_type_name(value)}")
+        return dict(value)
+    return value
+
+
+def _unknown_key_message(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of: {', '.join(sorted(choices))}"
+    return f"unknown key{hint}"
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _origin(tp: Any) -> Any:
+    return typing.get_origin(tp)
+
+
+def _is_optional(tp: Any) -> bool:
+    return _origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if _is_optional(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

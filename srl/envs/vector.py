@@ -1,0 +1,101 @@
+"""gymnasium adapter: any registered id becomes a vector env with next-step autoreset.
+
+srl standardizes on gymnasium's default NEXT_STEP autoreset: when an env finishes at step t,
+the observation returned at t is the true final observation (so truncated episodes can be
+bootstrapped from it) and step t+1 only resets that env. Samples mark such reset steps with
+``valid = 0`` and the learner ignores them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from srl.config import EnvConfig
+from srl.errors import ConfigError
+from srl.registry import install_hint
+
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """What a policy needs to know about an env's spaces."""
+
+    obs_shape: tuple[int, ...]
+    discrete: bool
+    n_actions: int
+    """Number of choices (discrete) or action dimensions (continuous)."""
+    action_low: tuple[float, ...] = ()
+    action_high: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "obs_shape": list(self.obs_shape),
+            "discrete": self.discrete,
+            "n_actions": self.n_actions,
+            "action_low": list(self.action_low),
+            "action_high": list(self.action_high),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpaceInfo":
+        return cls(tuple(d["obs_shape"]), bool(d["discrete"]), int(d["n_actions"]),
+                   tuple(d["action_low"]), tuple(d["action_high"]))
+
+
+def space_info(obs_space: gymnasium.Space, action_space: gymnasium.Space, env_id: str = "") -> SpaceInfo:
+    if not isinstance(obs_space, spaces.Box):
+        raise ConfigError("env.id", f"{env_id}: observation space {obs_space} is not supported (Box only)")
+    if isinstance(action_space, spaces.Discrete):
+        return SpaceInfo(tuple(obs_space.shape), True, int(action_space.n))
+    if isinstance(action_space, spaces.Box) and len(action_space.shape) == 1:
+        return SpaceInfo(tuple(obs_space.shape), False, int(action_space.shape[0]),
+                         tuple(float(x) for x in action_space.low), tuple(float(x) for x in action_space.high))
+    raise ConfigError("env.id", f"{env_id}: action space {action_space} is not supported (Discrete or 1-D Box)")
+
+
+def make_vector_env(cfg: EnvConfig, num_envs: int, seed: int | None = None) -> gymnasium.vector.VectorEnv:
+    """Build ``num_envs`` copies of ``cfg.id`` as one gymnasium vector env (next-step autoreset)."""
+    import srl.envs  # noqa: F401 - registers srl/ envs
+
+    spec = gymnasium.envs.registry.get(cfg.id)
+    mode = cfg.vectorize
+    if mode == "auto":
+        mode = "vector_entry_point" if spec is not None and spec.vector_entry_point is not None else "sync"
+    try:
+        env = gymnasium.make_vec(cfg.id, num_envs=num_envs, vectorization_mode=mode, **cfg.kwargs)
+    except (gymnasium.error.DependencyNotInstalled, ImportError, ModuleNotFoundError) as exc:
+        extra = install_hint(cfg.id)
+        hint = f"; install it with: pip install '{extra}'" if extra else ""
+        raise ConfigError("env.id", f"{cfg.id} cannot be built: {exc}{hint}")
+    except TypeError as exc:
+        raise ConfigError("env.kwargs", f"{cfg.id} rejected its arguments: {exc}")
+    autoreset = env.metadata.get("autoreset_mode", gymnasium.vector.AutoresetMode.NEXT_STEP)
+    if autoreset != gymnasium.vector.AutoresetMode.NEXT_STEP:
+        raise ConfigError("env.id", f"{cfg.id}: vector env uses {autoreset}, srl needs next-step autoreset")
+    env.reset(seed=seed)
+    return env
+
+
+def episode_tracker(num_envs: int) -> "EpisodeTracker":
+    return EpisodeTracker(num_envs)
+
+
+class EpisodeTracker:
+    """Running per-env returns and lengths; hands back the episodes that finished."""
+
+    def __init__(self, num_envs: int):
+        self.returns = np.zeros(num_envs, np.float64)
+        self.lengths = np.zeros(num_envs, np.int64)
+
+    def update(self, reward: np.ndarray, done: np.ndarray, valid: np.ndarray) -> tuple[list[float], list[int]]:
+        self.returns += np.where(valid, reward, 0.0)
+        self.lengths += valid
+        if not done.any():
+            return [], []
+        finished_r = self.returns[done].tolist()
+        finished_l = self.lengths[done].tolist()
+        self.returns[done] = 0.0
+        self.lengths[done] = 0
+        return finished_r, finished_l

@@ -1,0 +1,37 @@
+"""The Python entry point: build an experiment from YAML or objects, then run it."""
+from __future__ import annotations
+
+from srl.config import ExperimentConfig, load_experiment
+from srl.system.controller import Controller, RunResult, new_run_dir
+
+
+class Experiment:
+    """An experiment ready to run.
+
+    Examples:
+        >>> exp = Experiment.from_yaml("configs/cartpole_ppo.yaml", overrides=["seed=3"])
+        >>> result = exp.run()
+        >>> print(result.final_line())
+    """
+
+    def __init__(self, config: ExperimentConfig, run_dir: str | None = None, resume: bool = False):
+        self.config = config.validate()
+        self.run_dir = run_dir or new_run_dir(config)
+        self.resume = resume
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> "Experiment":
+        return cls(load_experiment(path, overrides or []), run_dir=run_dir)
+
+    def run(self, backend: str | None = None) -> RunResult:
+        backend = backend or self.config.cluster.backend
+        if backend == "ray":
+            from srl.system.ray_scheduler import RayScheduler
+
+            scheduler = RayScheduler(self.config)
+            controller = Controller(self.config, self.run_dir, scheduler=scheduler, resume=self.resume)
+        elif backend == "local":
+            controller = Controller(self.config, self.run_dir, resume=self.resume)
+        else:
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        return controller.run()

@@ -1,0 +1,201 @@
+"""KV-cache decoding: cache layouts, prefill, one-token decode, plain sampling, CUDA graphs.
+
+gpt-fast style: each function does one job. A cached model call takes, per new token, a cache
+slot, a rotary position and an attention mask over slots (see ``TransformerLM.forward``); this
+module builds those layouts.
+
+Generation state lives in fixed-size tensors so that a decode step has static shapes, never
+synchronises with the host, and can be captured in a CUDA graph:
+
+- ``tokens`` (B, S): the token at each slot. The last emitted token of row b, ``x0``, sits at slot
+  ``cache.lens[b]`` and is not in the cache yet (it is the next step's input).
+- ``logp`` (B, S): the policy's log-probability of each generated token under the distribution it
+  was sampled from (post temperature / top-k / top-p); 0 on prompt slots.
+- ``end`` (B,): prompt length + max_new_tokens, the first slot not needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
+
+
+# --------------------------------------------------------------------------- layouts
+
+def causal_layout(lens: Tensor, T: int, S: int) -> tuple[Tensor, Tensor]:
+    """T new tokens per row right after ``lens``: (slots (B, T), mask (B, T, S)); positions = slots."""
+    slots = lens[:, None] + torch.arange(T, device=lens.device)  # (B, T)
+    mask = torch.arange(S, device=lens.device)[None, None, :] <= slots[:, :, None]
+    return slots, mask
+
+
+def tree_layout(lens: Tensor, k: int, L: int, S: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x0 then k draft blocks of L tokens after a shared prefix of ``lens`` slots.
+
+    Token 0 is x0 at slot P = lens (position P); draft j's token t sits at slot P + 1 + j*L + t
+    with position P + 1 + t and sees the prefix, x0 and its own block up to itself.
+    Returns (slots, positions, mask): (B, 1 + k*L), (B, 1 + k*L), (B, 1 + k*L, S).
+    """
+    dev = lens.device
+    j = torch.arange(k, device=dev).repeat_interleave(L)
+    t = torch.arange(L, device=dev).repeat(k)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    slot_off = torch.cat([zero, 1 + j * L + t])
+    pos_off = torch.cat([zero, 1 + t])
+    block_off = torch.cat([zero + S, 1 + j * L])  # x0 has no block: start past the cache
+    P = lens[:, None]
+    slots, positions, block = P + slot_off, P + pos_off, P + block_off  # (B, 1 + kL)
+    s = torch.arange(S, device=dev)[None, None, :]
+    mask = (s <= torch.minimum(slots, P)[..., None]) | (
+        (s >= block[..., None]) & (s <= slots[..., None]))
+    return slots, positions, mask
+
+
+# --------------------------------------------------------------------------- state
+
+@dataclass
+class GenState:
+    tokens: Tensor  # (B, S) int64
+    logp: Tensor  # (B, S) float32
+    end: Tensor  # (B,) int64
+
+    @classmethod
+    def allocate(cls, batch: int, max_len: int, device) -> "GenState":
+        return cls(torch.zeros(batch, max_len, dtype=torch.long, device=device),
+                   torch.zeros(batch, max_len, dtype=torch.float32, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    def reset(self, prompt: Tensor, max_new_tokens: int) -> None:
+        T0 = prompt.shape[1]
+        self.tokens.zero_()
+        self.logp.zero_()
+        self.tokens[:, :T0] = prompt
+        self.end.fill_(T0 + max_new_tokens)
+
+    def x0(self, lens: Tensor) -> Tensor:
+        return self.tokens.gather(1, lens[:, None])  # (B, 1)
+
+    def write(self, lens: Tensor, tokens: Tensor, logp: Tensor, n: Tensor) -> None:
+        """Put tokens / logp (B, m) at slots lens+1 .. lens+m, keeping only the first n[b] per row."""
+        m = tokens.shape[1]
+        ar = torch.arange(m, device=lens.device)
+        idx = lens[:, None] + 1 + ar
+        keep = ar[None, :] < n[:, None]
+        self.tokens.scatter_(1, idx, torch.where(keep, tokens, self.tokens.gather(1, idx)))
+        self.logp.scatter_(1, idx, torch.where(keep, logp.to(self.logp.dtype), self.logp.gather(1, idx)))
+
+
+@dataclass
+class Rollout:
+    """Generated tokens and the policy's log-probabilities of them."""
+
+    tokens: Tensor  # (B, max_new_tokens)
+    logp: Tensor  # (B, max_new_tokens): log p_policy(token | prefix), sampling distribution
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+def prefill(model, cache, prompt: Tensor) -> None:
+    """Run all prompt tokens but the last through ``model``; the last becomes x0."""
+    B, T0 = prompt.shape
+    if T0 < 2:
+        raise ValueError(f"prompts need at least 2 tokens, got {T0}")
+    cache.lens.zero_()
+    slots, mask = causal_layout(cache.lens, T0 - 1, cache.max_len)
+    model(prompt[:, :-1], cache, positions=slots, slots=slots, mask=mask)
+    cache.lens.fill_(T0 - 1)
+
+
+def decode_one_token(model, cache, state: GenState, params: SamplingParams,
+                     generator: torch.Generator | None = None) -> None:
+    """Sample one token per unfinished row with the KV cache; rows past ``end`` stay put."""
+    lens = cache.lens
+    slots, mask = causal_layout(lens, 1, cache.max_len)
+    logits = model(state.x0(lens), cache, positions=slots, slots=slots, mask=mask)[:, -1]
+    probs = probs_from_params(logits, params)  # (B, V) float32
+    y = sample_from_probs(probs, generator)  # (B,)
+    logp = probs.gather(1, y[:, None]).log()
+    active = (lens + 1 < state.end).long()
+    state.write(lens, y[:, None], logp, active)
+    lens.add_(active)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+class GraphedStep:
+    """``fn()`` (reads and writes only persistent tensors) captured once, replayed per call.
+
+    Without CUDA (or with ``enabled=False``) it just calls ``fn``. Capturing runs ``fn`` a few
+    times first, so callers reset their state after constructing one.
+    """
+
+    def __init__(self, fn: Callable[[], None], enabled: bool = True, warmup: int = 2):
+        self.fn = fn
+        self.graph = None
+        if not (enabled and torch.cuda.is_available()):
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self.fn()
+        else:
+            self.graph.replay()
+
+
+class PlainSampler:
+    """Autoregressive sampling from one model with a static KV cache (and a CUDA graph on GPU).
+
+    ``steps_per_graph`` decode steps are captured in one graph to amortise the replay launch.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, params: SamplingParams = SamplingParams(),
+                 cuda_graph: bool = True, steps_per_graph: int = 8, dtype=None,
+                 generator: torch.Generator | None = None):
+        from srl.policies.lm import KVCache
+
+        p = next(model.parameters())
+        self.model, self.params, self.generator = model, params.validate(), generator
+        self.cache = KVCache.for_model(model.config, batch, max_len, p.device, dtype or p.dtype)
+        self.state = GenState.allocate(batch, max_len, p.device)
+        self.steps_per_graph = steps_per_graph if (cuda_graph and torch.cuda.is_available()) else 1
+        self.state.reset(torch.zeros(batch, 2, dtype=torch.long, device=p.device), 1)
+        with torch.inference_mode():
+            self._step = GraphedStep(self._steps, enabled=cuda_graph)
+
+    def _steps(self) -> None:
+        for _ in range(self.steps_per_graph):
+            decode_one_token(self.model, self.cache, self.state, self.params, self.generator)
+
+    @torch.inference_mode()
+    def generate(self, prompt: Tensor, max_new_tokens: int) -> Rollout:
+        B, T0 = prompt.shape
+        if T0 + max_new_tokens + self.steps_per_graph + 1 > self.cache.max_len:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) does not fit "
+                             f"the cache ({self.cache.max_len} slots)")
+        t0 = time.perf_counter()
+        self.state.reset(prompt, max_new_tokens)
+        prefill(self.model, self.cache, prompt)
+        for _ in range(-(-max_new_tokens // self.steps_per_graph)):
+            self._step()
+        out = Rollout(self.state.tokens[:, T0:T0 + max_new_tokens].clone(),
+                      self.state.logp[:, T0:T0 + max_new_tokens].clone())
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        out.seconds = time.perf_counter() - t0
+        out.stats = {"target_passes": max_new_tokens, "tokens_per_pass": 1.0}
+        return out

@@ -1,0 +1,312 @@
+"""Speculative sampling: standard (one draft) and SpecTr K-SEQ (k i.i.d. drafts), exact.
+
+Rules, with p the target's and q the draft's sampling distributions (post temperature / top-k /
+top-p, shared ``SamplingParams``):
+
+Standard (Leviathan et al., Chen et al.): the draft proposes x_1..x_gamma; accept x_i with
+probability min(1, p(x_i) / q(x_i)); at the first rejection emit a token from
+norm(max(0, p - q)) and stop; if all are accepted, emit a bonus token from p.
+
+K-SEQ (SpecTr, Sun et al. 2023): X_1..X_k i.i.d. from q and a rho in [1, k] with
+beta(rho) = sum_x min(q(x), p(x) / rho). Accept X_i with probability min(1, p(X_i) / (rho q(X_i)))
+in turn and emit the first accepted one; if none is, emit from
+p_res = norm(max(0, p - min(q, p / rho) * f)),  f = (1 - (1 - beta)^k) / beta.
+Then P(emit x) = min(q, p / rho) * f + (1 - beta)^k * p_res(x) = p(x), provided p >= min(q, p/rho) f
+everywhere, i.e. f <= rho. rho* is the smallest such rho; there P(accept) = 1 - (1 - beta)^k and
+p_res = norm(max(0, p - rho* q)). k = 1 gives rho* = 1 and standard speculative sampling.
+We find rho* on a refined grid (the first grid point where f <= rho holds) and use the general
+residual above, which is exact for any valid rho, so a grid step only costs a hair of acceptance.
+
+Blocks: k draft sequences of length L from the same prefix; at each position the drafts that still
+match the accepted prefix run K-SEQ with k' = their count (their next tokens are conditionally
+i.i.d. from q(. | prefix)); a residual ends the block; after L accepted tokens a bonus token
+comes from p. All k blocks are verified in one target pass over the shared prefix cache
+(``tree_layout``). The rollout records log p of the emitted tokens, never log q.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from srl.generation.decode import (GenState, GraphedStep, Rollout, causal_layout, prefill,
+                                   tree_layout)
+from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
+
+
+# --------------------------------------------------------------------------- token level
+
+def kseq_beta(p: Tensor, q: Tensor, rho: Tensor) -> Tensor:
+    """beta(rho) = sum_x min(q(x), p(x) / rho); p, q (..., V), rho (...) -> (...)."""
+    return torch.minimum(q, p / rho[..., None]).sum(-1)
+
+
+def _f(beta: Tensor, k: Tensor) -> Tensor:
+    """(1 - (1 - beta)^k) / beta, with its limit k at beta = 0."""
+    safe = beta.clamp_min(1e-12)
+    return torch.where(beta > 1e-12, (1 - (1 - beta) ** k) / safe, k)
+
+
+def kseq_rho(p: Tensor, q: Tensor, k, grid: int = 16, rounds: int = 3) -> Tensor:
+    """rho* per row: the smallest rho in [1, k] with (1 - (1 - beta)^k) / beta <= rho.
+
+    ``k`` is an int or a per-row tensor (number of live drafts). Each round evaluates ``grid``
+    points between the last invalid and the first valid point, so the result is valid and
+    within (k - 1) / grid^rounds above rho*. Rows with k <= 1 get exactly 1.
+    """
+    N = p.shape[0]
+    kf = torch.as_tensor(k, dtype=p.dtype, device=p.device).expand(N)
+    lo = torch.ones_like(kf)
+    hi = torch.maximum(kf, lo)  # always valid: 1 - (1 - b)^k <= k b
+    steps = torch.arange(1, grid + 1, device=p.device, dtype=p.dtype) / grid  # (G,)
+    for _ in range(rounds):
+        rhos = lo[:, None] + (hi - lo)[:, None] * steps  # (N, G)
+        beta = torch.minimum(q[:, None, :], p[:, None, :] / rhos[..., None]).sum(-1)  # (N, G)
+        ok = 1 - (1 - beta) ** kf[:, None] <= rhos * beta * (1 + 1e-6)
+        ok[:, -1] = True
+        g = ok.int().argmax(-1)  # first valid grid point
+        new_hi = rhos.gather(1, g[:, None]).squeeze(1)
+        lo = torch.where(g > 0, rhos.gather(1, (g - 1).clamp_min(0)[:, None]).squeeze(1), lo)
+        hi = new_hi
+    return torch.where(kf <= 1, torch.ones_like(hi), hi)
+
+
+def kseq_residual(p: Tensor, q: Tensor, rho: Tensor, k) -> Tensor:
+    """norm(max(0, p - min(q, p / rho) f)): the distribution emitted when every draft fails."""
+    kf = torch.as_tensor(k, dtype=p.dtype, device=p.device).expand(p.shape[:-1])
+    f = _f(kseq_beta(p, q, rho), kf)
+    res = (p - torch.minimum(q, p / rho[..., None]) * f[..., None]).clamp_min(0)
+    mass = res.sum(-1, keepdim=True)
+    return torch.where(mass > 1e-9, res / mass.clamp_min(1e-30), p)  # p = q: fall back to p
+
+
+def kseq_accept(p: Tensor, q: Tensor, drafts: Tensor, rho: Tensor, valid: Tensor,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Index of the first valid draft accepted with prob. min(1, p/(rho q)), or -1. (N,)"""
+    pd, qd = p.gather(1, drafts), q.gather(1, drafts)  # (N, k)
+    ratio = torch.where(qd > 0, pd / (rho[:, None] * qd.clamp_min(1e-30)), (pd > 0).to(p.dtype))
+    u = torch.rand(drafts.shape, device=p.device, dtype=p.dtype, generator=generator)
+    acc = (u < ratio) & valid
+    return torch.where(acc.any(-1), acc.int().argmax(-1), -1)
+
+
+def kseq_select(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None = None,
+                valid: Tensor | None = None, rho: Tensor | float | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """K-SEQ draft selection, vectorised over N independent problems.
+
+    Args:
+        p, q: (N, V) target and draft distributions.
+        drafts: (N, k) i.i.d. draws from q (k = 1: standard speculative sampling).
+        valid: (N, k) bool, drafts still in play (default all); invalid ones are skipped and
+            k' = valid.sum() sets rho.
+        rho: None computes rho*; a given rho must satisfy (1 - (1 - beta)^k) / beta <= rho.
+    Returns:
+        (tokens (N,), accepted (N,)): the emitted token, and the index of the accepted draft or
+        -1 where the token came from the residual.
+    """
+    if valid is None:
+        valid = torch.ones_like(drafts, dtype=torch.bool)
+    kv = valid.sum(-1)
+    if rho is None:
+        rho = kseq_rho(p, q, kv)
+    rho = torch.as_tensor(rho, dtype=p.dtype, device=p.device).expand(p.shape[0])
+    accepted = kseq_accept(p, q, drafts, rho, valid, generator)
+    fallback = sample_from_probs(kseq_residual(p, q, rho, kv), generator)
+    picked = drafts.gather(1, accepted.clamp_min(0)[:, None]).squeeze(1)
+    return torch.where(accepted >= 0, picked, fallback), accepted
+
+
+# --------------------------------------------------------------------------- block level
+
+def speculative_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
+                             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Standard speculative sampling of one block, all positions at once (gpt-fast style).
+
+    p (B, L+1, V), q (B, L, V), drafts (B, L) -> (emitted (B, L+1), n_emit (B,)): the first
+    n_emit[b] entries of emitted[b] are the output (accepted drafts, then residual or bonus).
+    """
+    B, L = drafts.shape
+    pd = p[:, :L].gather(-1, drafts[..., None]).squeeze(-1)
+    qd = q.gather(-1, drafts[..., None]).squeeze(-1)
+    ratio = torch.where(qd > 0, pd / qd.clamp_min(1e-30), (pd > 0).to(p.dtype))
+    u = torch.rand(B, L, device=p.device, dtype=p.dtype, generator=generator)
+    n_acc = (u < ratio).int().cumprod(-1).sum(-1)  # accepted prefix length (B,)
+    res = (p[:, :L] - q).clamp_min(0)
+    mass = res.sum(-1, keepdim=True)
+    res = torch.where(mass > 1e-9, res / mass.clamp_min(1e-30), p[:, :L])
+    dist = torch.cat([res, p[:, L:]], 1)  # (B, L+1, V): residual at n < L, bonus at L
+    pick = dist.gather(1, n_acc[:, None, None].long().expand(B, 1, p.shape[-1])).squeeze(1)
+    extra = sample_from_probs(pick, generator)
+    emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n_acc[:, None].long(), extra[:, None])
+    return emitted, n_acc.long() + 1
+
+
+def kseq_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
+                      generator: torch.Generator | None = None, rho_grid: int = 16,
+                      rho_rounds: int = 3) -> tuple[Tensor, Tensor, Tensor]:
+    """K-SEQ over blocks: p (B, k, L+1, V), q (B, k, L, V), drafts (B, k, L).
+
+    Returns (emitted (B, L+1), n_emit (B,), src (B,)): src is a draft whose block holds the
+    accepted tokens (its cache entries are the ones to keep).
+    """
+    B, k, L = drafts.shape
+    rows = torch.arange(B, device=p.device)
+    alive = torch.ones(B, dtype=torch.bool, device=p.device)
+    surv = torch.ones(B, k, dtype=torch.bool, device=p.device)
+    n_acc = torch.zeros(B, dtype=torch.long, device=p.device)
+    out = []
+    for t in range(L):
+        first = surv.int().argmax(-1)  # survivors share the prefix, hence p and q
+        p_t, q_t = p[rows, first, t], q[rows, first, t]  # (B, V)
+        valid = surv & alive[:, None]
+        kv = valid.sum(-1)
+        rho = kseq_rho(p_t, q_t, kv, rho_grid, rho_rounds)
+        tok, acc = kseq_select(p_t, q_t, drafts[:, :, t], generator, valid, rho)
+        took = alive & (acc >= 0)
+        n_acc += took.long()
+        surv = torch.where(took[:, None], surv & (drafts[:, :, t] == tok[:, None]), surv)
+        out.append(tok)
+        alive = took
+    src = surv.int().argmax(-1)
+    out.append(sample_from_probs(p[rows, src, L], generator))  # bonus, used where alive
+    return torch.stack(out, 1), n_acc + 1, src
+
+
+def emitted_log_probs(p: Tensor, src: Tensor, emitted: Tensor) -> Tensor:
+    """log p of each emitted token along draft src's path: p (B, k, L+1, V) -> (B, L+1)."""
+    rows = torch.arange(p.shape[0], device=p.device)
+    return p[rows, src].gather(-1, emitted[..., None]).squeeze(-1).clamp_min(1e-30).log()
+
+
+# --------------------------------------------------------------------------- one iteration
+
+def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params: SamplingParams,
+                 generator=None) -> tuple[Tensor, Tensor]:
+    """k i.i.d. draft blocks of L tokens: (drafts (B, k, L), q (B, k, L, V)).
+
+    The first call re-feeds the token before x0, whose draft cache entry is stale when the last
+    block was fully accepted (the draft never ran on its last token).
+    """
+    slots, positions, mask = layout
+    P = dcache.lens
+    B = P.shape[0]
+    s2, m2 = causal_layout(P - 1, 2, dcache.max_len)
+    first = draft(state.tokens.gather(1, s2), dcache, positions=s2, slots=s2, mask=m2)[:, -1]
+    q_t = probs_from_params(first, params)[:, None].expand(B, k, -1)  # (B, k, V)
+    qs, ds = [q_t], [sample_from_probs(q_t, generator)]
+    for t in range(1, L):
+        cols = 1 + torch.arange(k, device=P.device) * L + (t - 1)  # draft j's token t-1
+        logits = draft(ds[-1], dcache, positions=positions[:, cols], slots=slots[:, cols],
+                       mask=mask[:, cols])
+        q_t = probs_from_params(logits, params)
+        qs.append(q_t)
+        ds.append(sample_from_probs(q_t, generator))
+    return torch.stack(ds, 2), torch.stack(qs, 2)
+
+
+def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: int,
+                     params: SamplingParams, generator=None, stats: Tensor | None = None) -> None:
+    """One draft-then-verify iteration for every unfinished row (static shapes, no host sync).
+
+    ``stats`` (3,) accumulates [target passes of active rows, accepted draft tokens, emitted].
+    """
+    P = tcache.lens
+    B = P.shape[0]
+    layout = tree_layout(P, k, L, tcache.max_len)
+    drafts, q = draft_blocks(draft, dcache, state, layout, k, L, params, generator)
+    slots, positions, mask = layout
+    tin = torch.cat([state.x0(P), drafts.reshape(B, k * L)], 1)  # (B, 1 + kL)
+    p_flat = probs_from_params(target(tin, tcache, positions=positions, slots=slots, mask=mask),
+                               params)  # (B, 1 + kL, V)
+    V = p_flat.shape[-1]
+    p = torch.cat([p_flat[:, None, :1].expand(B, k, 1, V), p_flat[:, 1:].reshape(B, k, L, V)], 2)
+    if k == 1:
+        emitted, n_emit = speculative_verify_block(p[:, 0], q[:, 0], drafts[:, 0], generator)
+        src = torch.zeros_like(n_emit)
+    else:
+        emitted, n_emit, src = kseq_verify_block(p, q, drafts, generator)
+    logp = emitted_log_probs(p, src, emitted)  # the policy's, never the draft's
+    active = (P + 1 < state.end).long()
+    n_emit = n_emit * active
+    ar = torch.arange(L, device=P.device)
+    src_slots = P[:, None] + 1 + src[:, None] * L + ar  # accepted block -> right after x0
+    dst_slots = P[:, None] + 1 + ar
+    tcache.move_slots(src_slots, dst_slots)
+    dcache.move_slots(src_slots, dst_slots)
+    state.write(P, emitted, logp, n_emit)
+    if stats is not None:
+        stats += torch.stack([active.sum(), ((n_emit - 1).clamp_min(0)).sum(), n_emit.sum()])
+    tcache.lens.add_(n_emit)
+    dcache.lens.copy_(tcache.lens)
+
+
+class SpeculativeSampler:
+    """Speculative rollouts from ``target`` with ``draft``: k = 1 standard, k > 1 SpecTr K-SEQ.
+
+    One iteration (draft L steps, one tree-shaped target pass, selection, cache moves) is one
+    CUDA graph on GPU. Rows accept different numbers of tokens; finished rows idle.
+    """
+
+    def __init__(self, target, draft, batch: int, max_len: int, k: int = 1, draft_len: int = 4,
+                 params: SamplingParams = SamplingParams(), cuda_graph: bool = True,
+                 dtype=None, generator: torch.Generator | None = None,
+                 check_every: int = 8):
+        from srl.policies.lm import KVCache
+
+        if k < 1 or draft_len < 1:
+            raise ValueError(f"k ({k}) and draft_len ({draft_len}) must be >= 1")
+        if target.config.vocab_size != draft.config.vocab_size:
+            raise ValueError("target and draft must share the vocabulary (vocab_size differs)")
+        dev = next(target.parameters()).device
+        dt = dtype or next(target.parameters()).dtype
+        self.target, self.draft, self.k, self.L = target, draft, k, draft_len
+        self.params, self.generator, self.check_every = params.validate(), generator, check_every
+        self.tcache = KVCache.for_model(target.config, batch, max_len, dev, dt)
+        self.dcache = KVCache.for_model(draft.config, batch, max_len, dev,
+                                        dtype or next(draft.parameters()).dtype)
+        self.state = GenState.allocate(batch, max_len, dev)
+        self.stats = torch.zeros(3, dtype=torch.long, device=dev)
+        self.state.reset(torch.zeros(batch, 2, dtype=torch.long, device=dev), 1)
+        with torch.inference_mode():
+            self._step = GraphedStep(self._iteration, enabled=cuda_graph)
+
+    def _iteration(self) -> None:
+        speculative_step(self.target, self.draft, self.tcache, self.dcache, self.state, self.k,
+                         self.L, self.params, self.generator, self.stats)
+
+    def slack(self) -> int:
+        """Cache slots needed past prompt + max_new_tokens."""
+        return (self.k + 2) * self.L + 3
+
+    @torch.inference_mode()
+    def generate(self, prompt: Tensor, max_new_tokens: int) -> Rollout:
+        B, T0 = prompt.shape
+        if T0 + max_new_tokens + self.slack() > self.tcache.max_len:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) + {self.slack()}"
+                             f" does not fit the cache ({self.tcache.max_len} slots)")
+        t0 = time.perf_counter()
+        self.state.reset(prompt, max_new_tokens)
+        self.stats.zero_()
+        prefill(self.target, self.tcache, prompt)
+        prefill(self.draft, self.dcache, prompt)
+        iters = 0
+        while iters < max_new_tokens:  # every iteration emits >= 1 token per active row
+            self._step()
+            iters += 1
+            if iters % self.check_every == 0 and bool((self.tcache.lens + 1 >= self.state.end).all()):
+                break
+        out = Rollout(self.state.tokens[:, T0:T0 + max_new_tokens].clone(),
+                      self.state.logp[:, T0:T0 + max_new_tokens].clone())
+        passes, accepted, emitted = self.stats.tolist()
+        out.seconds = time.perf_counter() - t0
+        out.stats = {
+            "iterations": iters,
+            "target_passes": passes,
+            "tokens_per_pass": emitted / max(passes, 1),  # block efficiency
+            "accepted_per_pass": accepted / max(passes, 1),
+            "acceptance_rate": accepted / max(passes * self.L, 1),  # per drafted position
+        }
+        return out

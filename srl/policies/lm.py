@@ -1,0 +1,229 @@
+"""Decoder-only transformer language model: pre-norm blocks, rotary positions, a KV cache.
+
+The model reads like nanoGPT; what is different is the cache interface. Every cached forward
+names, per token, the cache slot its keys and values go to, its rotary position, and which slots
+it may attend to. That one interface serves plain decoding (one token per row, rows at different
+lengths), prefill, and the tree-shaped verification pass of speculative decoding (k draft blocks
+laid out side by side after a shared prefix). The layouts themselves live in
+``srl.generation.decode``; the model only obeys them.
+
+Shapes: B batch, T new tokens, S cache slots, H heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LMConfig:
+    """Size and options of a :class:`TransformerLM`."""
+
+    vocab_size: int
+    """Number of token ids; round up to a multiple of 64 for fast matmuls on GPU."""
+    d_model: int = 256
+    """Residual stream width."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; d_model must divide evenly."""
+    max_seq_len: int = 1024
+    """Longest position the rotary tables cover (and the default cache length)."""
+    mlp_ratio: int = 4
+    """Hidden width of the MLP as a multiple of d_model (GELU MLP, as in GPT-2)."""
+    rope_base: float = 10000.0
+    """Base of the rotary frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of the RMS norms."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output projection (GPT-2 does)."""
+    value_head: bool = False
+    """Add a scalar value head on the final hidden state (PPO critic sharing the trunk)."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> "LMConfig":
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"LMConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"LMConfig.d_model / n_heads = {self.head_dim} must be even for rotary positions"
+            )
+        return self
+
+
+class KVCache:
+    """Keys and values of every layer, [n_layers, B, H, S, D], and per-row valid lengths.
+
+    ``lens[b]`` counts the slots of row b whose entries are final; slots at or past it may hold
+    stale entries from rejected drafts, which the attention masks never expose.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lens = torch.zeros(batch, device=device, dtype=torch.long)
+
+    @classmethod
+    def for_model(cls, config: LMConfig, batch: int, max_len: int | None = None, device=None,
+                  dtype=torch.float32) -> "KVCache":
+        return cls(config.n_layers, batch, config.n_heads, max_len or config.max_seq_len,
+                   config.head_dim, device=device, dtype=dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, T, D) at ``slots`` (B, T); return the layer's full (B, H, S, D)."""
+        B, H, T, D = k.shape
+        idx = slots[:, None, :, None].expand(B, H, T, D)
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+        return self.k[layer], self.v[layer]
+
+    def move_slots(self, src: Tensor, dst: Tensor) -> None:
+        """Copy every layer's entries at slots ``src`` (B, n) to slots ``dst`` (B, n)."""
+        L, B, H, S, D = self.k.shape
+        n = src.shape[1]
+        src_idx = src[None, :, None, :, None].expand(L, B, H, n, D)
+        dst_idx = dst[None, :, None, :, None].expand(L, B, H, n, D)
+        for buf in (self.k, self.v):
+            buf.scatter_(3, dst_idx, buf.gather(3, src_idx))
+
+
+class RotaryTable(nn.Module):
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_seq_len, D/2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # (B, T) -> (B, 1, T, D/2): broadcast over heads
+        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles of each position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """Attention on (B, H, N, D) tensors; ``mask`` (B, 1, Nq, Nk) bool marks allowed keys.
+
+    KERNEL HOOK: this is the one place attention is computed. ``srl.kernels.flash_attention``'s
+    ``flash_attention(q, k, v, causal=..., sm_scale=None)`` takes the same (B, H, N, D) layout
+    (Nq != Nk with bottom-right causal alignment) and can replace the maskless causal call below
+    (training and prefill). The masked cached call keeps SDPA until a kernel takes masks or
+    per-row lengths.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.n_heads = cfg.n_heads
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.fc_out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+                slots: Tensor | None, mask: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
+        # (B, T, C) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.index, slots, k, v)  # (B, H, S, D)
+        y = attend(q, k, v, mask, causal=cache is None)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.fc_out(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM. ``forward(tokens) -> logits``; with a cache, see :meth:`forward`."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.value = nn.Linear(config.d_model, 1) if config.value_head else None
+        self.rotary = RotaryTable(config.head_dim, config.max_seq_len, config.rope_base)
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2: scale the residual projections by depth
+            for w in (block.proj.weight, block.fc_out.weight):
+                nn.init.normal_(w, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def hidden(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
+               slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if cache is not None and (slots is None or mask is None):
+            raise ValueError("a cached forward needs slots (B, T) and mask (B, T, S)")
+        x = self.embed(tokens)
+        cos, sin = self.rotary(positions, x.dtype)
+        attn_mask = None if mask is None else mask[:, None]  # (B, 1, T, S): all heads
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, slots, attn_mask)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
+                slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) of the next token after each of ``tokens`` (B, T).
+
+        Without a cache: plain causal forward over positions 0..T-1 (training, scoring).
+        With a cache: token t of row b gets rotary position ``positions[b, t]``, writes its keys
+        and values to slot ``slots[b, t]`` and attends to the slots where ``mask[b, t]`` (S,) is
+        true (its own slot included). The cache's ``lens`` are left to the caller.
+        """
+        return self.head(self.hidden(tokens, cache, positions, slots, mask))
+
+    def forward_with_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits (B, T, V), values (B, T)) from one causal forward; needs ``value_head``."""
+        if self.value is None:
+            raise ValueError("LMConfig.value_head is False: this model has no value head")
+        h = self.hidden(tokens)
+        return self.head(h), self.value(h).squeeze(-1)

@@ -1,0 +1,132 @@
+"""MLP actor-critic with a categorical or diagonal-Gaussian head.
+
+Inference avoids ``torch.distributions`` on the hot path: a tiny CPU policy spends more time
+in Python than in matmuls, so sampling is a few tensor ops.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from srl.config import PolicyConfig
+from srl.envs.vector import SpaceInfo
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class RunningNorm(nn.Module):
+    """Running mean / variance of observations, stored as buffers so they travel with the weights."""
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(1e-4, dtype=torch.float64))
+        self.clip = clip
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, *self.mean.shape).to(torch.float64)
+        b_mean, b_var, b_n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        delta, total = b_mean - self.mean, self.count + b_n
+        self.mean += delta * b_n / total
+        self.var.copy_((self.var * self.count + b_var * b_n + delta**2 * self.count * b_n / total) / total)
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = torch.sqrt(self.var + 1e-8).to(x.dtype)
+        return torch.clamp((x - self.mean.to(x.dtype)) / std, -self.clip, self.clip)
+
+
+def _mlp(sizes: list[int], activation: str, out: int, out_gain: float) -> nn.Sequential:
+    act = nn.Tanh if activation == "tanh" else nn.ReLU
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [_init(nn.Linear(a, b), math.sqrt(2)), act()]
+    layers.append(_init(nn.Linear(sizes[-1], out), out_gain))
+    return nn.Sequential(*layers)
+
+
+def _init(layer: nn.Linear, gain: float) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, info: SpaceInfo, cfg: PolicyConfig):
+        super().__init__()
+        self.info = info
+        obs_dim = int(np.prod(info.obs_shape))
+        self.obs_norm = RunningNorm((obs_dim,)) if cfg.obs_norm else None
+        sizes = [obs_dim, *cfg.hidden]
+        self.actor = _mlp(sizes, cfg.activation, info.n_actions, 0.01)
+        self.critic = _mlp(sizes, cfg.activation, 1, 1.0)
+        if not info.discrete:
+            self.log_std = nn.Parameter(torch.full((info.n_actions,), float(cfg.init_log_std)))
+
+    # ------------------------------------------------------------------ shared
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = obs.reshape(obs.shape[0], -1).float()
+        return self.obs_norm(obs) if self.obs_norm is not None else obs
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self._features(obs)).squeeze(-1)
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False):
+        """Sample actions; returns ``(action, logp, value)`` tensors."""
+        x = self._features(obs)
+        out = self.actor(x)
+        value = self.critic(x).squeeze(-1)
+        if self.info.discrete:
+            logp_all = torch.log_softmax(out, -1)
+            if deterministic:
+                action = out.argmax(-1)
+            else:
+                action = torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+            logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        else:
+            std = self.log_std.exp()
+            action = out if deterministic else out + std * torch.randn_like(out)
+            logp = _gaussian_logp(action, out, self.log_std)
+        return action, logp, value
+
+    # ------------------------------------------------------------------ learning
+    def evaluate(self, obs: torch.Tensor, action: torch.Tensor):
+        """``(logp, entropy, value, head_output)`` of given actions under the current weights."""
+        x = self._features(obs)
+        out = self.actor(x)
+        value = self.critic(x).squeeze(-1)
+        if self.info.discrete:
+            logp_all = torch.log_softmax(out, -1)
+            logp = logp_all.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            logp = _gaussian_logp(action, out, self.log_std)
+            entropy = (0.5 + 0.5 * _LOG_2PI + self.log_std).sum(-1).expand(out.shape[0])
+        return logp, entropy, value, out
+
+
+def _gaussian_logp(action: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    z = (action - mean) / log_std.exp()
+    return (-0.5 * z.pow(2) - log_std - 0.5 * _LOG_2PI).sum(-1)
+
+
+def build_policy(info: SpaceInfo, cfg: PolicyConfig) -> ActorCritic:
+    if cfg.type == "mlp":
+        return ActorCritic(info, cfg)
+    raise ValueError(f"unknown policy type {cfg.type!r}")
+
+
+def weights_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    module.load_state_dict(state)

@@ -1,0 +1,74 @@
+"""Socket helpers shared by the streams: bind to a host on a free port, send/receive
+srl messages with optional HMAC, and count what had to be dropped."""
+from __future__ import annotations
+
+import zmq
+
+from srl.system import wire
+
+
+def context() -> zmq.Context:
+    """The process's ZMQ context (re-created after fork)."""
+    return zmq.Context.instance()
+
+
+def bind_random(sock: zmq.Socket, host: str, prefer: str | None = None) -> str:
+    """Bind to ``host`` on a free port; return the address peers connect to.
+
+    ``prefer`` is the address this endpoint had before a restart: binding the same port again
+    lets connected peers reconnect on their own.
+    """
+    port = None
+    if prefer:
+        try:
+            old_port = int(prefer.rsplit(":", 1)[1])
+            sock.bind(f"tcp://{host}:{old_port}")
+            port = old_port
+        except (zmq.ZMQError, ValueError, IndexError):
+            port = None
+    if port is None:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    advertised = "127.0.0.1" if host in ("0.0.0.0", "*") else host
+    return f"tcp://{advertised}:{port}"
+
+
+class Endpoint:
+    """A socket plus the stream's HMAC key and a counter of malformed frames dropped."""
+
+    def __init__(self, sock: zmq.Socket, key: bytes | None):
+        self.sock = sock
+        self.key = key
+        self.dropped = 0
+        sock.setsockopt(zmq.LINGER, 0)
+
+    def send(self, kind: str, arrays=None, meta=None, prefix: list | None = None, flags: int = 0) -> bool:
+        frames = wire.encode(kind, arrays, meta, self.key)
+        try:
+            self.sock.send_multipart((prefix or []) + frames, flags=flags, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def recv(self, n_prefix: int = 0, timeout_ms: int = 0):
+        """Next well-formed message as ``(prefix, Message)``; None when nothing is waiting.
+        Malformed messages are dropped and counted, never raised."""
+        while True:
+            if timeout_ms and not self.sock.poll(timeout_ms):
+                return None
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            timeout_ms = 0
+            if len(frames) <= n_prefix:
+                self.dropped += 1
+                continue
+            try:
+                msg = wire.decode(frames[n_prefix:], self.key)
+            except wire.WireError:
+                self.dropped += 1
+                continue
+            return [f.bytes for f in frames[:n_prefix]], msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,81 @@
+"""Address book for stream endpoints: who listens where.
+
+Local runs use a folder inside the run directory (files written atomically), so a restarted
+worker finds its peers again; tests may use the in-memory variant. Ray runs use Ray's KV store.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Protocol
+
+
+class NameResolver(Protocol):
+    def put(self, key: str, value: str) -> None: ...
+    def get(self, key: str) -> str | None: ...
+    def keys(self, prefix: str) -> list[str]: ...
+
+
+def wait_for(resolver: NameResolver, key: str, timeout_s: float = 60.0) -> str:
+    """Block until ``key`` is published; TimeoutError names the key."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        value = resolver.get(key)
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nobody published {key!r} within {timeout_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class MemoryResolver:
+    """In-process address book (tests, everything-in-one-process runs)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def put(self, key: str, value: str) -> None:
+        with self._lock:
+            self._data[key] = value
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._data.get(key)
+
+    def keys(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._data if k.startswith(prefix))
+
+
+class FileResolver:
+    """One file per key under ``root``; keys may contain '/'."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key.replace("/", "__"))
+
+    def put(self, key: str, value: str) -> None:
+        path = self._path(key)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(value)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> str | None:
+        try:
+            with open(self._path(key), encoding="utf-8") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return None
+
+    def keys(self, prefix: str) -> list[str]:
+        flat = prefix.replace("/", "__")
+        return sorted(n.replace("__", "/") for n in os.listdir(self.root)
+                      if n.startswith(flat) and not n.endswith(".tmp"))

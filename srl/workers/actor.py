@@ -1,0 +1,185 @@
+"""Actor worker: steps a ring of vectorized env groups and streams trajectories.
+
+With ``inline_policy`` the policy runs in this process (tiny CPU policies: no hop). Otherwise
+each env group posts its observations to the policy workers and, while it waits for actions,
+the next group steps: that is the env ring.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from srl.envs.vector import EpisodeTracker, SpaceInfo, make_vector_env
+from srl.policies.mlp import build_policy, load_numpy_weights
+from srl.streams.inference import InferenceClient
+from srl.streams.params import ParamClient
+from srl.streams.sample import SampleProducer
+from srl.system.name_resolve import wait_for
+from srl.system.worker import PollResult, Worker
+
+REQUEST_TIMEOUT_S = 5.0
+
+
+class EnvGroup:
+    """One vector env plus the trajectory it is filling."""
+
+    def __init__(self, env, info: SpaceInfo, rollout_len: int):
+        self.env, self.info, self.T = env, info, rollout_len
+        self.B = env.num_envs
+        self.obs, _ = env.reset()
+        self.prev_done = np.zeros(self.B, bool)
+        self.tracker = EpisodeTracker(self.B)
+        self.pending: int | None = None  # request id awaiting actions
+        self.posted_at = 0.0
+        self._new_buffers()
+
+    def _new_buffers(self) -> None:
+        T, B, info = self.T, self.B, self.info
+        act_shape, act_dtype = ((), np.int64) if info.discrete else ((info.n_actions,), np.float32)
+        self.buf = {
+            "obs": np.empty((T + 1, B, *info.obs_shape), np.float32),
+            "action": np.empty((T, B, *act_shape), act_dtype),
+            "logp": np.empty((T, B), np.float32),
+            "reward": np.empty((T, B), np.float32),
+            "terminated": np.empty((T, B), bool),
+            "truncated": np.empty((T, B), bool),
+            "valid": np.empty((T, B), bool),
+        }
+        self.t = 0
+        self.min_version = None
+
+    def step(self, action: np.ndarray, logp: np.ndarray, version: int):
+        """Apply actions; returns (finished returns, lengths, valid steps, full trajectory or None)."""
+        b, t = self.buf, self.t
+        b["obs"][t] = self.obs
+        b["action"][t] = action
+        b["logp"][t] = logp
+        env_action = action
+        if not self.info.discrete:
+            env_action = np.clip(action, self.info.action_low, self.info.action_high)
+        obs, reward, terminated, truncated, _ = self.env.step(env_action)
+        valid = ~self.prev_done  # the step after a done only resets (gymnasium next-step autoreset)
+        done = terminated | truncated
+        b["reward"][t], b["terminated"][t], b["truncated"][t], b["valid"][t] = reward, terminated, truncated, valid
+        returns, lengths = self.tracker.update(reward, done & valid, valid)
+        self.prev_done = done
+        self.obs = obs
+        self.min_version = version if self.min_version is None else min(self.min_version, version)
+        self.t += 1
+        traj = None
+        if self.t == self.T:
+            b["obs"][self.T] = obs
+            traj, version_used = b, self.min_version
+            self._new_buffers()
+            traj = (traj, version_used)
+        return returns, lengths, int(valid.sum()), traj
+
+
+class ActorWorker(Worker):
+    kind = "actor"
+
+    def _configure(self) -> None:
+        cfg, a = self.cfg, self.cfg.workers.actors
+        seed = cfg.seed * 10_007 + self.spec.index * 101 + self.spec.incarnation * 7
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        self.info = SpaceInfo.from_dict(self.spec.space)
+        per_group = a.envs_per_actor // a.ring if not a.inline_policy else a.envs_per_actor
+        n_groups = a.ring if not a.inline_policy else 1
+        self.groups = [EnvGroup(make_vector_env(cfg.env, per_group, seed + 7919 * g), self.info, a.rollout_len)
+                       for g in range(n_groups)]
+        names = self.resolver
+        self.samples = self.endpoint(SampleProducer([wait_for(names, "trainer/0/samples")], self.key))
+        self.seq = 0
+        self.episodes: tuple[list, list] = ([], [])
+        self.env_steps = 0
+        self.version = -1
+        if a.inline_policy:
+            self.policy = build_policy(self.info, cfg.policy)
+            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params"), self.key))
+            self._wait_weights(-1)
+        else:
+            addrs = [wait_for(names, f"policy/{i}/inference") for i in range(cfg.workers.policies.count)]
+            self.client = self.endpoint(InferenceClient(addrs, self.key))
+            self.next_req = 0
+            self.by_req: dict[int, EnvGroup] = {}
+
+    def _wait_weights(self, than: int) -> bool:
+        got = self.params.wait_newer(than, timeout_s=600.0, should_stop=self.should_stop)
+        if got is None:
+            return False
+        self.version = got[0]
+        load_numpy_weights(self.policy, got[1])
+        return True
+
+    def _collect_stats(self) -> dict:
+        returns, lengths = self.episodes
+        self.episodes = ([], [])
+        steps, self.env_steps = self.env_steps, 0
+        return {"episode_returns": returns, "episode_lengths": lengths, "env_steps": steps, "version": self.version}
+
+    # ------------------------------------------------------------------ stepping
+    def _poll(self) -> PollResult:
+        if self.cfg.workers.actors.inline_policy:
+            return self._poll_inline()
+        return self._poll_remote()
+
+    def _poll_inline(self) -> PollResult:
+        got = self.params.poll()
+        if got is not None:
+            self.version = got[0]
+            load_numpy_weights(self.policy, got[1])
+        group = self.groups[0]
+        steps = 0
+        for _ in range(group.T):
+            action, logp, _ = self.policy.act(torch.from_numpy(group.obs))
+            steps += self._advance(group, action.numpy(), logp.numpy(), self.version)
+        return PollResult(samples=steps, batches=1)
+
+    def _poll_remote(self) -> PollResult:
+        import time
+
+        now = time.monotonic()
+        for group in self.groups:
+            if group.pending is None or now - group.posted_at > REQUEST_TIMEOUT_S:
+                self._post(group, now)  # first request, or its policy worker died: ask again
+        steps = 0
+        msg = self.client.poll(timeout_ms=50)
+        while msg is not None:
+            group = self.by_req.pop(msg.meta.get("req"), None)
+            if group is not None and group.pending == msg.meta.get("req"):
+                group.pending = None
+                version = int(msg.meta.get("version", -1))
+                self.version = max(self.version, version)
+                steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version)
+                self._post(group, time.monotonic())
+            msg = self.client.poll()
+        return PollResult(samples=steps, batches=1 if steps else 0)
+
+    def _post(self, group: EnvGroup, now: float) -> None:
+        if group.pending is not None:
+            self.by_req.pop(group.pending, None)
+        req = self.next_req
+        self.next_req += 1
+        group.pending, group.posted_at = req, now
+        self.by_req[req] = group
+        self.client.post(group.obs, req)
+
+    def _advance(self, group: EnvGroup, action, logp, version: int) -> int:
+        returns, lengths, valid, traj = group.step(action, logp, version)
+        self.episodes[0].extend(returns)
+        self.episodes[1].extend(lengths)
+        self.env_steps += valid
+        if traj is not None:
+            self._push(*traj)
+        return valid
+
+    def _push(self, arrays: dict, version: int) -> None:
+        meta = {"version": int(version), "actor": self.spec.index, "seq": self.seq, "incarnation": self.spec.incarnation}
+        self.seq += 1
+        while not self.samples.push(arrays, meta, timeout_ms=100):
+            if self.should_stop():  # back-pressure from the trainer; stay responsive to stop
+                return
+        if self.cfg.workers.sync:
+            self._wait_weights(version)
