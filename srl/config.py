@@ -79,7 +79,7 @@ class AlgorithmConfig:
     epochs: int = 4
     minibatches: int = 4
     batch_size: int = 2048
-    """Env steps per training batch (trajectories are gathered until this many)."""
+    """Env steps per training batch, counted as T x B slots of the trajectories gathered."""
     norm_adv: bool = True
     max_policy_lag: int = 4
     """Trajectories produced by a policy more than this many versions old are dropped."""
@@ -129,9 +129,13 @@ class ActorsConfig:
     """T: steps per trajectory sent to the trainer."""
     inline_policy: bool = True
     """Run the policy inside the actor process (tiny CPU policies) instead of on a policy worker."""
+    max_ahead: int = 1
+    """Inline policy: trajectories an actor may push beyond its share of a batch before it waits
+    for newer weights. Bounds the policy lag; 0 makes collection and learning alternate."""
 
     def validate(self) -> None:
         _at_least("workers.actors.count", self.count, 1)
+        _at_least("workers.actors.max_ahead", self.max_ahead, 0)
         _at_least("workers.actors.envs_per_actor", self.envs_per_actor, 1)
         _at_least("workers.actors.ring", self.ring, 1)
         _at_least("workers.actors.rollout_len", self.rollout_len, 1)

@@ -287,3 +287,16 @@ def test_transformer_loop_joint_law(k, L):
     idx = joint_index(out.tokens, 5)
     assert chi2_pvalue(idx, exact) > PASS
     assert torch.allclose(out.logp.sum(1).double(), exact[idx].log(), atol=1e-5)
+
+
+def test_transformer_loop_control_without_cache_moves_fails(monkeypatch):
+    """Control: skipping the move of the accepted block's KV entries must break the checks."""
+    from srl.policies.lm import KVCache
+
+    monkeypatch.setattr(KVCache, "move_slots", lambda self, src, dst: None)
+    target, draft = _tiny_pair()
+    params = SamplingParams(temperature=0.7)
+    prompt = (1, 3, 0)
+    out = run_loop(target, draft, 3, 2, params, 4_000, 3, seed=4, prompt_tokens=prompt)
+    exact = exact_lm_joint(target, prompt, 3, params, 5)
+    assert not torch.allclose(out.logp.sum(1).double(), exact[joint_index(out.tokens, 5)].log(), atol=1e-5)

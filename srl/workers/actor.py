@@ -95,6 +95,11 @@ class ActorWorker(Worker):
         self.episodes: tuple[list, list] = ([], [])
         self.env_steps = 0
         self.version = -1
+        # Trajectories this actor may push per weights version: its share of a training batch plus
+        # ``max_ahead``. Waiting beyond that bounds the policy lag (inline policy only).
+        share = -(-cfg.algorithm.batch_size // (a.count * a.envs_per_actor * a.rollout_len))
+        self.quota = share + a.max_ahead
+        self.pushed_on_version = 0
         if a.inline_policy:
             self.policy = build_policy(self.info, cfg.policy)
             self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params"), self.key))
@@ -109,9 +114,13 @@ class ActorWorker(Worker):
         got = self.params.wait_newer(than, timeout_s=600.0, should_stop=self.should_stop)
         if got is None:
             return False
+        self._load(got)
+        return True
+
+    def _load(self, got) -> None:
         self.version = got[0]
         load_numpy_weights(self.policy, got[1])
-        return True
+        self.pushed_on_version = 0
 
     def _collect_stats(self) -> dict:
         returns, lengths = self.episodes
@@ -128,8 +137,7 @@ class ActorWorker(Worker):
     def _poll_inline(self) -> PollResult:
         got = self.params.poll()
         if got is not None:
-            self.version = got[0]
-            load_numpy_weights(self.policy, got[1])
+            self._load(got)
         group = self.groups[0]
         steps = 0
         for _ in range(group.T):
@@ -181,5 +189,10 @@ class ActorWorker(Worker):
         while not self.samples.push(arrays, meta, timeout_ms=100):
             if self.should_stop():  # back-pressure from the trainer; stay responsive to stop
                 return
+        if not self.cfg.workers.actors.inline_policy:
+            return
+        self.pushed_on_version += 1
         if self.cfg.workers.sync:
             self._wait_weights(version)
+        elif self.pushed_on_version >= self.quota:
+            self._wait_weights(self.version)

@@ -82,7 +82,7 @@ class TrainerWorker(Worker):
             return
         self.lags.append(lag)
         self.buffer.append(msg)
-        self.buffered_steps += int(msg.arrays["valid"].sum())
+        self.buffered_steps += msg.arrays["valid"].size
 
     def _batch_ready(self) -> bool:
         if self.cfg.workers.sync:
@@ -97,7 +97,7 @@ class TrainerWorker(Worker):
         else:
             msgs = self.buffer
         self.buffer = [m for m in self.buffer if m not in msgs]
-        self.buffered_steps = sum(int(m.arrays["valid"].sum()) for m in self.buffer)
+        self.buffered_steps = sum(m.arrays["valid"].size for m in self.buffer)
         return {k: np.concatenate([m.arrays[k] for m in msgs], axis=1) for k in msgs[0].arrays}
 
     def _collect_stats(self) -> dict:
