@@ -44,11 +44,11 @@ def test_small_lm_learns_the_task_format():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     task = SortTask(length=4)
-    model = TransformerLM(LMConfig(vocab_size=len(VOCAB), d_model=48, n_layers=2, n_heads=4, max_seq_len=64))
+    model = TransformerLM(LMConfig(vocab_size=len(VOCAB), d_model=32, n_layers=2, n_heads=4, max_seq_len=64))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(60):
-        x = task.stream(32, 32, rng)
+    for _ in range(40):
+        x = task.stream(16, 24, rng)
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, len(VOCAB)), x[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()

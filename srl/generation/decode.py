@@ -173,8 +173,10 @@ class PlainSampler:
         self.cache = KVCache.for_model(model.config, batch, max_len, p.device, dtype or p.dtype)
         self.state = GenState.allocate(batch, max_len, p.device)
         self.steps_per_graph = steps_per_graph if (cuda_graph and torch.cuda.is_available()) else 1
-        self.state.reset(torch.zeros(batch, 2, dtype=torch.long, device=p.device), 1)
+        dummy = torch.zeros(batch, 2, dtype=torch.long, device=p.device)
+        self.state.reset(dummy, 1)
         with torch.inference_mode():
+            prefill(model, self.cache, dummy)
             self._step = GraphedStep(self._steps, enabled=cuda_graph)
 
     def _steps(self) -> None:

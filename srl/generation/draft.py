@@ -101,7 +101,7 @@ class DraftAligner:
         self.updates += 1
         alpha = float(accept.mean())
         return {
-            "losses/distill": float(loss),
+            "losses/distill": float(loss.detach()),
             "charts/acceptance_rate": alpha,
             "charts/block_efficiency": block_efficiency(alpha, self.config.gamma),
             "charts/samples_seen": float(self.samples_seen),

@@ -253,7 +253,7 @@ class SpeculativeSampler:
     def __init__(self, target, draft, batch: int, max_len: int, k: int = 1, draft_len: int = 4,
                  params: SamplingParams = SamplingParams(), cuda_graph: bool = True,
                  dtype=None, generator: torch.Generator | None = None,
-                 check_every: int = 8):
+                 check_every: int = 1):
         from srl.policies.lm import KVCache
 
         if k < 1 or draft_len < 1:
@@ -269,8 +269,11 @@ class SpeculativeSampler:
                                         dtype or next(draft.parameters()).dtype)
         self.state = GenState.allocate(batch, max_len, dev)
         self.stats = torch.zeros(3, dtype=torch.long, device=dev)
-        self.state.reset(torch.zeros(batch, 2, dtype=torch.long, device=dev), 1)
-        with torch.inference_mode():
+        dummy = torch.zeros(batch, 2, dtype=torch.long, device=dev)
+        self.state.reset(dummy, 1)
+        with torch.inference_mode():  # capture from a valid state (lens >= 1)
+            prefill(self.target, self.tcache, dummy)
+            prefill(self.draft, self.dcache, dummy)
             self._step = GraphedStep(self._iteration, enabled=cuda_graph)
 
     def _iteration(self) -> None:
@@ -293,10 +296,12 @@ class SpeculativeSampler:
         prefill(self.target, self.tcache, prompt)
         prefill(self.draft, self.dcache, prompt)
         iters = 0
+        earliest = max_new_tokens // (self.L + 1)  # no row can finish sooner
         while iters < max_new_tokens:  # every iteration emits >= 1 token per active row
             self._step()
             iters += 1
-            if iters % self.check_every == 0 and bool((self.tcache.lens + 1 >= self.state.end).all()):
+            if (iters >= earliest and iters % self.check_every == 0
+                    and bool((self.tcache.lens + 1 >= self.state.end).all())):
                 break
         out = Rollout(self.state.tokens[:, T0:T0 + max_new_tokens].clone(),
                       self.state.logp[:, T0:T0 + max_new_tokens].clone())

@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -71,7 +72,9 @@ class Controller:
     # ------------------------------------------------------------------ public
     def run(self) -> RunResult:
         self._prepare()
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {}
+        if threading.current_thread() is threading.main_thread():
+            old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._launch()
             reason = self._loop()
@@ -80,6 +83,7 @@ class Controller:
             for s, h in old.items():
                 signal.signal(s, h)
             self.log.close()
+            self.episodes_fh.close()
             self.control.close()
             self.stats.close()
 
@@ -112,6 +116,7 @@ class Controller:
         self.trainer_stats: dict = {}
         self.dropped_frames = 0
         self.log = RunLog(self.run_dir, cfg.log.tensorboard, cfg.log.console)
+        self.episodes_fh = open(os.path.join(self.run_dir, "episodes.jsonl"), "a", encoding="utf-8")
 
     def _spec(self, kind: str, index: int) -> WorkerSpec:
         return WorkerSpec(kind=kind, index=index, config=self.cfg, run_dir=self.run_dir,
@@ -189,6 +194,8 @@ class Controller:
         self.worker_stats[name] = meta
         self.counters["env_steps"] += int(meta.get("env_steps", 0) or 0)
         returns = meta.get("episode_returns") or []
+        if returns:
+            self._log_episodes(name, returns, meta.get("episode_lengths") or [])
         self.returns.extend(returns)
         self.window_returns.extend(returns)
         self.window_lengths.extend(meta.get("episode_lengths") or [])
@@ -197,6 +204,15 @@ class Controller:
             self.trainer_stats.update({k: v for k, v in meta.items() if "/" in k or k == "version"})
             if meta.get("event") == "checkpoint":
                 self.last_checkpoint = meta.get("path")
+
+    def _log_episodes(self, worker: str, returns: list, lengths: list) -> None:
+        for r, n in zip(returns, lengths):
+            self.episodes_fh.write(f'{{"worker": "{worker}", "return": {float(r)!r}, "length": {int(n)}, '
+                                   f'"env_steps": {self.counters["env_steps"]}}}\n')
+
+    def request_stop(self) -> None:
+        """Stop the run from another thread, as SIGINT would."""
+        self._signal = signal.SIGINT
 
     def _counters(self) -> dict:
         return {"env_steps": self.counters["env_steps"], "episodes": self.counters["episodes"],
