@@ -132,9 +132,15 @@ class ActorsConfig:
     max_ahead: int = 1
     """Inline policy: trajectories an actor may push beyond its share of a batch before it waits
     for newer weights. Bounds the policy lag; 0 makes collection and learning alternate."""
+    num_cpus: float = 1.0
+    """Ray: CPUs each actor worker reserves (placement only; Ray does not pin cores)."""
+    resources: dict = field(default_factory=dict)
+    """Ray: custom resources each actor worker reserves, e.g. ``{cpu_node: 1}`` to keep actors on
+    nodes started with ``--resources '{"cpu_node": 64}'``."""
 
     def validate(self) -> None:
         _at_least("workers.actors.count", self.count, 1)
+        _check_ray_request("workers.actors", self.num_cpus, 0.0, self.resources)
         _at_least("workers.actors.max_ahead", self.max_ahead, 0)
         _at_least("workers.actors.envs_per_actor", self.envs_per_actor, 1)
         _at_least("workers.actors.ring", self.ring, 1)
@@ -153,9 +159,17 @@ class PoliciesConfig:
     device: str = "cpu"
     max_batch: int = 4096
     """Upper bound on observations in one forward pass."""
+    num_cpus: float = 1.0
+    """Ray: CPUs each policy worker reserves."""
+    num_gpus: float = 0.0
+    """Ray: GPUs each policy worker reserves; fractions share one GPU (0.25: four per GPU).
+    Needs ``device: cuda`` to be used."""
+    resources: dict = field(default_factory=dict)
+    """Ray: custom resources each policy worker reserves, e.g. ``{gpu_node: 1}``."""
 
     def validate(self) -> None:
         _at_least("workers.policies.count", self.count, 0)
+        _check_ray_request("workers.policies", self.num_cpus, self.num_gpus, self.resources)
         _at_least("workers.policies.max_batch", self.max_batch, 1)
         _check_device("workers.policies.device", self.device)
 
@@ -166,8 +180,15 @@ class TrainersConfig:
     device: str = "cpu"
     torch_threads: int = 1
     """Intra-op threads for the trainer's torch."""
+    num_cpus: float = 1.0
+    """Ray: CPUs the trainer reserves."""
+    num_gpus: float = 0.0
+    """Ray: GPUs the trainer reserves (whole GPUs: 1 for ``device: cuda``)."""
+    resources: dict = field(default_factory=dict)
+    """Ray: custom resources the trainer reserves, e.g. ``{gpu_node: 1}``."""
 
     def validate(self) -> None:
+        _check_ray_request("workers.trainers", self.num_cpus, self.num_gpus, self.resources)
         if self.count != 1:
             raise ConfigError("workers.trainers.count", f"only 1 trainer per policy is supported for now, got {self.count}")
         _check_device("workers.trainers.device", self.device)
@@ -186,6 +207,8 @@ class WorkersConfig:
     heartbeat_timeout_s: float = 30.0
     """A worker silent for this long is treated as dead and restarted."""
     max_restarts: int = 10
+    """Restarts of dead or silent workers the controller may make in one run (all workers
+    together, local and Ray alike); one more failure ends the run with an error."""
     start_method: str = "fork"
     """How the local scheduler starts worker processes: ``fork`` (fast) or ``spawn``."""
 
@@ -244,9 +267,10 @@ class CheckpointConfig:
 @dataclass
 class NetworkConfig:
     host: str = "127.0.0.1"
-    """Address sockets bind to; loopback unless you mean it."""
+    """Address sockets bind to; loopback unless you mean it. Ray runs ignore it: each worker
+    binds to its node's address as Ray knows it, and the controller to the driver's."""
     hmac: bool = False
-    """Sign every frame with a per-run secret (always on for cluster runs)."""
+    """Sign every frame with a per-run secret (always on for Ray runs, whatever this says)."""
 
 
 @dataclass
@@ -254,11 +278,17 @@ class ClusterConfig:
     backend: str = "local"
     """``local`` (processes on this host) or ``ray``."""
     address: Optional[str] = None
-    """Ray address (``auto`` to join a running cluster)."""
+    """Ray address: ``auto`` joins the cluster this machine belongs to, ``ray://host:10001`` a
+    remote one; null joins the cluster of ``RAY_ADDRESS`` (a ``ray job``) or starts one here."""
+    spread: bool = True
+    """Ray: place actor and policy workers with the SPREAD strategy, across nodes. False packs
+    them with Ray's default policy. The trainer always uses the default policy."""
 
     def validate(self) -> None:
         if self.backend not in ("local", "ray"):
             raise ConfigError("cluster.backend", f"must be local or ray, got {self.backend!r}")
+        if self.address is not None and not self.address.strip():
+            raise ConfigError("cluster.address", "must be null, auto or a Ray address, got an empty string")
 
 
 @dataclass
@@ -303,6 +333,20 @@ def _in_range(name: str, value: float, low: float, high: float, low_open: bool =
     if bad or value > high:
         lo = "(" if low_open else "["
         raise ConfigError(name, f"must be in {lo}{low}, {high}], got {value}")
+
+
+def _check_ray_request(section: str, num_cpus: float, num_gpus: float, resources: dict) -> None:
+    """Resource requests of one worker role, checked the way Ray would refuse them."""
+    _in_range(f"{section}.num_cpus", num_cpus, 0.0, 1024.0)
+    _in_range(f"{section}.num_gpus", num_gpus, 0.0, 64.0)
+    if num_gpus > 1 and not float(num_gpus).is_integer():
+        raise ConfigError(f"{section}.num_gpus", f"must be a whole number above 1 (Ray's rule), got {num_gpus}")
+    for name, amount in resources.items():
+        path = f"{section}.resources.{name}"
+        if not isinstance(name, str) or not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(path, "must be a custom resource name (CPU and GPU have their own fields)")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(path, f"must be a positive number, got {amount!r}")
 
 
 def _check_device(name: str, device: str) -> None:
