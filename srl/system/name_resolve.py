@@ -79,3 +79,47 @@ class FileResolver:
         flat = prefix.replace("/", "__")
         return sorted(n.replace("__", "/") for n in os.listdir(self.root)
                       if n.startswith(flat) and not n.endswith(".tmp"))
+
+
+class RayResolver:
+    """Ray's KV store (kept by the GCS on the head node), one namespace per run.
+
+    Every process of a Ray cluster reaches the same store, so an address published on one node
+    is found on all others. Needs a connected Ray (a Ray actor, or a driver after ``ray.init``).
+    """
+
+    def __init__(self, namespace: str) -> None:
+        from ray.experimental import internal_kv
+
+        if not internal_kv._internal_kv_initialized():
+            raise RuntimeError("RayResolver needs a connected Ray (call ray.init first)")
+        self._kv = internal_kv
+        self.namespace = namespace
+
+    def put(self, key: str, value: str) -> None:
+        self._kv._internal_kv_put(key, value, overwrite=True, namespace=self.namespace)
+
+    def get(self, key: str) -> str | None:
+        value = self._kv._internal_kv_get(key, namespace=self.namespace)
+        return None if value is None else value.decode()
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(k.decode() for k in self._kv._internal_kv_list(prefix, namespace=self.namespace))
+
+    def clear(self) -> None:
+        """Forget every key of this run (the controller calls it when the run ends)."""
+        self._kv._internal_kv_del("", del_by_prefix=True, namespace=self.namespace)
+
+
+def ray_namespace(run_dir: str) -> str:
+    """The KV namespace of a run: its absolute run directory, so a resumed run finds its names."""
+    return "srl:" + os.path.abspath(run_dir)
+
+
+def make_resolver(kind: str, run_dir: str, names_dir: str = "") -> NameResolver:
+    """The address book a worker spec asks for: ``file`` (a folder) or ``ray`` (Ray's KV store)."""
+    if kind == "file":
+        return FileResolver(names_dir or os.path.join(run_dir, ".names"))
+    if kind == "ray":
+        return RayResolver(ray_namespace(run_dir))
+    raise ValueError(f"resolver must be 'file' or 'ray', got {kind!r}")

@@ -16,7 +16,7 @@ import zmq
 
 from srl.config import ExperimentConfig
 from srl.streams.base import Endpoint, context
-from srl.system.name_resolve import FileResolver, NameResolver
+from srl.system.name_resolve import NameResolver, make_resolver
 
 
 @dataclass
@@ -31,13 +31,16 @@ class WorkerSpec:
     stats_address: str
     space: dict
     """:class:`srl.envs.vector.SpaceInfo` as a dict."""
-    hmac_key: bytes | None = None
+    hmac_key: bytes | None = field(default=None, repr=False)
+    """The run's stream secret; kept out of ``repr`` so it never reaches a log line."""
     incarnation: int = 0
     """How many times this worker was restarted before."""
     resume: bool = False
     names_dir: str = ""
     host: str = "127.0.0.1"
     """Address this worker's sockets bind to."""
+    resolver: str = "file"
+    """Address book: ``file`` (``names_dir``) or ``ray`` (Ray's KV store, one namespace per run)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -61,7 +64,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec, resolver: NameResolver | None = None):
         self.spec = spec
         self.cfg = spec.config
-        self.resolver = resolver or FileResolver(spec.names_dir or os.path.join(spec.run_dir, ".names"))
+        self.resolver = resolver or make_resolver(spec.resolver, spec.run_dir, spec.names_dir)
         self.key = spec.hmac_key
         self._stopping = False
         self._paused = False
