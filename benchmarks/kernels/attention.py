@@ -7,10 +7,12 @@ the FlashAttention papers: forward 4*B*H*N^2*D (half when causal); backward
 2.5x forward (two forward-sized matmul pairs plus recomputing P), so
 forward+backward is 3.5x.
 
-Decode grid: one query row (B, H=16, 1, D=128) against KV caches of 1k..128k
-keys, batch 1..64; srl's split-KV kernel against SDPA (default dispatch and each
-backend that accepts the shape); points whose cache exceeds --max-kv-gib are
-skipped.
+Decode grid: one query row (B, H, 1, D=128) against KV caches (B, H_kv, KV, 128)
+of 1k..128k keys, batch 1..64, for MHA (H = H_kv = 16) and GQA (H = 32, H_kv = 8);
+srl's split-KV kernel against SDPA (default dispatch and each backend that
+accepts the shape), timed eagerly and as CUDA-graph replays (device time only:
+what a decode loop captured in a graph pays). Points whose cache exceeds
+--max-kv-gib are skipped.
 
 Times are medians of ``triton.testing.do_bench``. Prints tables and writes JSON.
 
@@ -99,32 +101,50 @@ def bench_training_point(n, d, causal, dtype=torch.bfloat16):
     return row
 
 
-def bench_decode_point(batch, n_k, h=16, d=128, dtype=torch.bfloat16):
+def _graph_us(fn):
+    """Device time of fn replayed from a CUDA graph (what a decode loop under graphs pays)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+
+
+def bench_decode_point(batch, n_k, h=16, h_kv=16, d=128, dtype=torch.bfloat16):
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + n_k)
     q = torch.randn(batch, h, 1, d, device="cuda", dtype=dtype, generator=gen)
-    k = torch.randn(batch, h, n_k, d, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(batch, h, n_k, d, device="cuda", dtype=dtype, generator=gen)
-    row = {"B": batch, "H": h, "D": d, "KV": n_k}
+    k = torch.randn(batch, h_kv, n_k, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(batch, h_kv, n_k, d, device="cuda", dtype=dtype, generator=gen)
+    gqa = h != h_kv
+    row = {"B": batch, "H": h, "H_kv": h_kv, "D": d, "KV": n_k}
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+    def ours():
+        return flash_decode(q, k, v)
+
     with torch.no_grad():
-        ours = flash_decode(q, k, v)
-        row["srl_us"] = _median_ms(lambda: flash_decode(q, k, v)) * 1e3
-        ref = F.scaled_dot_product_attention(q, k, v)
-        row["err_vs_sdpa"] = _rel_err(ours, ref)
-        row["sdpa_default_us"] = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e3
+        row["err_vs_sdpa"] = _rel_err(ours(), sdpa())
+        row["srl_us"] = _median_ms(ours) * 1e3
+        row["srl_graph_us"] = _graph_us(ours)
+        row["sdpa_default_us"] = _median_ms(sdpa) * 1e3
+        row["sdpa_default_graph_us"] = _graph_us(sdpa)
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-            fn = _sdpa(backend)
+            def one(backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             try:
-                fn(q, k, v, False)
-                row[f"sdpa_{name}_us"] = _median_ms(lambda: fn(q, k, v, False)) * 1e3
+                one()
+                row[f"sdpa_{name}_us"] = _median_ms(one) * 1e3
+                row[f"sdpa_{name}_graph_us"] = _graph_us(one)
             except RuntimeError:
                 pass
-    sdpa = [row[c] for c in row if c.startswith("sdpa_") and c.endswith("_us")]
-    row["sdpa_best_us"] = min(sdpa)
-    row["speedup_vs_sdpa_default"] = row["sdpa_default_us"] / row["srl_us"]
-    row["speedup_vs_sdpa_best"] = row["sdpa_best_us"] / row["srl_us"]
-    # memory traffic floor: K and V read once
-    row["srl_gbps"] = 2 * k.numel() * k.element_size() / (row["srl_us"] * 1e-6) * 1e-9
+    for mode in ("", "_graph"):
+        sdpa_t = [row[c] for c in row if c.startswith("sdpa_") and c.endswith(f"{mode}_us")
+                  and (mode or not c.endswith("_graph_us"))]
+        row[f"sdpa_best{mode}_us"] = min(sdpa_t)
+        row[f"speedup{mode}_vs_sdpa_default"] = row[f"sdpa_default{mode}_us"] / row[f"srl{mode}_us"]
+        row[f"speedup{mode}_vs_sdpa_best"] = row[f"sdpa_best{mode}_us"] / row[f"srl{mode}_us"]
+    # K and V read once: the memory floor
+    row["srl_graph_gbps"] = 2 * k.numel() * k.element_size() / (row["srl_graph_us"] * 1e-6) * 1e-9
     del q, k, v
     torch.cuda.empty_cache()
     return row
@@ -150,12 +170,64 @@ def print_training(rows):
 
 
 def print_decode(rows):
-    print("\nDecode latency (us), bf16, q (B, 16, 1, 128), KV cache (B, 16, KV, 128)")
-    print(f"{'B':>3} {'KV':>7} | {'srl':>8} {'sdpa':>8} {'best':>8} {'x sdpa':>7} {'x best':>7} {'GB/s':>6}")
+    print("\nDecode latency (us), bf16, q (B, H, 1, 128) against a KV cache (B, H_kv, KV, 128);"
+          " eager and CUDA-graph replay; x = SDPA time / srl time")
+    print(f"{'H/Hkv':>6} {'B':>3} {'KV':>7} | {'srl':>7} {'sdpa':>7} {'best':>7} {'x sdpa':>6} {'x best':>6} |"
+          f" {'srl':>7} {'sdpa':>7} {'best':>7} {'x sdpa':>6} {'x best':>6} {'GB/s':>5}")
     for r in rows:
-        print(f"{r['B']:>3} {r['KV']:>7} | {r['srl_us']:>8.1f} {r['sdpa_default_us']:>8.1f} "
-              f"{r['sdpa_best_us']:>8.1f} {r['speedup_vs_sdpa_default']:>7.2f} "
-              f"{r['speedup_vs_sdpa_best']:>7.2f} {r['srl_gbps']:>6.0f}")
+        print(f"{r['H']:>3}/{r['H_kv']:<2} {r['B']:>3} {r['KV']:>7} | {r['srl_us']:>7.1f} {r['sdpa_default_us']:>7.1f}"
+              f" {r['sdpa_best_us']:>7.1f} {r['speedup_vs_sdpa_default']:>6.2f} {r['speedup_vs_sdpa_best']:>6.2f} |"
+              f" {r['srl_graph_us']:>7.1f} {r['sdpa_default_graph_us']:>7.1f} {r['sdpa_best_graph_us']:>7.1f}"
+              f" {r['speedup_graph_vs_sdpa_default']:>6.2f} {r['speedup_graph_vs_sdpa_best']:>6.2f}"
+              f" {r['srl_graph_gbps']:>5.0f}")
+
+
+SWEEP_TILES = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
+            (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 3), (128, 128, 16, 2)],
+    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+             (64, 128, 4, 3), (128, 128, 8, 2), (32, 128, 8, 3)],
+    "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+           (64, 128, 8, 3), (64, 32, 4, 3)],
+}
+
+
+def sweep_point(n, d, causal, dtype=torch.bfloat16):
+    """Time each candidate tile of each kernel (the others at their table values)."""
+    import srl.kernels.flash_attention as fa
+
+    tables = {"fwd": fa._FWD_TILES, "dkdv": fa._DKDV_TILES, "dq": fa._DQ_TILES}
+    b, h = TOKENS // n, HIDDEN // d
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
+    do = torch.randn_like(q)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = {}
+    for kernel, cands in SWEEP_TILES.items():
+        table = tables[kernel]
+        keep = dict(table[d])
+        results = []
+        for bm, bn, w, st in cands:
+            table[d] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            try:
+                if kernel == "fwd":
+                    with torch.no_grad():
+                        err = _rel_err(flash_attention(q, k, v, causal=causal), ref)
+                    t = _median_ms(lambda: flash_attention(q, k, v, causal=causal))
+                else:
+                    flash_attention(q, k, v, causal=causal).backward(do)
+                    err = 0.0
+                    t = _median_ms(lambda: flash_attention(q, k, v, causal=causal).backward(do),
+                                   grad_to_none=[q, k, v])
+            except Exception as e:  # out of resources, compile failure
+                print(f"  {kernel} {(bm, bn, w, st)} failed: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            results.append(((bm, bn, w, st), t, err))
+        table[d] = keep
+        results.sort(key=lambda r: r[1])
+        out[kernel] = [{"tiles": r[0], "ms": r[1], "err": r[2]} for r in results]
+        print(f"sweep D={d} N={n} causal={causal} {kernel}: " +
+              ", ".join(f"{r[0]}={r[1]:.3f}ms" for r in results[:4]), flush=True)
+    return {"N": n, "D": d, "causal": causal, "results": out}
 
 
 def main(argv=None):
@@ -165,15 +237,25 @@ def main(argv=None):
     ap.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--kv", type=int, nargs="*", default=[1024, 4096, 16384, 65536, 131072])
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 4, 16, 64])
-    ap.add_argument("--max-kv-gib", type=float, default=20.0)
+    ap.add_argument("--max-kv-gib", type=float, default=24.0)
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="D:N:causal",
+                    help="time candidate tiles at these points (e.g. 128:4096:1) instead of the grid")
     args = ap.parse_args(argv)
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "dtype": "bfloat16", "timer": "triton.testing.do_bench median"}
     print(meta)
     training, decode, skipped = [], [], []
+    if args.sweep:
+        sweeps = []
+        for spec in args.sweep:
+            d, n, causal = (int(x) for x in spec.split(":"))
+            sweeps.append(sweep_point(n, d, bool(causal)))
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "sweep": sweeps}, f, indent=1)
+        return
 
     def save():  # after every point, so a run cut short still leaves its numbers
         with open(args.json, "w") as f:
@@ -189,17 +271,18 @@ def main(argv=None):
                     save()
         print_training(training)
     if not args.skip_decode:
-        for n_k in args.kv:
-            for b in args.batch:
-                gib = 2 * b * 16 * n_k * 128 * 2 / 2**30
-                if gib > args.max_kv_gib:
-                    skipped.append({"B": b, "KV": n_k, "kv_gib": gib})
-                    continue
-                decode.append(bench_decode_point(b, n_k))
-                save()
+        for h, h_kv in ((16, 16), (32, 8)):
+            for n_k in args.kv:
+                for b in args.batch:
+                    gib = 2 * b * h_kv * n_k * 128 * 2 / 2**30
+                    if gib > args.max_kv_gib:
+                        skipped.append({"B": b, "H": h, "H_kv": h_kv, "KV": n_k, "kv_gib": gib})
+                        continue
+                    decode.append(bench_decode_point(b, n_k, h=h, h_kv=h_kv))
+                    save()
         print_decode(decode)
         if skipped:
-            print("skipped (cache over --max-kv-gib):", [(s["B"], s["KV"]) for s in skipped])
+            print("skipped (cache over --max-kv-gib):", [(s["H"], s["H_kv"], s["B"], s["KV"]) for s in skipped])
     save()
 
 

@@ -11,6 +11,8 @@ partial output and its base-2 logsumexp; a second kernel merges the splits:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -138,12 +140,16 @@ def _decode_combine(O_PART, LSE_PART, O, stride_ob, stride_oh, stride_on,
     tl.store(O + off_b * stride_ob + off_h * stride_oh + pos * stride_on + offs_d, out.to(O.dtype.element_ty))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(programs, n_k, device):
     """Enough splits to give the GPU about four programs per SM, each >= 256 keys."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 2
+    sms = _sm_count(device)
     want = triton.cdiv(4 * sms, programs)
     return max(1, min(want, triton.cdiv(n_k, 256), 256))
 

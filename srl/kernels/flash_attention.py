@@ -170,19 +170,21 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N); logits in base 2 are qk * qk_scale
         if MASKED:
             visible = cols[None, :] < n_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(visible, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with no visible key so far keeps m = -inf: shift by 0 instead
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_shift[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # scale after the row max (qk_scale > 0), so scale and shift fuse into one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_shift = m_new
-        p = tl.exp2(s - m_shift[:, None])
+            p = tl.exp2(qk * qk_scale - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -490,12 +492,13 @@ def _tiles(block_m, block_n, warps, stages):
 
 # Tiles per head dim (H100, triton 3.6; picked from SRL_FLASH_AUTOTUNE=1 runs of
 # benchmarks/kernels/attention.py). The interpreter uses one small tile.
-_FWD_TILES = {16: _tiles(128, 64, 4, 3), 32: _tiles(128, 64, 4, 3), 64: _tiles(128, 64, 4, 4),
+_FWD_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
               128: _tiles(128, 64, 8, 3), 256: _tiles(64, 64, 4, 2)}
-_DKDV_TILES = {16: _tiles(64, 128, 8, 2), 32: _tiles(64, 128, 8, 2), 64: _tiles(64, 128, 8, 2),
-               128: _tiles(64, 128, 8, 2), 256: _tiles(32, 64, 4, 2)}
-_DQ_TILES = {16: _tiles(128, 64, 8, 2), 32: _tiles(128, 64, 8, 2), 64: _tiles(128, 64, 8, 2),
-             128: _tiles(128, 64, 8, 2), 256: _tiles(64, 32, 4, 2)}
+# backward: dK/dV programs own BLOCK_N keys and step over BLOCK_M queries; dQ the reverse
+_DKDV_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
+               128: _tiles(64, 128, 8, 3), 256: _tiles(32, 64, 4, 2)}
+_DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
+             128: _tiles(128, 64, 8, 3), 256: _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 
 
