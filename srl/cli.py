@@ -50,18 +50,25 @@ def _run(args) -> int:
         path = os.path.join(args.resume, "config.yaml")
         if not os.path.isdir(args.resume) or not os.path.exists(path):
             raise ConfigError("", "not a run directory (no config.yaml inside)", args.resume)
-        cfg = load_experiment(path, overrides)
+        cfg = _with_ray(load_experiment(path, overrides), args.ray)
         exp = Experiment(cfg, run_dir=args.resume, resume=True)
     else:
         if not args.config:
             raise ConfigError("", "srl run needs an experiment file (or --resume RUN_DIR)")
-        cfg = load_experiment(args.config, overrides)
+        cfg = _with_ray(load_experiment(args.config, overrides), args.ray)
         exp = Experiment(cfg, run_dir=args.run_dir)
-    if args.ray:
-        cfg.cluster.backend, cfg.cluster.address = "ray", args.ray
     result = exp.run()
     print(result.final_line(), flush=True)
     return 0
+
+
+def _with_ray(cfg, address: str | None):
+    """``--ray [ADDRESS]`` wins over the file's ``cluster`` section; set before the run starts so
+    the run directory's config.yaml records the backend that ran."""
+    if address:
+        cfg.cluster.backend, cfg.cluster.address = "ray", address
+        cfg.cluster.validate()
+    return cfg
 
 
 def _eval(args) -> int:

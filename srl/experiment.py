@@ -30,6 +30,10 @@ class Experiment:
 
             scheduler = RayScheduler(self.config)
             controller = Controller(self.config, self.run_dir, scheduler=scheduler, resume=self.resume)
+            try:
+                return controller.run()
+            finally:
+                scheduler.shutdown()
         elif backend == "local":
             controller = Controller(self.config, self.run_dir, resume=self.resume)
         else:

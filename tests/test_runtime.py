@@ -46,6 +46,23 @@ def test_cartpole_return_clearly_improves(tmp_path):
     for key in ("env_steps", "wall_s", "mean_return", "charts/SPS", "losses/policy_loss"):
         assert key in rows[-1]
     assert os.path.exists(os.path.join(result.run_dir, "checkpoints", "latest"))
+    _check_eval(result.run_dir, tmp_path)
+
+
+def _check_eval(run_dir, tmp_path):
+    from srl.cli import main
+
+    video = str(tmp_path / "episode.gif")
+    assert main(["eval", run_dir, "--episodes", "2", "--video", video]) == 0
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(video, memtest=False)
+    assert len(frames) > 10 and frames[0].ndim == 3
+    from srl.workers.eval import evaluate
+
+    report = evaluate(run_dir, episodes=3)
+    assert len(report.returns) == 3 and report.version >= 1
+    assert report.lengths == [int(r) for r in report.returns]  # CartPole pays 1 per step
 
 
 def test_remote_policy_workers_with_env_ring(tmp_path):

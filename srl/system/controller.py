@@ -22,9 +22,15 @@ from srl.envs.vector import make_vector_env, space_info
 from srl.streams.base import Endpoint, bind_random, context
 from srl.system.checkpoint import load_latest
 from srl.system.metrics import RunLog, process_start_time
+from srl.system.name_resolve import make_resolver
 from srl.system.worker import WorkerSpec
 
 RETURN_WINDOW = 20
+# The addresses each server kind publishes; if a restart moves them (a Ray worker rescheduled on
+# another node), the workers that connected to the old ones are restarted too.
+SERVED = {"trainer": lambda i: ["trainer/0/samples", "trainer/0/params"],
+          "policy": lambda i: [f"policy/{i}/inference"]}
+CLIENTS = {"trainer": ("policy", "actor"), "policy": ("actor",)}
 
 
 @dataclass
@@ -62,7 +68,12 @@ class Controller:
         self.scheduler = scheduler or LocalScheduler(cfg.workers.start_method)
         self.resume = resume
         self.launch_time = launch_time or process_start_time()
-        self.key = hmac_key if hmac_key is not None else (secrets.token_bytes(32) if cfg.network.hmac else None)
+        # A scheduler that crosses machines (Ray) asks for authenticated streams whatever the config says.
+        auth = cfg.network.hmac or getattr(self.scheduler, "authenticated", False)
+        self.key = hmac_key if hmac_key is not None else (secrets.token_bytes(32) if auth else None)
+        self.host = getattr(self.scheduler, "host", None) or cfg.network.host
+        """Where the controller's own sockets bind: the scheduler's choice (a Ray node's address)."""
+        self._moved: dict[str, dict] = {}
         self._signal: int | None = None
         self.restarts = 0
         self.specs: dict[str, WorkerSpec] = {}
@@ -96,14 +107,15 @@ class Controller:
         self.names_dir = os.path.join(self.run_dir, ".names")
         shutil.rmtree(self.names_dir, ignore_errors=True)
         os.makedirs(self.names_dir)
+        self.names = make_resolver(getattr(self.scheduler, "resolver", "file"), self.run_dir, self.names_dir)
         env = make_vector_env(cfg.env, 1, seed=cfg.seed)
         self.space = space_info(env.single_observation_space, env.single_action_space, cfg.env.id).to_dict()
         env.close()
         ctx = context()
         self.control = Endpoint(ctx.socket(zmq.PUB), self.key)
-        self.control_address = bind_random(self.control.sock, cfg.network.host)
+        self.control_address = bind_random(self.control.sock, self.host)
         self.stats = Endpoint(ctx.socket(zmq.PULL), self.key)
-        self.stats_address = bind_random(self.stats.sock, cfg.network.host)
+        self.stats_address = bind_random(self.stats.sock, self.host)
         self.counters = {"env_steps": 0, "episodes": 0, "wall_s_before": 0.0}
         ckpt = load_latest(self.run_dir) if self.resume else None
         if ckpt is not None:
@@ -192,6 +204,8 @@ class Controller:
             return  # a message from a worker that has since been replaced
         self.last_seen[name] = time.monotonic()
         self.worker_stats[name] = meta
+        if name in self._moved:  # first word from a restarted server: its addresses are published
+            self._restart_clients_if_moved(name)
         self.counters["env_steps"] += int(meta.get("env_steps", 0) or 0)
         returns = meta.get("episode_returns") or []
         if returns:
@@ -243,7 +257,11 @@ class Controller:
     # ------------------------------------------------------------------ fault tolerance
     def _watch_workers(self, now: float) -> None:
         timeout = self.cfg.workers.heartbeat_timeout_s
+        pending = getattr(self.scheduler, "pending", lambda name: False)
         for name, spec in list(self.specs.items()):
+            if pending(name):  # still waiting for a node (Ray): not silent yet
+                self.last_seen[name] = now
+                continue
             dead = not self.scheduler.alive(name)
             silent = now - self.last_seen.get(name, now) > timeout
             if dead or silent:
@@ -256,7 +274,18 @@ class Controller:
         new = replace(spec, incarnation=spec.incarnation + 1)
         self.specs[name] = new
         self.last_seen[name] = time.monotonic()
+        if spec.kind in SERVED:
+            self._moved[name] = {k: self.names.get(k) for k in SERVED[spec.kind](spec.index)}
         self.scheduler.restart(name, new)
+
+    def _restart_clients_if_moved(self, name: str) -> None:
+        old = self._moved.pop(name)
+        if all(self.names.get(k) == v for k, v in old.items()):
+            return  # same addresses: connected peers reconnect on their own
+        kind = self.specs[name].kind
+        for other, spec in list(self.specs.items()):
+            if spec.kind in CLIENTS[kind]:
+                self._restart(other, spec, f"{name} moved")
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum

@@ -1,0 +1,205 @@
+"""Ray scheduler: every worker is a Ray actor with resource requests taken from the config.
+
+Ray places the workers (CPUs per actor worker, fractional GPUs per policy worker, GPUs per trainer,
+custom resources, SPREAD across nodes for actors and policy workers); ZMQ still carries all the
+traffic between them. The controller runs in the driver process and talks to the workers over
+its control and stats sockets, exactly as in local mode.
+
+Restarts are the controller's, not Ray's: each Ray actor is created with ``max_restarts=0``, and
+when one dies (killed process, lost node) the controller notices through :meth:`alive`, bumps the
+worker's incarnation and calls :meth:`restart`, which creates a fresh Ray actor wherever Ray finds
+room. Ray's own restarts would re-run the constructor with the original arguments, so a restarted
+trainer would not know to resume from its checkpoint, an actor would repeat its random seed, and
+the restart would not show in the run's ``restarts`` metric; ``workers.max_restarts`` bounds the
+controller's restarts instead.
+
+Streams are always authenticated on Ray: the controller draws a per-run secret and the worker
+specs carry it to the actors through Ray's own transport (never through the config file or logs).
+Workers find each other through :class:`srl.system.name_resolve.RayResolver` and bind their
+sockets to their node's address.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+from srl.config import ExperimentConfig
+from srl.errors import ConfigError
+from srl.system.name_resolve import RayResolver, ray_namespace
+from srl.system.worker import WorkerSpec
+
+ALIVE_CACHE_S = 0.2
+""":meth:`RayScheduler.alive` asks Ray about all workers at once, at most this often."""
+
+
+class _WorkerActor:
+    """The Ray actor around one srl worker. ``run`` blocks for the worker's whole life."""
+
+    def info(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+    def run(self, spec: WorkerSpec) -> int:
+        import ray
+
+        from srl.workers import WORKERS
+
+        spec = replace(spec, host=ray.util.get_node_ip_address(), resolver="ray")
+        WORKERS[spec.kind](spec).run()
+        return os.getpid()
+
+
+class RayScheduler:
+    """Starts srl workers as Ray actors; the controller's ``scheduler``.
+
+    Args:
+        config: the experiment; ``cluster.address`` picks the cluster and ``workers.*`` the
+            resource requests.
+
+    Raises:
+        ConfigError: a resource request that cannot work (a CUDA device without a GPU).
+        ImportError: Ray is not installed (``pip install 'srl[ray]'``).
+    """
+
+    authenticated = True
+    """Tells the controller to draw a per-run HMAC secret whatever ``network.hmac`` says."""
+    resolver = "ray"
+    """Name resolve through Ray's KV store."""
+
+    def __init__(self, config: ExperimentConfig):
+        import ray
+
+        _check_gpus(config)
+        self.cfg = config
+        self._ray = ray
+        self._connected_here = False
+        if not ray.is_initialized():
+            # address None: join RAY_ADDRESS (a `ray job`) if set, else start a one-machine cluster.
+            ray.init(address=config.cluster.address)
+            self._connected_here = True
+        self.host = ray.util.get_node_ip_address()
+        """The driver's routable address: the controller binds its sockets here."""
+        self._actor_cls = ray.remote(_WorkerActor)
+        self.actors: dict[str, Any] = {}
+        self.runs: dict[str, Any] = {}  # name -> ObjectRef of the blocking run() call
+        self.infos: dict[str, Any] = {}  # name -> ObjectRef of info(), ready once the process is up
+        self._info_cache: dict[str, dict] = {}
+        self._done: set[str] = set()
+        self._checked_at = 0.0
+        self._namespaces: set[str] = set()
+
+    # ------------------------------------------------------------------ scheduler API
+    def start(self, spec: WorkerSpec) -> None:
+        """Create the worker's Ray actor and start its loop; returns at once."""
+        actor = self._actor_cls.options(**self.actor_options(spec.kind, spec.name)).remote()
+        self.actors[spec.name] = actor
+        self.infos[spec.name] = actor.info.remote()
+        self.runs[spec.name] = actor.run.remote(replace(spec, run_dir=os.path.abspath(spec.run_dir)))
+        self._info_cache.pop(spec.name, None)
+        self._done.discard(spec.name)
+        self._namespaces.add(ray_namespace(spec.run_dir))
+
+    def actor_options(self, kind: str, name: str) -> dict:
+        """The ``.options()`` of one worker's Ray actor: resources, placement, no Ray restarts."""
+        w = self.cfg.workers
+        role = {"actor": w.actors, "policy": w.policies, "trainer": w.trainers}[kind]
+        opts = {"num_cpus": role.num_cpus, "num_gpus": getattr(role, "num_gpus", 0.0),
+                "resources": dict(role.resources), "max_restarts": 0}
+        if kind in ("actor", "policy") and self.cfg.cluster.spread:
+            opts["scheduling_strategy"] = "SPREAD"
+        return opts
+
+    def alive(self, name: str) -> bool:
+        """False once the worker's loop has returned or its process or node is gone."""
+        self._refresh()
+        return name not in self._done
+
+    def pending(self, name: str) -> bool:
+        """True while Ray has not started the worker's process yet (waiting for a node)."""
+        ref = self.infos.get(name)
+        if ref is None or name in self._info_cache:
+            return False
+        ready, _ = self._ray.wait([ref], timeout=0)
+        if not ready:
+            return True
+        try:
+            self._info_cache[name] = self._ray.get(ready[0])
+        except Exception:  # noqa: BLE001 - the actor died before it started: not pending, dead
+            self._info_cache[name] = {}
+        return False
+
+    def restart(self, name: str, spec: WorkerSpec) -> None:
+        self.kill(name)
+        self.start(spec)
+
+    def kill(self, name: str) -> None:
+        actor = self.actors.get(name)
+        if actor is not None:
+            self._ray.kill(actor, no_restart=True)
+        self._done.add(name)
+
+    def wait_all(self, timeout_s: float) -> list[str]:
+        """Wait for every worker's loop to return; kill those still running after ``timeout_s``.
+        Returns the killed. Every worker's Ray actor is released afterwards."""
+        refs = {ref: name for name, ref in self.runs.items() if name not in self._done}
+        ready, rest = self._ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        stragglers = [refs[r] for r in rest]
+        for name in list(self.actors):
+            self.kill(name)
+        return stragglers
+
+    def shutdown(self) -> None:
+        """Release every actor, forget the run's names, and disconnect from Ray if this
+        scheduler connected (a one-machine cluster it started stops with it)."""
+        for name in list(self.actors):
+            self.kill(name)
+        for ns in self._namespaces:
+            try:
+                RayResolver(ns).clear()
+            except Exception:  # noqa: BLE001 - Ray already gone
+                pass
+        if self._connected_here:
+            self._ray.shutdown()
+
+    # ------------------------------------------------------------------ introspection
+    def info(self, name: str, timeout_s: float = 60.0) -> dict:
+        """``{"pid", "node_id", "ip"}`` of the worker's current process."""
+        if name not in self._info_cache or not self._info_cache[name]:
+            self._info_cache[name] = self._ray.get(self.infos[name], timeout=timeout_s)
+        return self._info_cache[name]
+
+    def pid(self, name: str) -> int | None:
+        return self.info(name).get("pid")
+
+    def node_id(self, name: str) -> str | None:
+        return self.info(name).get("node_id")
+
+    def names(self) -> list[str]:
+        return list(self.actors)
+
+    # ------------------------------------------------------------------ internals
+    def _refresh(self) -> None:
+        """One ``ray.wait`` over every running worker: the finished ones (returned, crashed,
+        process killed, node lost) are marked done."""
+        now = time.monotonic()
+        if now - self._checked_at < ALIVE_CACHE_S:
+            return
+        self._checked_at = now
+        refs = {ref: name for name, ref in self.runs.items() if name not in self._done}
+        if not refs:
+            return
+        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in ready:
+            self._done.add(refs[ref])
+
+
+def _check_gpus(cfg: ExperimentConfig) -> None:
+    w = cfg.workers
+    for section, role in (("workers.policies", w.policies), ("workers.trainers", w.trainers)):
+        if role.device != "cpu" and role.num_gpus <= 0:
+            raise ConfigError(f"{section}.num_gpus", f"must be > 0 on Ray when {section}.device is "
+                              f"{role.device!r}: Ray hides GPUs from actors that do not reserve one")
