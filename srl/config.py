@@ -81,6 +81,8 @@ class AlgorithmConfig:
     batch_size: int = 2048
     """Env steps per training batch, counted as T x B slots of the trajectories gathered."""
     norm_adv: bool = True
+    norm_returns: bool = False
+    """Divide rewards by a running std of discounted returns (helps MuJoCo-scale rewards)."""
     max_policy_lag: int = 4
     """Trajectories produced by a policy more than this many versions old are dropped."""
 

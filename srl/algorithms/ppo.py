@@ -75,6 +75,7 @@ class PPOLearner:
         self.env_steps = 0
         self.updates = 0
         self.rng = torch.Generator().manual_seed(seed)
+        self.return_var = RunningVar()
 
     def _lr(self) -> float:
         if not self.opt_cfg.anneal_lr or not self.total_env_steps:
@@ -93,7 +94,10 @@ class PPOLearner:
             all_values = policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
         terminated, truncated = b["terminated"].float(), b["truncated"].float()
         done = torch.clamp(terminated + truncated, max=1.0)
-        adv, ret = gae(b["reward"].float(), all_values[:T], all_values[1:], terminated, done,
+        reward = b["reward"].float() * b["valid"].float()
+        if self.algo.norm_returns:
+            reward = reward / self.return_var.scale_for(reward, done, self.algo.gamma)
+        adv, ret = gae(reward, all_values[:T], all_values[1:], terminated, done,
                        self.algo.gamma, self.algo.gae_lambda)
         mask = b["valid"].reshape(-1).bool()
         flat = {
@@ -178,12 +182,44 @@ class PPOLearner:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "env_steps": self.env_steps, "updates": self.updates,
-                "rng": self.rng.get_state()}
+                "rng": self.rng.get_state(), "return_var": self.return_var.state()}
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
         self.rng.set_state(state["rng"])
+        if "return_var" in state:
+            self.return_var.load(state["return_var"])
+
+
+class RunningVar:
+    """Running variance of discounted returns, for reward scaling (as in PPO's reference code).
+
+    Returns are accumulated along each trajectory from zero, reset at episode ends."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def scale_for(self, reward: torch.Tensor, done: torch.Tensor, gamma: float) -> float:
+        ret = torch.zeros_like(reward[0])
+        seen = torch.empty_like(reward)
+        for t in range(reward.shape[0]):
+            ret = gamma * ret + reward[t]
+            seen[t] = ret
+            ret = ret * (1.0 - done[t])
+        x = seen.double().flatten()
+        b_mean, b_var, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + b_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+        return float(np.sqrt(self.var + 1e-8))
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
 
 
 def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -1,0 +1,76 @@
+"""Whole-system throughput: env steps/s of the full actor -> (policy) -> trainer loop.
+
+Runs the null environment (measures srl's own overhead) and CartPole while learning with the
+main job's PPO settings, over actors x envs per actor x inline / remote policy. Each point is a
+real ``srl`` run on this host; the rate is taken after a warm-up, from the run's metrics.
+
+    python benchmarks/throughput.py [--seconds 8] [--quick] [--out throughput.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import yaml
+
+from srl.config import experiment_from_dict
+from srl.system.controller import Controller
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"null": "configs/null_throughput.yaml", "cartpole": "configs/cartpole_ppo.yaml"}
+
+
+def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: float, warmup: float) -> dict:
+    data = yaml.safe_load(open(os.path.join(ROOT, CONFIGS[env])))
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"workers.actors.count={actors}", f"workers.actors.envs_per_actor={envs_per_actor}",
+            f"workers.actors.inline_policy={'true' if inline else 'false'}",
+            f"workers.actors.ring={1 if inline else 2}", "workers.policies.count=1",
+            f"stop.wall_s={seconds + warmup}", "stop.env_steps=null", "stop.mean_return=null",
+            f"log.dir={tmp}", "log.tensorboard=false", "log.console=false", "log.every_s=0.5",
+            "checkpoint.every_seconds=3600",
+        ]
+        cfg = experiment_from_dict(data, overrides)
+        t0 = time.time()
+        result = Controller(cfg, os.path.join(tmp, "run"), launch_time=t0).run()
+        rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
+    started = [r for r in rows if r["env_steps"] > 0]
+    steady = [r for r in started if r["wall_s"] >= started[0]["wall_s"] + warmup] if started else []
+    if len(steady) < 2:
+        sps = float("nan")
+    else:
+        sps = (steady[-1]["env_steps"] - steady[0]["env_steps"]) / (steady[-1]["wall_s"] - steady[0]["wall_s"])
+    return {"env": env, "actors": actors, "envs_per_actor": envs_per_actor, "policy": "inline" if inline else "remote",
+            "env_steps_per_s": sps, "env_steps": result.env_steps, "versions": rows[-1].get("version", 0),
+            "mean_return": result.mean_return}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--quick", action="store_true", help="a 4-point grid")
+    p.add_argument("--out", default="throughput.json")
+    args = p.parse_args()
+    grid = [(e, a, n, i) for e in ("null", "cartpole") for a in (1, 2) for n in (16, 64) for i in (True, False)]
+    if args.quick:
+        grid = [("null", 2, 64, False), ("null", 1, 64, True), ("cartpole", 1, 8, True), ("cartpole", 2, 64, False)]
+    results = []
+    print(f"{'env':9} {'actors':>6} {'envs':>5} {'policy':>7} {'env steps/s':>12} {'versions':>9}")
+    for env, actors, n, inline in grid:
+        r = measure(env, actors, n, inline, args.seconds, args.warmup)
+        results.append(r)
+        print(f"{env:9} {actors:>6} {n:>5} {r['policy']:>7} {r['env_steps_per_s']:>12,.0f} {r['versions']:>9}", flush=True)
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    with open(args.out, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
