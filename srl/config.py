@@ -54,9 +54,9 @@ class PolicyConfig:
     """Initial log standard deviation of a Gaussian head (continuous actions)."""
 
     def validate(self) -> None:
-        from srl.registry import POLICIES, check_name
+        from srl.registry import check_name, policy_names
 
-        check_name("policy.type", self.type, POLICIES)
+        check_name("policy.type", self.type, policy_names())
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("policy.hidden", f"must be a non-empty list of positive widths, got {self.hidden}")
         if self.activation not in ("tanh", "relu"):

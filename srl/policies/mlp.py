@@ -118,9 +118,10 @@ def _gaussian_logp(action: torch.Tensor, mean: torch.Tensor, log_std: torch.Tens
 
 
 def build_policy(info: SpaceInfo, cfg: PolicyConfig) -> ActorCritic:
-    if cfg.type == "mlp":
-        return ActorCritic(info, cfg)
-    raise ValueError(f"unknown policy type {cfg.type!r}")
+    """Build the policy named by ``cfg.type`` (built-in ``mlp`` or a registered class)."""
+    from srl.registry import policy_class
+
+    return policy_class(cfg.type)(info, cfg)
 
 
 def weights_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:

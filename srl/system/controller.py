@@ -18,6 +18,7 @@ import numpy as np
 import zmq
 
 from srl.config import ExperimentConfig, dump_yaml
+from srl.errors import SrlError
 from srl.envs.vector import make_vector_env, space_info
 from srl.streams.base import Endpoint, bind_random, context
 from srl.system.checkpoint import load_latest
@@ -79,6 +80,8 @@ class Controller:
         self.specs: dict[str, WorkerSpec] = {}
         self.last_seen: dict[str, float] = {}
         self.worker_stats: dict[str, dict] = {}
+        self.start_failures: dict[str, int] = {}
+        self.last_error: dict[str, str] = {}
 
     # ------------------------------------------------------------------ public
     def run(self) -> RunResult:
@@ -88,7 +91,11 @@ class Controller:
             old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._launch()
-            reason = self._loop()
+            try:
+                reason = self._loop()
+            except SrlError:
+                self._shutdown("error")  # stop and reap every worker before reporting
+                raise
             return self._shutdown(reason)
         finally:
             for s, h in old.items():
@@ -131,10 +138,12 @@ class Controller:
         self.episodes_fh = open(os.path.join(self.run_dir, "episodes.jsonl"), "a", encoding="utf-8")
 
     def _spec(self, kind: str, index: int) -> WorkerSpec:
+        from srl.registry import custom_components
+
         return WorkerSpec(kind=kind, index=index, config=self.cfg, run_dir=self.run_dir,
                           control_address=self.control_address, stats_address=self.stats_address,
                           space=self.space, hmac_key=self.key, resume=self.resume, names_dir=self.names_dir,
-                          host=self.cfg.network.host)
+                          host=self.cfg.network.host, extra={"components": custom_components()})
 
     def worker_plan(self) -> list[tuple[str, int]]:
         w = self.cfg.workers
@@ -204,6 +213,10 @@ class Controller:
             return  # a message from a worker that has since been replaced
         self.last_seen[name] = time.monotonic()
         self.worker_stats[name] = meta
+        if meta.get("event") == "ready":
+            self.start_failures[name] = 0
+        elif meta.get("event") == "error":
+            self.last_error[name] = str(meta.get("error", ""))
         if name in self._moved:  # first word from a restarted server: its addresses are published
             self._restart_clients_if_moved(name)
         self.counters["env_steps"] += int(meta.get("env_steps", 0) or 0)
@@ -268,8 +281,13 @@ class Controller:
                 self._restart(name, spec, "exited" if dead else "silent")
 
     def _restart(self, name: str, spec: WorkerSpec, why: str) -> None:
+        error = self.last_error.get(name) or f"exit code {self.scheduler.exitcode(name)}"
+        if name not in self.worker_stats or self.worker_stats[name].get("incarnation") != spec.incarnation:
+            self.start_failures[name] = self.start_failures.get(name, 0) + 1  # died before it said a word
+        if self.start_failures.get(name, 0) >= 3:
+            raise SrlError(f"worker {name} failed to start 3 times in a row (last: {error})")
         if self.restarts >= self.cfg.workers.max_restarts:
-            raise RuntimeError(f"worker {name} {why} and the restart budget ({self.restarts}) is spent")
+            raise SrlError(f"worker {name} {why} ({error}) and workers.max_restarts={self.restarts} is spent")
         self.restarts += 1
         new = replace(spec, incarnation=spec.incarnation + 1)
         self.specs[name] = new

@@ -118,6 +118,9 @@ class Worker:
             self._configure()
             self.send_stats({"event": "ready"})
             self._loop()
+        except Exception as exc:
+            self.send_stats({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+            raise
         finally:
             self.send_stats({"event": "exit", **self._collect_stats()})
             for ep in self._endpoints:
@@ -177,6 +180,8 @@ def run_worker(spec: WorkerSpec) -> None:
     """Process entry point used by the schedulers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the controller, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from srl.registry import install_components
     from srl.workers import WORKERS
 
+    install_components(spec.extra.get("components", {}))
     WORKERS[spec.kind](spec).run()
