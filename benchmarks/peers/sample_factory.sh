@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install Sample Factory 2.1.1 into its own virtual environment.
+# Sample Factory 2.1.1 predates numpy 2 and gymnasium 1.0, so both are capped.
+# Usage: bash benchmarks/peers/sample_factory.sh
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="$here/.venv-sample_factory"
+python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip
+# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+"$venv/bin/pip" install -q "torch==2.13.0"
+"$venv/bin/pip" install -q "sample-factory==2.1.1" "numpy<2" "gymnasium<1.0"
+"$venv/bin/python" -c "import importlib.metadata as m, sample_factory, gymnasium, torch, numpy; print('sample-factory', m.version('sample-factory'), 'gymnasium', gymnasium.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
