@@ -281,6 +281,7 @@ class Controller:
                 self._restart(name, spec, "exited" if dead else "silent")
 
     def _restart(self, name: str, spec: WorkerSpec, why: str) -> None:
+        self._drain_stats(timeout_ms=100)  # its last words may still be in flight
         error = self.last_error.get(name) or f"exit code {self.scheduler.exitcode(name)}"
         if name not in self.worker_stats or self.worker_stats[name].get("incarnation") != spec.incarnation:
             self.start_failures[name] = self.start_failures.get(name, 0) + 1  # died before it said a word
@@ -311,7 +312,7 @@ class Controller:
     # ------------------------------------------------------------------ stop
     def _shutdown(self, reason: str) -> RunResult:
         counters = self._counters()
-        deadline = time.monotonic() + 30.0
+        deadline = time.monotonic() + 15.0
         self.last_checkpoint = None
         while time.monotonic() < deadline:
             self.control.send("stop", None, {"counters": counters})  # repeated: PUB drops to late joiners

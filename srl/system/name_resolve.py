@@ -17,14 +17,21 @@ class NameResolver(Protocol):
     def keys(self, prefix: str) -> list[str]: ...
 
 
-def wait_for(resolver: NameResolver, key: str, timeout_s: float = 60.0) -> str:
-    """Block until ``key`` is published; TimeoutError names the key."""
+class Interrupted(Exception):
+    """A wait was abandoned because the worker was told to stop."""
+
+
+def wait_for(resolver: NameResolver, key: str, timeout_s: float = 300.0, should_stop=None) -> str:
+    """Block until ``key`` is published; TimeoutError names the key. ``should_stop`` is polled
+    so a worker waiting for a peer that never comes still obeys a stop command."""
     deadline = time.monotonic() + timeout_s
     delay = 0.005
     while True:
         value = resolver.get(key)
         if value is not None:
             return value
+        if should_stop is not None and should_stop():
+            raise Interrupted(key)
         if time.monotonic() > deadline:
             raise TimeoutError(f"nobody published {key!r} within {timeout_s:.0f} s")
         time.sleep(delay)

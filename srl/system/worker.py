@@ -16,7 +16,7 @@ import zmq
 
 from srl.config import ExperimentConfig
 from srl.streams.base import Endpoint, context
-from srl.system.name_resolve import NameResolver, make_resolver
+from srl.system.name_resolve import Interrupted, NameResolver, make_resolver
 
 
 @dataclass
@@ -118,6 +118,8 @@ class Worker:
             self._configure()
             self.send_stats({"event": "ready"})
             self._loop()
+        except Interrupted:
+            pass  # told to stop while waiting for a peer
         except Exception as exc:
             self.send_stats({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
             raise

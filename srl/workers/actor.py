@@ -90,7 +90,7 @@ class ActorWorker(Worker):
         self.groups = [EnvGroup(make_vector_env(cfg.env, per_group, seed + 7919 * g), self.info, a.rollout_len)
                        for g in range(n_groups)]
         names = self.resolver
-        self.samples = self.endpoint(SampleProducer([wait_for(names, "trainer/0/samples")], self.key))
+        self.samples = self.endpoint(SampleProducer([wait_for(names, "trainer/0/samples", should_stop=self.should_stop)], self.key))
         self.seq = 0
         self.episodes: tuple[list, list] = ([], [])
         self.env_steps = 0
@@ -102,10 +102,10 @@ class ActorWorker(Worker):
         self.pushed_on_version = 0
         if a.inline_policy:
             self.policy = build_policy(self.info, cfg.policy)
-            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params"), self.key))
+            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop), self.key))
             self._wait_weights(-1)
         else:
-            addrs = [wait_for(names, f"policy/{i}/inference") for i in range(cfg.workers.policies.count)]
+            addrs = [wait_for(names, f"policy/{i}/inference", should_stop=self.should_stop) for i in range(cfg.workers.policies.count)]
             self.client = self.endpoint(InferenceClient(addrs, self.key))
             self.next_req = 0
             self.by_req: dict[int, EnvGroup] = {}

@@ -21,7 +21,7 @@ class PolicyWorker(Worker):
         torch.set_num_threads(1)
         self.device = cfg.workers.policies.device
         self.policy = build_policy(SpaceInfo.from_dict(self.spec.space), cfg.policy).to(self.device)
-        self.params = self.endpoint(ParamClient(wait_for(self.resolver, "trainer/0/params"), self.key))
+        self.params = self.endpoint(ParamClient(wait_for(self.resolver, "trainer/0/params", should_stop=self.should_stop), self.key))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
         self.version = -1 if got is None else self._load(got)
         key = f"policy/{self.spec.index}/inference"
