@@ -102,7 +102,8 @@ class ActorWorker(Worker):
         self.pushed_on_version = 0
         if a.inline_policy:
             self.policy = build_policy(self.info, cfg.policy)
-            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop), self.key))
+            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop), self.key,
+                                                    interval_s=0.0))
             self._wait_weights(-1)
         else:
             addrs = [wait_for(names, f"policy/{i}/inference", should_stop=self.should_stop) for i in range(cfg.workers.policies.count)]
