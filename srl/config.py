@@ -46,8 +46,6 @@ class PolicyConfig:
     """Hidden layer widths of the actor and critic trunks."""
     activation: str = "tanh"
     """``tanh`` or ``relu``."""
-    shared_trunk: bool = False
-    """Share one trunk between actor and critic heads."""
     obs_norm: bool = False
     """Normalize observations with running mean / std kept by the trainer."""
     init_log_std: float = 0.0
@@ -296,7 +294,9 @@ class ClusterConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
+    """Run name; run directories are ``log.dir/name-DATE-TIME``."""
     seed: int = 1
+    """Seeds envs (offset per actor), torch and minibatch shuffling."""
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

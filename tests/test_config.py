@@ -108,3 +108,15 @@ def test_cross_field_check_names_both_fields(tmp_path, capsys):
     assert code == 2 and "workers.policies.count" in err[0] and "inline_policy" in err[0]
     code, err = _run_cli(capsys, _write(tmp_path, GOOD), "workers.actors.ring=3")
     assert code == 2 and "workers.actors.ring" in err[0] and "envs_per_actor" in err[0]
+
+
+def test_configuration_reference_is_up_to_date():
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("make_configuration", os.path.join(root, "docs", "make_configuration.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(os.path.join(root, "docs", "configuration.md")) as fh:
+        assert fh.read() == module.render(), "run: python docs/make_configuration.py > docs/configuration.md"
