@@ -77,12 +77,11 @@ class ActorCritic(nn.Module):
         return self.critic(self._features(obs)).squeeze(-1)
 
     # ------------------------------------------------------------------ acting
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: torch.Tensor, deterministic: bool = False):
-        """Sample actions; returns ``(action, logp, value)`` tensors."""
-        x = self._features(obs)
-        out = self.actor(x)
-        value = self.critic(x).squeeze(-1)
+        """Sample actions; returns ``(action, logp)``. No critic pass: the learner recomputes
+        values itself, and a tiny CPU policy's cost is the number of ops, not their size."""
+        out = self.actor(self._features(obs))
         if self.info.discrete:
             logp_all = torch.log_softmax(out, -1)
             if deterministic:
@@ -94,7 +93,7 @@ class ActorCritic(nn.Module):
             std = self.log_std.exp()
             action = out if deterministic else out + std * torch.randn_like(out)
             logp = _gaussian_logp(action, out, self.log_std)
-        return action, logp, value
+        return action, logp
 
     # ------------------------------------------------------------------ learning
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor):

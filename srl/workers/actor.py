@@ -142,7 +142,7 @@ class ActorWorker(Worker):
         group = self.groups[0]
         steps = 0
         for _ in range(group.T):
-            action, logp, _ = self.policy.act(torch.from_numpy(group.obs))
+            action, logp = self.policy.act(torch.from_numpy(group.obs))
             steps += self._advance(group, action.numpy(), logp.numpy(), self.version)
         return PollResult(samples=steps, batches=1)
 

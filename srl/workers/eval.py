@@ -52,7 +52,7 @@ def evaluate(run_dir: str, episodes: int = 10, video: str | None = None, determi
         while not done:
             if video is not None and ep == 0:
                 frames.append(env.render())
-            action, _, _ = policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=deterministic)
+            action, _ = policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=deterministic)
             action = action[0].numpy()
             if not policy.info.discrete:
                 action = np.clip(action, env.action_space.low, env.action_space.high)

@@ -49,7 +49,7 @@ class PolicyWorker(Worker):
             return PollResult()
         sizes = [len(r.obs) for r in pending]
         obs = torch.from_numpy(np.concatenate([r.obs for r in pending])).to(self.device)
-        action, logp, _ = self.policy.act(obs)
+        action, logp = self.policy.act(obs)
         action, logp = action.cpu().numpy(), logp.cpu().numpy()
         start = 0
         for request, n in zip(pending, sizes):
