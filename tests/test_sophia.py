@@ -84,7 +84,7 @@ def make_schedule(kind, steps=9, period=3, seed=0):
 
 def run_sophia(p0, grads, refreshes, foreach, dtype=torch.float64, device="cpu", **hp):
     params = [torch.nn.Parameter(torch.tensor(x, dtype=dtype, device=device)) for x in p0]
-    opt = Sophia(params, update_period=3, foreach=foreach, **hp)
+    opt = Sophia(params, update_period=3, foreach=foreach, win_rate_every=1, **hp)
     wins = []
     for t, g in enumerate(grads):
         for p, gi in zip(params, g):
@@ -132,6 +132,22 @@ def test_cuda_foreach_matches_hand_computation(dtype):
         np.testing.assert_allclose(wins, ref_wins, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_cuda_compiled_update_matches_hand_computation():
+    p0, grads, refreshes = make_schedule("raw")
+    ref, _ = reference_run(p0, grads, refreshes, **HP)
+    params = [torch.nn.Parameter(torch.tensor(x, dtype=torch.float32, device="cuda")) for x in p0]
+    opt = Sophia(params, update_period=3, compile=True, win_rate_every=0, **HP)
+    for t, g in enumerate(grads):
+        for p, gi in zip(params, g):
+            p.grad = torch.tensor(gi, dtype=torch.float32, device="cuda")
+        opt.step()
+        if refreshes[t] is not None:
+            opt.update_hessian([torch.tensor(e, dtype=torch.float32, device="cuda") for e in refreshes[t][1]])
+    for a, b in zip(params, ref):
+        np.testing.assert_allclose(a.detach().double().cpu().numpy(), b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kind,variant", [("gnb", "no_scale"), ("gnb", "clip_rho"), ("raw", "add_eps"), ("raw", "clip_rho")]
 )
@@ -144,7 +160,7 @@ def test_negative_controls_fail_the_hand_computation(kind, variant):
 
 def test_first_step_is_sign_descent():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, 0.5]))
-    opt = Sophia([p], lr=0.1, weight_decay=0.0)
+    opt = Sophia([p], lr=0.1, weight_decay=0.0, win_rate_every=1)
     p.grad = torch.tensor([0.3, -1e-6, 5.0, -2.0])
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.9, -1.9, 2.9, 0.6]))
@@ -316,6 +332,7 @@ def test_state_dict_round_trip_is_bit_identical():
         (dict(eps=0.0), "eps"),
         (dict(update_period=0), "update_period"),
         (dict(update_period=2.5), "update_period"),
+        (dict(win_rate_every=-1), "win_rate_every"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):

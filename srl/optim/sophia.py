@@ -53,8 +53,11 @@ class Sophia(Optimizer):
             backward); ``hessian_due()`` tells the training loop when to do it.
         foreach: use the multi-tensor ``torch._foreach_*`` path (default: True). ``False`` runs
             a per-tensor loop with the same arithmetic (kept as a readable reference).
-        track_win_rate: count clipped coordinates at each step (three extra multi-tensor
-            kernels per step, no host synchronisation until ``win_rate()`` is read).
+        compile: run the per-tensor loop through ``torch.compile`` (one generated kernel for
+            many tensors; compiles on the first step, recompiles if the parameter set changes).
+        win_rate_every: count clipped coordinates every this many steps (default:
+            ``update_period``; 0: never; 1: every step). Counting costs two multi-tensor kernels
+            and no host synchronisation until ``win_rate()`` is read.
 
     Raises:
         ValueError: on an out-of-range argument; the message names it.
@@ -75,8 +78,9 @@ class Sophia(Optimizer):
         opt.update_hessian(hutchinson_estimate(loss, params))
 
     Logged statistic: ``win_rate()`` returns the fraction of coordinates that were *not*
-    clipped in the last ``step()`` (the paper's "win rate"; calling it synchronises with the
-    device). ``last_stats["win_rate"]`` holds the same value as a 0-d tensor, unsynchronised.
+    clipped (the paper's "win rate") in the last step that counted them (every
+    ``win_rate_every`` steps); reading it synchronises with the device.
+    ``last_stats["win_rate"]`` holds the same value as a 0-d tensor, unsynchronised.
 
     State: ``exp_avg`` (m) and ``hessian`` (h) per parameter, in float32 for bfloat16 / float16
     parameters and in the parameter's dtype otherwise; ``state_dict()`` / ``load_state_dict()``
@@ -94,7 +98,8 @@ class Sophia(Optimizer):
         update_period: int = 10,
         *,
         foreach: bool | None = None,
-        track_win_rate: bool = True,
+        compile: bool = False,
+        win_rate_every: int | None = None,
     ):
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -112,13 +117,19 @@ class Sophia(Optimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         if isinstance(update_period, bool) or not isinstance(update_period, int) or update_period < 1:
             raise ValueError(f"update_period must be an int >= 1, got {update_period!r}")
+        if win_rate_every is None:
+            win_rate_every = update_period
+        if isinstance(win_rate_every, bool) or not isinstance(win_rate_every, int) or win_rate_every < 0:
+            raise ValueError(f"win_rate_every must be an int >= 0, got {win_rate_every!r}")
         defaults = dict(
             lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
             foreach=True if foreach is None else bool(foreach),
         )
         super().__init__(params, defaults)
         self.update_period = update_period
-        self.track_win_rate = track_win_rate
+        self.win_rate_every = win_rate_every
+        self.compile = bool(compile)
+        self._compiled = None  # torch.compile'd _update_loop, built on first use
         self.num_steps = 0            # step() calls so far (saved in state_dict)
         self.num_hessian_updates = 0  # update_hessian() calls so far (saved in state_dict)
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -200,6 +211,9 @@ class Sophia(Optimizer):
         self.num_hessian_updates += 1
 
     # ------------------------------------------------------------------ step
+    # clip(m / max(rho*h, eps), -1, 1) is computed as m / max(rho*h, eps, |m|): identical values
+    # (|m| > max(rho*h, eps) gives m/|m| = sign(m) exactly), one fused division-update, and a
+    # coordinate is unclipped exactly where the denominator exceeds |m|.
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One Sophia step on the parameters whose ``.grad`` is set."""
@@ -207,6 +221,7 @@ class Sophia(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        count_now = self.win_rate_every > 0 and (self.num_steps + 1) % self.win_rate_every == 0
         counts: list[torch.Tensor] = []
         total = 0
         for group in self.param_groups:
@@ -220,64 +235,36 @@ class Sophia(Optimizer):
                 buckets[(p.device, p.dtype)].append(p)
                 total += p.numel()
             for params in buckets.values():
-                fn = self._foreach_update if group["foreach"] else self._single_update
-                count = fn(params, group)
+                count = self._update(params, group, count_now)
                 if count is not None:
                     counts.append(count)
         self.num_steps += 1
-        if self.track_win_rate and counts:
+        if counts:
             n = torch.stack([c.to(counts[0].device, torch.float32) for c in counts]).sum()
             self.last_stats = {"win_rate": n / max(total, 1)}
         return loss
 
-    def _foreach_update(self, params: list[torch.Tensor], group: dict) -> torch.Tensor | None:
-        lr, (b1, _), rho, wd, eps = group["lr"], group["betas"], group["rho"], group["weight_decay"], group["eps"]
+    def _update(self, params: list[torch.Tensor], group: dict, count: bool) -> torch.Tensor | None:
         low = params[0].dtype in _LOW_PRECISION
-        grads = [p.grad for p in params]
         m = [self.state[p]["exp_avg"] for p in params]
         h = [self.state[p]["hessian"] for p in params]
-        if low:  # compute in float32, round back into the parameter at the end
-            grads = [g.float() for g in grads]
-            work = [p.float() for p in params]
+        grads = [p.grad.float() for p in params] if low else [p.grad for p in params]
+        work = [p.float() for p in params] if low else params  # float32 copies of bf16 params
+        hp = (group["betas"][0], group["rho"], group["weight_decay"], group["eps"])
+        if self.compile and not count:
+            if self._compiled is None:
+                self._compiled = torch.compile(_update_loop, dynamic=False)
+            lr = torch.tensor(group["lr"], dtype=m[0].dtype, device=m[0].device)
+            self._compiled(work, grads, m, h, lr, *hp)
+            n = None
+        elif group["foreach"]:
+            n = _update_foreach(work, grads, m, h, group["lr"], *hp, count)
         else:
-            work = params
-        torch._foreach_lerp_(m, grads, 1.0 - b1)
-        if wd != 0.0:
-            torch._foreach_mul_(work, 1.0 - lr * wd)
-        denom = torch._foreach_mul(h, rho)
-        torch._foreach_clamp_min_(denom, eps)     # max(rho * h, eps)
-        ratio = torch._foreach_div(m, denom)
-        torch._foreach_clamp_min_(ratio, -1.0)
-        torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_add_(work, ratio, alpha=-lr)
+            _update_loop(work, grads, m, h, group["lr"], *hp)
+            n = _count_unclipped(m, h, group["rho"], group["eps"]) if count else None
         if low:
             torch._foreach_copy_(params, work)
-        if not self.track_win_rate:
-            return None
-        # Clipped coordinates have |ratio| == 1 exactly; count the others as nonzeros of |ratio| - 1.
-        torch._foreach_abs_(ratio)
-        torch._foreach_sub_(ratio, 1.0)
-        return torch.stack(torch._foreach_norm(ratio, 0)).sum()
-
-    def _single_update(self, params: list[torch.Tensor], group: dict) -> torch.Tensor | None:
-        lr, (b1, _), rho, wd, eps = group["lr"], group["betas"], group["rho"], group["weight_decay"], group["eps"]
-        count = None
-        for p in params:
-            state = self.state[p]
-            m, h = state["exp_avg"], state["hessian"]
-            g = p.grad.to(m.dtype)
-            work = p.to(m.dtype) if p.dtype in _LOW_PRECISION else p
-            m.lerp_(g, 1.0 - b1)
-            if wd != 0.0:
-                work.mul_(1.0 - lr * wd)
-            ratio = (m / (rho * h).clamp_min(eps)).clamp(-1.0, 1.0)
-            work.add_(ratio, alpha=-lr)
-            if work is not p:
-                p.copy_(work)
-            if self.track_win_rate:
-                c = (ratio.abs() < 1.0).sum()
-                count = c if count is None else count + c
-        return count
+        return n
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict:
@@ -303,3 +290,32 @@ class Sophia(Optimizer):
                     self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
         self.num_steps = int(extra.get("num_steps", 0))
         self.num_hessian_updates = int(extra.get("num_hessian_updates", 0))
+
+
+# ---------------------------------------------------------------------- the update, as functions
+def _update_foreach(work, grads, m, h, lr, b1, rho, wd, eps, count):
+    torch._foreach_lerp_(m, grads, 1.0 - b1)
+    if wd != 0.0:
+        torch._foreach_mul_(work, 1.0 - lr * wd)
+    denom = torch._foreach_mul(h, rho)
+    abs_m = torch._foreach_abs(m)
+    torch._foreach_maximum_(denom, abs_m)
+    torch._foreach_clamp_min_(denom, eps)  # max(rho*h, |m|, eps)
+    torch._foreach_addcdiv_(work, m, denom, value=-lr)
+    if not count:
+        return None
+    torch._foreach_sub_(denom, abs_m)  # > 0 exactly where the coordinate was not clipped
+    return torch.stack(torch._foreach_norm(denom, 0)).sum()
+
+
+def _update_loop(work, grads, m, h, lr, b1, rho, wd, eps):
+    for w, g, mm, hh in zip(work, grads, m, h):
+        mm.lerp_(g, 1.0 - b1)
+        if wd != 0.0:
+            w.mul_(1.0 - lr * wd)
+        denom = torch.maximum(hh * rho, mm.abs()).clamp_min(eps)
+        w.sub_(mm / denom * lr)
+
+
+def _count_unclipped(m, h, rho, eps):
+    return sum(((hh * rho).clamp_min(eps) > mm.abs()).sum() for mm, hh in zip(m, h))
