@@ -60,6 +60,7 @@ def pkg_versions(python: Path, packages: list[str]) -> dict:
 def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
     """Run one training process; shell_wall_s covers launch to exit."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    load_before = os.getloadavg()[0]  # 1-minute load: other work sharing the CPUs
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -83,7 +84,8 @@ def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
         pass
     text = log_path.read_text(errors="replace")
     out = {"cmd": " ".join(shlex.quote(c) for c in cmd), "rc": rc, "timed_out": timed_out,
-           "shell_wall_s": round(shell_wall, 2), "log": str(log_path)}
+           "shell_wall_s": round(shell_wall, 2), "loadavg_1min_before": load_before,
+           "loadavg_1min_after": os.getloadavg()[0], "log": str(log_path)}
     m = FINAL_RE.search(text)
     if m:
         out.update(env_steps=int(m.group(1)), mean_return=float(m.group(2)), wall_s=float(m.group(3)))
