@@ -103,33 +103,52 @@ def _wait_steps(ctl, steps, timeout=60):
     raise AssertionError("run made no progress")
 
 
+def _wait(predicate, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition never became true")
+
+
 def test_kill_9_of_an_actor_is_survived(tmp_path):
-    cfg = _cfg(tmp_path, **{"stop.env_steps": 30000, "stop.mean_return": "null", "workers.actors.count": 2})
+    cfg = _cfg(tmp_path, **{"stop.env_steps": 10**8, "stop.mean_return": "null", "workers.actors.count": 2})
     ctl = Controller(cfg, str(tmp_path / "run"))
     th, box = _run_in_thread(ctl)
     _wait_steps(ctl, 3000)
     victim = ctl.scheduler.pid("actor/1")
     os.kill(victim, signal.SIGKILL)
-    th.join(timeout=120)
+    _wait(lambda: ctl.restarts >= 1)
+    killed_at = ctl.counters["env_steps"]
+    # the restarted actor must deliver episodes again before we stop the run
+    _wait(lambda: any(e["env_steps"] > killed_at for e in _episodes(ctl.run_dir, "actor/1")))
+    ctl.request_stop()
+    th.join(timeout=60)
     result = box["result"]
-    assert result.reason == "env_steps" and result.env_steps >= 30000
-    assert result.restarts >= 1 and ctl.scheduler.pid("actor/1") != victim
-    late = [e for e in _episodes(result.run_dir, "actor/1") if e["env_steps"] > 20000]
-    assert late, "the restarted actor never delivered episodes"
+    assert result.reason == "SIGINT" and result.restarts == 1
+    assert ctl.scheduler.pid("actor/1") != victim
 
 
 def test_trainer_crash_resumes_from_checkpoint(tmp_path):
-    cfg = _cfg(tmp_path, **{"stop.env_steps": 25000, "stop.mean_return": "null", "checkpoint.every_seconds": 0.5})
+    cfg = _cfg(tmp_path, **{"stop.env_steps": 10**8, "stop.mean_return": "null", "checkpoint.every_seconds": 0.3})
     ctl = Controller(cfg, str(tmp_path / "run"))
     th, box = _run_in_thread(ctl)
-    _wait_steps(ctl, 8000)
-    time.sleep(1.0)  # at least one periodic checkpoint
+    ckpt_dir = os.path.join(ctl.run_dir, "checkpoints")
+    _wait(lambda: os.path.exists(os.path.join(ckpt_dir, "latest")))
     os.kill(ctl.scheduler.pid("trainer/0"), signal.SIGKILL)
-    th.join(timeout=120)
+    _wait(lambda: ctl.restarts >= 1)
+    resumed_from = json.load(open(os.path.join(ckpt_dir, open(os.path.join(ckpt_dir, "latest")).read(),
+                                               "counters.json")))["version"]
+    def restarted_trainer_version():
+        meta = ctl.worker_stats.get("trainer/0", {})
+        return meta.get("version", -1) if meta.get("incarnation") == 1 else -1
+
+    _wait(lambda: restarted_trainer_version() > resumed_from + 5)  # the new trainer learns on from there
+    ctl.request_stop()
+    th.join(timeout=60)
     result = box["result"]
-    assert result.reason == "env_steps" and result.restarts >= 1
-    versions = [r.get("version", 0) for r in _rows(result.run_dir)]
-    assert max(versions) > 10
+    assert result.reason == "SIGINT" and result.restarts == 1
 
 
 def test_resume_continues_the_step_count(tmp_path):
