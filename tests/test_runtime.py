@@ -193,3 +193,15 @@ def test_sigint_stops_cleanly_and_leaves_no_process(tmp_path):
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
     run_dir = os.path.join(tmp_path, os.listdir(tmp_path)[0])
     assert os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))  # final checkpoint on stop
+
+
+def test_tensorboard_gets_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, **{"stop.env_steps": 3000, "stop.mean_return": "null", "log.tensorboard": "true"})
+    result = Controller(cfg, str(tmp_path / "run")).run()
+    acc = EventAccumulator(os.path.join(result.run_dir, "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"charts/SPS", "charts/episodic_return", "charts/mean_return", "losses/policy_loss"} <= tags
+    assert acc.Scalars("charts/SPS")[-1].step >= 3000

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 
 
@@ -29,25 +30,39 @@ class RunLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._fh = open(self.path, "a", encoding="utf-8")
         self._tb = None
+        self._tb_pending: list[dict] = []
+        self._tb_thread = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+            # importing tensorboard takes about a second: do it beside the run, not before it
+            self._tb_thread = threading.Thread(target=self._open_tensorboard, args=(run_dir,), daemon=True)
+            self._tb_thread.start()
         self.console = console
         self._tty = sys.stderr.isatty()
         self._last_print = 0.0
+
+    def _open_tensorboard(self, run_dir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
 
     def write(self, row: dict) -> None:
         clean = {k: _finite(v) for k, v in row.items()}
         self._fh.write(json.dumps(clean) + "\n")
         self._fh.flush()
-        if self._tb is not None:
-            step = int(row.get("env_steps", 0))
-            for key, value in clean.items():
-                if key not in ("env_steps",) and isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(key if "/" in key else f"charts/{key}", value, step)
+        if self._tb_thread is not None:
+            self._tb_pending.append(clean)
+            if self._tb is not None:
+                self._flush_tensorboard()
         if self.console:
             self._progress(row)
+
+    def _flush_tensorboard(self) -> None:
+        for row in self._tb_pending:
+            step = int(row.get("env_steps", 0))
+            for key, value in row.items():
+                if key != "env_steps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key if "/" in key else f"charts/{key}", value, step)
+        self._tb_pending = []
 
     def _progress(self, row: dict) -> None:
         now = time.monotonic()
@@ -68,7 +83,9 @@ class RunLog:
         if self._tty and self.console:
             sys.stderr.write("\n")
         self._fh.close()
-        if self._tb is not None:
+        if self._tb_thread is not None:
+            self._tb_thread.join()
+            self._flush_tensorboard()
             self._tb.close()
 
 
