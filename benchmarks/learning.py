@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default="learning.json")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     import yaml
 
     target = yaml.safe_load(open(args.config)).get("stop", {}).get("mean_return")
