@@ -183,8 +183,10 @@ def print_decode(rows):
 
 
 SWEEP_TILES = {
-    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-            (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 3), (128, 128, 16, 2)],
+    # fwd entries may carry flags: (BLOCK_M, BLOCK_N, warps, stages, LAZY_RESCALE, WARP_SPEC)
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3, True, False), (128, 64, 8, 4, True, False),
+            (128, 128, 8, 3, True, False), (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True),
+            (128, 128, 8, 2), (64, 64, 4, 3)],
     "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
              (64, 128, 4, 3), (128, 128, 8, 2), (32, 128, 8, 3)],
     "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
@@ -192,7 +194,7 @@ SWEEP_TILES = {
 }
 
 
-def sweep_point(n, d, causal, dtype=torch.bfloat16):
+def sweep_point(n, d, causal, kernels=("fwd", "dkdv", "dq"), dtype=torch.bfloat16):
     """Time each candidate tile of each kernel (the others at their table values)."""
     import srl.kernels.flash_attention as fa
 
@@ -202,12 +204,16 @@ def sweep_point(n, d, causal, dtype=torch.bfloat16):
     do = torch.randn_like(q)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     out = {}
-    for kernel, cands in SWEEP_TILES.items():
+    for kernel in kernels:
+        cands = SWEEP_TILES[kernel]
         table = tables[kernel]
         keep = dict(table[d])
         results = []
-        for bm, bn, w, st in cands:
+        for cand in cands:
+            bm, bn, w, st = cand[:4]
             table[d] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            if len(cand) > 4:
+                table[d].update(LAZY_RESCALE=cand[4], WARP_SPEC=cand[5])
             try:
                 if kernel == "fwd":
                     with torch.no_grad():
@@ -219,15 +225,47 @@ def sweep_point(n, d, causal, dtype=torch.bfloat16):
                     t = _median_ms(lambda: flash_attention(q, k, v, causal=causal).backward(do),
                                    grad_to_none=[q, k, v])
             except Exception as e:  # out of resources, compile failure
-                print(f"  {kernel} {(bm, bn, w, st)} failed: {type(e).__name__}: {str(e)[:100]}")
+                print(f"  {kernel} {cand} failed: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            results.append(((bm, bn, w, st), t, err))
+            results.append((cand, t, err))
         table[d] = keep
         results.sort(key=lambda r: r[1])
         out[kernel] = [{"tiles": r[0], "ms": r[1], "err": r[2]} for r in results]
         print(f"sweep D={d} N={n} causal={causal} {kernel}: " +
-              ", ".join(f"{r[0]}={r[1]:.3f}ms" for r in results[:4]), flush=True)
+              ", ".join(f"{r[0]}={r[1]:.3f}ms err {r[2]:.1e}" for r in results), flush=True)
     return {"N": n, "D": d, "causal": causal, "results": out}
+
+
+def sweep_decode(points=((1, 131072, 16, 16), (1, 16384, 32, 8), (16, 1024, 32, 8), (4, 65536, 16, 16))):
+    """CUDA-graph time of the decode kernel per split target and tile."""
+    import srl.kernels._flash_decode as dec
+
+    out = []
+    keep_waves, keep_tiles = dec._WAVES, dict(dec._DECODE_TILES[128])
+    for b, n_k, h, h_kv in points:
+        q = torch.randn(b, h, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, h_kv, n_k, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        with torch.no_grad():
+            sdpa = _graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=h != h_kv))
+            res = []
+            for waves in (2, 4, 8, 16):
+                for bn, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 2), (32, 4, 4)):
+                    dec._WAVES = waves
+                    dec._DECODE_TILES[128] = {"BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                    try:
+                        res.append(((waves, bn, w, st), _graph_us(lambda: flash_decode(q, k, v))))
+                    except Exception as e:
+                        print(f"  decode {(waves, bn, w, st)} failed: {type(e).__name__}")
+        dec._WAVES, dec._DECODE_TILES[128] = keep_waves, dict(keep_tiles)
+        res.sort(key=lambda r: r[1])
+        print(f"decode sweep B={b} KV={n_k} H={h}/{h_kv}: sdpa {sdpa:.1f}us; " +
+              ", ".join(f"{r[0]}={r[1]:.1f}" for r in res[:6]), flush=True)
+        out.append({"B": b, "KV": n_k, "H": h, "H_kv": h_kv, "sdpa_graph_us": sdpa,
+                    "results": [{"cfg": r[0], "us": r[1]} for r in res]})
+        del q, k, v
+        torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None):
@@ -240,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--max-kv-gib", type=float, default=24.0)
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--sweep-kernels", nargs="*", default=["fwd", "dkdv", "dq"])
+    ap.add_argument("--sweep-decode", action="store_true")
     ap.add_argument("--sweep", nargs="*", default=[], metavar="D:N:causal",
                     help="time candidate tiles at these points (e.g. 128:4096:1) instead of the grid")
     args = ap.parse_args(argv)
@@ -248,11 +288,15 @@ def main(argv=None):
             "dtype": "bfloat16", "timer": "triton.testing.do_bench median"}
     print(meta)
     training, decode, skipped = [], [], []
-    if args.sweep:
+    if args.sweep or args.sweep_decode:
         sweeps = []
         for spec in args.sweep:
             d, n, causal = (int(x) for x in spec.split(":"))
-            sweeps.append(sweep_point(n, d, bool(causal)))
+            sweeps.append(sweep_point(n, d, bool(causal), kernels=args.sweep_kernels))
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "sweep": sweeps}, f, indent=1)
+        if args.sweep_decode:
+            sweeps.append(sweep_decode())
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "sweep": sweeps}, f, indent=1)
         return

@@ -147,10 +147,13 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_WAVES = 4  # programs per SM the split count aims for
+
+
 def _num_splits(programs, n_k, device):
-    """Enough splits to give the GPU about four programs per SM, each >= 256 keys."""
+    """Enough splits to give the GPU about _WAVES programs per SM, each >= 256 keys."""
     sms = _sm_count(device)
-    want = triton.cdiv(4 * sms, programs)
+    want = triton.cdiv(_WAVES * sms, programs)
     return max(1, min(want, triton.cdiv(n_k, 256), 256))
 
 

@@ -154,11 +154,11 @@ def _prune_big_head(configs, named_args, **kwargs):
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
                offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, LAZY_RESCALE: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Stream key blocks [lo, hi) through the online softmax of one query block."""
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         cols = start_n + offs_n
         if MASKED:
             kv_mask = (cols < n_k)[:, None]
@@ -180,16 +180,30 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
             # a row with no visible key so far keeps m = -inf: shift by 0 instead
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        elif LAZY_RESCALE:
+            # keep a stale max until some row's max grows by more than 8 (p <= 2^8):
+            # the accumulator is rescaled only on those (rare) tiles
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
         else:
             # scale after the row max (qk_scale > 0), so scale and shift fuse into one FMA
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_shift = m_new
-            p = tl.exp2(qk * qk_scale - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
@@ -204,7 +218,8 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               stride_ob, stride_oh, stride_on,
               H, GROUP, N_Q, N_K, N_BUCKET,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LAZY_RESCALE: tl.constexpr = False, WARP_SPEC: tl.constexpr = False):
     tl.static_assert(BLOCK_N <= 256)
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -238,10 +253,10 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
         hi = N_K
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
                                offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale,
-                               False, CAUSAL, UPCAST, BLOCK_N)
+                               False, CAUSAL, UPCAST, BLOCK_N, LAZY_RESCALE, WARP_SPEC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
                                offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale,
-                               True, CAUSAL, UPCAST, BLOCK_N)
+                               True, CAUSAL, UPCAST, BLOCK_N, False, False)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -492,7 +507,7 @@ def _tiles(block_m, block_n, warps, stages):
 
 # Tiles per head dim (H100, triton 3.6; picked from SRL_FLASH_AUTOTUNE=1 runs of
 # benchmarks/kernels/attention.py). The interpreter uses one small tile.
-_FWD_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
+_FWD_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(128, 64, 8, 4),
               128: _tiles(128, 64, 8, 3), 256: _tiles(64, 64, 4, 2)}
 # backward: dK/dV programs own BLOCK_N keys and step over BLOCK_M queries; dQ the reverse
 _DKDV_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
