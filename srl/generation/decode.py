@@ -16,6 +16,7 @@ synchronises with the host, and can be captured in a CUDA graph:
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -140,21 +141,48 @@ class GraphedStep:
         self.graph = None
         if not (enabled and torch.cuda.is_available()):
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
+        # no garbage collection while capturing: a collected graph must not be torn down mid-capture
+        gc.collect()
+        gc.disable()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            fn()
+        finally:
+            gc.enable()
 
     def __call__(self) -> None:
         if self.graph is None:
             self.fn()
         else:
             self.graph.replay()
+
+    def close(self) -> None:
+        """Free the graph now (after the device is idle) instead of whenever it is collected."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.graph = None
+        self.fn = None
+
+
+def cuda_generator(device, generator: torch.Generator | None) -> torch.Generator | None:
+    """A sampler's own CUDA generator, so its graph's random stream is independent of others'."""
+    if generator is not None or torch.device(device).type != "cuda":
+        return generator
+    g = torch.Generator(device=device)
+    g.manual_seed(int(torch.randint(0, 2**62, ())))
+    return g
+
+
+def round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
 
 
 class PlainSampler:
@@ -169,7 +197,9 @@ class PlainSampler:
         from srl.policies.lm import KVCache
 
         p = next(model.parameters())
-        self.model, self.params, self.generator = model, params.validate(), generator
+        self.model, self.params = model, params.validate()
+        self.generator = cuda_generator(p.device, generator)
+        max_len = round_up(max_len) if p.device.type == "cuda" else max_len
         self.cache = KVCache.for_model(model.config, batch, max_len, p.device, dtype or p.dtype)
         self.state = GenState.allocate(batch, max_len, p.device)
         self.steps_per_graph = steps_per_graph if (cuda_graph and torch.cuda.is_available()) else 1
@@ -178,6 +208,9 @@ class PlainSampler:
         with torch.inference_mode():
             prefill(model, self.cache, dummy)
             self._step = GraphedStep(self._steps, enabled=cuda_graph)
+
+    def close(self) -> None:
+        self._step.close()
 
     def _steps(self) -> None:
         for _ in range(self.steps_per_graph):

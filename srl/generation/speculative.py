@@ -31,8 +31,8 @@ import time
 import torch
 from torch import Tensor
 
-from srl.generation.decode import (GenState, GraphedStep, Rollout, causal_layout, prefill,
-                                   tree_layout)
+from srl.generation.decode import (GenState, GraphedStep, Rollout, causal_layout, cuda_generator,
+                                   prefill, round_up, tree_layout)
 from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
 
 
@@ -145,8 +145,8 @@ def speculative_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
 
 
 def kseq_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
-                      generator: torch.Generator | None = None, rho_grid: int = 16,
-                      rho_rounds: int = 3) -> tuple[Tensor, Tensor, Tensor]:
+                      generator: torch.Generator | None = None, rho_grid: int = 32,
+                      rho_rounds: int = 2) -> tuple[Tensor, Tensor, Tensor]:
     """K-SEQ over blocks: p (B, k, L+1, V), q (B, k, L, V), drafts (B, k, L).
 
     Returns (emitted (B, L+1), n_emit (B,), src (B,)): src is a draft whose block holds the
@@ -263,7 +263,9 @@ class SpeculativeSampler:
         dev = next(target.parameters()).device
         dt = dtype or next(target.parameters()).dtype
         self.target, self.draft, self.k, self.L = target, draft, k, draft_len
-        self.params, self.generator, self.check_every = params.validate(), generator, check_every
+        self.params, self.check_every = params.validate(), check_every
+        self.generator = cuda_generator(dev, generator)
+        max_len = round_up(max_len) if dev.type == "cuda" else max_len
         self.tcache = KVCache.for_model(target.config, batch, max_len, dev, dt)
         self.dcache = KVCache.for_model(draft.config, batch, max_len, dev,
                                         dtype or next(draft.parameters()).dtype)
@@ -275,6 +277,9 @@ class SpeculativeSampler:
             prefill(self.target, self.tcache, dummy)
             prefill(self.draft, self.dcache, dummy)
             self._step = GraphedStep(self._iteration, enabled=cuda_graph)
+
+    def close(self) -> None:
+        self._step.close()
 
     def _iteration(self) -> None:
         speculative_step(self.target, self.draft, self.tcache, self.dcache, self.state, self.k,

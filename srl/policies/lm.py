@@ -39,7 +39,7 @@ class LMConfig:
     rope_base: float = 10000.0
     """Base of the rotary frequencies."""
     norm_eps: float = 1e-5
-    """Epsilon of the RMS norms."""
+    """Epsilon of the (bias-free) layer norms."""
     tie_embeddings: bool = True
     """Share the token embedding with the output projection (GPT-2 does)."""
     value_head: bool = False
@@ -109,22 +109,30 @@ class KVCache:
 
 
 class RotaryTable(nn.Module):
+    """cos + i sin of every (position, frequency) pair, as a complex table (max_seq_len, D/2)."""
+
     def __init__(self, head_dim: int, max_seq_len: int, base: float):
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (max_seq_len, D/2)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles).to(torch.complex64),
+                             persistent=False)
 
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # (B, T) -> (B, 1, T, D/2): broadcast over heads
-        return self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)
+    def _apply(self, fn, recurse=True):
+        # follow the module's device but stay complex64 (model.to(bfloat16) would drop the phase)
+        freqs = self._buffers.pop("freqs")
+        out = super()._apply(fn, recurse)
+        self._buffers["freqs"] = freqs.to(fn(torch.empty(0, device=freqs.device)).device)
+        return out
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return self.freqs[positions][:, :, None, None, :]  # (B, T, 1, 1, D/2): over q/k and heads
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by the angles of each position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (..., D) by the complex ``freqs`` (..., D/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -146,20 +154,21 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.n_heads = cfg.n_heads
-        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
         self.fc_out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
-                slots: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, cache: KVCache | None, slots: Tensor | None,
+                mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
-        # (B, T, C) -> (B, H, T, D)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H = self.n_heads
+        qkv = self.qkv(self.norm1(x)).view(B, T, 3, H, C // H)
+        qk = apply_rotary(qkv[:, :, :2], freqs)  # q and k together: (B, T, 2, H, D)
+        # (B, T, H, D) -> (B, H, T, D)
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.index, slots, k, v)  # (B, H, S, D)
         y = attend(q, k, v, mask, causal=cache is None)
@@ -175,7 +184,7 @@ class TransformerLM(nn.Module):
         self.config = config.validate()
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -204,10 +213,13 @@ class TransformerLM(nn.Module):
         if cache is not None and (slots is None or mask is None):
             raise ValueError("a cached forward needs slots (B, T) and mask (B, T, S)")
         x = self.embed(tokens)
-        cos, sin = self.rotary(positions, x.dtype)
-        attn_mask = None if mask is None else mask[:, None]  # (B, 1, T, S): all heads
+        freqs = self.rotary(positions)
+        attn_mask = None
+        if mask is not None:  # additive, built once for all layers: (B, 1, T, S) over heads
+            attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+            attn_mask = attn_mask.masked_fill_(~mask, float("-inf"))[:, None]
         for block in self.blocks:
-            x = block(x, cos, sin, cache, slots, attn_mask)
+            x = block(x, freqs, cache, slots, attn_mask)
         return self.norm(x)
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,

@@ -1,0 +1,290 @@
+"""Rollout generation throughput: plain sampling vs standard speculative vs SpecTr K-SEQ.
+
+On one GPU: a GPT-2-small-sized policy (124M, vocab 50304) and a ~10x smaller draft are trained
+briefly on the text task (``srl.envs.text``, generated in code), the draft is then aligned to the
+policy by distillation on the policy's own generations (each batch used once), and tokens/s of
+256-token rollouts are measured for several batch sizes. Decode steps and speculative iterations
+run as CUDA graphs. Optionally the same-device baseline: transformers ``generate()`` on a random
+GPT-2 124M.
+
+    PYTHONPATH=. python3 benchmarks/generation.py [--quick] [--out generation.json]
+
+Tokens/s counts generated tokens of all rows (prefill included in the time), median of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from srl.envs.text import VOCAB, MixedTask
+from srl.generation.decode import PlainSampler
+from srl.generation.draft import DraftAlignConfig, DraftAligner, measure_acceptance, policy_batches
+from srl.generation.sampling import SamplingParams
+from srl.generation.speculative import SpeculativeSampler
+from srl.policies.lm import LMConfig, TransformerLM
+
+POLICY = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
+DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
+
+
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def train_lm(model, task, steps, batch, seq, lr, rng, name):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=DEV == "cuda")
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        warm = min(1.0, (step + 1) / 30)
+        for g in opt.param_groups:
+            g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        x = task.stream(batch, seq + 1, rng).to(DEV, non_blocking=True)
+        with torch.autocast(DEV, torch.bfloat16):
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            log(f"  {name} step {step:4d} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return float(loss.detach())
+
+
+def bf16_copy(model):
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def task_accuracy(policy, task, rng, n=256):
+    prompts, answers = task.sample(n, rng)
+    s = PlainSampler(policy, n, 64, SamplingParams(temperature=0.0), cuda_graph=False)
+    out = s.generate(prompts.to(DEV), answers.shape[1] + 1)
+    return float(task.rewards(answers, out.tokens.cpu()).mean())
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times, last = [], None
+    for _ in range(repeats):
+        sync()
+        last = fn()
+        times.append(last.seconds)
+    return statistics.median(times), last
+
+
+def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params, repeats,
+                 cuda_graph=True):
+    max_len = prompts.shape[1] + new_tokens + (k + 2) * L + 16
+    if method.startswith("plain"):
+        s = PlainSampler(policy, batch, max_len, params, cuda_graph=cuda_graph)
+    else:
+        s = SpeculativeSampler(policy, draft, batch, max_len, k=k, draft_len=L, params=params,
+                               cuda_graph=cuda_graph)
+    p = prompts[:batch]
+    sec, out = timed(lambda: s.generate(p, new_tokens), repeats)
+    s.close()
+    del s
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    sane = {"outside_task_vocab": float((out.tokens >= len(VOCAB)).float().mean()),
+            "logp_finite": bool(torch.isfinite(out.logp).all()),
+            "mean_logp": float(out.logp.mean())}
+    return {"batch": batch, "method": method, "k": k, "L": L, "cuda_graph": cuda_graph,
+            "seconds": sec, "tokens_per_s": batch * new_tokens / sec, **out.stats, **sane}
+
+
+def hf_baseline(batches, new_tokens, repeats):
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)}
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config()).cuda().to(torch.bfloat16).eval()
+    res = {}
+    for b in batches:
+        ids = torch.randint(0, 50257, (b, 8), device="cuda")
+
+        def run():
+            t0 = time.perf_counter()
+            m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        run()
+        t = statistics.median(run() for _ in range(repeats))
+        res[b] = b * new_tokens / t
+        log(f"  transformers generate() GPT-2 124M bf16 batch {b}: {res[b]:.0f} tok/s")
+    del m
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny training and grid (smoke run)")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "generation.json"))
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--draft-lens", default="3,5")
+    ap.add_argument("--ks", default="1,2,4,8")
+    ap.add_argument("--train-steps", type=int, default=500)
+    ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--align-steps", type=int, default=80)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--grid-budget", type=float, default=240.0, help="seconds for the grid")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (code check)")
+    args = ap.parse_args()
+    global DEV
+    if args.cpu_smoke:
+        DEV = "cpu"
+        POLICY.update(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
+        DRAFT.update(vocab_size=64, d_model=16, n_layers=1, n_heads=2)
+        args.quick, args.new_tokens = True, 32
+    if args.quick:
+        args.train_steps, args.draft_steps, args.align_steps = 60, 40, 5
+        args.batches, args.draft_lens, args.ks, args.repeats = "1,64", "4", "1,4", 1
+    batches = [int(b) for b in args.batches.split(",")]
+    Ls = [int(x) for x in args.draft_lens.split(",")]
+    ks = [int(x) for x in args.ks.split(",")]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    log(f"device {dev}, torch {torch.__version__}")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    task = MixedTask()
+    params = SamplingParams(temperature=1.0)
+    result = {"device": dev, "torch": torch.__version__, "new_tokens": args.new_tokens,
+              "sampling": vars(params) if hasattr(params, "__dict__") else str(params)}
+
+    # ---- models, briefly trained on the text task
+    policy = TransformerLM(LMConfig(**POLICY)).to(DEV)
+    draft = TransformerLM(LMConfig(**DRAFT)).to(DEV)
+    result["policy_params"], result["draft_params"] = policy.num_params(), draft.num_params()
+    log(f"policy {policy.num_params() / 1e6:.1f}M params, draft {draft.num_params() / 1e6:.1f}M "
+        f"({policy.num_params() / draft.num_params():.1f}x smaller)")
+    result["policy_loss"] = train_lm(policy, task, args.train_steps, 64, 128, 1e-3, rng, "policy")
+    pol16 = bf16_copy(policy)
+    result["policy_addition_accuracy"] = task_accuracy(pol16, task.addition, rng)
+    log(f"  policy greedy accuracy on 3-digit addition: {result['policy_addition_accuracy']:.2f}")
+
+    prompts_all, _ = task.sample(256, rng)
+    prompts_all = prompts_all.to(DEV)
+
+    def fresh_rollouts(sampler, n_new):
+        p, _ = task.sample(sampler.state.tokens.shape[0], rng)
+        p = p.to(DEV)
+        return torch.cat([p, sampler.generate(p, n_new).tokens], 1)
+
+    gen = PlainSampler(pol16, 128, 160, params)
+    held_out = fresh_rollouts(gen, 119)
+    drafts = {"random": bf16_copy(draft)}
+    result["draft_loss"] = train_lm(draft, task, args.draft_steps, 64, 128, 3e-3, rng, "draft")
+    drafts["pretrained"] = bf16_copy(draft)
+    with torch.autocast(DEV, torch.bfloat16):
+        acc = {"random": measure_acceptance(drafts["random"], pol16, held_out),
+               "pretrained": measure_acceptance(draft, pol16, held_out)}
+    # ---- alignment on the policy's own generations, each batch used once
+    aligner = DraftAligner(draft, pol16, DraftAlignConfig(lr=1e-3, params=params))
+    t0 = time.time()
+    with torch.autocast(DEV, torch.bfloat16):
+        hist = aligner.run(policy_batches(lambda: fresh_rollouts(gen, 119), args.align_steps))
+        acc["aligned"] = measure_acceptance(draft, pol16, held_out)
+    gen.close()
+    del gen
+    log(f"  aligned on {aligner.samples_seen} fresh sequences in {time.time() - t0:.0f}s; "
+        f"logged acceptance {hist[0]['charts/acceptance_rate']:.3f} -> {hist[-1]['charts/acceptance_rate']:.3f}")
+    drafts["aligned"] = bf16_copy(draft)
+    result["acceptance_sum_min_pq"] = acc
+    log("  held-out acceptance sum_x min(p, q): " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+
+    # ---- measured acceptance of standard speculative sampling, before vs after alignment
+    result["speculative_before_after"] = {}
+    for name, graph in (("pretrained", True), ("aligned", True), ("aligned", False),
+                        ("pretrained", True)):
+        r = bench_config(pol16, drafts[name], 16, "standard", 1, 4, prompts_all,
+                         args.new_tokens if graph else 64, params, 1, cuda_graph=graph)
+        result["speculative_before_after"][f"{name}{'' if graph else '_eager'}"] = r
+        log(f"  draft {name}{'' if graph else ' (no CUDA graph, 64 tokens)'}: standard speculative "
+            f"L=4 batch 16 acceptance {r['acceptance_rate']:.3f}, tokens/pass "
+            f"{r['tokens_per_pass']:.2f}, outside vocab {r['outside_task_vocab']:.4f}, "
+            f"mean logp {r['mean_logp']:.3f}")
+
+    # ---- throughput grid
+    rows = []
+    d = drafts["aligned"]
+    t_grid = time.time()
+    for b in batches:
+        if time.time() - t_grid > args.grid_budget:
+            log(f"  grid budget spent: batch {b} and above skipped")
+            break
+        rows.append(bench_config(pol16, d, b, "plain", 0, 0, prompts_all, args.new_tokens, params,
+                                 args.repeats))
+        log(f"  batch {b:3d} plain: {rows[-1]['tokens_per_s']:.0f} tok/s, "
+            f"outside vocab {rows[-1]['outside_task_vocab']:.4f}, mean logp {rows[-1]['mean_logp']:.3f}")
+        if b == 1:
+            rows.append(bench_config(pol16, d, b, "plain_eager", 0, 0, prompts_all,
+                                     args.new_tokens, params, 1))
+            log(f"  batch {b:3d} plain without CUDA graph: {rows[-1]['tokens_per_s']:.0f} tok/s")
+        for k in ks:
+            for L in Ls:
+                method = "standard" if k == 1 else "spectr"
+                r = bench_config(pol16, d, b, method, k, L, prompts_all, args.new_tokens, params,
+                                 args.repeats)
+                rows.append(r)
+                log(f"  batch {b:3d} {method} k={k} L={L}: {r['tokens_per_s']:.0f} tok/s, "
+                    f"acceptance {r['acceptance_rate']:.3f}, tokens/pass {r['tokens_per_pass']:.2f}, "
+                    f"outside vocab {r['outside_task_vocab']:.4f}")
+    result["rows"] = rows
+    if args.hf and DEV == "cuda":
+        result["transformers_generate"] = hf_baseline([1, 64], args.new_tokens, 1)
+
+    # ---- summary table
+    log("\n| batch | plain tok/s | standard best (k=1) | SpecTr best | SpecTr/plain | SpecTr/standard |")
+    log("|---|---|---|---|---|---|")
+    summary = []
+    for b in sorted({r["batch"] for r in rows}):
+        plain = next(r for r in rows if r["batch"] == b and r["method"] == "plain")
+        std = max((r for r in rows if r["batch"] == b and r["method"] == "standard"),
+                  key=lambda r: r["tokens_per_s"], default=None)
+        spt = max((r for r in rows if r["batch"] == b and r["method"] == "spectr"),
+                  key=lambda r: r["tokens_per_s"], default=None)
+        s = {"batch": b, "plain": plain["tokens_per_s"],
+             "standard": std and std["tokens_per_s"], "standard_L": std and std["L"],
+             "spectr": spt and spt["tokens_per_s"], "spectr_k": spt and spt["k"],
+             "spectr_L": spt and spt["L"]}
+        summary.append(s)
+        fmt = lambda r: "-" if r is None else f"{r['tokens_per_s']:.0f} (k={r['k']}, L={r['L']}, acc {r['acceptance_rate']:.2f})"
+        ratio = lambda a, c: "-" if not (a and c) else f"{a['tokens_per_s'] / c['tokens_per_s']:.2f}x"
+        log(f"| {b} | {plain['tokens_per_s']:.0f} | {fmt(std)} | {fmt(spt)} | {ratio(spt, plain)} | {ratio(spt, std)} |")
+    result["summary"] = summary
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
