@@ -130,6 +130,21 @@ def test_kill_9_of_an_actor_is_survived(tmp_path):
     assert ctl.scheduler.pid("actor/1") != victim
 
 
+def test_kill_9_of_a_policy_worker_is_survived(tmp_path):
+    cfg = _cfg(tmp_path, **{"stop.env_steps": 10**8, "stop.mean_return": "null", "workers.actors.count": 2,
+                            "workers.actors.inline_policy": "false", "workers.policies.count": 1})
+    ctl = Controller(cfg, str(tmp_path / "run"))
+    th, box = _run_in_thread(ctl)
+    _wait_steps(ctl, 2000)
+    os.kill(ctl.scheduler.pid("policy/0"), signal.SIGKILL)
+    _wait(lambda: ctl.restarts >= 1)
+    killed_at = ctl.counters["env_steps"]
+    _wait(lambda: ctl.counters["env_steps"] > killed_at + 5000)  # actors re-ask the restarted worker
+    ctl.request_stop()
+    th.join(timeout=60)
+    assert box["result"].restarts == 1
+
+
 def test_trainer_crash_resumes_from_checkpoint(tmp_path):
     cfg = _cfg(tmp_path, **{"stop.env_steps": 10**8, "stop.mean_return": "null", "checkpoint.every_seconds": 0.3})
     ctl = Controller(cfg, str(tmp_path / "run"))
