@@ -27,7 +27,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (`srl run exp.yaml --ray auto seed=3`) are overrides too
+        if args.command != "run" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "run":
             return _run(args)
@@ -44,6 +49,9 @@ def _run(args) -> int:
     from srl.experiment import Experiment
 
     overrides = list(args.overrides)
+    if args.ray and "=" in args.ray:  # `--ray seed=3`: a bare --ray followed by an override
+        overrides.insert(0, args.ray)
+        args.ray = "auto"
     if args.resume:
         if args.config and "=" in args.config:
             overrides.insert(0, args.config)

@@ -91,6 +91,8 @@ class RayScheduler:
         self._done: set[str] = set()
         self._checked_at = 0.0
         self._namespaces: set[str] = set()
+        self.errors: dict[str, str] = {}
+        """Why a worker's Ray actor ended, for workers that did not end cleanly."""
 
     # ------------------------------------------------------------------ scheduler API
     def start(self, spec: WorkerSpec) -> None:
@@ -117,6 +119,20 @@ class RayScheduler:
         """False once the worker's loop has returned or its process or node is gone."""
         self._refresh()
         return name not in self._done
+
+    def exitcode(self, name: str) -> int | None:
+        """None while the worker runs; 0 once its loop returned, 1 if it raised or its process
+        or node died (:attr:`errors` holds Ray's account)."""
+        self._refresh()
+        if name not in self._done:
+            return None
+        ref = self.runs[name]
+        try:
+            self._ray.get(ref, timeout=0)
+            return 0
+        except Exception as exc:  # noqa: BLE001 - RayActorError, RayTaskError, ...
+            self.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return 1
 
     def pending(self, name: str) -> bool:
         """True while Ray has not started the worker's process yet (waiting for a node)."""

@@ -1,0 +1,229 @@
+"""The Ray backend on a two-node Ray cluster on this host (a head and a second node, each with
+its own custom resource; Ray advertises the host's own address, so traffic stays on the host): learning across nodes, kill -9 of a worker, loss of a node, forged
+frames, and ``srl run --ray``.
+
+Tests run in file order; the one that removes the second node comes last.
+"""
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+
+import pytest
+import yaml
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+import zmq  # noqa: E402
+
+from srl.config import experiment_from_dict  # noqa: E402
+from srl.system import wire  # noqa: E402
+from srl.system.controller import Controller  # noqa: E402
+from srl.system.name_resolve import RayResolver, ray_namespace  # noqa: E402
+from srl.system.ray_scheduler import RayScheduler  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CARTPOLE = os.path.join(ROOT, "configs", "cartpole_ppo.yaml")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (3 CPUs, ``srl_head``) + a second node (3 CPUs, ``srl_cpu_node``), both on loopback.
+    Fast health checks so a removed node is declared dead within a few seconds. A private
+    RAY_TMPDIR keeps this cluster apart from any other Ray instance on the machine."""
+    old_tmp = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="srlray-", dir="/tmp")  # short: socket paths
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "resources": {"srl_head": 2}, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                           "health_check_failure_threshold": 4}})
+    second = c.add_node(num_cpus=3, resources={"srl_cpu_node": 4})
+    ray.init(address=c.address)
+    c.node_ip = ray.util.get_node_ip_address()
+    c.second = second
+    c.head_id = ray.get_runtime_context().get_node_id()
+    c.second_id = second.node_id
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+    if old_tmp is None:
+        os.environ.pop("RAY_TMPDIR")
+    else:
+        os.environ["RAY_TMPDIR"] = old_tmp
+
+
+def _cfg(tmp_path, *overrides):
+    data = yaml.safe_load(open(CARTPOLE))
+    data["log"] = {"dir": str(tmp_path), "tensorboard": False, "console": False, "every_s": 0.25}
+    base = ["cluster.backend=ray", "stop.mean_return=null", "workers.heartbeat_timeout_s=20",
+            "checkpoint.every_seconds=2", "workers.actors.num_cpus=0.5", "workers.trainers.num_cpus=0.5",
+            "workers.trainers.resources={srl_head: 1}"]
+    return experiment_from_dict(data, base + list(overrides))
+
+
+def _run(cfg, run_dir, during=None):
+    """Run a controller on a RayScheduler in this thread (it installs signal handlers); ``during``
+    runs beside it in a thread with the controller and scheduler, and must not raise."""
+    scheduler = RayScheduler(cfg)
+    controller = Controller(cfg, str(run_dir), scheduler=scheduler)
+    errors = []
+
+    def side():
+        try:
+            during(controller, scheduler)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=side, daemon=True) if during else None
+    if thread:
+        thread.start()
+    try:
+        result = controller.run()
+    finally:
+        scheduler.shutdown()
+    if thread:
+        thread.join(timeout=30)
+    assert not errors, errors
+    return result, controller, scheduler
+
+
+def _wait(predicate, timeout_s=60.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.05)
+
+
+def _reported(controller, name, steps=1):
+    """The worker's current incarnation has reported at least ``steps`` env steps... or any stats."""
+    meta = controller.worker_stats.get(name)
+    return meta is not None and meta.get("incarnation") == controller.specs[name].incarnation
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+# --------------------------------------------------------------------------- learning + forged frames
+
+
+def test_cartpole_learns_across_two_nodes_and_drops_forged_frames(cluster, tmp_path):
+    cfg = _cfg(tmp_path, "stop.env_steps=40000", "workers.actors.count=2",
+               "workers.actors.resources={srl_cpu_node: 1}")
+    forged = {}
+
+    def forge(controller, scheduler):
+        names = RayResolver(ray_namespace(controller.run_dir))
+        _wait(lambda: names.get("trainer/0/samples") and _reported(controller, "trainer/0"), what="trainer")
+        ctx = zmq.Context.instance()
+        for address in (names.get("trainer/0/samples"), controller.stats_address):
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(address)
+            sock.send_multipart(wire.encode("sample", None, {"forged": True}, key=b"not the run's secret"))
+            sock.send_multipart(wire.encode("sample", None, {"forged": True}, key=None))  # no tag at all
+            sock.close(linger=2000)
+        forged["sent"] = 4
+
+    run_dir = tmp_path / "run"
+    result, controller, scheduler = _run(cfg, run_dir, during=forge)
+
+    # workers sat on both nodes, as their resources asked
+    assert {scheduler.node_id(f"actor/{i}") for i in range(2)} == {cluster.second_id}
+    assert scheduler.node_id("trainer/0") == cluster.head_id
+    # ... and bound the node's address, published through Ray's KV store
+    assert controller.stats_address.startswith(f"tcp://{cluster.node_ip}:")
+    assert RayResolver(ray_namespace(str(run_dir))).keys("") == []  # ... and names were cleared
+    # the return clearly improved
+    rows = _rows(run_dir)
+    first = next(r["charts/episodic_return"] for r in rows if r.get("charts/episodic_return"))
+    assert result.reason == "env_steps" and result.restarts == 0
+    assert result.mean_return is not None and result.mean_return > max(100.0, 3 * first), (first, result)
+    # every forged frame was dropped and counted: 2 at the trainer, 2 at the controller
+    assert forged.get("sent") == 4
+    assert rows[-1]["dropped_frames"] >= 4, rows[-1]
+    # the per-run secret stays out of every file of the run
+    secret = controller.key
+    assert secret is not None and len(secret) == 32
+    for folder, _, files in os.walk(run_dir):
+        for name in files:
+            blob = open(os.path.join(folder, name), "rb").read()
+            assert secret not in blob and secret.hex().encode() not in blob, name
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def test_kill_9_actor_worker_mid_run_recovers(cluster, tmp_path):
+    cfg = _cfg(tmp_path, "stop.env_steps=25000", "workers.actors.count=2")
+    killed = {}
+
+    def kill(controller, scheduler):
+        _wait(lambda: _reported(controller, "actor/1") and controller.counters["env_steps"] > 4000,
+              what="actor/1 running")
+        killed["pid"] = scheduler.pid("actor/1")
+        os.kill(killed["pid"], signal.SIGKILL)
+        _wait(lambda: controller.specs["actor/1"].incarnation == 1 and _reported(controller, "actor/1"),
+              what="restarted actor/1 reporting")
+        killed["new_pid"] = scheduler.pid("actor/1")
+
+    result, controller, scheduler = _run(cfg, tmp_path / "run", during=kill)
+    assert result.reason == "env_steps"
+    assert result.restarts >= 1 and _rows(tmp_path / "run")[-1]["restarts"] >= 1
+    assert killed["new_pid"] != killed["pid"]
+    assert controller.worker_stats["actor/1"]["incarnation"] == 1  # the new process reported in
+
+
+# --------------------------------------------------------------------------- srl run --ray
+
+
+def test_cli_run_with_ray_flag_writes_one_run_dir(cluster, tmp_path):
+    from srl.cli import main
+
+    run_dir = tmp_path / "shared" / "my-run"
+    argv = ["run", CARTPOLE, "--ray", cluster.address, "--run-dir", str(run_dir), "stop.env_steps=3000",
+            "stop.mean_return=null", "workers.actors.num_cpus=0.5", "workers.trainers.num_cpus=0.5",
+            f"log.dir={tmp_path / 'elsewhere'}", "log.console=false"]
+    assert main(argv) == 0
+    saved = yaml.safe_load(open(run_dir / "config.yaml"))
+    assert saved["cluster"]["backend"] == "ray" and saved["cluster"]["address"] == cluster.address
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "result.json").exists()
+    assert os.listdir(run_dir / "tb")  # TensorBoard events
+    assert any("ckpt" in n or n.endswith(".safetensors") for n in _all_files(run_dir)), _all_files(run_dir)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def _all_files(root):
+    return [n for _, _, files in os.walk(root) for n in files]
+
+
+# --------------------------------------------------------------------------- node loss (last: removes a node)
+
+
+def test_lost_node_workers_move_to_head(cluster, tmp_path):
+    cfg = _cfg(tmp_path, "stop.env_steps=25000", "workers.actors.count=3")
+    moved = {}
+
+    def lose_node(controller, scheduler):
+        actors = [f"actor/{i}" for i in range(3)]
+        _wait(lambda: all(_reported(controller, a) for a in actors), what="actors running")
+        moved["before"] = {a: scheduler.node_id(a) for a in actors}
+        on_second = [a for a, node in moved["before"].items() if node == cluster.second_id]
+        assert on_second, f"SPREAD put no actor on the second node: {moved['before']}"
+        moved["lost"] = on_second
+        cluster.remove_node(cluster.second, allow_graceful=False)
+        _wait(lambda: all(controller.specs[a].incarnation >= 1 and _reported(controller, a) for a in on_second),
+              timeout_s=90, what="lost workers back")
+        moved["after"] = {a: scheduler.node_id(a) for a in actors}
+
+    result, controller, scheduler = _run(cfg, tmp_path / "run", during=lose_node)
+    assert result.reason == "env_steps"
+    assert result.restarts >= len(moved["lost"])
+    assert set(moved["after"].values()) == {cluster.head_id}, moved
