@@ -136,7 +136,8 @@ class GraphedStep:
     times first, so callers reset their state after constructing one.
     """
 
-    def __init__(self, fn: Callable[[], None], enabled: bool = True, warmup: int = 2):
+    def __init__(self, fn: Callable[[], None], enabled: bool = True, warmup: int = 2,
+                 generators: tuple = ()):
         self.fn = fn
         self.graph = None
         if not (enabled and torch.cuda.is_available()):
@@ -152,6 +153,9 @@ class GraphedStep:
                     fn()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
+            for g in generators:  # non-default generators must be registered before capture
+                if g is not None:
+                    self.graph.register_generator_state(g)
             with torch.cuda.graph(self.graph):
                 fn()
         finally:
@@ -176,9 +180,23 @@ def cuda_generator(device, generator: torch.Generator | None) -> torch.Generator
     """A sampler's own CUDA generator, so its graph's random stream is independent of others'."""
     if generator is not None or torch.device(device).type != "cuda":
         return generator
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return None  # older torch: graphs only track the default generator
     g = torch.Generator(device=device)
     g.manual_seed(int(torch.randint(0, 2**62, ())))
     return g
+
+
+def capture(sampler, fn: Callable[[], None], enabled: bool) -> GraphedStep:
+    """GraphedStep over the sampler's own generator; the default generator if that fails."""
+    try:
+        return GraphedStep(fn, enabled=enabled, generators=(sampler.generator,))
+    except RuntimeError:
+        if sampler.generator is None:
+            raise
+        torch.cuda.synchronize()
+        sampler.generator = None
+        return GraphedStep(fn, enabled=enabled)
 
 
 def round_up(n: int, multiple: int = 64) -> int:
@@ -207,7 +225,7 @@ class PlainSampler:
         self.state.reset(dummy, 1)
         with torch.inference_mode():
             prefill(model, self.cache, dummy)
-            self._step = GraphedStep(self._steps, enabled=cuda_graph)
+            self._step = capture(self, self._steps, cuda_graph)
 
     def close(self) -> None:
         self._step.close()

@@ -31,7 +31,7 @@ import time
 import torch
 from torch import Tensor
 
-from srl.generation.decode import (GenState, GraphedStep, Rollout, causal_layout, cuda_generator,
+from srl.generation.decode import (GenState, Rollout, capture, causal_layout, cuda_generator,
                                    prefill, round_up, tree_layout)
 from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
 
@@ -276,7 +276,7 @@ class SpeculativeSampler:
         with torch.inference_mode():  # capture from a valid state (lens >= 1)
             prefill(self.target, self.tcache, dummy)
             prefill(self.draft, self.dcache, dummy)
-            self._step = GraphedStep(self._iteration, enabled=cuda_graph)
+            self._step = capture(self, self._iteration, cuda_graph)
 
     def close(self) -> None:
         self._step.close()
