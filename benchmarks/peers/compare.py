@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def pkg_versions(python: Path, packages: list[str]) -> dict:
         return {}
 
 
+def rel(path) -> str:
+    """A path as written into results: relative to the repository root when inside it."""
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
     """Run one training process; shell_wall_s covers launch to exit."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -68,7 +77,10 @@ def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
         try:
             rc = proc.wait(timeout=CAP_S)
             timed_out = False
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:  # the cap, or the driver itself being stopped
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, 9)
+                raise
             os.killpg(proc.pid, 15)
             try:
                 proc.wait(timeout=20)
@@ -83,9 +95,9 @@ def run_one(cmd: list[str], cwd: Path, log_path: Path) -> dict:
     except (ProcessLookupError, PermissionError):
         pass
     text = log_path.read_text(errors="replace")
-    out = {"cmd": " ".join(shlex.quote(c) for c in cmd), "rc": rc, "timed_out": timed_out,
+    out = {"cmd": " ".join(shlex.quote(rel(c) if os.sep in c else c) for c in cmd), "rc": rc, "timed_out": timed_out,
            "shell_wall_s": round(shell_wall, 2), "loadavg_1min_before": load_before,
-           "loadavg_1min_after": os.getloadavg()[0], "log": str(log_path)}
+           "loadavg_1min_after": os.getloadavg()[0], "log": rel(log_path)}
     m = FINAL_RE.search(text)
     if m:
         out.update(env_steps=int(m.group(1)), mean_return=float(m.group(2)), wall_s=float(m.group(3)))
@@ -149,82 +161,98 @@ def print_table(rows: list[dict]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def prepare(name: str, install: bool, errors: dict) -> dict | None:
+    """Check (or create) one peer's environment; return how to run it, or None."""
+    if name == "srl":
+        srl_bin = REPO / ".venv" / "bin" / "srl"
+        py = REPO / ".venv" / "bin" / "python"
+        check = subprocess.run([str(py), "-c", "import srl.cli"], capture_output=True, text=True) \
+            if py.exists() else None
+        if check is None or check.returncode != 0 or not srl_bin.exists():
+            errors["srl"] = "srl is not importable from the repository's .venv"
+            print(f"[skip] srl: {errors['srl']}", flush=True)
+            return None
+        versions = pkg_versions(py, ["srl", "torch", "gymnasium", "numpy"])
+        return {"version": versions.get("srl"), "versions": versions, "cwd": REPO,
+                "cmd": lambda seed: [str(srl_bin), "run", "configs/cartpole_ppo.yaml", f"seed={seed}"]}
+    if name not in PEERS:
+        errors[name] = "unknown peer"
+        print(f"[skip] {name}: unknown peer (known: {', '.join(PEERS)}, srl)", flush=True)
+        return None
+    spec = PEERS[name]
+    py = HERE / spec["venv"] / "bin" / "python"
+    if not py.exists() and install:
+        print(f"[install] {name}", flush=True)
+        res = subprocess.run(["bash", str(HERE / spec["install"])], capture_output=True, text=True)
+        if res.returncode != 0:
+            errors[name] = "install failed: " + (res.stderr or res.stdout)[-2000:]
+            print(f"[fail] {name}: {errors[name]}", flush=True)
+            return None
+    if not py.exists():
+        errors[name] = f"virtual environment missing: run bash benchmarks/peers/{spec['install']}"
+        print(f"[skip] {name}: {errors[name]}", flush=True)
+        return None
+    versions = pkg_versions(py, [spec["package"], "torch", "gymnasium", "numpy"])
+    script = HERE / spec["script"]
+    return {"version": versions.get(spec["package"]), "versions": versions, "cwd": HERE,
+            "cmd": lambda seed: [str(py), str(script), "--seed", str(seed)]}
+
+
 def main() -> int:
+    # A SIGTERM to the driver ends the run in progress too (see run_one).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="path of the JSON results file")
     parser.add_argument("--peers", default="sb3,rllib,sample_factory,srl")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--install", action="store_true", help="create missing peer virtual environments first")
     parser.add_argument("--logs", default=str(HERE / "results" / "logs"), help="folder for per-run logs")
+    parser.add_argument("--order", choices=["interleaved", "grouped"], default="interleaved",
+                        help="interleaved (default): seed 1 of every peer, then seed 2, ...; so that load "
+                             "from other work on a shared machine falls on all peers alike. grouped: "
+                             "all seeds of one peer, then the next peer")
     args = parser.parse_args()
 
     seeds = [int(s) for s in args.seeds.split(",")]
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    rows, errors = [], {}
-
+    errors: dict = {}
+    ready = {}
     for name in args.peers.split(","):
-        if name == "srl":
-            srl_bin = REPO / ".venv" / "bin" / "srl"
-            py = REPO / ".venv" / "bin" / "python"
-            check = subprocess.run([str(py), "-c", "import srl.cli"], capture_output=True, text=True) \
-                if py.exists() else None
-            if check is None or check.returncode != 0 or not srl_bin.exists():
-                reason = "srl is not importable from the repository's .venv"
-                print(f"[skip] srl: {reason}", flush=True)
-                errors["srl"] = reason
-                continue
-            version = pkg_versions(py, ["srl"]).get("srl")
-            runs = []
-            for seed in seeds:
-                print(f"[run] srl seed={seed}", flush=True)
-                r = run_one([str(srl_bin), "run", "configs/cartpole_ppo.yaml", f"seed={seed}"],
-                            REPO, logs / f"srl_seed{seed}.log")
-                print(f"      -> {r.get('wall_s', 'no final line')} s, {r.get('env_steps')} steps, "
-                      f"shell {r['shell_wall_s']} s", flush=True)
-                runs.append(r)
-            rows.append(summarize("srl", version, runs))
-            continue
+        prepared = prepare(name, args.install, errors)
+        if prepared is not None:
+            ready[name] = prepared
 
-        spec = PEERS[name]
-        py = HERE / spec["venv"] / "bin" / "python"
-        if not py.exists() and args.install:
-            print(f"[install] {name}", flush=True)
-            res = subprocess.run(["bash", str(HERE / spec["install"])], capture_output=True, text=True)
-            if res.returncode != 0:
-                errors[name] = "install failed: " + (res.stderr or res.stdout)[-2000:]
-                print(f"[fail] {name}: {errors[name]}", flush=True)
-                continue
-        if not py.exists():
-            errors[name] = f"virtual environment missing: run bash benchmarks/peers/{spec['install']}"
-            print(f"[skip] {name}: {errors[name]}", flush=True)
-            continue
-        versions = pkg_versions(py, [spec["package"], "torch", "gymnasium", "numpy"])
-        runs = []
-        for seed in seeds:
-            print(f"[run] {name} seed={seed}", flush=True)
-            r = run_one([str(py), str(HERE / spec["script"]), "--seed", str(seed)], HERE,
-                        logs / f"{name}_seed{seed}.log")
-            print(f"      -> {r.get('wall_s', 'no final line')} s, {r.get('env_steps')} steps, "
-                  f"shell {r['shell_wall_s']} s", flush=True)
-            runs.append(r)
-        row = summarize(name, versions.get(spec["package"]), runs)
-        row["versions"] = versions
+    if args.order == "interleaved":
+        plan = [(name, seed) for seed in seeds for name in ready]
+    else:
+        plan = [(name, seed) for name in ready for seed in seeds]
+    runs: dict[str, dict[int, dict]] = {name: {} for name in ready}
+    for name, seed in plan:
+        peer = ready[name]
+        print(f"[run] {name} seed={seed}", flush=True)
+        r = run_one(peer["cmd"](seed), peer["cwd"], logs / f"{name}_seed{seed}.log")
+        r["seed"] = seed
+        print(f"      -> {r.get('wall_s', 'no final line')} s, {r.get('env_steps')} steps, "
+              f"shell {r['shell_wall_s']} s, load {r['loadavg_1min_before']:.1f}", flush=True)
+        runs[name][seed] = r
+
+    rows = []
+    for name, peer in ready.items():
+        row = summarize(name, peer["version"], [runs[name][seed] for seed in seeds])
+        row["versions"] = peer["versions"]
         rows.append(row)
 
     print()
     print_table(rows)
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
     result = {
         "task": "CartPole-v1, stop when the mean return of the last 20 finished episodes >= 475",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "loadavg_at_end": load},
+                    "loadavg_at_end": os.getloadavg()},
         "cap_s": CAP_S,
         "seeds": seeds,
+        "order": args.order,
         "results": rows,
         "errors": errors,
     }
