@@ -53,8 +53,6 @@ class Sophia(Optimizer):
             backward); ``hessian_due()`` tells the training loop when to do it.
         foreach: use the multi-tensor ``torch._foreach_*`` path (default: True). ``False`` runs
             a per-tensor loop with the same arithmetic (kept as a readable reference).
-        compile: run the per-tensor loop through ``torch.compile`` (one generated kernel for
-            many tensors; compiles on the first step, recompiles if the parameter set changes).
         win_rate_every: count clipped coordinates every this many steps (default:
             ``update_period``; 0: never; 1: every step). Counting costs two multi-tensor kernels
             and no host synchronisation until ``win_rate()`` is read.
@@ -98,7 +96,6 @@ class Sophia(Optimizer):
         update_period: int = 10,
         *,
         foreach: bool | None = None,
-        compile: bool = False,
         win_rate_every: int | None = None,
     ):
         if not lr >= 0.0:
@@ -128,8 +125,6 @@ class Sophia(Optimizer):
         super().__init__(params, defaults)
         self.update_period = update_period
         self.win_rate_every = win_rate_every
-        self.compile = bool(compile)
-        self._compiled = None  # torch.compile'd _update_loop, built on first use
         self.num_steps = 0            # step() calls so far (saved in state_dict)
         self.num_hessian_updates = 0  # update_hessian() calls so far (saved in state_dict)
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -251,13 +246,7 @@ class Sophia(Optimizer):
         grads = [p.grad.float() for p in params] if low else [p.grad for p in params]
         work = [p.float() for p in params] if low else params  # float32 copies of bf16 params
         hp = (group["betas"][0], group["rho"], group["weight_decay"], group["eps"])
-        if self.compile and not count:
-            if self._compiled is None:
-                self._compiled = torch.compile(_update_loop, dynamic=False)
-            lr = torch.tensor(group["lr"], dtype=m[0].dtype, device=m[0].device)
-            self._compiled(work, grads, m, h, lr, *hp)
-            n = None
-        elif group["foreach"]:
+        if group["foreach"]:
             n = _update_foreach(work, grads, m, h, group["lr"], *hp, count)
         else:
             _update_loop(work, grads, m, h, group["lr"], *hp)
