@@ -82,6 +82,7 @@ def _write_video(path: str, frames: list, fps: int) -> None:
         raise SrlError("--video needs imageio: pip install 'srl[video]'") from None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        imageio.mimsave(path, [np.asarray(f) for f in frames], fps=fps)
+        timing = {"duration": 1000.0 / fps} if path.lower().endswith(".gif") else {"fps": fps}
+        imageio.mimsave(path, [np.asarray(f) for f in frames], **timing)
     except (ValueError, RuntimeError) as exc:
         raise SrlError(f"cannot write {path}: {exc}") from None
