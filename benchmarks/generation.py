@@ -155,6 +155,9 @@ def main():
     ap.add_argument("--align-steps", type=int, default=80)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--seq-len", type=int, default=320,
+                    help="training window; must cover prompt + new tokens (rotary positions)")
+    ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--grid-budget", type=float, default=240.0, help="seconds for the grid")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (code check)")
     args = ap.parse_args()
@@ -163,10 +166,11 @@ def main():
         DEV = "cpu"
         POLICY.update(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
         DRAFT.update(vocab_size=64, d_model=16, n_layers=1, n_heads=2)
-        args.quick, args.new_tokens = True, 32
+        args.quick, args.new_tokens, args.seq_len = True, 32, 48
     if args.quick:
         args.train_steps, args.draft_steps, args.align_steps = 60, 40, 5
         args.batches, args.draft_lens, args.ks, args.repeats = "1,64", "4", "1,4", 1
+        args.seq_len = min(args.seq_len, 64)
     batches = [int(b) for b in args.batches.split(",")]
     Ls = [int(x) for x in args.draft_lens.split(",")]
     ks = [int(x) for x in args.ks.split(",")]
@@ -186,7 +190,9 @@ def main():
     result["policy_params"], result["draft_params"] = policy.num_params(), draft.num_params()
     log(f"policy {policy.num_params() / 1e6:.1f}M params, draft {draft.num_params() / 1e6:.1f}M "
         f"({policy.num_params() / draft.num_params():.1f}x smaller)")
-    result["policy_loss"] = train_lm(policy, task, args.train_steps, 64, 128, 1e-3, rng, "policy")
+    new_align = args.seq_len - 9  # rollouts as long as the training windows
+    result["policy_loss"] = train_lm(policy, task, args.train_steps, args.train_batch,
+                                     args.seq_len, 1e-3, rng, "policy")
     pol16 = bf16_copy(policy)
     result["policy_addition_accuracy"] = task_accuracy(pol16, task.addition, rng)
     log(f"  policy greedy accuracy on 3-digit addition: {result['policy_addition_accuracy']:.2f}")
@@ -199,10 +205,11 @@ def main():
         p = p.to(DEV)
         return torch.cat([p, sampler.generate(p, n_new).tokens], 1)
 
-    gen = PlainSampler(pol16, 128, 160, params)
-    held_out = fresh_rollouts(gen, 119)
+    gen = PlainSampler(pol16, 64, args.seq_len + 32, params)
+    held_out = fresh_rollouts(gen, new_align)
     drafts = {"random": bf16_copy(draft)}
-    result["draft_loss"] = train_lm(draft, task, args.draft_steps, 64, 128, 3e-3, rng, "draft")
+    result["draft_loss"] = train_lm(draft, task, args.draft_steps, args.train_batch,
+                                    args.seq_len, 3e-3, rng, "draft")
     drafts["pretrained"] = bf16_copy(draft)
     with torch.autocast(DEV, torch.bfloat16):
         acc = {"random": measure_acceptance(drafts["random"], pol16, held_out),
@@ -211,7 +218,7 @@ def main():
     aligner = DraftAligner(draft, pol16, DraftAlignConfig(lr=1e-3, params=params))
     t0 = time.time()
     with torch.autocast(DEV, torch.bfloat16):
-        hist = aligner.run(policy_batches(lambda: fresh_rollouts(gen, 119), args.align_steps))
+        hist = aligner.run(policy_batches(lambda: fresh_rollouts(gen, new_align), args.align_steps))
         acc["aligned"] = measure_acceptance(draft, pol16, held_out)
     gen.close()
     del gen
@@ -223,8 +230,7 @@ def main():
 
     # ---- measured acceptance of standard speculative sampling, before vs after alignment
     result["speculative_before_after"] = {}
-    for name, graph in (("pretrained", True), ("aligned", True), ("aligned", False),
-                        ("pretrained", True)):
+    for name, graph in (("pretrained", True), ("aligned", True)):
         r = bench_config(pol16, drafts[name], 16, "standard", 1, 4, prompts_all,
                          args.new_tokens if graph else 64, params, 1, cuda_graph=graph)
         result["speculative_before_after"][f"{name}{'' if graph else '_eager'}"] = r
