@@ -131,6 +131,20 @@ def test_huge_logits_stay_finite_and_accurate():
     assert rel_err(out, ref) <= TOL[torch.float16]
 
 
+@pytest.mark.skipif(not _CPU, reason="sets the interpreter's forward tile options")
+def test_lazy_rescale_option_matches_reference(monkeypatch):
+    import srl.kernels.flash_attention as fa
+
+    monkeypatch.setitem(fa._INTERP_FWD_TILES, "LAZY_RESCALE", True)
+    q, k, v = make_qkv(1, 2, 1, 200, 256, 64, torch.float32, seed=9, scale=2.0)
+    with torch.no_grad():
+        k += torch.linspace(0, 6, 256)[None, None, :, None]  # maxima that grow along the keys
+        for causal in (False, True):
+            out = flash_attention(q, k, v, causal=causal)
+            ref = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+            assert rel_err(out, ref) <= TOL[torch.float32]
+
+
 def test_negative_control_wrong_scale_fails_tolerance():
     q, k, v = make_qkv(1, 2, 2, 128, 128, 64, torch.float16, seed=5)
     ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=False)

@@ -515,10 +515,15 @@ _DKDV_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64
 _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
              128: _tiles(128, 64, 8, 3), 256: _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(64, 64, 4, 1)
+_INTERP_FWD_TILES = dict(_INTERP_TILES)
+# The forward also takes LAZY_RESCALE / WARP_SPEC (both off by default). They are
+# candidates for `benchmarks/kernels/attention.py --sweep`, not yet measured on a GPU:
+# LAZY_RESCALE skips the accumulator rescale until a row max grows by > 8 (base 2);
+# WARP_SPEC asks Triton to warp-specialize the key loop.
 
 
 def _fwd_tiles(d, causal):
-    return _INTERP_TILES if INTERPRET else _FWD_TILES[d]
+    return _INTERP_FWD_TILES if INTERPRET else _FWD_TILES[d]
 
 
 def _bwd_tiles(d, causal):
