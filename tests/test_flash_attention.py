@@ -24,6 +24,7 @@ import srl.kernels._flash_common as _common  # noqa: E402
 from srl.kernels.flash_attention import attention_reference, flash_attention, flash_decode  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def _fresh_interpreter_only(request):
 def test_interpreter_suite_in_fresh_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         env=env, capture_output=True, text=True, timeout=900)
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
@@ -184,6 +185,27 @@ def test_decode_matches_reference(n_q, group, kv_lens, splits):
     if kv_lens is not None and min(kv_lens) < n_q:  # batch 0 has 3 keys: its first 13 rows see none
         blind = n_q - min(kv_lens)
         assert torch.equal(out[0, :, :blind], torch.zeros_like(out[0, :, :blind]))
+
+
+def test_decode_kv_lens_past_the_cache_are_clamped():
+    q, k, v = make_qkv(2, 2, 2, 2, 96, 32, torch.float32, seed=10)
+    lens = torch.tensor([500, 40], device=DEV)
+    with torch.no_grad():
+        out = flash_decode(q, k, v, kv_lens=lens, num_splits=2)
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True,
+                              kv_lens=torch.tensor([96, 40]))
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+def test_cpu_without_interpreter_dispatches_to_the_reference():
+    code = ("import torch; from srl.kernels.flash_attention import flash_attention, attention_reference;"
+            "q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16);"
+            "assert torch.equal(flash_attention(q, k, v, causal=True), attention_reference(q, k, v, causal=True));"
+            "import srl.kernels._flash_common as c; assert not c.INTERPRET")
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_decode_bf16_upcast_and_long_split():

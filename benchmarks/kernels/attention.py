@@ -96,8 +96,6 @@ def bench_training_point(n, d, causal, dtype=torch.bfloat16):
         for mode in ("fwd", "fwd_bwd"):
             if f"{base}_{mode}_tflops" in row and f"srl_{mode}_tflops" in row:
                 row[f"{mode}_vs_{base}"] = row[f"srl_{mode}_tflops"] / row[f"{base}_{mode}_tflops"]
-    del q, k, v, do
-    torch.cuda.empty_cache()
     return row
 
 
@@ -145,8 +143,6 @@ def bench_decode_point(batch, n_k, h=16, h_kv=16, d=128, dtype=torch.bfloat16):
         row[f"speedup{mode}_vs_sdpa_best"] = row[f"sdpa_best{mode}_us"] / row[f"srl{mode}_us"]
     # K and V read once: the memory floor
     row["srl_graph_gbps"] = 2 * k.numel() * k.element_size() / (row["srl_graph_us"] * 1e-6) * 1e-9
-    del q, k, v
-    torch.cuda.empty_cache()
     return row
 
 
@@ -263,8 +259,6 @@ def sweep_decode(points=((1, 131072, 16, 16), (1, 16384, 32, 8), (16, 1024, 32, 
               ", ".join(f"{r[0]}={r[1]:.1f}" for r in res[:6]), flush=True)
         out.append({"B": b, "KV": n_k, "H": h, "H_kv": h_kv, "sdpa_graph_us": sdpa,
                     "results": [{"cfg": r[0], "us": r[1]} for r in res]})
-        del q, k, v
-        torch.cuda.empty_cache()
     return out
 
 
@@ -310,6 +304,7 @@ def main(argv=None):
             for causal in (False, True):
                 for n in args.seq:
                     training.append(bench_training_point(n, d, causal))
+                    torch.cuda.empty_cache()
                     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in training[-1].items()},
                           flush=True)
                     save()
@@ -323,6 +318,7 @@ def main(argv=None):
                         skipped.append({"B": b, "H": h, "H_kv": h_kv, "KV": n_k, "kv_gib": gib})
                         continue
                     decode.append(bench_decode_point(b, n_k, h=h, h_kv=h_kv))
+                    torch.cuda.empty_cache()
                     save()
         print_decode(decode)
         if skipped:

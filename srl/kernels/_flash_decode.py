@@ -67,8 +67,8 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if HAS_KV_LENS:
-        n_k = tl.load(KV_LENS + off_b).to(tl.int32)
+    if HAS_KV_LENS:  # clamped to [0, N_K], so a bad length cannot read past the cache
+        n_k = tl.minimum(tl.maximum(tl.load(KV_LENS + off_b).to(tl.int32), 0), N_K)
     else:
         n_k = N_K
     causal_shift = n_k - N_Q  # query pos sees key j iff j <= pos + causal_shift
@@ -168,7 +168,7 @@ def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=N
             query row this is plain attention over the whole cache.
         sm_scale: softmax scale, default 1/sqrt(D).
         kv_lens: optional (B,) integer tensor, valid cache length per batch
-            element (1 <= kv_lens <= Nk); keys past it are ignored.
+            element; keys past it are ignored (values are clamped to [0, Nk]).
         num_splits: KV splits; default picks enough to fill the GPU.
 
     Returns:
