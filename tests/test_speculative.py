@@ -26,6 +26,7 @@ V = 8
 N = 30_000
 PASS = 1e-3  # a correct sampler's p-value stays above this (fixed seeds)
 FAIL = 1e-6  # a broken one's falls below this
+ROWS = 12_000  # sequences per full-loop run
 
 
 def chi2_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
@@ -131,7 +132,7 @@ def test_standard_block_mean_tokens_match_theory():
     p, q = CASES["dirichlet_zeros"]
     alpha = torch.minimum(p, q).sum().item()
     g = torch.Generator().manual_seed(3)
-    for gamma in (1, 3, 5):
+    for gamma in (1, 4):
         Pb = p.expand(N, gamma + 1, V)
         Qb = q.expand(N, gamma, V)
         drafts = sample_from_probs(Qb, g)
@@ -219,7 +220,7 @@ LOOP_CONFIGS = [(1, 2), (2, 2), (4, 1), (4, 3)]
 def test_bigram_loop_joint_law(k, L):
     target, draft = _bigram_pair()
     params = SamplingParams(temperature=1.0)
-    Vb, n_new, rows = 4, 3, 20_000
+    Vb, n_new, rows = 4, 3, ROWS
     out = run_loop(target, draft, k, L, params, rows, n_new, seed=k * 10 + L)
     exact = exact_bigram_joint(target, 2, n_new, params)
     assert chi2_pvalue(joint_index(out.tokens, Vb), exact) > PASS
@@ -237,7 +238,7 @@ def test_bigram_loop_joint_law(k, L):
 def test_bigram_loop_top_k_shared_by_both():
     target, draft = _bigram_pair(Vb=5, seed=4)
     params = SamplingParams(temperature=0.9, top_k=3)
-    out = run_loop(target, draft, 3, 2, params, 20_000, 3, seed=7)
+    out = run_loop(target, draft, 3, 2, params, ROWS, 3, seed=7)
     exact = exact_bigram_joint(target, 2, 3, params)
     assert chi2_pvalue(joint_index(out.tokens, 5), exact) > PASS
 
@@ -256,7 +257,7 @@ def test_bigram_loop_controls_fail(control, monkeypatch):
         monkeypatch.setattr(spec, "kseq_rho", lambda p, q, k, *a, **kw: torch.ones(p.shape[0], dtype=p.dtype))
     target, draft = _bigram_pair()
     params = SamplingParams()
-    out = run_loop(target, draft, 4, 2, params, 20_000, 3, seed=11)
+    out = run_loop(target, draft, 4, 2, params, ROWS, 3, seed=11)
     assert chi2_pvalue(joint_index(out.tokens, 4), exact_bigram_joint(target, 2, 3, params)) < FAIL
 
 
@@ -285,7 +286,7 @@ def test_transformer_loop_joint_law(k, L):
     target, draft = _tiny_pair()
     params = SamplingParams(temperature=0.7)
     prompt = (1, 3, 0)
-    out = run_loop(target, draft, k, L, params, 20_000, 3, seed=3 + k, prompt_tokens=prompt)
+    out = run_loop(target, draft, k, L, params, ROWS, 3, seed=3 + k, prompt_tokens=prompt)
     exact = exact_lm_joint(target, prompt, 3, params, 5)
     idx = joint_index(out.tokens, 5)
     assert chi2_pvalue(idx, exact) > PASS

@@ -69,14 +69,14 @@ def test_draft_alignment_raises_acceptance():
     def fresh():
         prompt = torch.randint(0, vocab, (32, 2))
         with torch.no_grad():
-            return torch.cat([prompt, sampler.generate(prompt, 24).tokens], 1)
+            return torch.cat([prompt, sampler.generate(prompt, 16).tokens], 1)
 
     held_out = fresh()
     before = measure_acceptance(draft, target, held_out)
     aligner = DraftAligner(draft, target, DraftAlignConfig(lr=3e-3, params=params))
-    history = aligner.run(policy_batches(fresh, 40))
+    history = aligner.run(policy_batches(fresh, 25))
     after = measure_acceptance(draft, target, held_out)
     assert after > before + 0.05
-    assert aligner.samples_seen == 40 * 32 and len(history) == 40
+    assert aligner.samples_seen == 25 * 32 and len(history) == 25
     assert history[-1]["charts/acceptance_rate"] > history[0]["charts/acceptance_rate"]
     assert abs(block_efficiency(0.5, 3) - 1.875) < 1e-12 and block_efficiency(1.0, 3) == 4.0
