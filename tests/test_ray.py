@@ -11,6 +11,7 @@ import signal
 import tempfile
 import threading
 import time
+import traceback
 
 import pytest
 import yaml
@@ -68,9 +69,11 @@ def _cfg(tmp_path, *overrides):
     return experiment_from_dict(data, base + list(overrides))
 
 
-def _run(cfg, run_dir, during=None):
+def _run(cfg, run_dir, during=None, end_run=False):
     """Run a controller on a RayScheduler in this thread (it installs signal handlers); ``during``
-    runs beside it in a thread with the controller and scheduler, and must not raise."""
+    runs beside it in a thread with the controller and scheduler, and must not raise. With
+    ``end_run`` the side thread stops the run (SIGINT, a clean stop) once ``during`` is done, so a
+    fault test ends on what it checked, not on a step count a fast run may pass first."""
     scheduler = RayScheduler(cfg)
     controller = Controller(cfg, str(run_dir), scheduler=scheduler)
     errors = []
@@ -78,8 +81,10 @@ def _run(cfg, run_dir, during=None):
     def side():
         try:
             during(controller, scheduler)
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+        except Exception:  # noqa: BLE001 - reported by the test, with its traceback
+            errors.append(traceback.format_exc())
+        if end_run or errors:
+            os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=side, daemon=True) if during else None
     if thread:
@@ -90,8 +95,17 @@ def _run(cfg, run_dir, during=None):
         scheduler.shutdown()
     if thread:
         thread.join(timeout=30)
-    assert not errors, errors
+    assert not errors, errors[0]
     return result, controller, scheduler
+
+
+def _recovered(controller, name, before, steps=3000):
+    """Wait until ``name`` runs a newer incarnation than ``before`` and reports, then until the
+    run has gained ``steps`` more env steps."""
+    _wait(lambda: controller.specs[name].incarnation > before and _reported(controller, name),
+          timeout_s=90, what=f"{name} back")
+    mark = controller.counters["env_steps"]
+    _wait(lambda: controller.counters["env_steps"] >= mark + steps, what=f"{steps} env steps after {name} came back")
 
 
 def _wait(predicate, timeout_s=60.0, what="condition"):
@@ -102,10 +116,23 @@ def _wait(predicate, timeout_s=60.0, what="condition"):
         time.sleep(0.05)
 
 
-def _reported(controller, name, steps=1):
-    """The worker's current incarnation has reported at least ``steps`` env steps... or any stats."""
-    meta = controller.worker_stats.get(name)
-    return meta is not None and meta.get("incarnation") == controller.specs[name].incarnation
+def _reported(controller, name):
+    """The worker's current incarnation has said something (it is configured and running)."""
+    meta, spec = controller.worker_stats.get(name), controller.specs.get(name)
+    return meta is not None and spec is not None and meta.get("incarnation") == spec.incarnation
+
+
+def _checkpoint_version(controller) -> int:
+    path = getattr(controller, "last_checkpoint", None)
+    return int(os.path.basename(path).split("-")[-1]) if path else -1
+
+
+def _try_bind(sock, address):
+    try:
+        sock.bind(address)
+        return True
+    except zmq.ZMQError:
+        return False
 
 
 def _rows(run_dir):
@@ -162,7 +189,7 @@ def test_cartpole_learns_across_two_nodes_and_drops_forged_frames(cluster, tmp_p
 
 
 def test_kill_9_actor_worker_mid_run_recovers(cluster, tmp_path):
-    cfg = _cfg(tmp_path, "stop.env_steps=25000", "workers.actors.count=2")
+    cfg = _cfg(tmp_path, "stop.wall_s=200", "workers.actors.count=2")
     killed = {}
 
     def kill(controller, scheduler):
@@ -170,15 +197,57 @@ def test_kill_9_actor_worker_mid_run_recovers(cluster, tmp_path):
               what="actor/1 running")
         killed["pid"] = scheduler.pid("actor/1")
         os.kill(killed["pid"], signal.SIGKILL)
-        _wait(lambda: controller.specs["actor/1"].incarnation == 1 and _reported(controller, "actor/1"),
-              what="restarted actor/1 reporting")
+        _recovered(controller, "actor/1", before=0)
         killed["new_pid"] = scheduler.pid("actor/1")
 
-    result, controller, scheduler = _run(cfg, tmp_path / "run", during=kill)
-    assert result.reason == "env_steps"
+    result, controller, scheduler = _run(cfg, tmp_path / "run", during=kill, end_run=True)
+    assert result.reason == "SIGINT"
     assert result.restarts >= 1 and _rows(tmp_path / "run")[-1]["restarts"] >= 1
     assert killed["new_pid"] != killed["pid"]
     assert controller.worker_stats["actor/1"]["incarnation"] == 1  # the new process reported in
+
+
+def test_kill_9_trainer_resumes_and_moved_policy_worker_rejoins(cluster, tmp_path):
+    """The trainer comes back from its last checkpoint. The policy worker comes back on another
+    port (the test holds its old one), so the controller restarts the actors that used it."""
+    cfg = _cfg(tmp_path, "stop.wall_s=200", "workers.actors.count=2", "workers.actors.inline_policy=false",
+               "workers.actors.ring=2", "workers.policies.count=1", "workers.policies.num_cpus=0.5")
+    seen = {}
+
+    def kill(controller, scheduler):
+        names = RayResolver(ray_namespace(controller.run_dir))
+        everyone = [f"{kind}/{i}" for kind, i in controller.worker_plan()]
+        _wait(lambda: all(n in controller.specs and _reported(controller, n) for n in everyone),
+              what="every worker running")
+        _wait(lambda: _checkpoint_version(controller) > 0, what="a checkpoint of trained weights")
+        seen["ckpt_version"] = _checkpoint_version(controller)
+        os.kill(scheduler.pid("trainer/0"), signal.SIGKILL)
+        _wait(lambda: controller.specs["trainer/0"].incarnation == 1 and _reported(controller, "trainer/0")
+              and "version" in controller.worker_stats["trainer/0"], timeout_s=90, what="trainer back")
+        seen["resumed_version"] = controller.worker_stats["trainer/0"]["version"]
+        # (if the trainer came back on another port, the policy worker and actors restart too)
+        _wait(lambda: all(_reported(controller, n) for n in everyone), timeout_s=90, what="everyone back")
+
+        before = {n: controller.specs[n].incarnation for n in everyone}
+        old = seen["old_address"] = names.get("policy/0/inference")
+        os.kill(scheduler.pid("policy/0"), signal.SIGKILL)
+        squat = zmq.Context.instance().socket(zmq.ROUTER)
+        # hold the old port (free once the killed process is reaped): the new one must move
+        _wait(lambda: _try_bind(squat, old), timeout_s=10, what="the old port")
+        try:
+            _wait(lambda: controller.specs["policy/0"].incarnation > before["policy/0"]
+                  and _reported(controller, "policy/0"), timeout_s=90, what="policy worker back")
+            seen["new_address"] = names.get("policy/0/inference")
+            for i in range(2):  # the actors that used the old address were restarted
+                _recovered(controller, f"actor/{i}", before[f"actor/{i}"], steps=1000)
+        finally:
+            squat.close(linger=0)
+
+    result, controller, scheduler = _run(cfg, tmp_path / "run", during=kill, end_run=True)
+    assert result.reason == "SIGINT"
+    assert seen["ckpt_version"] > 0 and seen["resumed_version"] >= seen["ckpt_version"], seen
+    assert seen["new_address"] not in (None, seen["old_address"]), seen
+    assert result.restarts >= 4  # trainer, policy worker, and both actors that used the policy worker
 
 
 # --------------------------------------------------------------------------- srl run --ray
@@ -208,7 +277,7 @@ def _all_files(root):
 
 
 def test_lost_node_workers_move_to_head(cluster, tmp_path):
-    cfg = _cfg(tmp_path, "stop.env_steps=25000", "workers.actors.count=3")
+    cfg = _cfg(tmp_path, "stop.wall_s=200", "workers.actors.count=3")
     moved = {}
 
     def lose_node(controller, scheduler):
@@ -219,11 +288,11 @@ def test_lost_node_workers_move_to_head(cluster, tmp_path):
         assert on_second, f"SPREAD put no actor on the second node: {moved['before']}"
         moved["lost"] = on_second
         cluster.remove_node(cluster.second, allow_graceful=False)
-        _wait(lambda: all(controller.specs[a].incarnation >= 1 and _reported(controller, a) for a in on_second),
-              timeout_s=90, what="lost workers back")
+        for a in on_second:
+            _recovered(controller, a, before=0)
         moved["after"] = {a: scheduler.node_id(a) for a in actors}
 
-    result, controller, scheduler = _run(cfg, tmp_path / "run", during=lose_node)
-    assert result.reason == "env_steps"
+    result, controller, scheduler = _run(cfg, tmp_path / "run", during=lose_node, end_run=True)
+    assert result.reason == "SIGINT"
     assert result.restarts >= len(moved["lost"])
     assert set(moved["after"].values()) == {cluster.head_id}, moved

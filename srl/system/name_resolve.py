@@ -119,8 +119,11 @@ class RayResolver:
 
 
 def ray_namespace(run_dir: str) -> str:
-    """The KV namespace of a run: its absolute run directory, so a resumed run finds its names."""
-    return "srl:" + os.path.abspath(run_dir)
+    """The KV namespace of a run, from its absolute run directory, so a resumed run finds its
+    names. Hashed: Ray's key listing mangles namespaces that contain ':'."""
+    import hashlib
+
+    return "srl-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:24]
 
 
 def make_resolver(kind: str, run_dir: str, names_dir: str = "") -> NameResolver:
