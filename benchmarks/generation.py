@@ -105,7 +105,6 @@ def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params
     p = prompts[:batch]
     sec, out = timed(lambda: s.generate(p, new_tokens), repeats)
     s.close()
-    del s
     if DEV == "cuda":
         torch.cuda.empty_cache()
     sane = {"outside_task_vocab": float((out.tokens >= len(VOCAB)).float().mean()),
@@ -137,7 +136,6 @@ def hf_baseline(batches, new_tokens, repeats):
         t = statistics.median(run() for _ in range(repeats))
         res[b] = b * new_tokens / t
         log(f"  transformers generate() GPT-2 124M bf16 batch {b}: {res[b]:.0f} tok/s")
-    del m
     torch.cuda.empty_cache()
     return res
 
@@ -221,7 +219,6 @@ def main():
         hist = aligner.run(policy_batches(lambda: fresh_rollouts(gen, new_align), args.align_steps))
         acc["aligned"] = measure_acceptance(draft, pol16, held_out)
     gen.close()
-    del gen
     log(f"  aligned on {aligner.samples_seen} fresh sequences in {time.time() - t0:.0f}s; "
         f"logged acceptance {hist[0]['charts/acceptance_rate']:.3f} -> {hist[-1]['charts/acceptance_rate']:.3f}")
     drafts["aligned"] = bf16_copy(draft)
