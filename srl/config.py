@@ -183,7 +183,8 @@ class TrainersConfig:
     num_cpus: float = 1.0
     """Ray: CPUs the trainer reserves."""
     num_gpus: float = 0.0
-    """Ray: GPUs the trainer reserves (whole GPUs: 1 for ``device: cuda``)."""
+    """Ray: GPUs the trainer reserves: 1 for a GPU of its own, a fraction to share one with
+    policy workers. Needs ``device: cuda`` to be used."""
     resources: dict = field(default_factory=dict)
     """Ray: custom resources the trainer reserves, e.g. ``{gpu_node: 1}``."""
 
