@@ -279,8 +279,9 @@ class ClusterConfig:
     backend: str = "local"
     """``local`` (processes on this host) or ``ray``."""
     address: Optional[str] = None
-    """Ray address: ``auto`` joins the cluster this machine belongs to, ``ray://host:10001`` a
-    remote one; null joins the cluster of ``RAY_ADDRESS`` (a ``ray job``) or starts one here."""
+    """Ray address: ``auto`` joins the cluster this machine belongs to (``RAY_ADDRESS``, which a
+    ``ray job`` sets, or the one ``ray start`` began here), ``HOST:6379`` or ``ray://HOST:10001`` a
+    given one; null does what ``auto`` does but starts a one-machine Ray when there is none."""
     spread: bool = True
     """Ray: place actor and policy workers with the SPREAD strategy, across nodes. False packs
     them with Ray's default policy. The trainer always uses the default policy."""
