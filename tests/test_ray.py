@@ -1,6 +1,6 @@
 """The Ray backend on a two-node Ray cluster on this host (a head and a second node, each with
 its own custom resource; Ray advertises the host's own address, so traffic stays on the host): learning across nodes, kill -9 of a worker, loss of a node, forged
-frames, and ``srl run --ray``.
+frames, and ``ray job submit -- srl run``.
 
 Tests run in file order; the one that removes the second node comes last.
 """
@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +42,7 @@ def cluster(tmp_path_factory):
     old_tmp = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="srlray-", dir="/tmp")  # short: socket paths
     c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "resources": {"srl_head": 2}, "include_dashboard": False,
+        "num_cpus": 3, "resources": {"srl_head": 2}, "include_dashboard": True,  # the job server
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                            "health_check_failure_threshold": 4}})
     second = c.add_node(num_cpus=3, resources={"srl_cpu_node": 4})
@@ -253,19 +254,52 @@ def test_kill_9_trainer_resumes_and_moved_policy_worker_rejoins(cluster, tmp_pat
 # --------------------------------------------------------------------------- srl run --ray
 
 
-def test_cli_run_with_ray_flag_writes_one_run_dir(cluster, tmp_path):
-    from srl.cli import main
+@pytest.mark.parametrize("argv, address", [
+    (["--ray", "10.0.0.1:6379", "seed=3"], "10.0.0.1:6379"),
+    (["seed=3", "--ray"], "auto"),
+    (["--ray", "seed=3"], "auto"),  # a bare --ray followed by an override
+])
+def test_cli_ray_flag_sets_the_backend_before_the_run(monkeypatch, tmp_path, argv, address):
+    from srl import cli
+    from srl.experiment import Experiment
+
+    seen = {}
+
+    def fake_run(self, backend=None):
+        seen.update(cluster=(self.config.cluster.backend, self.config.cluster.address), seed=self.config.seed,
+                    run_dir=self.run_dir)
+        raise KeyboardInterrupt  # stop here: nothing runs
+
+    monkeypatch.setattr(Experiment, "run", fake_run)
+    assert cli.main(["run", CARTPOLE, *argv, "--run-dir", str(tmp_path / "r")]) == 130
+    assert seen == {"cluster": ("ray", address), "seed": 3, "run_dir": str(tmp_path / "r")}
+
+
+# --------------------------------------------------------------------------- ray job submit -- srl run
+
+
+def test_ray_job_submit_srl_run_writes_one_run_dir(cluster, tmp_path):
+    """What `ray job submit -- srl run exp.yaml --ray --run-dir DIR` does: the entrypoint runs on
+    the head as a Ray job, joins the cluster through RAY_ADDRESS, and everything lands in DIR."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     run_dir = tmp_path / "shared" / "my-run"
-    argv = ["run", CARTPOLE, "--ray", cluster.address, "--run-dir", str(run_dir), "stop.env_steps=3000",
-            "stop.mean_return=null", "workers.actors.num_cpus=0.5", "workers.trainers.num_cpus=0.5",
-            f"log.dir={tmp_path / 'elsewhere'}", "log.console=false"]
-    assert main(argv) == 0
+    client = JobSubmissionClient(f"http://{cluster.webui_url}")
+    entrypoint = " ".join([
+        sys.executable, "-m", "srl.cli", "run", CARTPOLE, "--ray", "--run-dir", str(run_dir),
+        "stop.env_steps=3000", "stop.mean_return=null", "workers.actors.num_cpus=0.5",
+        "workers.trainers.num_cpus=0.5", f"log.dir={tmp_path / 'elsewhere'}", "log.console=false"])
+    job = client.submit_job(entrypoint=entrypoint)
+    done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    _wait(lambda: client.get_job_status(job) in done, timeout_s=120, what="the job")
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "RAY_ADDRESS" in logs and "final: env_steps=" in logs
     saved = yaml.safe_load(open(run_dir / "config.yaml"))
-    assert saved["cluster"]["backend"] == "ray" and saved["cluster"]["address"] == cluster.address
+    assert saved["cluster"]["backend"] == "ray" and saved["cluster"]["address"] == "auto"
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "result.json").exists()
     assert os.listdir(run_dir / "tb")  # TensorBoard events
-    assert any("ckpt" in n or n.endswith(".safetensors") for n in _all_files(run_dir)), _all_files(run_dir)
+    assert any(n == "model.safetensors" for n in _all_files(run_dir / "checkpoints"))
     assert not (tmp_path / "elsewhere").exists()
 
 
