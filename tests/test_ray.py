@@ -251,6 +251,24 @@ def test_kill_9_trainer_resumes_and_moved_policy_worker_rejoins(cluster, tmp_pat
     assert result.restarts >= 4  # trainer, policy worker, and both actors that used the policy worker
 
 
+# --------------------------------------------------------------------------- Python API
+
+
+def test_user_classes_reach_ray_workers(cluster, tmp_path, monkeypatch):
+    """The example's own env and policy classes, from a module only the driver can import."""
+    import importlib
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))  # the driver's sys.path only
+    example = importlib.import_module("custom_env_policy")
+    exp = example.build(steps=3000)
+    exp.config.log.dir = str(tmp_path)
+    exp.config.workers.actors.num_cpus = exp.config.workers.trainers.num_cpus = 0.5
+    exp.run_dir = str(tmp_path / "run")
+    result = exp.run(backend="ray")
+    assert result.env_steps >= 3000 and result.restarts == 0
+    assert yaml.safe_load(open(tmp_path / "run" / "config.yaml"))["policy"]["type"] == "LayerNormPolicy"
+
+
 # --------------------------------------------------------------------------- srl run --ray
 
 

@@ -282,7 +282,8 @@ class Controller:
 
     def _restart(self, name: str, spec: WorkerSpec, why: str) -> None:
         self._drain_stats(timeout_ms=100)  # its last words may still be in flight
-        error = self.last_error.get(name) or f"exit code {self.scheduler.exitcode(name)}"
+        code = self.scheduler.exitcode(name)  # (a Ray scheduler also keeps Ray's account in .errors)
+        error = self.last_error.get(name) or getattr(self.scheduler, "errors", {}).get(name) or f"exit code {code}"
         if name not in self.worker_stats or self.worker_stats[name].get("incarnation") != spec.incarnation:
             self.start_failures[name] = self.start_failures.get(name, 0) + 1  # died before it said a word
         if self.start_failures.get(name, 0) >= 3:

@@ -21,6 +21,7 @@ sockets to their node's address.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -46,9 +47,11 @@ class _WorkerActor:
     def run(self, spec: WorkerSpec) -> int:
         import ray
 
+        from srl.registry import install_components
         from srl.workers import WORKERS
 
         spec = replace(spec, host=ray.util.get_node_ip_address(), resolver="ray")
+        install_components(spec.extra.get("components", {}))  # user env / policy classes
         WORKERS[spec.kind](spec).run()
         return os.getpid()
 
@@ -97,6 +100,7 @@ class RayScheduler:
     # ------------------------------------------------------------------ scheduler API
     def start(self, spec: WorkerSpec) -> None:
         """Create the worker's Ray actor and start its loop; returns at once."""
+        _ship_by_value(spec.extra.get("components", {}))
         actor = self._actor_cls.options(**self.actor_options(spec.kind, spec.name)).remote()
         self.actors[spec.name] = actor
         self.infos[spec.name] = actor.info.remote()
@@ -131,7 +135,7 @@ class RayScheduler:
             self._ray.get(ref, timeout=0)
             return 0
         except Exception as exc:  # noqa: BLE001 - RayActorError, RayTaskError, ...
-            self.errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.errors[name] = _last_line(exc)
             return 1
 
     def pending(self, name: str) -> bool:
@@ -211,6 +215,35 @@ class RayScheduler:
         ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=0)
         for ref in ready:
             self._done.add(refs[ref])
+
+
+def _last_line(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong (Ray puts the cause's traceback first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error" in line or "Exception" in line), None)
+    return f"{type(exc).__name__}: {cause or (lines[0] if lines else '')}"[:500]
+
+
+def _ship_by_value(components: dict) -> None:
+    """User classes (a custom env or policy passed as an object) travel to the workers inside
+    the spec. Ray pickles a class from an importable module by reference, which fails on nodes
+    where the module is not importable (a script's folder, a notebook's helpers); ask Ray's
+    cloudpickle to carry such modules by value. Installed packages stay by reference."""
+    from ray import cloudpickle
+
+    for group in components.values():
+        for obj in (group or {}).values():
+            module = sys.modules.get(getattr(obj, "__module__", None) or "")
+            if module is None or module.__name__ == "__main__":  # __main__ already goes by value
+                continue
+            path = getattr(module, "__file__", None) or ""
+            top = module.__name__.split(".")[0]
+            if top in ("srl", "gymnasium") or "site-packages" in path or "dist-packages" in path:
+                continue
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:  # not importable as a module of its own: nothing to do
+                pass
 
 
 def _check_gpus(cfg: ExperimentConfig) -> None:
