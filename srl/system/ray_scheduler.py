@@ -81,7 +81,8 @@ class RayScheduler:
         self._ray = ray
         self._connected_here = False
         if not ray.is_initialized():
-            # address None: join RAY_ADDRESS (a `ray job`) if set, else start a one-machine cluster.
+            # None or auto: RAY_ADDRESS (set in a `ray job`), else the cluster `ray start` began on
+            # this machine; None then starts a one-machine Ray if there is neither.
             ray.init(address=config.cluster.address)
             self._connected_here = True
         self.host = ray.util.get_node_ip_address()
@@ -101,7 +102,7 @@ class RayScheduler:
     def start(self, spec: WorkerSpec) -> None:
         """Create the worker's Ray actor and start its loop; returns at once."""
         _ship_by_value(spec.extra.get("components", {}))
-        actor = self._actor_cls.options(**self.actor_options(spec.kind, spec.name)).remote()
+        actor = self._actor_cls.options(**self.actor_options(spec.kind)).remote()
         self.actors[spec.name] = actor
         self.infos[spec.name] = actor.info.remote()
         self.runs[spec.name] = actor.run.remote(replace(spec, run_dir=os.path.abspath(spec.run_dir)))
@@ -109,7 +110,7 @@ class RayScheduler:
         self._done.discard(spec.name)
         self._namespaces.add(ray_namespace(spec.run_dir))
 
-    def actor_options(self, kind: str, name: str) -> dict:
+    def actor_options(self, kind: str) -> dict:
         """The ``.options()`` of one worker's Ray actor: resources, placement, no Ray restarts."""
         w = self.cfg.workers
         role = {"actor": w.actors, "policy": w.policies, "trainer": w.trainers}[kind]
@@ -131,6 +132,8 @@ class RayScheduler:
         if name not in self._done:
             return None
         ref = self.runs[name]
+        if not self._ray.wait([ref], timeout=0)[0]:
+            return 1  # killed by us, its call not yet failed
         try:
             self._ray.get(ref, timeout=0)
             return 0
