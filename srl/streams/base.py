@@ -2,6 +2,8 @@
 srl messages with optional HMAC, and count what had to be dropped."""
 from __future__ import annotations
 
+import time
+
 import zmq
 
 from srl.system import wire
@@ -19,13 +21,17 @@ def bind_random(sock: zmq.Socket, host: str, prefer: str | None = None) -> str:
     lets connected peers reconnect on their own.
     """
     port = None
-    if prefer:
+    try:
+        old_port = int(prefer.rsplit(":", 1)[1]) if prefer else None
+    except (ValueError, IndexError):
+        old_port = None
+    for attempt in range(10 if old_port else 0):  # the old owner's socket may still be closing
         try:
-            old_port = int(prefer.rsplit(":", 1)[1])
             sock.bind(f"tcp://{host}:{old_port}")
             port = old_port
-        except (zmq.ZMQError, ValueError, IndexError):
-            port = None
+            break
+        except zmq.ZMQError:
+            time.sleep(0.02 * (attempt + 1))
     if port is None:
         port = sock.bind_to_random_port(f"tcp://{host}")
     advertised = "127.0.0.1" if host in ("0.0.0.0", "*") else host
