@@ -16,6 +16,7 @@ import peer_common  # first: records the launch time before heavy imports
 import argparse
 import importlib.metadata
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -100,6 +101,7 @@ def main() -> int:
         },
     )
     sys.stdout.flush()
+    shutil.rmtree(train_dir, ignore_errors=True)  # checkpoints and summaries of this run
     os._exit(0)
 
 
