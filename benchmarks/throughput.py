@@ -1,8 +1,11 @@
 """Whole-system throughput: env steps/s of the full actor -> (policy) -> trainer loop.
 
 Runs the null environment (measures srl's own overhead) and CartPole while learning with the
-main job's PPO settings, over actors x envs per actor x inline / remote policy. Each point is a
-real ``srl`` run on this host; the rate is taken after a warm-up, from the run's metrics.
+main job's PPO settings (20 epochs over minibatches of 256), over actors x envs per actor x
+inline / remote policy. Each point is a real ``srl`` run on this host; rates are taken after a
+warm-up, from the run's metrics. The training batch is one trajectory per actor, so every step
+collected can be learned from: ``env steps/s`` counts steps collected, ``learned/s`` the steps
+the trainer actually trained on (the rest arrived too stale and were dropped).
 
     python benchmarks/throughput.py [--seconds 8] [--quick] [--out throughput.json]
 """
@@ -34,6 +37,8 @@ def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: f
             f"stop.wall_s={seconds + warmup}", "stop.env_steps=null", "stop.mean_return=null",
             f"log.dir={tmp}", "log.tensorboard=false", "log.console=false", "log.every_s=0.5",
             "checkpoint.every_seconds=3600",
+            f"algorithm.batch_size={actors * envs_per_actor * 32}", "workers.actors.rollout_len=32",
+            f"algorithm.minibatches={max(1, actors * envs_per_actor * 32 // 256)}",
         ]
         cfg = experiment_from_dict(data, overrides)
         t0 = time.time()
@@ -42,11 +47,13 @@ def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: f
     started = [r for r in rows if r["env_steps"] > 0]
     steady = [r for r in started if r["wall_s"] >= started[0]["wall_s"] + warmup] if started else []
     if len(steady) < 2:
-        sps = float("nan")
+        sps = learned = float("nan")
     else:
-        sps = (steady[-1]["env_steps"] - steady[0]["env_steps"]) / (steady[-1]["wall_s"] - steady[0]["wall_s"])
+        span = steady[-1]["wall_s"] - steady[0]["wall_s"]
+        sps = (steady[-1]["env_steps"] - steady[0]["env_steps"]) / span
+        learned = (steady[-1].get("trainer/env_steps", 0) - steady[0].get("trainer/env_steps", 0)) / span
     return {"env": env, "actors": actors, "envs_per_actor": envs_per_actor, "policy": "inline" if inline else "remote",
-            "env_steps_per_s": sps, "env_steps": result.env_steps, "versions": rows[-1].get("version", 0),
+            "env_steps_per_s": sps, "learned_env_steps_per_s": learned, "env_steps": result.env_steps, "versions": rows[-1].get("version", 0),
             "mean_return": result.mean_return}
 
 
@@ -61,11 +68,12 @@ def main() -> None:
     if args.quick:
         grid = [("null", 2, 64, False), ("null", 1, 64, True), ("cartpole", 1, 8, True), ("cartpole", 2, 64, False)]
     results = []
-    print(f"{'env':9} {'actors':>6} {'envs':>5} {'policy':>7} {'env steps/s':>12} {'versions':>9}")
+    print(f"{'env':9} {'actors':>6} {'envs':>5} {'policy':>7} {'env steps/s':>12} {'learned/s':>10} {'versions':>9}")
     for env, actors, n, inline in grid:
         r = measure(env, actors, n, inline, args.seconds, args.warmup)
         results.append(r)
-        print(f"{env:9} {actors:>6} {n:>5} {r['policy']:>7} {r['env_steps_per_s']:>12,.0f} {r['versions']:>9}", flush=True)
+        print(f"{env:9} {actors:>6} {n:>5} {r['policy']:>7} {r['env_steps_per_s']:>12,.0f} "
+              f"{r['learned_env_steps_per_s']:>10,.0f} {r['versions']:>9}", flush=True)
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
     with open(args.out, "w") as fh:
         json.dump({"meta": meta, "results": results}, fh, indent=1)

@@ -130,8 +130,9 @@ class ActorsConfig:
     inline_policy: bool = True
     """Run the policy inside the actor process (tiny CPU policies) instead of on a policy worker."""
     max_ahead: int = 1
-    """Inline policy: trajectories an actor may push beyond its share of a batch before it waits
-    for newer weights. Bounds the policy lag; 0 makes collection and learning alternate."""
+    """Inline policy: trajectories an actor may have in flight beyond its share of the next batch
+    before it waits for newer weights. Bounds the policy lag; 0 makes collection and learning
+    alternate."""
     num_cpus: float = 1.0
     """Ray: CPUs each actor worker reserves (placement only; Ray does not pin cores)."""
     resources: dict = field(default_factory=dict)

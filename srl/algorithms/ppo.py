@@ -69,7 +69,10 @@ class PPOLearner:
 
         self.policy = policy.to(device)
         self.algo, self.opt_cfg, self.device = algo, opt, device
-        self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **opt.kwargs)
+        kwargs = dict(opt.kwargs)
+        if opt.type in ("adam", "adamw"):
+            kwargs.setdefault("fused", True)  # one kernel per step instead of one per tensor and op
+        self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **kwargs)
         self.sophia = hasattr(self.optimizer, "hessian_due")
         self.total_env_steps = total_env_steps
         self.env_steps = 0
@@ -119,20 +122,29 @@ class PPOLearner:
         return stats
 
     def _epochs(self, flat: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        """Epochs of shuffled minibatches. Diagnostics are averaged over the last epoch only:
+        on tiny CPU policies the bookkeeping would otherwise cost as much as the updates."""
         algo = self.algo
         mb_size = max(1, n // algo.minibatches)
         sums: dict[str, float] = {}
         count = 0
-        for _ in range(algo.epochs):
-            perm = torch.randperm(n, generator=self.rng).to(self.device)
-            for start in range(0, n - mb_size + 1, mb_size):
-                idx = perm[start:start + mb_size]
-                for k, v in self._minibatch_step({k: v[idx] for k, v in flat.items()}).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+        for epoch in range(algo.epochs):
+            last = epoch == algo.epochs - 1
+            if algo.minibatches == 1:  # one full-batch step: no shuffle needed
+                batches = [flat]
+            else:
+                perm = torch.randperm(n, generator=self.rng).to(self.device)
+                batches = ({k: v[perm[s:s + mb_size]] for k, v in flat.items()}
+                           for s in range(0, n - mb_size + 1, mb_size))
+            for mb in batches:
+                stats = self._minibatch_step(mb, diagnostics=last)
+                if last:
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _minibatch_step(self, mb: dict[str, torch.Tensor], diagnostics: bool = True) -> dict[str, float]:
         algo = self.algo
         logp, entropy, value, _ = self.policy.evaluate(mb["obs"], mb["action"])
         adv = mb["adv"]
@@ -144,11 +156,13 @@ class PPOLearner:
         loss = pg_loss - algo.ent_coef * entropy_loss + algo.vf_coef * v_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.updates += 1
         if self.sophia and self.optimizer.hessian_due():
             self._refresh_hessian(mb)
+        if not diagnostics:
+            return {}
         with torch.no_grad():
             log_ratio = logp - mb["logp"]
             approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()

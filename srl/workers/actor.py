@@ -95,11 +95,14 @@ class ActorWorker(Worker):
         self.episodes: tuple[list, list] = ([], [])
         self.env_steps = 0
         self.version = -1
-        # Trajectories this actor may push per weights version: its share of a training batch plus
-        # ``max_ahead``. Waiting beyond that bounds the policy lag (inline policy only).
-        share = -(-cfg.algorithm.batch_size // (a.count * a.envs_per_actor * a.rollout_len))
-        self.quota = share + a.max_ahead
-        self.pushed_on_version = 0
+        # Credit-based flow control (inline policy): each trained version consumes about `share`
+        # trajectories from this actor, so it may have pushed at most that many per version seen,
+        # plus one batch's share and `max_ahead` in flight. Waiting beyond that bounds the policy lag
+        # without producing trajectories that would only be dropped as stale.
+        trajs_per_batch = max(1, -(-cfg.algorithm.batch_size // (a.envs_per_actor * a.rollout_len)))
+        self.share = trajs_per_batch / a.count
+        self.credit_base = (-1, -1)  # (trainer epoch, version) the count started from
+        self.pushed = 0
         if a.inline_policy:
             self.policy = build_policy(self.info, cfg.policy)
             self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop), self.key,
@@ -121,7 +124,14 @@ class ActorWorker(Worker):
     def _load(self, got) -> None:
         self.version = got[0]
         load_numpy_weights(self.policy, got[1])
-        self.pushed_on_version = 0
+        if self.credit_base[0] != self.params.epoch:  # first weights, or a restarted trainer
+            self.credit_base, self.pushed = (self.params.epoch, self.version), 0
+
+    def _credit(self) -> int:
+        """Trajectories this actor may still push before it must wait for newer weights."""
+        versions = self.version - self.credit_base[1]
+        allowed = int(self.share * versions) + int(np.ceil(self.share)) + self.cfg.workers.actors.max_ahead
+        return allowed - self.pushed
 
     def _collect_stats(self) -> dict:
         returns, lengths = self.episodes
@@ -192,8 +202,9 @@ class ActorWorker(Worker):
                 return
         if not self.cfg.workers.actors.inline_policy:
             return
-        self.pushed_on_version += 1
+        self.pushed += 1
         if self.cfg.workers.sync:
             self._wait_weights(version)
-        elif self.pushed_on_version >= self.quota:
+            return
+        while self._credit() <= 0 and not self._stopping:
             self._wait_weights(self.version)

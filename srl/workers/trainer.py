@@ -106,8 +106,8 @@ class TrainerWorker(Worker):
         if self.lags:
             stats["charts/policy_lag"] = float(np.mean(self.lags))
             self.lags = []
-        stats.update({"version": self.version, "dropped_stale": self.dropped_stale,
-                      "trained_env_steps": self.learner.env_steps})
+        stats.update({"version": self.version, "trainer/dropped_stale": self.dropped_stale,
+                      "trainer/env_steps": self.learner.env_steps})
         return stats
 
     # ------------------------------------------------------------------ checkpoints
