@@ -1,7 +1,7 @@
 """Whole-system throughput: env steps/s of the full actor -> (policy) -> trainer loop.
 
 Runs the null environment (measures srl's own overhead) and CartPole while learning with the
-main job's PPO settings (20 epochs over minibatches of 256), over actors x envs per actor x
+main job's PPO settings (20 epochs over minibatches of 256; ``cartpole4``: 4 epochs), over actors x envs per actor x
 inline / remote policy. Each point is a real ``srl`` run on this host; rates are taken after a
 warm-up, from the run's metrics. The training batch is one trajectory per actor, so every step
 collected can be learned from: ``env steps/s`` counts steps collected, ``learned/s`` the steps
@@ -24,7 +24,9 @@ from srl.config import experiment_from_dict
 from srl.system.controller import Controller
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"null": "configs/null_throughput.yaml", "cartpole": "configs/cartpole_ppo.yaml"}
+CONFIGS = {"null": "configs/null_throughput.yaml", "cartpole": "configs/cartpole_ppo.yaml",
+           "cartpole4": "configs/cartpole_ppo.yaml"}
+EXTRA = {"cartpole4": ["algorithm.epochs=4"]}  # the main job's PPO with a common 4 epochs per batch
 
 
 def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: float, warmup: float) -> dict:
@@ -40,7 +42,7 @@ def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: f
             f"algorithm.batch_size={actors * envs_per_actor * 32}", "workers.actors.rollout_len=32",
             f"algorithm.minibatches={max(1, actors * envs_per_actor * 32 // 256)}",
         ]
-        cfg = experiment_from_dict(data, overrides)
+        cfg = experiment_from_dict(data, overrides + EXTRA.get(env, []))
         t0 = time.time()
         result = Controller(cfg, os.path.join(tmp, "run"), launch_time=t0).run()
         rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
@@ -64,7 +66,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a 4-point grid")
     p.add_argument("--out", default="throughput.json")
     args = p.parse_args()
-    grid = [(e, a, n, i) for e in ("null", "cartpole") for a in (1, 2) for n in (16, 64) for i in (True, False)]
+    grid = [(e, a, n, i) for e in ("null", "cartpole", "cartpole4") for a in (1, 2) for n in (16, 64)
+            for i in (True, False)]
     if args.quick:
         grid = [("null", 2, 64, False), ("null", 1, 64, True), ("cartpole", 1, 8, True), ("cartpole", 2, 64, False)]
     results = []

@@ -130,8 +130,8 @@ class ActorsConfig:
     inline_policy: bool = True
     """Run the policy inside the actor process (tiny CPU policies) instead of on a policy worker."""
     max_ahead: int = 1
-    """Inline policy: trajectories an actor may have in flight beyond its share of the next batch
-    before it waits for newer weights. Bounds the policy lag; 0 makes collection and learning
+    """Trajectories an actor may have in flight beyond its share of the next batch before it waits
+    for the trainer's next version. Bounds the policy lag; 0 makes collection and learning
     alternate."""
     num_cpus: float = 1.0
     """Ray: CPUs each actor worker reserves (placement only; Ray does not pin cores)."""
@@ -220,6 +220,8 @@ class WorkersConfig:
         self.trainers.validate()
         if not self.actors.inline_policy and self.policies.count < 1:
             raise ConfigError("workers.policies.count", "must be >= 1 when workers.actors.inline_policy is false")
+        if self.sync and not self.actors.inline_policy:
+            raise ConfigError("workers.sync", "needs workers.actors.inline_policy: true (policy workers serve many versions)")
         _in_range("workers.heartbeat_s", self.heartbeat_s, 0.0, 60.0, low_open=True)
         _in_range("workers.heartbeat_timeout_s", self.heartbeat_timeout_s, self.heartbeat_s, 3600.0)
         _at_least("workers.max_restarts", self.max_restarts, 0)

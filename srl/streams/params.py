@@ -22,6 +22,8 @@ class ParamServer(Endpoint):
         """Trainer incarnation: a restarted trainer may republish lower versions from a checkpoint."""
         self.version = -1
         self._arrays: dict[str, np.ndarray] = {}
+        self.status: dict = {}
+        """Small metadata sent with every reply (the trainer's per-actor receipt counts)."""
 
     def publish(self, version: int, arrays: dict[str, np.ndarray]) -> None:
         if version <= self.version:
@@ -36,8 +38,11 @@ class ParamServer(Endpoint):
         while got is not None:
             (identity,), msg = got
             have, epoch = msg.meta.get("have", -1), msg.meta.get("epoch", -1)
-            meta = {"version": self.version, "epoch": self.epoch}
-            if self.version >= 0 and isinstance(have, int) and (self.version > have or epoch != self.epoch):
+            meta = {**self.status, "version": self.version, "epoch": self.epoch}
+            newer = self.version >= 0 and isinstance(have, int) and (self.version > have or epoch != self.epoch)
+            if newer and msg.meta.get("weights", True) is False:
+                self.send("version", None, meta, prefix=[identity])  # a flow-control query
+            elif newer:
                 self.send("params", self._arrays, meta, prefix=[identity])
                 sent += 1
             else:
@@ -47,12 +52,18 @@ class ParamServer(Endpoint):
 
 
 class ParamClient(Endpoint):
-    def __init__(self, address: str, key: bytes | None = None, interval_s: float = 0.05):
+    """Pulls newer weights; with ``weights=False`` it only learns the newest version number
+    (actors that use remote policy workers need the version for flow control, not the weights)."""
+
+    def __init__(self, address: str, key: bytes | None = None, interval_s: float = 0.05, weights: bool = True):
         super().__init__(context().socket(zmq.DEALER), key)
         self.sock.connect(address)
         self.version = -1
         self.epoch = -1
         self.interval_s = interval_s
+        self.weights = weights
+        self.status: dict = {}
+        """The server's metadata from its latest reply."""
         self._in_flight = False
         self._last_ask = 0.0
 
@@ -61,15 +72,17 @@ class ParamClient(Endpoint):
         now = time.monotonic()
         stale = self._in_flight and now - self._last_ask > 2.0  # server restarted mid-request
         if (not self._in_flight and now - self._last_ask >= self.interval_s) or stale:
-            self.send("have", None, {"have": self.version, "epoch": self.epoch})
+            self.send("have", None, {"have": self.version, "epoch": self.epoch, "weights": self.weights})
             self._in_flight, self._last_ask = True, now
         got = self.recv(timeout_ms=timeout_ms)
         if got is None:
             return None
         msg = got[1]
         self._in_flight = False
+        self.status = msg.meta
         version, epoch = msg.meta.get("version", -1), msg.meta.get("epoch", -1)
-        if msg.kind == "params" and isinstance(version, int) and (version > self.version or epoch != self.epoch):
+        if msg.kind in ("params", "version") and isinstance(version, int) and (
+                version > self.version or epoch != self.epoch):
             self.version, self.epoch = version, epoch
             return version, msg.arrays
         return None

@@ -95,13 +95,13 @@ class ActorWorker(Worker):
         self.episodes: tuple[list, list] = ([], [])
         self.env_steps = 0
         self.version = -1
-        # Credit-based flow control (inline policy): each trained version consumes about `share`
-        # trajectories from this actor, so it may have pushed at most that many per version seen,
-        # plus one batch's share and `max_ahead` in flight. Waiting beyond that bounds the policy lag
-        # without producing trajectories that would only be dropped as stale.
-        trajs_per_batch = max(1, -(-cfg.algorithm.batch_size // (a.envs_per_actor * a.rollout_len)))
-        self.share = trajs_per_batch / a.count
-        self.credit_base = (-1, -1)  # (trainer epoch, version) the count started from
+        # Credit-based flow control: the trainer reports how many trajectories it has taken from
+        # this actor; the actor keeps at most its share of one batch plus `max_ahead` beyond that.
+        # This bounds the policy lag without producing trajectories that would only go stale.
+        group_envs = a.envs_per_actor if a.inline_policy else a.envs_per_actor // a.ring
+        trajs_per_batch = max(1, -(-cfg.algorithm.batch_size // (group_envs * a.rollout_len)))
+        self.allowance = -(-trajs_per_batch // a.count) + a.max_ahead
+        self.credit_epoch = -1
         self.pushed = 0
         if a.inline_policy:
             self.policy = build_policy(self.info, cfg.policy)
@@ -111,6 +111,8 @@ class ActorWorker(Worker):
         else:
             addrs = [wait_for(names, f"policy/{i}/inference", should_stop=self.should_stop) for i in range(cfg.workers.policies.count)]
             self.client = self.endpoint(InferenceClient(addrs, self.key))
+            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop),
+                                                    self.key, interval_s=0.005, weights=False))
             self.next_req = 0
             self.by_req: dict[int, EnvGroup] = {}
 
@@ -122,16 +124,16 @@ class ActorWorker(Worker):
         return True
 
     def _load(self, got) -> None:
+        if got[1]:
+            load_numpy_weights(self.policy, got[1])
         self.version = got[0]
-        load_numpy_weights(self.policy, got[1])
-        if self.credit_base[0] != self.params.epoch:  # first weights, or a restarted trainer
-            self.credit_base, self.pushed = (self.params.epoch, self.version), 0
 
     def _credit(self) -> int:
-        """Trajectories this actor may still push before it must wait for newer weights."""
-        versions = self.version - self.credit_base[1]
-        allowed = int(self.share * versions) + int(np.ceil(self.share)) + self.cfg.workers.actors.max_ahead
-        return allowed - self.pushed
+        """Trajectories this actor may still push before the trainer takes more of them."""
+        if self.credit_epoch != self.params.epoch:  # first contact, or a restarted trainer
+            self.credit_epoch, self.pushed = self.params.epoch, 0
+        received = (self.params.status.get("received") or {}).get(f"{self.spec.index}.{self.spec.incarnation}", 0)
+        return received + self.allowance - self.pushed
 
     def _collect_stats(self) -> dict:
         returns, lengths = self.episodes
@@ -159,10 +161,15 @@ class ActorWorker(Worker):
     def _poll_remote(self) -> PollResult:
         import time
 
+        got = self.params.poll()
+        if got is not None:
+            self._load(got)  # the trainer's version: flow control, no weights
         now = time.monotonic()
         for group in self.groups:
-            if group.pending is None or now - group.posted_at > REQUEST_TIMEOUT_S:
-                self._post(group, now)  # first request, or its policy worker died: ask again
+            if group.pending is None and self.version >= 0 and self._credit() > 0:
+                self._post(group, now)
+            elif group.pending is not None and now - group.posted_at > REQUEST_TIMEOUT_S:
+                self._post(group, now)  # its policy worker died: ask again
         steps = 0
         msg = self.client.poll(timeout_ms=50)
         while msg is not None:
@@ -170,9 +177,9 @@ class ActorWorker(Worker):
             if group is not None and group.pending == msg.meta.get("req"):
                 group.pending = None
                 version = int(msg.meta.get("version", -1))
-                self.version = max(self.version, version)
                 steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version)
-                self._post(group, time.monotonic())
+                if self._credit() > 0:
+                    self._post(group, time.monotonic())
             msg = self.client.poll()
         return PollResult(samples=steps, batches=1 if steps else 0)
 
@@ -200,11 +207,17 @@ class ActorWorker(Worker):
         while not self.samples.push(arrays, meta, timeout_ms=100):
             if self.should_stop():  # back-pressure from the trainer; stay responsive to stop
                 return
-        if not self.cfg.workers.actors.inline_policy:
-            return
         self.pushed += 1
+        if not self.cfg.workers.actors.inline_policy:
+            return  # _poll_remote stops posting requests while the credit is spent
         if self.cfg.workers.sync:
             self._wait_weights(version)
             return
-        while self._credit() <= 0 and not self._stopping:
-            self._wait_weights(self.version)
+        interval, self.params.interval_s = self.params.interval_s, 0.002
+        try:
+            while self._credit() <= 0 and not self.should_stop():
+                got = self.params.poll(timeout_ms=20)
+                if got is not None:
+                    self._load(got)
+        finally:
+            self.params.interval_s = interval

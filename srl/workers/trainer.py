@@ -46,6 +46,7 @@ class TrainerWorker(Worker):
         self.params.publish(self.version, weights_to_numpy(self.policy))
         names.put("trainer/0/samples", self.samples.address)
         names.put("trainer/0/params", self.params.address)
+        self.received: dict[str, int] = {}
         self.buffer: list[Message] = []
         self.buffered_steps = 0
         self.stats: dict = {}
@@ -73,6 +74,9 @@ class TrainerWorker(Worker):
         return PollResult(samples=int(batch["valid"].sum()), batches=1)
 
     def _accept(self, msg: Message) -> None:
+        sender = f"{msg.meta.get('actor')}.{msg.meta.get('incarnation')}"
+        self.received[sender] = self.received.get(sender, 0) + 1  # credit back to that actor
+        self.params.status = {"received": self.received}
         if not {"obs", "action", "logp", "reward", "terminated", "truncated", "valid"} <= msg.arrays.keys():
             self.samples.dropped += 1
             return
