@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import autotune, constexpr_arg
+from srl.kernels._flash_common import autotune, constexpr_arg, load_kv_tile
 
 
 @triton.jit
@@ -166,16 +166,7 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
     v_ptrs += lo * stride_vn
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols < n_k)[:, None]
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_ptrs, v_ptrs, cols < n_k, MASKED, UPCAST)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             visible = cols[None, :] < n_k

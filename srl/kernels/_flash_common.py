@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Triton decides at decoration time whether a kernel is interpreted, so this is
 # read once, at import, the same way.
@@ -50,3 +51,33 @@ def launch(kernel, grid, args, meta, config):
         kernel[lambda m: grid(m)](*args, **meta)
     else:
         kernel[grid(config)](*args, **meta, **config)
+
+
+@triton.jit
+def load_kv_tile(k_ptrs, v_ptrs, col_ok, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """One (BLOCK_N, HEAD_DIM) tile of K and V; ``col_ok`` masks keys past the end."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i, acc):
+    """Fold masked base-2 logits ``s`` into the running max, sum and rescaled accumulator.
+
+    A row with no visible key so far keeps m = -inf and is shifted by 0 instead, so it stays
+    exactly zero rather than NaN. Returns (p, m_new, l_i, acc); the caller adds p @ V to acc."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc

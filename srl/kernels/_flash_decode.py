@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import INTERPRET, autotune, launch, needs_upcast
+from srl.kernels._flash_common import INTERPRET, autotune, launch, load_kv_tile, needs_upcast, online_softmax_step
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
 MAX_DECODE_QUERIES = 16
@@ -83,24 +83,14 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_ptrs, v_ptrs, col_ok, True, UPCAST)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= pos[:, None] + causal_shift)
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 

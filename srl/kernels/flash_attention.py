@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from srl.kernels._flash_common import INTERPRET, TUNE, autotune, constexpr_arg, launch, needs_upcast
+from srl.kernels._flash_common import (INTERPRET, TUNE, autotune, constexpr_arg, launch, load_kv_tile, needs_upcast,
+                                       online_softmax_step)
 
 __all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
 
@@ -161,30 +162,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
     v_ptrs += lo * stride_vn
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         cols = start_n + offs_n
-        if MASKED:
-            kv_mask = (cols < n_k)[:, None]
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_ptrs, v_ptrs, cols < n_k, MASKED, UPCAST)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N); logits in base 2 are qk * qk_scale
         if MASKED:
             visible = cols[None, :] < n_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
             s = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with no visible key so far keeps m = -inf: shift by 0 instead
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         elif LAZY_RESCALE:
             # keep a stale max until some row's max grows by more than 8 (p <= 2^8):
             # the accumulator is rescaled only on those (rare) tiles
