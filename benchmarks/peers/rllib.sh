@@ -4,9 +4,5 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$here/.venv-rllib"
-python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade pip
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-"$venv/bin/pip" install -q "torch==2.13.0"
-"$venv/bin/pip" install -q "ray[rllib]==2.60.0"
+bash "$here/make_venv.sh" rllib "ray[rllib]==2.60.0"
 "$venv/bin/python" -c "import ray, gymnasium, torch, numpy; print('ray', ray.__version__, 'gymnasium', gymnasium.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"

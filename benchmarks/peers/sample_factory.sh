@@ -5,9 +5,5 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$here/.venv-sample_factory"
-python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade pip
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-"$venv/bin/pip" install -q "torch==2.13.0"
-"$venv/bin/pip" install -q "sample-factory==2.1.1" "numpy<2" "gymnasium<1.0"
+bash "$here/make_venv.sh" sample_factory "sample-factory==2.1.1" "numpy<2" "gymnasium<1.0"
 "$venv/bin/python" -c "import importlib.metadata as m, sample_factory, gymnasium, torch, numpy; print('sample-factory', m.version('sample-factory'), 'gymnasium', gymnasium.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"

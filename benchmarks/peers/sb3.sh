@@ -4,9 +4,5 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$here/.venv-sb3"
-python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade pip
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
-"$venv/bin/pip" install -q "torch==2.13.0"
-"$venv/bin/pip" install -q "stable-baselines3==2.9.2"
+bash "$here/make_venv.sh" sb3 "stable-baselines3==2.9.2"
 "$venv/bin/python" -c "import stable_baselines3, gymnasium, torch; print('sb3', stable_baselines3.__version__, 'gymnasium', gymnasium.__version__, 'torch', torch.__version__)"

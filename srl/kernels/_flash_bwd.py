@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import autotune, constexpr_arg, load_kv_tile
+from srl.kernels._flash_common import autotune, causal_bounds, constexpr_arg, load_kv_tile
 
 
 @triton.jit
@@ -215,14 +215,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    causal_shift = N_K - N_Q
-    if CAUSAL:
-        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), N_K)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), N_K)
-    else:
-        full_hi = (N_K // BLOCK_N) * BLOCK_N
-        hi = N_K
+    causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, N_K, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
                    offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale, False, CAUSAL, UPCAST, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,

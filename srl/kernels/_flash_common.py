@@ -81,3 +81,19 @@ def online_softmax_step(s, m_i, l_i, acc):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     return p, m_new, l_i, acc
+
+
+@triton.jit
+def causal_bounds(start_m, N_Q, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges for the query block starting at ``start_m``: keys [0, full_hi) are visible to
+    every row (no mask needed), [full_hi, hi) need the mask. Key j is visible to query i iff
+    j <= i + causal_shift (causal aligned bottom-right, as decode and verification need)."""
+    causal_shift = N_K - N_Q
+    if CAUSAL:
+        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), N_K)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), N_K)
+    else:
+        full_hi = (N_K // BLOCK_N) * BLOCK_N
+        hi = N_K
+    return causal_shift, full_hi, hi

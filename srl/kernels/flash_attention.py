@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from srl.kernels._flash_common import (INTERPRET, TUNE, autotune, constexpr_arg, launch, load_kv_tile, needs_upcast,
-                                       online_softmax_step)
+from srl.kernels._flash_common import (INTERPRET, TUNE, autotune, causal_bounds, constexpr_arg, launch, load_kv_tile,
+                                       needs_upcast, online_softmax_step)
 
 __all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
 
@@ -227,16 +227,7 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # key j is visible to query i iff j <= i + causal_shift (bottom-right aligned)
-    causal_shift = N_K - N_Q
-    if CAUSAL:
-        # keys every row of this block sees, then the diagonal band
-        full_hi = tl.minimum(tl.maximum(start_m + causal_shift + 1, 0), N_K)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_shift, 0), N_K)
-    else:
-        full_hi = (N_K // BLOCK_N) * BLOCK_N
-        hi = N_K
+    causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, N_K, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
                                offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale,
                                False, CAUSAL, UPCAST, BLOCK_N, LAZY_RESCALE, WARP_SPEC)
