@@ -183,7 +183,8 @@ def test_resume_continues_the_step_count(tmp_path):
     assert max(r.get("version", 0) for r in resumed) > ckpt_counters["version"]
 
 
-def test_sigint_stops_cleanly_and_leaves_no_process(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_and_leaves_no_process(tmp_path, signum):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "srl.cli", "run", CARTPOLE, f"log.dir={tmp_path}", "stop.env_steps=100000000",
@@ -200,7 +201,7 @@ def test_sigint_stops_cleanly_and_leaves_no_process(tmp_path):
                 break
         time.sleep(0.1)
     assert children, "the run never got going"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert stdout.strip().splitlines()[-1].startswith("final: env_steps=")
