@@ -439,10 +439,10 @@ def _resolve_field(cls: type, parts: list[str], key: str) -> None:
     current: Any = cls
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(current):
-            if _origin(current) is dict or current is dict:
+            if typing.get_origin(current) is dict or current is dict:
                 return  # free-form mapping such as env.kwargs
             raise ConfigError(".".join(parts[:i]), f"is not a section, cannot set {key!r}", "override")
-        hints = _hints(current)
+        hints = typing.get_type_hints(current)
         if part not in hints:
             raise ConfigError(".".join(parts[: i + 1]), _unknown_key_message(part, list(hints)), "override")
         current = _strip_optional(hints[part])
@@ -452,7 +452,7 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     """Convert plain YAML data into dataclass ``cls``, checking keys and types."""
     if not isinstance(data, dict):
         raise ConfigError(path, f"must be a mapping, got {_type_name(data)}")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         name = f"{path}.{key}" if path else str(key)
@@ -469,7 +469,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         tp = _strip_optional(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
-    origin = _origin(tp)
+    origin = typing.get_origin(tp)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"must be true or false, got {_type_name(value)} {value!r}")
@@ -517,16 +517,8 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _origin(tp: Any) -> Any:
-    return typing.get_origin(tp)
-
-
 def _is_optional(tp: Any) -> bool:
-    return _origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def _strip_optional(tp: Any) -> Any:

@@ -78,10 +78,6 @@ def make_vector_env(cfg: EnvConfig, num_envs: int, seed: int | None = None) -> g
     return env
 
 
-def episode_tracker(num_envs: int) -> "EpisodeTracker":
-    return EpisodeTracker(num_envs)
-
-
 class EpisodeTracker:
     """Running per-env returns and lengths; hands back the episodes that finished."""
 

@@ -6,6 +6,7 @@ checkpoints, restarts of dead workers, and a clean stop on SIGINT / SIGTERM.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import secrets
 import shutil
@@ -234,8 +235,8 @@ class Controller:
 
     def _log_episodes(self, worker: str, returns: list, lengths: list) -> None:
         for r, n in zip(returns, lengths):
-            self.episodes_fh.write(f'{{"worker": "{worker}", "return": {float(r)!r}, "length": {int(n)}, '
-                                   f'"env_steps": {self.counters["env_steps"]}}}\n')
+            row = {"worker": worker, "return": float(r), "length": int(n), "env_steps": self.counters["env_steps"]}
+            self.episodes_fh.write(json.dumps(row) + "\n")
 
     def request_stop(self) -> None:
         """Stop the run from another thread, as SIGINT would."""
@@ -326,7 +327,5 @@ class Controller:
         result = RunResult(self.run_dir, self.counters["env_steps"], self.mean_return(), self.wall_s(),
                            self.counters["episodes"], reason, self.restarts)
         with open(os.path.join(self.run_dir, "result.json"), "w", encoding="utf-8") as fh:
-            import json
-
             json.dump({**result.__dict__, "last_row": row}, fh)
         return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 
 from srl.system.worker import WorkerSpec, run_worker
 
@@ -48,8 +49,6 @@ class LocalScheduler:
 
     def wait_all(self, timeout_s: float) -> list[str]:
         """Join every worker; kill those still running after ``timeout_s``. Returns the killed."""
-        import time
-
         deadline = time.monotonic() + timeout_s
         for proc in self.procs.values():
             proc.join(timeout=max(0.0, deadline - time.monotonic()))

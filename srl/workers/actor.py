@@ -6,6 +6,8 @@ the next group steps: that is the env ring.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -69,9 +71,8 @@ class EnvGroup:
         traj = None
         if self.t == self.T:
             b["obs"][self.T] = obs
-            traj, version_used = b, self.min_version
+            traj = (b, self.min_version)
             self._new_buffers()
-            traj = (traj, version_used)
         return returns, lengths, int(valid.sum()), traj
 
 
@@ -159,8 +160,6 @@ class ActorWorker(Worker):
         return PollResult(samples=steps, batches=1)
 
     def _poll_remote(self) -> PollResult:
-        import time
-
         got = self.params.poll()
         if got is not None:
             self._load(got)  # the trainer's version: flow control, no weights

@@ -44,9 +44,10 @@ class TrainerWorker(Worker):
         self.params = self.endpoint(ParamServer(self.spec.host, self.key, prefer=names.get("trainer/0/params"),
                                                 epoch=self.spec.incarnation))
         self.params.publish(self.version, weights_to_numpy(self.policy))
+        self.received: dict[str, int] = {}
+        self.params.status = {"received": self.received}  # every reply carries the receipts
         names.put("trainer/0/samples", self.samples.address)
         names.put("trainer/0/params", self.params.address)
-        self.received: dict[str, int] = {}
         self.buffer: list[Message] = []
         self.buffered_steps = 0
         self.stats: dict = {}
@@ -76,7 +77,6 @@ class TrainerWorker(Worker):
     def _accept(self, msg: Message) -> None:
         sender = f"{msg.meta.get('actor')}.{msg.meta.get('incarnation')}"
         self.received[sender] = self.received.get(sender, 0) + 1  # credit back to that actor
-        self.params.status = {"received": self.received}
         if not {"obs", "action", "logp", "reward", "terminated", "truncated", "valid"} <= msg.arrays.keys():
             self.samples.dropped += 1
             return
