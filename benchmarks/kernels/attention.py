@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,18 @@ def _graph_us(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
 
 
+def _host_us(fn, calls=300):
+    """Host (Python + launch) time per call: calls queued without synchronising."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
 def bench_decode_point(batch, n_k, h=16, h_kv=16, d=128, dtype=torch.bfloat16):
     gen = torch.Generator(device="cuda").manual_seed(batch * 7 + n_k)
     q = torch.randn(batch, h, 1, d, device="cuda", dtype=dtype, generator=gen)
@@ -182,7 +195,8 @@ SWEEP_TILES = {
     # fwd entries may carry flags: (BLOCK_M, BLOCK_N, warps, stages, LAZY_RESCALE, WARP_SPEC)
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3, True, False), (128, 64, 8, 4, True, False),
             (128, 128, 8, 3, True, False), (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True),
-            (128, 128, 8, 2), (64, 64, 4, 3)],
+            (128, 128, 8, 3, False, True), (128, 128, 8, 2, True, True), (128, 128, 8, 2),
+            (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
     "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
              (64, 128, 4, 3), (128, 128, 8, 2), (32, 128, 8, 3)],
     "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
@@ -232,7 +246,8 @@ def sweep_point(n, d, causal, kernels=("fwd", "dkdv", "dq"), dtype=torch.bfloat1
     return {"N": n, "D": d, "causal": causal, "results": out}
 
 
-def sweep_decode(points=((1, 131072, 16, 16), (1, 16384, 32, 8), (16, 1024, 32, 8), (4, 65536, 16, 16))):
+def sweep_decode(points=((1, 1024, 16, 16), (16, 1024, 16, 16), (1, 16384, 16, 16), (1, 131072, 16, 16),
+                         (16, 1024, 32, 8), (16, 16384, 32, 8), (1, 131072, 32, 8), (4, 65536, 16, 16))):
     """CUDA-graph time of the decode kernel per split target and tile."""
     import srl.kernels._flash_decode as dec
 
@@ -245,8 +260,8 @@ def sweep_decode(points=((1, 131072, 16, 16), (1, 16384, 32, 8), (16, 1024, 32, 
         with torch.no_grad():
             sdpa = _graph_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=h != h_kv))
             res = []
-            for waves in (2, 4, 8, 16):
-                for bn, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 2), (32, 4, 4)):
+            for waves in (1, 2, 4, 8):
+                for bn, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 4), (256, 8, 3), (32, 4, 4)):
                     dec._WAVES = waves
                     dec._DECODE_TILES[128] = {"BLOCK_N": bn, "num_warps": w, "num_stages": st}
                     try:
@@ -255,9 +270,12 @@ def sweep_decode(points=((1, 131072, 16, 16), (1, 16384, 32, 8), (16, 1024, 32, 
                         print(f"  decode {(waves, bn, w, st)} failed: {type(e).__name__}")
         dec._WAVES, dec._DECODE_TILES[128] = keep_waves, dict(keep_tiles)
         res.sort(key=lambda r: r[1])
-        print(f"decode sweep B={b} KV={n_k} H={h}/{h_kv}: sdpa {sdpa:.1f}us; " +
+        with torch.no_grad():
+            host = {"srl": _host_us(lambda: flash_decode(q, k, v)),
+                    "sdpa": _host_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=h != h_kv))}
+        print(f"decode sweep B={b} KV={n_k} H={h}/{h_kv}: host us per call {host}; sdpa {sdpa:.1f}us; " +
               ", ".join(f"{r[0]}={r[1]:.1f}" for r in res[:6]), flush=True)
-        out.append({"B": b, "KV": n_k, "H": h, "H_kv": h_kv, "sdpa_graph_us": sdpa,
+        out.append({"B": b, "KV": n_k, "H": h, "H_kv": h_kv, "sdpa_graph_us": sdpa, "host_us": host,
                     "results": [{"cfg": r[0], "us": r[1]} for r in res]})
     return out
 
