@@ -216,6 +216,26 @@ def test_decode_bf16_upcast_and_long_split():
     assert rel_err(out, ref) <= TOL[torch.bfloat16]
 
 
+def test_decode_many_splits_ragged_lens_twice_in_a_row():
+    # one launch: the last split program of each row block merges and resets its counter, so a
+    # second call on the same cached counters must give the same answer
+    import srl.kernels._flash_decode as dec
+
+    q, k, v = make_qkv(3, 4, 1, 5, 256, 32, torch.float16, seed=11)
+    lens = torch.tensor([256, 0, 77], device=DEV, dtype=torch.int32)
+    ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True,
+                              kv_lens=lens)
+    with torch.no_grad():
+        first = flash_decode(q, k, v, kv_lens=lens, num_splits=37)
+        second = flash_decode(q, k, v, kv_lens=lens, num_splits=37)
+    for out in (first, second):
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) <= TOL[torch.float16]
+        assert torch.equal(out[1], torch.zeros_like(out[1]))  # kv_lens 0: no key
+    assert torch.equal(first, second)
+    assert not dec._SCRATCH[q.device].counters.any()
+
+
 def test_reference_matches_torch_sdpa():
     q, k, v = (t.detach().double() for t in make_qkv(2, 4, 2, 33, 33, 16, torch.float64, device="cpu"))
     k_rep, v_rep = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
@@ -272,6 +292,24 @@ def test_gpu_forward_and_gradients(case, dtype):
     b, h, h_kv, n_q, n_k, d, causal = case
     q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device="cuda", seed=n_q + d)
     check_against_reference(q, k, v, causal, 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_split_replays_in_a_cuda_graph():
+    # the split path keeps its counters and partials in a cached scratch: replays must reuse it
+    q, k, v = (t.detach() for t in make_qkv(2, 8, 2, 1, 8192, 128, torch.bfloat16, device="cuda", seed=12))
+    lens = torch.tensor([8192, 3001], device="cuda", dtype=torch.int32)
+    with torch.no_grad():
+        flash_decode(q, k, v, kv_lens=lens, num_splits=16)  # compiles and sizes the scratch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = flash_decode(q, k, v, kv_lens=lens, num_splits=16)
+        for seed in (13, 14):
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            q.copy_(torch.randn(q.shape, generator=gen).to(q))
+            graph.replay()
+            ref = attention_reference(q.double(), k.double(), v.double(), causal=True, kv_lens=lens)
+            assert rel_err(out, ref) <= 1e-2
 
 
 @pytest.mark.gpu

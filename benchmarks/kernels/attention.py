@@ -11,8 +11,8 @@ Decode grid: one query row (B, H, 1, D=128) against KV caches (B, H_kv, KV, 128)
 of 1k..128k keys, batch 1..64, for MHA (H = H_kv = 16) and GQA (H = 32, H_kv = 8);
 srl's split-KV kernel against SDPA (default dispatch and each backend that
 accepts the shape), timed eagerly and as CUDA-graph replays (device time only:
-what a decode loop captured in a graph pays). Points whose cache exceeds
---max-kv-gib are skipped.
+what a decode loop captured in a graph pays), plus the host time of one eager call
+(srl and default SDPA). Points whose cache exceeds --max-kv-gib are skipped.
 
 Times are medians of ``triton.testing.do_bench``. Prints tables and writes JSON.
 
@@ -137,6 +137,8 @@ def bench_decode_point(batch, n_k, h=16, h_kv=16, d=128, dtype=torch.bfloat16):
         row["srl_graph_us"] = _graph_us(ours)
         row["sdpa_default_us"] = _median_ms(sdpa) * 1e3
         row["sdpa_default_graph_us"] = _graph_us(sdpa)
+        row["srl_host_us"] = _host_us(ours)
+        row["sdpa_default_host_us"] = _host_us(sdpa)
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
             def one(backend=backend):
@@ -150,7 +152,7 @@ def bench_decode_point(batch, n_k, h=16, h_kv=16, d=128, dtype=torch.bfloat16):
                 pass
     for mode in ("", "_graph"):
         sdpa_t = [row[c] for c in row if c.startswith("sdpa_") and c.endswith(f"{mode}_us")
-                  and (mode or not c.endswith("_graph_us"))]
+                  and (mode or not c.endswith(("_graph_us", "_host_us")))]
         row[f"sdpa_best{mode}_us"] = min(sdpa_t)
         row[f"speedup{mode}_vs_sdpa_default"] = row[f"sdpa_default{mode}_us"] / row[f"srl{mode}_us"]
         row[f"speedup{mode}_vs_sdpa_best"] = row[f"sdpa_best{mode}_us"] / row[f"srl{mode}_us"]
@@ -180,15 +182,16 @@ def print_training(rows):
 
 def print_decode(rows):
     print("\nDecode latency (us), bf16, q (B, H, 1, 128) against a KV cache (B, H_kv, KV, 128);"
-          " eager and CUDA-graph replay; x = SDPA time / srl time")
+          " eager, CUDA-graph replay, host time per eager call; x = SDPA time / srl time")
     print(f"{'H/Hkv':>6} {'B':>3} {'KV':>7} | {'srl':>7} {'sdpa':>7} {'best':>7} {'x sdpa':>6} {'x best':>6} |"
-          f" {'srl':>7} {'sdpa':>7} {'best':>7} {'x sdpa':>6} {'x best':>6} {'GB/s':>5}")
+          f" {'srl':>7} {'sdpa':>7} {'best':>7} {'x sdpa':>6} {'x best':>6} {'GB/s':>5} |"
+          f" {'srl':>6} {'sdpa':>6}")
     for r in rows:
         print(f"{r['H']:>3}/{r['H_kv']:<2} {r['B']:>3} {r['KV']:>7} | {r['srl_us']:>7.1f} {r['sdpa_default_us']:>7.1f}"
               f" {r['sdpa_best_us']:>7.1f} {r['speedup_vs_sdpa_default']:>6.2f} {r['speedup_vs_sdpa_best']:>6.2f} |"
               f" {r['srl_graph_us']:>7.1f} {r['sdpa_default_graph_us']:>7.1f} {r['sdpa_best_graph_us']:>7.1f}"
               f" {r['speedup_graph_vs_sdpa_default']:>6.2f} {r['speedup_graph_vs_sdpa_best']:>6.2f}"
-              f" {r['srl_graph_gbps']:>5.0f}")
+              f" {r['srl_graph_gbps']:>5.0f} | {r['srl_host_us']:>6.1f} {r['sdpa_default_host_us']:>6.1f}")
 
 
 SWEEP_TILES = {

@@ -1,4 +1,4 @@
-"""Helpers shared by the FlashAttention kernels: interpreter mode and autotuning."""
+"""Helpers shared by the FlashAttention kernels: interpreter mode, input checks, autotuning, jit helpers."""
 
 from __future__ import annotations
 
@@ -14,6 +14,47 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Autotuning compiles and times every config at each new shape class (minutes at
 # first use); by default the launchers use the tuned tile table instead.
 TUNE = os.environ.get("SRL_FLASH_AUTOTUNE", "0") == "1" and not INTERPRET
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless q (B, H, Nq, D) and k, v (B, H_kv, Nk, D) form a valid attention call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nk, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(
+            f"q (B, H, Nq, D) = {tuple(q.shape)} and k/v (B, H_kv, Nk, D) = {tuple(k.shape)} "
+            "must agree on batch size B and head dim D")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q heads H={H} must be a multiple of k/v heads H_kv={Hkv} (grouped-query attention)")
+    if Nq == 0 or Nk == 0 or B == 0 or H == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k/v {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """``check_inputs`` plus the head dims and dtypes the Triton kernels support."""
+    check_inputs(q, k, v)
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={D} (q shape {tuple(q.shape)}) is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def needs_upcast(t: torch.Tensor) -> bool:

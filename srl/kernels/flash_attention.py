@@ -36,13 +36,13 @@ import triton
 import triton.language as tl
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from srl.kernels._flash_common import (INTERPRET, TUNE, autotune, causal_bounds, constexpr_arg, launch, load_kv_tile,
-                                       needs_upcast, online_softmax_step)
+from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds, check_inputs,
+                                       check_kernel_inputs, constexpr_arg, last_dim_contiguous, launch,
+                                       load_kv_tile, needs_upcast, online_softmax_step)
+from srl.kernels._flash_decode import flash_decode
 
 __all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * log2(e))
 
 
@@ -56,7 +56,7 @@ def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None):
     zeros for rows that see no key). ``kv_lens`` (B,) optionally limits the
     valid keys of each batch element (as in :func:`flash_decode`).
     """
-    _check_inputs(q, k, v)
+    check_inputs(q, k, v)
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if sm_scale is None else sm_scale
@@ -84,46 +84,6 @@ def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None):
     denom = p.sum(dim=-1, keepdim=True)
     p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
     return torch.matmul(p, vf).to(q.dtype)
-
-
-# --------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------
-def _check_inputs(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    B, H, Nq, D = q.shape
-    Bk, Hkv, Nk, Dk = k.shape
-    if Bk != B or Dk != D:
-        raise ValueError(
-            f"q (B, H, Nq, D) = {tuple(q.shape)} and k/v (B, H_kv, Nk, D) = {tuple(k.shape)} "
-            "must agree on batch size B and head dim D")
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"q heads H={H} must be a multiple of k/v heads H_kv={Hkv} (grouped-query attention)")
-    if Nq == 0 or Nk == 0 or B == 0 or H == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k/v {tuple(k.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-
-
-def _check_kernel_inputs(q, k, v):
-    _check_inputs(q, k, v)
-    D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim D={D} (q shape {tuple(q.shape)}) is not supported; use one of {SUPPORTED_HEAD_DIMS}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
-
-
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # --------------------------------------------------------------------------
@@ -305,7 +265,7 @@ def _forward(q, k, v, causal, sm_scale):
 def _backward(do, q, k, v, o, lse, causal, sm_scale):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    do = _last_dim_contiguous(do)
+    do = last_dim_contiguous(do)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -339,7 +299,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         o, lse = _forward(q, k, v, causal, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal = causal
@@ -377,7 +337,7 @@ def flash_attention(q, k, v, causal=False, sm_scale=None):
     gradient take the split-KV decode kernel); CPU tensors run
     :func:`attention_reference`, or the Triton interpreter under TRITON_INTERPRET=1.
     """
-    _check_kernel_inputs(q, k, v)
+    check_kernel_inputs(q, k, v)
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     if not _use_triton(q):
         return attention_reference(q, k, v, causal=causal, sm_scale=scale)
@@ -386,8 +346,6 @@ def flash_attention(q, k, v, causal=False, sm_scale=None):
         return flash_decode(q, k, v, causal=causal, sm_scale=scale)
     if needs_grad:
         return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     return _forward(q, k, v, bool(causal), scale)[0]
 
-
-from srl.kernels._flash_decode import flash_decode  # noqa: E402  (uses the helpers above)
