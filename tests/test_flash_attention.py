@@ -146,6 +146,28 @@ def test_lazy_rescale_option_matches_reference(monkeypatch):
             assert rel_err(out, ref) <= TOL[torch.float32]
 
 
+# (B, H, H_kv, Nq, Nk, D, causal, dtype, layout); B*H_kv rows map to KV heads in both ways
+TMA_CASES = {
+    "ragged_causal_fp16": (1, 2, 2, 200, 200, 64, True, torch.float16, "bhnd"),
+    "gqa_heads_in_batch_fp16": (2, 2, 1, 72, 200, 32, False, torch.float16, "bhnd"),
+    "gqa_heads_in_group_causal_bf16": (1, 4, 2, 200, 72, 64, True, torch.bfloat16, "bhnd"),
+    "unmergeable_strides_fall_back": (2, 2, 2, 200, 200, 32, True, torch.float32, "bnhd"),
+}
+
+
+@pytest.mark.skipif(not _CPU, reason="sets the interpreter's forward tile options")
+@pytest.mark.parametrize("case", list(TMA_CASES), ids=list(TMA_CASES))
+def test_tma_option_matches_reference(case, monkeypatch):
+    import srl.kernels.flash_attention as fa
+
+    monkeypatch.setitem(fa._INTERP_FWD_TILES, "TMA", True)
+    b, h, h_kv, n_q, n_k, d, causal, dtype, layout = TMA_CASES[case]
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, layout=layout, seed=20 + list(TMA_CASES).index(case))
+    descriptors = fa._tma_descriptors(q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format), 64, 64)
+    assert (descriptors is None) == (layout == "bnhd")  # B > 1 and H > 1 rows do not merge in (B, N, H, D)
+    check_against_reference(q, k, v, causal, TOL[dtype])
+
+
 def test_negative_control_wrong_scale_fails_tolerance():
     q, k, v = make_qkv(1, 2, 2, 128, 128, 64, torch.float16, seed=5)
     ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=False)
@@ -291,6 +313,22 @@ GPU_CASES = [
 def test_gpu_forward_and_gradients(case, dtype):
     b, h, h_kv, n_q, n_k, d, causal = case
     q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device="cuda", seed=n_q + d)
+    check_against_reference(q, k, v, causal, 1e-2)
+
+
+TMA_GPU_CASES = [case for case in GPU_CASES if case[5] != 256]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", TMA_GPU_CASES, ids=[str(c) for c in TMA_GPU_CASES])
+def test_gpu_tma_forward_and_gradients(case, dtype, monkeypatch):
+    import srl.kernels.flash_attention as fa
+
+    b, h, h_kv, n_q, n_k, d, causal = case
+    monkeypatch.setitem(fa._FWD_TILES, d, dict(fa._FWD_TILES[d], TMA=True))
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device="cuda", seed=n_q + d)
+    assert fa._tma_descriptors(q, k, v, torch.empty_like(q), 64, 64) is not None
     check_against_reference(q, k, v, causal, 1e-2)
 
 

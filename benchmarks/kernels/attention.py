@@ -195,11 +195,15 @@ def print_decode(rows):
 
 
 SWEEP_TILES = {
-    # fwd entries may carry flags: (BLOCK_M, BLOCK_N, warps, stages, LAZY_RESCALE, WARP_SPEC)
+    # fwd entries may carry flags: (BLOCK_M, BLOCK_N, warps, stages, LAZY_RESCALE, WARP_SPEC, TMA)
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3, True, False), (128, 64, 8, 4, True, False),
             (128, 128, 8, 3, True, False), (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True),
             (128, 128, 8, 3, False, True), (128, 128, 8, 2, True, True), (128, 128, 8, 2),
-            (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+            (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+            (128, 128, 8, 3, False, False, True), (128, 64, 8, 3, False, False, True),
+            (128, 128, 8, 2, False, False, True), (128, 64, 8, 4, False, False, True),
+            (128, 128, 8, 3, False, True, True), (128, 64, 8, 3, True, False, True),
+            (128, 128, 8, 2, True, False, True), (128, 64, 8, 3, False, True, True)],
     "dkdv": [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
              (64, 128, 4, 3), (128, 128, 8, 2), (32, 128, 8, 3)],
     "dq": [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
@@ -217,6 +221,7 @@ def sweep_point(n, d, causal, kernels=("fwd", "dkdv", "dq"), dtype=torch.bfloat1
     do = torch.randn_like(q)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     out = {}
+    cudnn_ms = _sdpa_cudnn_fwd_ms(q, k, v, causal) if "fwd" in kernels else None
     for kernel in kernels:
         cands = SWEEP_TILES[kernel]
         table = tables[kernel]
@@ -224,9 +229,10 @@ def sweep_point(n, d, causal, kernels=("fwd", "dkdv", "dq"), dtype=torch.bfloat1
         results = []
         for cand in cands:
             bm, bn, w, st = cand[:4]
-            table[d] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-            if len(cand) > 4:
-                table[d].update(LAZY_RESCALE=cand[4], WARP_SPEC=cand[5])
+            flags = dict(zip(("LAZY_RESCALE", "WARP_SPEC", "TMA"), cand[4:]))
+            table[d] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, **flags}
+            if flags.get("TMA") and fa._tma_descriptors(q, k, v, q, bm, bn) is None:
+                print(f"  {kernel} {cand}: the inputs do not qualify for TMA; this times the pointer path")
             try:
                 if kernel == "fwd":
                     with torch.no_grad():
@@ -244,9 +250,23 @@ def sweep_point(n, d, causal, kernels=("fwd", "dkdv", "dq"), dtype=torch.bfloat1
         table[d] = keep
         results.sort(key=lambda r: r[1])
         out[kernel] = [{"tiles": r[0], "ms": r[1], "err": r[2]} for r in results]
+        base = cudnn_ms if kernel == "fwd" else None
         print(f"sweep D={d} N={n} causal={causal} {kernel}: " +
-              ", ".join(f"{r[0]}={r[1]:.3f}ms err {r[2]:.1e}" for r in results), flush=True)
-    return {"N": n, "D": d, "causal": causal, "results": out}
+              ", ".join(f"{r[0]}={r[1]:.3f}ms{_vs_cudnn(base, r[1])} err {r[2]:.1e}" for r in results), flush=True)
+    return {"N": n, "D": d, "causal": causal, "sdpa_cudnn_fwd_ms": cudnn_ms, "results": out}
+
+
+def _vs_cudnn(cudnn_ms, ms):
+    return "" if cudnn_ms is None else f" (x cudnn {cudnn_ms / ms:.2f})"
+
+
+def _sdpa_cudnn_fwd_ms(q, k, v, causal):
+    """cuDNN's forward time on the same inputs (None if it refuses them), for the ratios a sweep prints."""
+    try:
+        return _median_ms(lambda: IMPLS["sdpa_cudnn"](q, k, v, causal))
+    except RuntimeError as err:
+        print(f"  sdpa_cudnn failed: {str(err).splitlines()[0]}", file=sys.stderr)
+        return None
 
 
 def sweep_decode(points=((1, 1024, 16, 16), (16, 1024, 16, 16), (1, 16384, 16, 16), (1, 131072, 16, 16),

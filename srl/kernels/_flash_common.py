@@ -110,6 +110,19 @@ def load_kv_tile(k_ptrs, v_ptrs, col_ok, MASKED: tl.constexpr, UPCAST: tl.conste
 
 
 @triton.jit
+def load_kv_desc(k_desc, v_desc, row, start_n, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """The K and V tiles at keys [start_n, start_n + BLOCK_N) of ``row``, through TMA descriptors
+    over (rows, N_K, D) with block (1, BLOCK_N, HEAD_DIM): keys past N_K arrive as zeros."""
+    k = k_desc.load([row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    v = v_desc.load([row, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def online_softmax_step(s, m_i, l_i, acc):
     """Fold masked base-2 logits ``s`` into the running max, sum and rescaled accumulator.
 

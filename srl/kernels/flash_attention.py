@@ -31,14 +31,17 @@ or the Triton interpreter when the environment has ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds, check_inputs,
                                        check_kernel_inputs, constexpr_arg, last_dim_contiguous, launch,
-                                       load_kv_tile, needs_upcast, online_softmax_step)
+                                       load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step)
 from srl.kernels._flash_decode import flash_decode
 
 __all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
@@ -113,16 +116,24 @@ def _prune_big_head(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
                offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_N: tl.constexpr, LAZY_RESCALE: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """Stream key blocks [lo, hi) through the online softmax of one query block."""
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+               WARP_SPEC: tl.constexpr, TMA: tl.constexpr):
+    """Stream key blocks [lo, hi) through the online softmax of one query block.
+
+    ``k_src``/``v_src`` are pointer blocks at key 0 of this KV head, or with TMA descriptors over
+    (B*H_kv, N_K, D) whose row ``kv_row`` is this KV head."""
+    if not TMA:
+        k_src += lo * stride_kn
+        v_src += lo * stride_vn
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         cols = start_n + offs_n
-        k, v = load_kv_tile(k_ptrs, v_ptrs, cols < n_k, MASKED, UPCAST)
+        if TMA:
+            k, v = load_kv_desc(k_src, v_src, kv_row, start_n, UPCAST, BLOCK_N, HEAD_DIM)
+        else:
+            k, v = load_kv_tile(k_src, v_src, cols < n_k, MASKED, UPCAST)
         qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N); logits in base 2 are qk * qk_scale
         if MASKED:
             visible = cols[None, :] < n_k
@@ -150,8 +161,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
             acc = acc * alpha[:, None]
             m_i = m_new
         acc = tl.dot(p.to(v.dtype), v, acc)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not TMA:
+            k_src += BLOCK_N * stride_kn
+            v_src += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -165,7 +177,9 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
               H, GROUP, N_Q, N_K, N_BUCKET,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              LAZY_RESCALE: tl.constexpr = False, WARP_SPEC: tl.constexpr = False):
+              LAZY_RESCALE: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, TMA: tl.constexpr = False):
+    """With TMA, Q, K, V, O are tensor descriptors over (B*H, N_Q, D), (B*H_kv, N_K, D) (blocks
+    (1, BLOCK_M or BLOCK_N, D)) and the pointer strides are unused; otherwise plain pointers."""
     tl.static_assert(BLOCK_N <= 256)
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -176,10 +190,16 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
-    k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m < N_Q)[:, None], other=0.0)
+    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP  # this KV head's row in (B*H_kv, N_K, D)
+    if TMA:
+        q = Q.load([off_bh, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)  # rows past N_Q are zeros
+        k_src = K
+        v_src = V
+    else:
+        q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=(offs_m < N_Q)[:, None], other=0.0)
+        k_src = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_src = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -188,12 +208,12 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, N_K, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
                                offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale,
-                               False, CAUSAL, UPCAST, BLOCK_N, LAZY_RESCALE, WARP_SPEC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+                               False, CAUSAL, UPCAST, BLOCK_N, HEAD_DIM, LAZY_RESCALE, WARP_SPEC, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
                                offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale,
-                               True, CAUSAL, UPCAST, BLOCK_N, False, False)
+                               True, CAUSAL, UPCAST, BLOCK_N, HEAD_DIM, False, False, TMA)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -201,8 +221,11 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     acc = acc / l_safe[:, None]
     row_ok = offs_m < N_Q
     tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if TMA:  # rows past N_Q are dropped
+        O.store([off_bh, start_m, 0], acc.to(O.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+    else:
+        o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------
@@ -223,10 +246,11 @@ _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 
              128: _tiles(128, 64, 8, 3), 256: _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 _INTERP_FWD_TILES = dict(_INTERP_TILES)
-# The forward also takes LAZY_RESCALE / WARP_SPEC (both off by default). They are
+# The forward also takes LAZY_RESCALE / WARP_SPEC / TMA (all off by default). They are
 # candidates for `benchmarks/kernels/attention.py --sweep`, not yet measured on a GPU:
 # LAZY_RESCALE skips the accumulator rescale until a row max grows by > 8 (base 2);
-# WARP_SPEC asks Triton to warp-specialize the key loop.
+# WARP_SPEC asks Triton to warp-specialize the key loop; TMA moves Q, K, V and O through
+# tensor descriptors (Hopper's TMA unit) when the inputs allow it (see _tma_descriptors).
 
 
 def _fwd_tiles(d, causal):
@@ -248,17 +272,55 @@ def _strides(t):  # (b, h, n) strides; the last dim is contiguous
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_tma(device):
+    """Interpreter, or a GPU with a TMA unit (compute capability 9.0+)."""
+    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _tma_rows(t):
+    """``t`` (B, H, N, D) as a (B*H, N, D) view that a TMA descriptor can address, or None.
+
+    The head rows must merge into one stride (B or H of 1, or stride_b == H * stride_h), and the
+    base and the row and key strides must be 16-byte aligned. Outside the descriptor's N rows
+    TMA reads zeros and drops writes, so a block may run past the end of a head."""
+    b, h, n, d = t.shape
+    if t.stride(-1) != 1 or (b > 1 and h > 1 and t.stride(0) != h * t.stride(1)):
+        return None
+    rows = t.view(b * h, n, d)
+    if t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in rows.stride()[:2]):
+        return None
+    return rows
+
+
+def _tma_descriptors(q, k, v, o, block_m, block_n):
+    """Descriptors over (B*H, N, D) for q and o (blocks of BLOCK_M rows) and (B*H_kv, N, D) for
+    k and v (blocks of BLOCK_N keys), or None when one of them breaks TMA's rules."""
+    views = [_tma_rows(t) for t in (q, k, v, o)]
+    if not _has_tma(q.device) or any(view is None for view in views):
+        return None
+    d = q.shape[-1]
+    return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block, d])
+            for view, block in zip(views, (block_m, block_n, block_n, block_m))]
+
+
 def _forward(q, k, v, causal, sm_scale):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    args = (q, k, v, o, lse, sm_scale * _LOG2E,
+    tiles = _fwd_tiles(D, causal)
+    operands = (q, k, v, o)
+    if tiles.get("TMA") and not TUNE:  # autotuned configs do not set TMA
+        descriptors = _tma_descriptors(q, k, v, o, tiles["BLOCK_M"], tiles["BLOCK_N"])
+        tiles = dict(tiles, TMA=descriptors is not None)
+        operands = descriptors or operands
+    args = (*operands, lse, sm_scale * _LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))
     meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=needs_upcast(q))
-    launch(_attn_fwd, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, _fwd_tiles(D, causal))
+    launch(_attn_fwd, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, tiles)
     return o, lse
 
 
