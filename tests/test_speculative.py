@@ -149,6 +149,66 @@ def test_standard_block_mean_tokens_match_theory():
             assert chi2_pvalue(emitted[sel, t], p) > PASS
 
 
+# --------------------------------------------------------------------------- selection kernel
+# ``srl.kernels.kseq`` runs each K-SEQ position as one Triton program per row (the GPU path);
+# here through the interpreter, so with fewer rows than the torch-path tests above.
+NK = 800  # the interpreter runs about 40 programs (rows) per second
+
+
+@pytest.mark.parametrize("case,k", [("dirichlet_zeros", 1), ("dirichlet_zeros", 4), ("disjoint", 4),
+                                    ("truncated", 3)])
+def test_kernel_select_emits_target_distribution(case, k):
+    p, q = CASES[case]
+    g = torch.Generator().manual_seed(7 * k + len(case))
+    P, Q = p.float().expand(NK, V).contiguous(), q.float().expand(NK, V).contiguous()
+    drafts = sample_from_probs(Q[:, None].expand(NK, k, V), g)
+    tokens, accepted = kseq_select(P, Q, drafts, g, use_kernel=True)
+    assert chi2_pvalue(tokens, p) > PASS
+    hit = accepted >= 0
+    assert torch.equal(drafts[hit].gather(1, accepted[hit, None]).squeeze(1), tokens[hit])
+    rho = kseq_rho(p[None], q[None], k, rounds=10)
+    theory = float(1 - (1 - kseq_beta(p[None], q[None], rho)) ** k)
+    sd = (theory * (1 - theory) / NK) ** 0.5
+    assert abs(hit.double().mean().item() - theory) < 5 * sd + 5e-3
+
+
+def test_kernel_rho_matches_torch_grid_search():
+    from srl.kernels.kseq import kseq_step
+    g = torch.Generator().manual_seed(5)
+    B, k, Vr = 24, 8, 37
+    p = torch.softmax(2 * torch.randn(B, k, 2, Vr, generator=g), -1)
+    q = torch.softmax(2 * torch.randn(B, k, 1, Vr, generator=g), -1)
+    drafts = torch.randint(0, Vr, (B, k, 1), generator=g)
+    surv = (torch.rand(B, k, generator=g) < 0.6).to(torch.int8)
+    surv[:, 3] = 1  # at least one survivor per row; k' from 1 to 8
+    rho = torch.empty(B)
+    kseq_step(p, q, drafts, 0, surv.clone(), torch.ones(B, dtype=torch.int8),
+              torch.zeros(B, dtype=torch.long), torch.zeros(B, 2, dtype=torch.long),
+              torch.tensor([1]), rho_out=rho)
+    first = surv.int().argmax(-1)
+    rows = torch.arange(B)
+    want = kseq_rho(p[rows, first, 0], q[rows, first, 0], surv.sum(-1), grid=16, rounds=2)
+    assert torch.allclose(rho, want, rtol=1e-5)
+    assert (rho[surv.sum(-1) == 1] == 1).all()
+    assert (rho[surv.sum(-1) > 1] > 1).all()
+
+
+@pytest.mark.parametrize("k,L", [(3, 2)])
+def test_kernel_block_positions_follow_target(k, L):
+    """Context-free p and q: each emitted position of a block is distributed as p."""
+    p, q = CASES["dirichlet_zeros"]
+    g = torch.Generator().manual_seed(11 + k)
+    P = p.float().expand(NK, k, L + 1, V)
+    Q = q.float().expand(NK, k, L, V)
+    drafts = sample_from_probs(Q, g)
+    emitted, n_emit, src = kseq_verify_block(P, Q, drafts, g, use_kernel=True)
+    assert (n_emit >= 1).all() and (n_emit <= L + 1).all()
+    for t in range(L + 1):
+        assert chi2_pvalue(emitted[n_emit > t, t], p) > PASS
+    full = n_emit == L + 1  # accepted blocks come from the source draft
+    assert torch.equal(emitted[full, :L], drafts[full.nonzero().squeeze(1), src[full]])
+
+
 # --------------------------------------------------------------------------- full loop, joint law
 
 class Bigram(nn.Module):

@@ -34,6 +34,7 @@ from torch import Tensor
 from srl.generation.decode import (GenState, Rollout, capture, causal_layout, cuda_generator,
                                    prefill, round_up, tree_layout)
 from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
+from srl.kernels.kseq import kseq_step
 
 
 # --------------------------------------------------------------------------- token level
@@ -93,8 +94,8 @@ def kseq_accept(p: Tensor, q: Tensor, drafts: Tensor, rho: Tensor, valid: Tensor
 
 
 def kseq_select(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator | None = None,
-                valid: Tensor | None = None, rho: Tensor | float | None = None
-                ) -> tuple[Tensor, Tensor]:
+                valid: Tensor | None = None, rho: Tensor | float | None = None,
+                use_kernel: bool | None = None) -> tuple[Tensor, Tensor]:
     """K-SEQ draft selection, vectorised over N independent problems.
 
     Args:
@@ -103,12 +104,24 @@ def kseq_select(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator
         valid: (N, k) bool, drafts still in play (default all); invalid ones are skipped and
             k' = valid.sum() sets rho.
         rho: None computes rho*; a given rho must satisfy (1 - (1 - beta)^k) / beta <= rho.
+        use_kernel: one Triton program per row (``srl.kernels.kseq``); default on CUDA when rho
+            is None. Same law, different random stream.
     Returns:
         (tokens (N,), accepted (N,)): the emitted token, and the index of the accepted draft or
         -1 where the token came from the residual.
     """
     if valid is None:
         valid = torch.ones_like(drafts, dtype=torch.bool)
+    if rho is None and (p.is_cuda if use_kernel is None else use_kernel):
+        N, k = drafts.shape
+        V = p.shape[-1]
+        out = torch.empty(N, 1, dtype=torch.long, device=p.device)
+        accepted = torch.empty(N, dtype=torch.long, device=p.device)
+        kseq_step(p.float()[:, None, None].expand(N, k, 1, V), q.float()[:, None, None].expand(N, k, 1, V),
+                  drafts[..., None], 0, valid.to(torch.int8), torch.ones(N, dtype=torch.int8, device=p.device),
+                  torch.zeros(N, dtype=torch.long, device=p.device), out, _seed(p.device, generator),
+                  accepted_out=accepted)
+        return out[:, 0], accepted
     kv = valid.sum(-1)
     if rho is None:
         rho = kseq_rho(p, q, kv)
@@ -117,6 +130,11 @@ def kseq_select(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator
     fallback = sample_from_probs(kseq_residual(p, q, rho, kv), generator)
     picked = drafts.gather(1, accepted.clamp_min(0)[:, None]).squeeze(1)
     return torch.where(accepted >= 0, picked, fallback), accepted
+
+
+def _seed(device, generator: torch.Generator | None) -> Tensor:
+    """A fresh Philox seed for the selection kernel, drawn from ``generator`` (graph-safe)."""
+    return torch.randint(0, 2 ** 62, (1,), device=device, generator=generator)
 
 
 # --------------------------------------------------------------------------- block level
@@ -145,15 +163,27 @@ def speculative_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
 
 
 def kseq_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
-                      generator: torch.Generator | None = None, rho_grid: int = 32,
-                      rho_rounds: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+                      generator: torch.Generator | None = None,
+                      use_kernel: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """K-SEQ over blocks: p (B, k, L+1, V), q (B, k, L, V), drafts (B, k, L).
 
     Returns (emitted (B, L+1), n_emit (B,), src (B,)): src is a draft whose block holds the
-    accepted tokens (its cache entries are the ones to keep).
+    accepted tokens (its cache entries are the ones to keep). ``use_kernel`` (default: on CUDA)
+    runs each position as one Triton program per row (``srl.kernels.kseq``).
     """
     B, k, L = drafts.shape
     rows = torch.arange(B, device=p.device)
+    if p.is_cuda if use_kernel is None else use_kernel:
+        surv = torch.ones(B, k, dtype=torch.int8, device=p.device)
+        alive = torch.ones(B, dtype=torch.int8, device=p.device)
+        n_acc = torch.zeros(B, dtype=torch.long, device=p.device)
+        emitted = torch.empty(B, L + 1, dtype=torch.long, device=p.device)
+        seed = _seed(p.device, generator)
+        for t in range(L):
+            kseq_step(p, q, drafts, t, surv, alive, n_acc, emitted, seed)
+        src = surv.argmax(-1)
+        emitted[:, L] = sample_from_probs(p[rows, src, L], generator)  # bonus, used where alive
+        return emitted, n_acc + 1, src
     alive = torch.ones(B, dtype=torch.bool, device=p.device)
     surv = torch.ones(B, k, dtype=torch.bool, device=p.device)
     n_acc = torch.zeros(B, dtype=torch.long, device=p.device)
@@ -162,9 +192,8 @@ def kseq_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
         first = surv.int().argmax(-1)  # survivors share the prefix, hence p and q
         p_t, q_t = p[rows, first, t], q[rows, first, t]  # (B, V)
         valid = surv & alive[:, None]
-        kv = valid.sum(-1)
-        rho = kseq_rho(p_t, q_t, kv, rho_grid, rho_rounds)
-        tok, acc = kseq_select(p_t, q_t, drafts[:, :, t], generator, valid, rho)
+        tok, acc = kseq_select(p_t, q_t, drafts[:, :, t], generator, valid,
+                               kseq_rho(p_t, q_t, valid.sum(-1), 32, 2))
         took = alive & (acc >= 0)
         n_acc += took.long()
         surv = torch.where(took[:, None], surv & (drafts[:, :, t] == tok[:, None]), surv)
