@@ -369,10 +369,11 @@ def test_transformer_loop_control_without_cache_moves_fails(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,L", [(1, 3), (4, 2)])
 def test_bigram_loop_joint_law_cuda_graph(k, L):
-    """The same joint-law check through the CUDA-graph-captured iteration on the GPU."""
+    """The same joint-law check through the CUDA-graph-captured iteration on the GPU (k > 1 runs
+    the Triton selection kernel)."""
     target, draft = _bigram_pair()
     exact = exact_bigram_joint(target, 2, 3, SamplingParams())
-    target, draft = target.cuda(), draft.cuda()
+    target, draft = target.float().cuda(), draft.float().cuda()  # float32: k > 1 uses the kernel
     out = run_loop(target, draft, k, L, SamplingParams(), 50_000, 3, seed=21, device="cuda",
                    cuda_graph=True, dtype=torch.float32)
     assert chi2_pvalue(joint_index(out.tokens, 4), exact) > PASS

@@ -104,20 +104,20 @@ def kseq_select(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator
         valid: (N, k) bool, drafts still in play (default all); invalid ones are skipped and
             k' = valid.sum() sets rho.
         rho: None computes rho*; a given rho must satisfy (1 - (1 - beta)^k) / beta <= rho.
-        use_kernel: one Triton program per row (``srl.kernels.kseq``); default on CUDA when rho
-            is None. Same law, different random stream.
+        use_kernel: one Triton program per row (``srl.kernels.kseq``, float32 only); default
+            for float32 CUDA tensors when rho is None. Same law, different random stream.
     Returns:
         (tokens (N,), accepted (N,)): the emitted token, and the index of the accepted draft or
         -1 where the token came from the residual.
     """
     if valid is None:
         valid = torch.ones_like(drafts, dtype=torch.bool)
-    if rho is None and (p.is_cuda if use_kernel is None else use_kernel):
+    if rho is None and _kernel_wanted(p, use_kernel):
         N, k = drafts.shape
         V = p.shape[-1]
         out = torch.empty(N, 1, dtype=torch.long, device=p.device)
         accepted = torch.empty(N, dtype=torch.long, device=p.device)
-        kseq_step(p.float()[:, None, None].expand(N, k, 1, V), q.float()[:, None, None].expand(N, k, 1, V),
+        kseq_step(p[:, None, None].expand(N, k, 1, V), q[:, None, None].expand(N, k, 1, V),
                   drafts[..., None], 0, valid.to(torch.int8), torch.ones(N, dtype=torch.int8, device=p.device),
                   torch.zeros(N, dtype=torch.long, device=p.device), out, _seed(p.device, generator),
                   accepted_out=accepted)
@@ -130,6 +130,11 @@ def kseq_select(p: Tensor, q: Tensor, drafts: Tensor, generator: torch.Generator
     fallback = sample_from_probs(kseq_residual(p, q, rho, kv), generator)
     picked = drafts.gather(1, accepted.clamp_min(0)[:, None]).squeeze(1)
     return torch.where(accepted >= 0, picked, fallback), accepted
+
+
+def _kernel_wanted(p: Tensor, use_kernel: bool | None) -> bool:
+    """The selection kernel by default for float32 CUDA tensors (float64 stays on torch)."""
+    return p.is_cuda and p.dtype == torch.float32 if use_kernel is None else use_kernel
 
 
 def _seed(device, generator: torch.Generator | None) -> Tensor:
@@ -173,7 +178,7 @@ def kseq_verify_block(p: Tensor, q: Tensor, drafts: Tensor,
     """
     B, k, L = drafts.shape
     rows = torch.arange(B, device=p.device)
-    if p.is_cuda if use_kernel is None else use_kernel:
+    if _kernel_wanted(p, use_kernel):
         surv = torch.ones(B, k, dtype=torch.int8, device=p.device)
         alive = torch.ones(B, dtype=torch.int8, device=p.device)
         n_acc = torch.zeros(B, dtype=torch.long, device=p.device)
