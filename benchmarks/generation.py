@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from srl.envs.text import VOCAB, MixedTask
-from srl.generation.decode import PlainSampler
+from srl.generation.decode import PlainSampler, prefill
 from srl.generation.draft import DraftAlignConfig, DraftAligner, measure_acceptance, policy_batches
 from srl.generation.sampling import SamplingParams
 from srl.generation.speculative import SpeculativeSampler
@@ -37,7 +37,7 @@ POLICY = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_le
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
 
 
-DEV = "cuda"
+DEV = os.environ.get("SRL_BENCH_DEVICE", "cuda")
 
 
 def sync():
@@ -145,6 +145,26 @@ def hf_baseline(batches, new_tokens, repeats):
     return res
 
 
+def profile_iterations(k, L, batch, iterations=20):
+    """Device time per kernel over eager iterations (no CUDA graph), to see what an iteration costs."""
+    from torch.profiler import ProfilerActivity, profile
+    policy = bf16_copy(TransformerLM(LMConfig(**POLICY)).to(DEV))
+    draft = fp32_copy(TransformerLM(LMConfig(**DRAFT)).to(DEV))
+    s = SpeculativeSampler(policy, draft, batch, 512, k=k, draft_len=L, cuda_graph=False)
+    prompt = torch.randint(0, 100, (batch, 9), device=DEV)
+    s.generate(prompt, 32)
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
+        s.state.reset(prompt, 256)
+        prefill(s.target, s.tcache, prompt)
+        prefill(s.draft, s.dcache, prompt)
+        for _ in range(iterations):
+            s._iteration()
+        sync()
+    log(f"k={k} L={L} batch={batch}: {iterations} eager iterations")
+    sort = "cuda_time_total" if DEV == "cuda" else "cpu_time_total"
+    log(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny training and grid (smoke run)")
@@ -163,6 +183,8 @@ def main():
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--grid-budget", type=float, default=240.0, help="seconds for the grid")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU (code check)")
+    ap.add_argument("--profile", default="", metavar="K:L:BATCH",
+                    help="only profile eager speculative iterations of untrained models (GPU kernel times)")
     args = ap.parse_args()
     global DEV
     if args.cpu_smoke:
@@ -174,6 +196,8 @@ def main():
         args.train_steps, args.draft_steps, args.align_steps = 60, 40, 5
         args.batches, args.draft_lens, args.ks, args.repeats = "1,64", "4", "1,4", 1
         args.seq_len = min(args.seq_len, 64)
+    if args.profile:
+        return profile_iterations(*(int(x) for x in args.profile.split(":")))
     batches = [int(b) for b in args.batches.split(",")]
     Ls = [int(x) for x in args.draft_lens.split(",")]
     ks = [int(x) for x in args.ks.split(",")]
