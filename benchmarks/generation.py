@@ -77,7 +77,6 @@ def bf16_copy(model):
 
 
 def fp32_copy(model):
-    """The draft as deployed: fp32 weights and cache (it is small; its steps are launch-bound)."""
     return copy.deepcopy(model).float().eval()
 
 
@@ -149,7 +148,7 @@ def profile_iterations(k, L, batch, iterations=20):
     """Device time per kernel over eager iterations (no CUDA graph), to see what an iteration costs."""
     from torch.profiler import ProfilerActivity, profile
     policy = bf16_copy(TransformerLM(LMConfig(**POLICY)).to(DEV))
-    draft = fp32_copy(TransformerLM(LMConfig(**DRAFT)).to(DEV))
+    draft = bf16_copy(TransformerLM(LMConfig(**DRAFT)).to(DEV))
     s = SpeculativeSampler(policy, draft, batch, 512, k=k, draft_len=L, cuda_graph=False)
     prompt = torch.randint(0, 100, (batch, 9), device=DEV)
     s.generate(prompt, 32)
@@ -234,10 +233,10 @@ def main():
 
     gen = PlainSampler(pol16, 64, args.seq_len + 32, params)
     held_out = fresh_rollouts(gen, new_align)
-    drafts = {"random": fp32_copy(draft)}
+    drafts = {"random": bf16_copy(draft)}  # deployed in bf16 (fp32 attention is 6x slower)
     result["draft_loss"] = train_lm(draft, task, args.draft_steps, args.train_batch,
                                     args.seq_len, 3e-3, rng, "draft")
-    drafts["pretrained"] = fp32_copy(draft)
+    drafts["pretrained"] = bf16_copy(draft)
     acc = {name: measure_acceptance(d, pol16, held_out) for name, d in drafts.items()}
     # ---- alignment on the policy's own generations, each batch used once
     aligner = DraftAligner(draft, pol16, DraftAlignConfig(lr=1e-3, params=params))
@@ -248,9 +247,9 @@ def main():
     gen.close()
     log(f"  aligned on {aligner.samples_seen} fresh sequences in {time.time() - t0:.0f}s; "
         f"logged acceptance {hist[0]['charts/acceptance_rate']:.3f} -> {hist[-1]['charts/acceptance_rate']:.3f}")
-    drafts["aligned"] = fp32_copy(draft)
+    drafts["aligned"] = bf16_copy(draft)
     acc["aligned"] = measure_acceptance(drafts["aligned"], pol16, held_out)
-    acc["aligned_bf16_weights"] = measure_acceptance(bf16_copy(draft), pol16, held_out)
+    acc["aligned_fp32_weights"] = measure_acceptance(fp32_copy(draft), pol16, held_out)
     with torch.autocast(DEV, torch.bfloat16):
         acc["aligned_under_autocast"] = measure_acceptance(draft, pol16, held_out)
     with torch.no_grad():

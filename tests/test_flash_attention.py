@@ -239,10 +239,7 @@ def test_decode_bf16_upcast_and_long_split():
 
 
 def test_decode_many_splits_ragged_lens_twice_in_a_row():
-    # one launch: the last split program of each row block merges and resets its counter, so a
-    # second call on the same cached counters must give the same answer
-    import srl.kernels._flash_decode as dec
-
+    # many splits merged by the combine kernel; a second call must give the same answer
     q, k, v = make_qkv(3, 4, 1, 5, 256, 32, torch.float16, seed=11)
     lens = torch.tensor([256, 0, 77], device=DEV, dtype=torch.int32)
     ref = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True,
@@ -255,7 +252,6 @@ def test_decode_many_splits_ragged_lens_twice_in_a_row():
         assert rel_err(out, ref) <= TOL[torch.float16]
         assert torch.equal(out[1], torch.zeros_like(out[1]))  # kv_lens 0: no key
     assert torch.equal(first, second)
-    assert not dec._SCRATCH[q.device].counters.any()
 
 
 def test_reference_matches_torch_sdpa():

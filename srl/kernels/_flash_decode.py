@@ -2,28 +2,22 @@
 
 Used through ``srl.kernels.flash_attention.flash_decode`` (and by ``flash_attention``
 for short queries that need no gradient). A program owns one (batch, KV head) pair,
-one block of query rows of that KV head's group (GROUP heads x Nq positions packed
-into the M dimension of one tile, so a KV tile is read once per group) and one
-contiguous split of the keys.
-
-With more than one split everything still runs in one launch. Each program writes a
-normalized partial output and its base-2 logsumexp, then increments a counter for its
-(batch, KV head, row block); the program that arrives last merges the splits,
-``O = sum_s 2^(L_s - L) O_s`` with ``L = log2 sum_s 2^L_s``, writes O and puts the
-counter back to zero. The counters and partial buffers are cached per device and
-reused by every call (see ``_Scratch``), so a call allocates only its output.
+all query rows of that KV head's group (GROUP heads x Nq positions packed into the
+M dimension of one tile, so a KV tile is read once per group) and one contiguous
+split of the keys. With more than one split each program writes a normalized
+partial output and its base-2 logsumexp; a second kernel merges the splits:
+``O = sum_s 2^(L_s - L) O_s`` with ``L = log2 sum_s 2^L_s``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import (INTERPRET, TUNE, autotune, check_kernel_inputs, last_dim_contiguous,
+from srl.kernels._flash_common import (INTERPRET, autotune, check_kernel_inputs, last_dim_contiguous, launch,
                                        load_kv_tile, needs_upcast, online_softmax_step)
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
@@ -48,54 +42,23 @@ def _decode_configs():
     ]
 
 
-@triton.jit
-def _merge_splits(O_PART, LSE_PART, first_part_row, row_ok, M_PAD, NUM_SPLITS,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Merge the NUM_SPLITS normalized partials of BLOCK_M rows; ``first_part_row`` indexes split 0's.
-
-    Two passes over the splits: the row max of the logsumexps, then the weighted sum (weights
-    2^(L_s - max), 0 for empty splits; a row with no visible key anywhere comes out 0). The
-    partials were written by programs on other SMs: loads go through L2 (``.cg``)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(LSE_PART + first_part_row + s * M_PAD, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.maximum(lse_max, lse)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        part_row = first_part_row + s * M_PAD
-        lse = tl.load(LSE_PART + part_row, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        w = tl.exp2(lse - lse_max)
-        o = tl.load(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0,
-                    cache_modifier=".cg")
-        acc += w[:, None] * o
-        den += w
-    return acc / tl.where(den == 0.0, 1.0, den)[:, None]
-
-
 @autotune(_decode_configs, key=["HEAD_DIM", "BLOCK_M", "SPLIT", "LEN_BUCKET", "CAUSAL"])
 @triton.jit
-def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, COUNTERS, KV_LENS, qk_scale,
+def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
                    stride_qb, stride_qh, stride_qn,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
-                   H_KV, N_Q, N_K, GROUP, NUM_SPLITS, SPLIT_LEN, LEN_BUCKET,
+                   stride_ob, stride_oh, stride_on,
+                   H_KV, N_Q, N_K, GROUP, ROWS, M_PAD, NUM_SPLITS, SPLIT_LEN, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_KV_LENS: tl.constexpr, SPLIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O is contiguous (B, H, N_Q, D). With SPLIT: O_PART (B*H_KV, NUM_SPLITS, M_PAD, D) and
-    LSE_PART (B*H_KV, NUM_SPLITS, M_PAD) fp32 scratch, COUNTERS one int32 per (b, kv head, row
-    block), all zero on entry and on exit."""
     split = tl.program_id(0)
     off_bkv = tl.program_id(1)
-    m_block = tl.program_id(2)
-    m_pad = tl.num_programs(2) * BLOCK_M
     off_b = (off_bkv // H_KV).to(tl.int64)
     off_kvh = (off_bkv % H_KV).to(tl.int64)
-    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head in group, position)
-    row_ok = rows < GROUP * N_Q
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # packed (head in group, position)
+    row_ok = rows < ROWS
     pos = rows % N_Q
     off_h = off_kvh * GROUP + (rows // N_Q).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -135,22 +98,37 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, COUNTERS, KV_LENS, qk_scale,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    o_ptrs = O + ((off_b * H_KV * GROUP + off_h[:, None]) * N_Q + pos[:, None]) * HEAD_DIM + offs_d[None, :]
     if SPLIT:
-        first_part_row = off_bkv.to(tl.int64) * NUM_SPLITS * m_pad + rows
-        part_row = first_part_row + split * m_pad
-        tl.store(LSE_PART + part_row, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=row_ok)
-        tl.store(O_PART + part_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-        # every thread's partial stores come before the signal; the atomic (acq_rel) publishes them
-        # and, in the last program to arrive, makes the other splits' partials visible
-        tl.debug_barrier()
-        counter = COUNTERS + off_bkv * tl.num_programs(2) + m_block
-        if tl.atomic_add(counter, 1) == NUM_SPLITS - 1:
-            out = _merge_splits(O_PART, LSE_PART, first_part_row, row_ok, m_pad, NUM_SPLITS, HEAD_DIM, BLOCK_M)
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(counter, 0)  # every split has arrived: ready for the next call
+        # partials: O_PART (B*H_KV, NUM_SPLITS, M_PAD, D) fp32, LSE_PART (B*H_KV, NUM_SPLITS, M_PAD)
+        part = (off_bkv.to(tl.int64) * NUM_SPLITS + split) * M_PAD + rows
+        tl.store(LSE_PART + part, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=row_ok)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
     else:
+        o_ptrs = O + off_b * stride_ob + off_h[:, None] * stride_oh + pos[:, None] * stride_on + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_combine(O_PART, LSE_PART, O, stride_ob, stride_oh, stride_on,
+                    H_KV, N_Q, GROUP, M_PAD, NUM_SPLITS,
+                    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr):
+    row = tl.program_id(0)
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // H_KV).to(tl.int64)
+    off_h = (off_bkv % H_KV).to(tl.int64) * GROUP + row // N_Q
+    pos = row % N_Q
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    part = (off_bkv.to(tl.int64) * NUM_SPLITS + offs_s) * M_PAD + row
+    lse = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # (SPLITS_P2,), 0 for empty splits
+    o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + pos * stride_on + offs_d, out.to(O.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,93 +148,8 @@ def _num_splits(programs, n_k, device):
     return max(1, min(want, triton.cdiv(n_k, 256), 256))
 
 
-class _Plan(NamedTuple):
-    """Everything about a launch that depends only on shapes and flags (cached per shape)."""
-    grid: tuple
-    splits: int
-    split_len: int
-    len_bucket: int
-    counters: int  # int32 counters the split path needs
-    partial_rows: int  # rows of O_PART / LSE_PART the split path needs
-    kwargs: dict  # constexpr meta-parameters, plus the tile unless autotuning
-
-
-@functools.lru_cache(maxsize=1024)
-def _plan(batch, kv_heads, group, n_q, n_k, head_dim, device, num_splits, causal, has_kv_lens, upcast,
-          waves, tiles_key):
-    """Launch plan for one shape; ``waves`` and ``tiles_key`` are in the key so that a benchmark
-    changing ``_WAVES`` or ``_DECODE_TILES`` gets a fresh plan."""
-    rows = group * n_q
-    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
-    m_blocks = triton.cdiv(rows, block_m)
-    splits = num_splits or _num_splits(batch * kv_heads * m_blocks, n_k, device)
-    split_len = triton.cdiv(n_k, splits)
-    splits = triton.cdiv(n_k, split_len)  # no empty trailing split
-    tiles = {} if TUNE else dict(tiles_key)
-    kwargs = dict(HEAD_DIM=head_dim, CAUSAL=causal, UPCAST=upcast, HAS_KV_LENS=has_kv_lens,
-                  SPLIT=splits > 1, BLOCK_M=block_m, **tiles)
-    return _Plan(grid=(splits, batch * kv_heads, m_blocks), splits=splits, split_len=split_len,
-                 len_bucket=1 << max(split_len - 1, 0).bit_length(), counters=batch * kv_heads * m_blocks,
-                 partial_rows=batch * kv_heads * splits * m_blocks * block_m, kwargs=kwargs)
-
-
-class _Scratch:
-    """Per-device scratch of the split path: zeroed int32 counters and fp32 partial buffers.
-
-    Reused by every call (no allocation or memset per call, so it is also what a CUDA graph
-    captures and replays). The kernel leaves the counters at zero. Buffers only grow; a
-    replaced buffer is kept alive because a graph captured earlier may still point at it.
-    Not supported: calls on one device that run concurrently on different streams (they would
-    share counters and partials); calls ordered on one stream, graph replays included, are fine.
-    """
-
-    def __init__(self, device):
-        self.device = device
-        self.counters = torch.zeros(0, dtype=torch.int32, device=device)
-        self.o_part = torch.empty(0, dtype=torch.float32, device=device)
-        self.lse_part = torch.empty(0, dtype=torch.float32, device=device)
-        self._retired = []
-
-    def ensure(self, counters, partial_rows, head_dim):
-        if self.counters.numel() < counters:
-            self._retired.append(self.counters)
-            self.counters = torch.zeros(_grown(counters), dtype=torch.int32, device=self.device)
-        if self.lse_part.numel() < partial_rows:
-            self._retired.append(self.lse_part)
-            self.lse_part = torch.empty(_grown(partial_rows), dtype=torch.float32, device=self.device)
-        if self.o_part.numel() < partial_rows * head_dim:
-            self._retired.append(self.o_part)
-            self.o_part = torch.empty(_grown(partial_rows * head_dim), dtype=torch.float32, device=self.device)
-        return self
-
-
-def _grown(n):
-    return max(triton.next_power_of_2(n), 1024)
-
-
-_SCRATCH: dict = {}  # torch.device -> _Scratch
-
-
-def _scratch(device, plan, head_dim):
-    scratch = _SCRATCH.get(device)
-    if scratch is None:
-        scratch = _SCRATCH[device] = _Scratch(device)
-    return scratch.ensure(plan.counters, plan.partial_rows, head_dim)
-
-
-def _int32_lens(kv_lens, batch, device):
-    if kv_lens.shape != (batch,) or kv_lens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"kv_lens must be an int32/int64 tensor of shape ({batch},), got "
-                         f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
-    if kv_lens.dtype == torch.int32 and kv_lens.device == device:
-        return kv_lens
-    return kv_lens.to(device=device, dtype=torch.int32)
-
-
-def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                 sm_scale: Optional[float] = None, kv_lens: Optional[torch.Tensor] = None,
-                 num_splits: Optional[int] = None) -> torch.Tensor:
-    """Attention of a few new query rows against a KV cache (flash-decoding), one kernel launch.
+def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=None):
+    """Attention of a few new query rows against a KV cache (flash-decoding).
 
     Args:
         q: (B, H, Nq, D) with Nq in 1..16 (decode, or speculative verification).
@@ -271,9 +164,6 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 
     Returns:
         (B, H, Nq, D) tensor of q's dtype.
-
-    Calls that split the keys share a per-device scratch buffer: calls on one device must be
-    ordered on one stream (see ``_Scratch``).
     """
     check_kernel_inputs(q, k, v)
     B, H, Nq, D = q.shape
@@ -281,26 +171,42 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     if Nq > MAX_DECODE_QUERIES:
         raise ValueError(f"flash_decode takes at most {MAX_DECODE_QUERIES} query rows, got q shape {tuple(q.shape)}")
     if kv_lens is not None:
-        kv_lens = _int32_lens(kv_lens, B, q.device)
+        if kv_lens.shape != (B,) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_lens must be an int32/int64 tensor of shape ({B},), got "
+                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
+        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
     scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if not (q.is_cuda or INTERPRET):
-        from srl.kernels.flash_attention import attention_reference  # flash_attention imports this module
-
+        from srl.kernels.flash_attention import attention_reference  # (that module imports this one)
         return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens)
-    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
 
-    tiles = _INTERP_DECODE if INTERPRET else _DECODE_TILES[D]
-    plan = _plan(B, Hkv, H // Hkv, Nq, Nk, D, q.device, num_splits, bool(causal), kv_lens is not None,
-                 needs_upcast(q), _WAVES, tuple(tiles.items()))
+    group = H // Hkv
+    rows = group * Nq
+    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    m_blocks = triton.cdiv(rows, block_m)
+    m_pad = m_blocks * block_m
+    splits = num_splits or _num_splits(B * Hkv * m_blocks, Nk, q.device)
+    split_len = triton.cdiv(Nk, splits)
+    splits = triton.cdiv(Nk, split_len)
+    use_split = splits > 1
+
     o = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
-    if plan.splits > 1:
-        scratch = _scratch(q.device, plan, D)
-        o_part, lse_part, counters = scratch.o_part, scratch.lse_part, scratch.counters
-    else:  # one split writes O directly and never touches these
-        o_part = lse_part = counters = o
-    qs, ks, vs = q.stride(), k.stride(), v.stride()
-    _decode_kernel[plan.grid](
-        q, k, v, o, o_part, lse_part, counters, o if kv_lens is None else kv_lens, scale * _LOG2E,
-        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-        Hkv, Nq, Nk, H // Hkv, plan.splits, plan.split_len, plan.len_bucket, **plan.kwargs)
+    if use_split:
+        o_part = torch.empty((B * Hkv, splits, m_pad, D), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((B * Hkv, splits, m_pad), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = o  # unused
+    args = (q, k, v, o, o_part, lse_part, kv_lens if kv_lens is not None else o, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=needs_upcast(q),
+                HAS_KV_LENS=kv_lens is not None, SPLIT=use_split, BLOCK_M=block_m)
+    tiles = _INTERP_DECODE if INTERPRET else _DECODE_TILES[D]
+    launch(_decode_kernel, lambda c: (splits, B * Hkv, m_blocks), args, meta, tiles)
+    if use_split:
+        _decode_combine[(rows, B * Hkv)](
+            o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), Hkv, Nq, group, m_pad, splits,
+            HEAD_DIM=D, SPLITS_P2=max(triton.next_power_of_2(splits), 2))
     return o

@@ -238,7 +238,9 @@ def _tiles(block_m, block_n, warps, stages):
 # Tiles per head dim (H100, triton 3.6; picked from SRL_FLASH_AUTOTUNE=1 runs of
 # benchmarks/kernels/attention.py). The interpreter uses one small tile.
 _FWD_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(128, 64, 8, 4),
-              128: _tiles(128, 64, 8, 3), 256: _tiles(64, 64, 4, 2)}
+              128: dict(_tiles(128, 128, 8, 3), TMA=True), 256: _tiles(64, 64, 4, 2)}
+# when TMA cannot address the inputs (odd strides, pre-Hopper), the pointer path's best tile
+_FWD_POINTER_TILES = {128: _tiles(128, 64, 8, 3)}
 # backward: dK/dV programs own BLOCK_N keys and step over BLOCK_M queries; dQ the reverse
 _DKDV_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
                128: _tiles(64, 128, 8, 3), 256: _tiles(32, 64, 4, 2)}
@@ -246,11 +248,12 @@ _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 
              128: _tiles(128, 64, 8, 3), 256: _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 _INTERP_FWD_TILES = dict(_INTERP_TILES)
-# The forward also takes LAZY_RESCALE / WARP_SPEC / TMA (all off by default). They are
-# candidates for `benchmarks/kernels/attention.py --sweep`, not yet measured on a GPU:
-# LAZY_RESCALE skips the accumulator rescale until a row max grows by > 8 (base 2);
-# WARP_SPEC asks Triton to warp-specialize the key loop; TMA moves Q, K, V and O through
-# tensor descriptors (Hopper's TMA unit) when the inputs allow it (see _tma_descriptors).
+# The forward also takes LAZY_RESCALE / WARP_SPEC / TMA flags (`--sweep` candidates).
+# TMA moves Q, K, V and O through tensor descriptors (Hopper's TMA unit) when the inputs
+# allow it (see _tma_descriptors); H100 sweep at D=128: 128x128 tiles with TMA took 0.516 ms
+# against 0.617 ms for the best pointer tile (N=2048) and 0.572 against 0.664 (N=4096, causal).
+# LAZY_RESCALE (skip the accumulator rescale until a row max grows by > 8, base 2) and
+# WARP_SPEC (warp-specialized key loop) were no faster there and stay off.
 
 
 def _fwd_tiles(d, causal):
@@ -314,8 +317,10 @@ def _forward(q, k, v, causal, sm_scale):
     operands = (q, k, v, o)
     if tiles.get("TMA") and not TUNE:  # autotuned configs do not set TMA
         descriptors = _tma_descriptors(q, k, v, o, tiles["BLOCK_M"], tiles["BLOCK_N"])
-        tiles = dict(tiles, TMA=descriptors is not None)
-        operands = descriptors or operands
+        if descriptors is None:
+            tiles = _FWD_POINTER_TILES.get(D, dict(tiles, TMA=False))
+        else:
+            operands = descriptors
     args = (*operands, lse, sm_scale * _LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))

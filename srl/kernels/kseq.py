@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 _GRID = 16  # rho candidates per round; two rounds: within (k' - 1) / 256 above rho*
-_BLOCK_V = 256
+_BLOCK_V = 1024  # long vectors per step: one program walks the whole vocabulary
 
 
 @triton.jit
@@ -165,4 +165,4 @@ def kseq_step(p: Tensor, q: Tensor, drafts: Tensor, t: int, surv: Tensor, alive:
         p.stride(0), p.stride(1), p.stride(2), q.stride(0), q.stride(1), q.stride(2),
         drafts.stride(0), drafts.stride(1), drafts.stride(2), out.stride(0),
         K_P2=max(triton.next_power_of_2(k), 2), G=_GRID,
-        BLOCK_V=min(_BLOCK_V, max(16, triton.next_power_of_2(V))), num_warps=4)
+        BLOCK_V=min(_BLOCK_V, max(16, triton.next_power_of_2(V))), num_warps=8)
