@@ -152,11 +152,10 @@ def test_standard_block_mean_tokens_match_theory():
 # --------------------------------------------------------------------------- selection kernel
 # ``srl.kernels.kseq`` runs each K-SEQ position as one Triton program per row (the GPU path);
 # here through the interpreter, so with fewer rows than the torch-path tests above.
-NK = 800  # the interpreter runs about 40 programs (rows) per second
+NK = 600  # the interpreter runs about 20 rows per second through the four launches
 
 
-@pytest.mark.parametrize("case,k", [("dirichlet_zeros", 1), ("dirichlet_zeros", 4), ("disjoint", 4),
-                                    ("truncated", 3)])
+@pytest.mark.parametrize("case,k", [("dirichlet_zeros", 4), ("disjoint", 4), ("truncated", 3)])
 def test_kernel_select_emits_target_distribution(case, k):
     p, q = CASES[case]
     g = torch.Generator().manual_seed(7 * k + len(case))
@@ -172,7 +171,14 @@ def test_kernel_select_emits_target_distribution(case, k):
     assert abs(hit.double().mean().item() - theory) < 5 * sd + 5e-3
 
 
-def test_kernel_rho_matches_torch_grid_search():
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Vocabulary chunks of 16 entries, so the kernels' cross-chunk sums and race are exercised."""
+    import srl.kernels.kseq as kseq
+    monkeypatch.setattr(kseq, "_CHUNK", 16)
+
+
+def test_kernel_rho_matches_torch_grid_search(small_chunks):
     from srl.kernels.kseq import kseq_step
     g = torch.Generator().manual_seed(5)
     B, k, Vr = 24, 8, 37
@@ -194,12 +200,16 @@ def test_kernel_rho_matches_torch_grid_search():
 
 
 @pytest.mark.parametrize("k,L", [(3, 2)])
-def test_kernel_block_positions_follow_target(k, L):
-    """Context-free p and q: each emitted position of a block is distributed as p."""
-    p, q = CASES["dirichlet_zeros"]
+def test_kernel_block_positions_follow_target(k, L, small_chunks):
+    """Context-free p and q: each emitted position of a block is distributed as p (V = 40 in
+    chunks of 16, so the residual race crosses chunks)."""
+    p, q = (torch.cat([x, torch.zeros(32, dtype=x.dtype)]) for x in CASES["dirichlet_zeros"])
+    p[V + 5], q[V + 20] = 0.05, 0.1  # mass in the later chunks too
+    p, q = p / p.sum(), q / q.sum()
+    V2 = p.numel()
     g = torch.Generator().manual_seed(11 + k)
-    P = p.float().expand(NK, k, L + 1, V)
-    Q = q.float().expand(NK, k, L, V)
+    P = p.float().expand(NK, k, L + 1, V2)
+    Q = q.float().expand(NK, k, L, V2)
     drafts = sample_from_probs(Q, g)
     emitted, n_emit, src = kseq_verify_block(P, Q, drafts, g, use_kernel=True)
     assert (n_emit >= 1).all() and (n_emit <= L + 1).all()
