@@ -259,10 +259,6 @@ _INTERP_FWD_TILES = dict(_INTERP_TILES)
 # WARP_SPEC (warp-specialized key loop) were no faster there and stay off.
 
 
-def _fwd_tiles(d, causal):
-    return _INTERP_FWD_TILES if INTERPRET else _FWD_TILES[d]
-
-
 def _bwd_tiles(d, causal):
     if INTERPRET:
         return _INTERP_TILES, _INTERP_TILES
@@ -310,22 +306,27 @@ def _tma_descriptors(q, k, v, o, block_m, block_n):
             for view, block in zip(views, (block_m, block_n, block_n, block_m))]
 
 
+def _fwd_plan(q, k, v, o):
+    """(tiles, operands) of the forward: TMA descriptors where the tile table asks for them and
+    they can address the inputs, else the tensors themselves with the pointer tile."""
+    D, Nk = q.shape[-1], k.shape[2]
+    tiles = _INTERP_FWD_TILES if INTERPRET else _FWD_TILES[D]
+    if not tiles.get("TMA") or TUNE:  # autotuned configs do not set TMA
+        return tiles, (q, k, v, o)
+    pointer_tiles = _FWD_POINTER_TILES.get(D, dict(tiles, TMA=False))
+    if D in _FWD_POINTER_TILES and Nk <= _TMA_MIN_KEYS:
+        return pointer_tiles, (q, k, v, o)
+    descriptors = _tma_descriptors(q, k, v, o, tiles["BLOCK_M"], tiles["BLOCK_N"])
+    return (pointer_tiles, (q, k, v, o)) if descriptors is None else (tiles, descriptors)
+
+
 def _forward(q, k, v, causal, sm_scale):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    tiles = _fwd_tiles(D, causal)
-    operands = (q, k, v, o)
-    if tiles.get("TMA") and Nk <= _TMA_MIN_KEYS and D in _FWD_POINTER_TILES:
-        tiles = _FWD_POINTER_TILES[D]
-    if tiles.get("TMA") and not TUNE:  # autotuned configs do not set TMA
-        descriptors = _tma_descriptors(q, k, v, o, tiles["BLOCK_M"], tiles["BLOCK_N"])
-        if descriptors is None:
-            tiles = _FWD_POINTER_TILES.get(D, dict(tiles, TMA=False))
-        else:
-            operands = descriptors
+    tiles, operands = _fwd_plan(q, k, v, o)
     args = (*operands, lse, sm_scale * _LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))
