@@ -8,6 +8,9 @@ import zmq
 
 from srl.system import wire
 
+MAX_DROPS_PER_RECV = 1000
+"""Malformed messages one ``recv`` call drops before it returns None to its caller."""
+
 
 def context() -> zmq.Context:
     """The process's ZMQ context (re-created after fork)."""
@@ -45,7 +48,11 @@ class Endpoint:
         self.sock = sock
         self.key = key
         self.dropped = 0
+        self.last_drop = ""
+        """Why the latest dropped message was refused (one line; for tests and debugging)."""
         sock.setsockopt(zmq.LINGER, 0)
+        # ZMQ disconnects a peer whose frame could never be a valid message, before buffering it
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES + wire.MAX_HEADER_BYTES)
 
     def send(self, kind: str, arrays=None, meta=None, prefix: list | None = None, flags: int = 0) -> bool:
         frames = wire.encode(kind, arrays, meta, self.key)
@@ -55,10 +62,14 @@ class Endpoint:
         except zmq.Again:
             return False
 
-    def recv(self, n_prefix: int = 0, timeout_ms: int = 0):
+    def recv(self, n_prefix: int = 0, timeout_ms: int = 0, check=None):
         """Next well-formed message as ``(prefix, Message)``; None when nothing is waiting.
-        Malformed messages are dropped and counted, never raised."""
-        while True:
+
+        Malformed messages are dropped and counted, never raised: any exception from decoding,
+        or from ``check(message)`` (a receiver's validation, which raises ``wire.WireError`` on a
+        message it cannot use), counts one drop. After ``MAX_DROPS_PER_RECV`` drops in a row it
+        returns None, so a junk flood cannot keep the caller from its other work."""
+        for _ in range(MAX_DROPS_PER_RECV):
             if timeout_ms and not self.sock.poll(timeout_ms):
                 return None
             try:
@@ -66,15 +77,21 @@ class Endpoint:
             except zmq.Again:
                 return None
             timeout_ms = 0
-            if len(frames) <= n_prefix:
-                self.dropped += 1
-                continue
             try:
+                if len(frames) <= n_prefix:
+                    raise wire.WireError(f"{len(frames)} frames, no room for the message")
                 msg = wire.decode(frames[n_prefix:], self.key)
-            except wire.WireError:
-                self.dropped += 1
-                continue
-            return [f.bytes for f in frames[:n_prefix]], msg
+                if check is not None:
+                    check(msg)
+                return [f.bytes for f in frames[:n_prefix]], msg
+            except Exception as exc:  # noqa: BLE001 - whatever a peer sent, it is a drop
+                self.drop(f"{type(exc).__name__}: {str(exc)[:200]}")
+        return None
+
+    def drop(self, reason: str) -> None:
+        """Count one message this endpoint's owner refused (after recv, e.g. a field out of range)."""
+        self.dropped += 1
+        self.last_drop = reason
 
     def close(self) -> None:
         self.sock.close(linger=0)
