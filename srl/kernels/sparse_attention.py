@@ -1,0 +1,235 @@
+"""Block-sparse causal attention with static patterns: S2-Attention and LongGen.
+
+``sparse_attention(q, k, v, pattern, sm_scale=None)`` is ``flash_attention(q, k, v, causal=True)``
+with the keys further restricted by ``pattern`` (see ``_sparse_patterns.py``):
+
+* :class:`SinkWindow` (sink, window): LongGen's attention-sink layers;
+* :class:`S2Strided` (block, local_blocks, stride): S2-Attention's heterogeneous strided shards
+  (LongGen's BlockSparse layers), a different shard per query head;
+* :class:`BlockLayout` (layout, block): any per-head boolean block map.
+
+Inputs are (B, H, N, D); K and V may have fewer heads (GQA); Nq <= Nk with query row i at key
+position Nk - Nq + i. A row that sees no key returns zeros (and zero gradients), never NaN.
+
+The Triton kernels (``_sparse_kernels.py``) visit only the tiles the pattern touches: the work
+is proportional to the visible blocks. Per (head, query tile) they read a list of full tiles
+(no mask) and one of partial tiles (element mask), built once per pattern and shape and cached.
+They share the dense kernels' tile loader and online-softmax step (``_flash_common.py``).
+Decode against a cache that keeps only what the pattern can still see is in ``_sparse_decode.py``.
+
+Dispatch as in ``flash_attention``: CUDA tensors run Triton; CPU tensors run the reference, or
+the Triton interpreter under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from srl.kernels._flash_bwd import _bwd_preprocess
+from srl.kernels._flash_common import INTERPRET, check_inputs, check_kernel_inputs, last_dim_contiguous, needs_upcast
+from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
+from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
+from srl.kernels._sparse_patterns import (KIND_LAYOUT, BlockLayout, Pattern, S2Strided, SinkWindow, TileLists,
+                                          check_pattern, dense_mask, tile_classes, tile_lists)
+from srl.kernels.flash_attention import _tma_rows
+
+__all__ = ["sparse_attention", "sparse_attention_reference", "SinkWindow", "S2Strided", "BlockLayout",
+           "sparse_decode", "SinkWindowCache", "S2Cache", "dense_mask", "tile_classes"]
+
+_LOG2E = 1.4426950408889634  # 1 / ln(2)
+
+
+# --------------------------------------------------------------------------
+# Reference: the definition of the result
+# --------------------------------------------------------------------------
+def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                               sm_scale: float | None = None) -> torch.Tensor:
+    """Dense attention under the pattern's element mask; float32 (float64 for float64 inputs)."""
+    check_inputs(q, k, v)
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Nq > Nk:
+        raise ValueError(f"sparse attention needs Nq <= Nk, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    check_pattern(pattern, H, Nk)
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
+    if Hkv != H:  # (B, Hkv, Nk, D) -> (B, H, Nk, D)
+        kf = kf.repeat_interleave(H // Hkv, dim=1)
+        vf = vf.repeat_interleave(H // Hkv, dim=1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
+    s = s.masked_fill(~dense_mask(pattern, H, Nq, Nk, q.device)[None], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    denom = p.sum(dim=-1, keepdim=True)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.matmul(p, vf).to(q.dtype)
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+def _tiles(block_m, block_n, warps, stages, **extra):
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, **extra}
+
+
+# GPU tiles per stage (D <= 128; D = 256 takes the smaller tile). Key tiles of 64 match the
+# 64-token blocks of the S2 patterns; ``TILE_OVERRIDE`` lets the benchmark try others.
+_GPU_TILES = {"fwd": _tiles(128, 64, 8, 3), "dkdv": _tiles(128, 64, 8, 2), "dq": _tiles(128, 64, 8, 2)}
+_BIG_HEAD_TILES = {"fwd": _tiles(64, 32, 4, 2), "dkdv": _tiles(32, 64, 4, 2), "dq": _tiles(64, 32, 4, 2)}
+_INTERP_TILES = _tiles(32, 32, 4, 1)
+TILE_OVERRIDE: dict = {}  # stage -> tiles, for sweeps
+
+
+def _stage_tiles(stage, d):
+    if INTERPRET:
+        return dict(_INTERP_TILES)
+    if stage in TILE_OVERRIDE:
+        return dict(TILE_OVERRIDE[stage])
+    return dict(_BIG_HEAD_TILES[stage] if d > 128 else _GPU_TILES[stage])
+
+
+def _strides(t):  # (b, h, n) strides; the last dim is contiguous
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _list_args(lists: TileLists):
+    """Pointers and (head, row) strides of the tile lists; a shared list has head stride 0."""
+    hs = 0 if lists.shared else 1
+    return ((lists.full_cnt, lists.full_idx, lists.part_cnt, lists.part_idx),
+            (lists.full_cnt.stride(0) * hs, lists.full_idx.stride(0) * hs, lists.full_idx.stride(1),
+             lists.part_cnt.stride(0) * hs, lists.part_idx.stride(0) * hs, lists.part_idx.stride(1)))
+
+
+def _pattern_args(pattern, device, dummy):
+    """(KIND, P0, P1, P2), the layout tensor and its (head, row) strides."""
+    kind, p0, p1, p2 = pattern.kernel_params()
+    if kind != KIND_LAYOUT:
+        return (kind, p0, p1, p2), dummy, (0, 0)
+    layout = pattern._cache.get(("u8", str(device)))
+    if layout is None:
+        layout = pattern._cache[("u8", str(device))] = pattern.layout.to(device=device, dtype=torch.uint8)
+    hs = layout.stride(0) if layout.shape[0] > 1 else 0
+    return (kind, p0, p1, p2), layout, (hs, layout.stride(1))
+
+
+def _kv_descriptors(k, v, block_n):
+    """TMA descriptors over (B*H_kv, Nk, D) with (1, BLOCK_N, D) blocks, or None."""
+    views = [_tma_rows(t) for t in (k, v)]
+    if INTERPRET or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9 or None in views:
+        return None
+    d = k.shape[-1]
+    return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_n, d]) for view in views]
+
+
+def _forward(q, k, v, pattern, sm_scale):
+    """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    tiles = _stage_tiles("fwd", D)
+    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    kv = (k, v)
+    if tiles.pop("TMA", False):
+        kv = _kv_descriptors(k, v, bn) or kv
+    (kind, p0, p1, p2), layout, lstrides = _pattern_args(pattern, q.device, lists.full_cnt)
+    ptrs, list_strides = _list_args(lists)
+    m_tiles = triton.cdiv(Nq, bm)
+    _sparse_fwd[(m_tiles, B * H)](
+        q, *kv, o, lse, sm_scale * _LOG2E, *ptrs, layout,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *list_strides, *lstrides,
+        H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=kv[0] is not k, **tiles)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, pattern, sm_scale):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    do = last_dim_contiguous(do)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    _bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=64)
+    upcast = needs_upcast(q)
+
+    kv_tiles = _stage_tiles("dkdv", D)
+    kv_tiles.pop("TMA", None)
+    by_key = tile_lists(pattern, H, Nq, Nk, kv_tiles["BLOCK_M"], kv_tiles["BLOCK_N"], q.device, by_key=True)
+    (kind, p0, p1, p2), layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
+    ptrs, list_strides = _list_args(by_key)
+    n_tiles = triton.cdiv(Nk, kv_tiles["BLOCK_N"])
+    _sparse_bwd_dkdv[(n_tiles, B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        *list_strides, *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
+        KIND=kind, HEAD_DIM=D, UPCAST=upcast, **kv_tiles)
+
+    q_tiles = _stage_tiles("dq", D)
+    q_tiles.pop("TMA", None)
+    by_query = tile_lists(pattern, H, Nq, Nk, q_tiles["BLOCK_M"], q_tiles["BLOCK_N"], q.device)
+    ptrs, list_strides = _list_args(by_query)
+    m_tiles = triton.cdiv(Nq, q_tiles["BLOCK_M"])
+    _sparse_bwd_dq[(m_tiles, B * H)](
+        q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        *list_strides, *lstrides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+        KIND=kind, HEAD_DIM=D, UPCAST=upcast, **q_tiles)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------
+# autograd.Function and dispatcher
+# --------------------------------------------------------------------------
+class SparseAttentionFunction(torch.autograd.Function):
+    """Triton block-sparse attention; saves q, k, v, O and the row logsumexp only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, sm_scale):
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = _forward(q, k, v, pattern, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.pattern = pattern
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.pattern, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
+                     sm_scale: float | None = None) -> torch.Tensor:
+    """Causal attention on (B, H, N, D) tensors restricted to ``pattern``'s visible keys.
+
+    Args:
+        q: (B, H, Nq, D) queries, float16 / bfloat16 / float32.
+        k, v: (B, H_kv, Nk, D), H a multiple of H_kv, Nk >= Nq (query i at key position Nk - Nq + i).
+        pattern: :class:`SinkWindow`, :class:`S2Strided` or :class:`BlockLayout`.
+        sm_scale: softmax scale, default 1/sqrt(D).
+
+    Returns:
+        (B, H, Nq, D) tensor of q's dtype; rows that see no key are zero.
+
+    Raises:
+        ValueError: on shapes, dtypes, devices, head dims or patterns it does not support.
+    """
+    check_kernel_inputs(q, k, v)
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"sparse attention needs Nq <= Nk, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    check_pattern(pattern, q.shape[1], k.shape[2])
+    scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    if not (q.is_cuda or INTERPRET):
+        return sparse_attention_reference(q, k, v, pattern, sm_scale=scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return SparseAttentionFunction.apply(q, k, v, pattern, scale)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _forward(q, k, v, pattern, scale)[0]
