@@ -1,10 +1,7 @@
-"""Triton kernels; public names load lazily, so importing the package does not import Triton."""
+"""Triton kernels (FlashAttention-2, sparse attention, K-SEQ selection)."""
 
-_SPARSE = ("sparse_attention", "SinkWindow", "S2Strided", "BlockLayout", "sparse_decode", "SinkWindowCache", "S2Cache")
+from srl.kernels.sparse_attention import (BlockLayout, S2Cache, S2Strided, SinkWindow, SinkWindowCache,
+                                          sparse_attention, sparse_decode)
 
-
-def __getattr__(name):
-    if name in _SPARSE:
-        from srl.kernels import sparse_attention as _sparse
-        return getattr(_sparse, name)
-    raise AttributeError(f"module 'srl.kernels' has no attribute {name!r}")
+__all__ = ["sparse_attention", "sparse_decode", "SinkWindow", "S2Strided", "BlockLayout", "SinkWindowCache",
+           "S2Cache"]
