@@ -38,12 +38,17 @@ def evaluate(run_dir: str, episodes: int = 10, video: str | None = None, determi
     if not os.path.exists(config_path):
         raise SrlError(f"{run_dir}: not a run directory (no config.yaml inside)")
     cfg = load_experiment(config_path)
-    ckpt = load_latest(run_dir)
+    ckpt = load_latest(run_dir)  # skips checkpoints that fail verification; CheckpointError when none is usable
     if ckpt is None:
         raise SrlError(f"{run_dir}: no checkpoint yet")
     env = _make_env(cfg.env.id, cfg.env.kwargs, video is not None)
     policy = build_policy(space_info(env.observation_space, env.action_space, cfg.env.id), cfg.policy)
-    policy.load_state_dict(ckpt.weights)
+    try:
+        policy.load_state_dict(ckpt.weights)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        env.close()
+        first = " ".join(str(exc).split())[:200]
+        raise SrlError(f"{ckpt.path}: weights do not fit the policy in config.yaml ({first})") from None
     policy.eval()
     returns, lengths, frames = [], [], []
     for ep in range(episodes):
