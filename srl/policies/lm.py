@@ -13,7 +13,7 @@ Shapes: B batch, T new tokens, S cache slots, H heads, D head dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,11 @@ class LMConfig:
     """Longest position the rotary tables cover (and the default cache length)."""
     mlp_ratio: int = 4
     """Hidden width of the MLP as a multiple of d_model (GELU MLP, as in GPT-2)."""
+    mlp: dict = field(default_factory=dict)
+    """MLP options. ``type``: "gelu" (default, GPT-2) or "swiglu" (gated: SiLU(x W_gate) *
+    (x W_up), then W_down; ``hidden`` sets its width, default mlp_ratio * d_model). ``cats:
+    {sparsity: s}`` (swiglu only): at generation, zero gate activations below the per-layer CATS
+    thresholds calibrated for sparsity s (``srl.generation.cats_calibration``)."""
     rope_base: float = 10000.0
     """Base of the rotary frequencies."""
     norm_eps: float = 1e-5
@@ -46,6 +51,10 @@ class LMConfig:
     """Add a scalar value head on the final hidden state (PPO critic sharing the trunk)."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
+    residual: str = "standard"
+    """"standard": each sub-block adds its output before the next reads the stream. "ladder"
+    (Ladder Residual, arXiv 2501.06589): a sub-block's output is added one sub-block later, so
+    under tensor parallelism its all-reduce overlaps the next sub-block's compute."""
 
     @property
     def head_dim(self) -> int:
@@ -59,11 +68,33 @@ class LMConfig:
             raise ValueError(
                 f"LMConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
+        if self.residual not in ("standard", "ladder"):
+            raise ValueError(f"LMConfig.residual must be 'standard' or 'ladder', got {self.residual!r}")
+        _check_mlp(self.mlp, self.d_model * self.mlp_ratio)
         if self.head_dim % 2:
             raise ValueError(
                 f"LMConfig.d_model / n_heads = {self.head_dim} must be even for rotary positions"
             )
         return self
+
+
+def _check_mlp(mlp: dict, default_hidden: int) -> None:
+    """Validate ``LMConfig.mlp`` in place, filling in type and hidden width."""
+    unknown = set(mlp) - {"type", "hidden", "cats"}
+    if unknown:
+        raise ValueError(f"LMConfig.mlp has unknown keys {sorted(unknown)}; use type, hidden, cats")
+    mlp.setdefault("type", "gelu")
+    mlp.setdefault("hidden", default_hidden)
+    if mlp["type"] not in ("gelu", "swiglu"):
+        raise ValueError(f"LMConfig.mlp.type must be 'gelu' or 'swiglu', got {mlp['type']!r}")
+    if int(mlp["hidden"]) < 1:
+        raise ValueError(f"LMConfig.mlp.hidden must be >= 1, got {mlp['hidden']}")
+    cats = mlp.get("cats")
+    if cats is not None:
+        if mlp["type"] != "swiglu":
+            raise ValueError("LMConfig.mlp.cats needs mlp.type 'swiglu' (CATS sparsifies a gate)")
+        if not isinstance(cats, dict) or not 0.0 <= float(cats.get("sparsity", -1)) < 1.0:
+            raise ValueError(f"LMConfig.mlp.cats must be {{sparsity: s}} with 0 <= s < 1, got {cats!r}")
 
 
 class KVCache:
@@ -135,6 +166,15 @@ def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
     return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
 
 
+def no_reduce(branch: Tensor):
+    """A single process's branch output is complete: the 'pending reduction' is the tensor itself.
+
+    Tensor parallelism (``srl.parallel``) swaps ``Block.reduce`` for an all-reduce that starts
+    now and is awaited when the returned callable is called.
+    """
+    return lambda: branch
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     """Attention on (B, H, N, D) tensors; ``mask`` (B, 1, Nq, Nk) bool marks allowed keys.
 
@@ -149,31 +189,74 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class GatedMLP(nn.Module):
+    """SwiGLU MLP, down(SiLU(gate(h)) * up(h)); with a CATS threshold the gate activations with
+    |SiLU| <= threshold are zeroed and, at decode, their rows of up and down are not read."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.cats_threshold: float | None = None
+
+    def enable_cats(self, threshold: float | None) -> None:
+        """Use CATS with ``threshold`` from now on (None: dense). Stores down transposed once."""
+        from srl.kernels.cats import transpose_down_storage
+
+        self.cats_threshold = None if threshold is None else float(threshold)
+        if threshold is not None and not self.down.weight.t().is_contiguous():
+            self.down.weight.data = transpose_down_storage(self.down.weight.data)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.cats_threshold is None:
+            return self.down(F.silu(self.gate(h)) * self.up(h))
+        from srl.kernels.cats import cats_mlp
+
+        return cats_mlp(h, self.gate.weight, self.up.weight, self.down.weight, self.cats_threshold)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig, index: int):
         super().__init__()
         self.index = index
-        self.n_heads = cfg.n_heads
+        self.n_heads = cfg.n_heads  # heads of this process (fewer under tensor parallelism)
+        self.head_dim = cfg.head_dim
+        self.reduce = no_reduce  # branch output -> callable returning it summed over ranks
         self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=False)
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
-        self.fc_out = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+        self.gated = GatedMLP(cfg.d_model, cfg.mlp["hidden"]) if cfg.mlp["type"] == "swiglu" else None
+        if self.gated is None:
+            self.fc = nn.Linear(cfg.d_model, cfg.mlp["hidden"], bias=False)
+            self.fc_out = nn.Linear(cfg.mlp["hidden"], cfg.d_model, bias=False)
 
     def forward(self, x: Tensor, freqs: Tensor, cache: KVCache | None, slots: Tensor | None,
                 mask: Tensor | None) -> Tensor:
-        B, T, C = x.shape
-        H = self.n_heads
-        qkv = self.qkv(self.norm1(x)).view(B, T, 3, H, C // H)
+        """Standard residual wiring (ladder wiring is :meth:`TransformerLM._ladder`)."""
+        x = x + self.reduce(self.attention(self.norm1(x), freqs, cache, slots, mask))()
+        return x + self.reduce(self.mlp(self.norm2(x)))()
+
+    def attention(self, h: Tensor, freqs: Tensor, cache: KVCache | None, slots: Tensor | None,
+                  mask: Tensor | None) -> Tensor:
+        """Attention branch on the normed stream h (B, T, C), before any cross-rank reduction."""
+        B, T, _ = h.shape
+        H, D = self.n_heads, self.head_dim
+        qkv = self.qkv(h).view(B, T, 3, H, D)
         qk = apply_rotary(qkv[:, :, :2], freqs)  # q and k together: (B, T, 2, H, D)
         # (B, T, H, D) -> (B, H, T, D)
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.index, slots, k, v)  # (B, H, S, D)
         y = attend(q, k, v, mask, causal=cache is None)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.fc_out(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def mlp(self, h: Tensor) -> Tensor:
+        """MLP branch on the normed stream h (B, T, C), before any cross-rank reduction."""
+        if self.gated is not None:
+            return self.gated(h)
+        return self.fc_out(F.gelu(self.fc(h), approximate="tanh"))
 
 
 class TransformerLM(nn.Module):
@@ -192,7 +275,8 @@ class TransformerLM(nn.Module):
         self.rotary = RotaryTable(config.head_dim, config.max_seq_len, config.rope_base)
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth
-            for w in (block.proj.weight, block.fc_out.weight):
+            out = block.gated.down if block.gated is not None else block.fc_out
+            for w in (block.proj.weight, out.weight):
                 nn.init.normal_(w, std=config.init_std / math.sqrt(2 * config.n_layers))
 
     def _init(self, m: nn.Module) -> None:
@@ -218,9 +302,31 @@ class TransformerLM(nn.Module):
         if mask is not None:  # additive, built once for all layers: (B, 1, T, S) over heads
             attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
             attn_mask = attn_mask.masked_fill_(~mask, float("-inf"))[:, None]
-        for block in self.blocks:
-            x = block(x, freqs, cache, slots, attn_mask)
+        if self.config.residual == "ladder":
+            x = self._ladder(x, freqs, cache, slots, attn_mask)
+        else:
+            for block in self.blocks:
+                x = block(x, freqs, cache, slots, attn_mask)
         return self.norm(x)
+
+    def _ladder(self, x: Tensor, freqs: Tensor, cache: KVCache | None, slots: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        """Ladder Residual: each branch reads the stream without the previous branch's output.
+
+        Block i adds attention_{i-1} (awaited), computes attention_i and starts its reduction,
+        adds mlp_{i-1}, computes mlp_i and starts its reduction; the last two are added at the
+        end. Single process: only a different architecture; tensor parallel: the all-reduce of
+        one branch runs while the next one computes.
+        """
+        attn = mlp = None  # pending reductions of the previous block's branches
+        for block in self.blocks:
+            if attn is not None:
+                x = x + attn()
+            attn = block.reduce(block.attention(block.norm1(x), freqs, cache, slots, mask))
+            if mlp is not None:
+                x = x + mlp()
+            mlp = block.reduce(block.mlp(block.norm2(x)))
+        return x + attn() + mlp()
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
                 slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
