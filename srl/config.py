@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -321,6 +322,7 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
                 value.validate()
+        _check_sizes(self)
         return self
 
     def to_dict(self) -> dict:
@@ -359,6 +361,103 @@ def _check_ray_request(section: str, num_cpus: float, num_gpus: float, resources
 def _check_device(name: str, device: str) -> None:
     if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
         raise ConfigError(name, f"must be cpu, cuda or cuda:N, got {device!r}")
+
+
+# --------------------------------------------------------------------------- size bounds
+
+MIN_STEP_BYTES = 24
+"""Fewest bytes one env step can take in a trajectory (a one-float observation plus action, reward,
+log-probability, value and flags). Memory estimates in the bound messages use it, so a real
+environment needs more."""
+MAX_TRAJECTORY_BYTES = 16 << 30
+"""Largest trajectory buffer one actor may need at MIN_STEP_BYTES a step."""
+MAX_WEIGHT_BYTES = 8 << 30
+"""Largest float32 weight count of the policy's hidden layers (actor and critic trunks)."""
+
+SIZE_LIMITS = {
+    "seed": 2**32 - 1,
+    "workers.actors.count": 4096,
+    "workers.actors.envs_per_actor": 1 << 16,
+    "workers.actors.ring": 1024,
+    "workers.actors.rollout_len": 1 << 16,
+    "workers.actors.max_ahead": 1024,
+    "workers.policies.count": 1024,
+    "workers.policies.max_batch": 1 << 20,
+    "workers.trainers.count": 1024,
+    "workers.trainers.torch_threads": 1024,
+    "workers.max_restarts": 1_000_000,
+    "algorithm.batch_size": 1 << 26,
+    "algorithm.epochs": 10_000,
+    "algorithm.minibatches": 1 << 20,
+    "algorithm.max_policy_lag": 1 << 20,
+    "policy.hidden": 1 << 16,
+    "checkpoint.keep": 1000,
+    "stop.env_steps": 2**62,
+}
+"""Upper bound of every size field, checked at load so that a typo cannot make a worker try to
+allocate terabytes. ``policy.hidden`` bounds each width."""
+MAX_HIDDEN_LAYERS = 64
+
+
+def _check_sizes(cfg: "ExperimentConfig") -> None:
+    """Upper bounds of the size fields, with the memory a too-large value would need."""
+    a = cfg.workers.actors
+    traj = a.envs_per_actor * (a.rollout_len + 1) * MIN_STEP_BYTES
+    needs = {
+        "workers.actors.envs_per_actor": f"an actor would need at least {_bytes(traj)} for its trajectories: "
+                                         f"envs_per_actor x (rollout_len + 1) x {MIN_STEP_BYTES} B",
+        "workers.actors.rollout_len": f"an actor would need at least {_bytes(traj)} for its trajectories",
+        "workers.policies.max_batch": "a forward pass would need at least "
+                                      f"{_bytes(cfg.workers.policies.max_batch * MIN_STEP_BYTES)} of inputs and outputs",
+        "algorithm.batch_size": "the trainer would hold at least "
+                                f"{_bytes(cfg.algorithm.batch_size * MIN_STEP_BYTES)} of trajectories per batch",
+        "workers.actors.count": "one process each",
+        "workers.policies.count": "one process each",
+        "workers.trainers.count": "one process each",
+    }
+    for name, limit in SIZE_LIMITS.items():
+        value = _get(cfg, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v > limit:
+                need = needs.get(name)
+                raise ConfigError(name, f"must be <= {limit}, got {value}" + (f" ({need})" if need else ""))
+    if len(cfg.policy.hidden) > MAX_HIDDEN_LAYERS:
+        raise ConfigError("policy.hidden", f"must have at most {MAX_HIDDEN_LAYERS} layers, got {len(cfg.policy.hidden)}")
+    weights = 2 * 4 * sum(x * y for x, y in zip(cfg.policy.hidden, cfg.policy.hidden[1:]))  # two trunks, float32
+    if weights > MAX_WEIGHT_BYTES:
+        raise ConfigError("policy.hidden", f"{cfg.policy.hidden} would need {_bytes(weights)} for the hidden "
+                                           f"weights alone, at most {_bytes(MAX_WEIGHT_BYTES)}")
+    if traj > MAX_TRAJECTORY_BYTES:
+        raise ConfigError("workers.actors.envs_per_actor",
+                          f"{a.envs_per_actor} envs x rollout_len {a.rollout_len} would need at least {_bytes(traj)} "
+                          f"of trajectories per actor, at most {_bytes(MAX_TRAJECTORY_BYTES)}")
+    _check_finite(cfg, "")
+
+
+def _check_finite(node: Any, path: str) -> None:
+    """No nan or inf in any float field (YAML reads .nan and .inf; range checks let nan through)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        name = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value}")
+
+
+def _get(cfg: "ExperimentConfig", dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"  # unreachable
 
 
 # --------------------------------------------------------------------------- loading
