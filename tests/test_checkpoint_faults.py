@@ -195,3 +195,19 @@ def test_eval_reports_an_unusable_checkpoint_in_one_line(tmp_path, capsys):
     code = main(["eval", str(tmp_path), "--episodes", "1"])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("srl")]
     assert code == 2 and len(err) == 1 and "do not fit" in err[0], err
+
+
+def test_an_unwritable_run_dir_is_one_line_and_leaves_nothing_behind(tmp_path):
+    _save(tmp_path, 10)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the run directory should be")
+    with pytest.raises(SrlError) as err:
+        _save(blocker, 11)
+    assert "\n" not in str(err.value) and "not_a_dir" in str(err.value)
+    # the checkpoints folder itself replaced by a file: save fails in one line, load says so too
+    run = tmp_path / "run2"
+    run.mkdir()
+    (run / "checkpoints").write_text("")
+    with pytest.raises(SrlError, match="checkpoint"):
+        _save(run, 3)
+    assert ck.load_latest(str(run)) is None

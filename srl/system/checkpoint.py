@@ -68,14 +68,25 @@ def save_checkpoint(run_dir: str, version: int, weights: dict[str, torch.Tensor]
     """Write ``checkpoints/ckpt-<version>`` atomically and return its path.
 
     Raises ValueError naming the tensor when a weight holds nan or inf: such a checkpoint would
-    only hand the failure to the next run.
+    only hand the failure to the next run. Raises :class:`CheckpointError` (one line naming the
+    path) when the filesystem refuses the write; the earlier checkpoints stay as they were.
     """
     _check_finite(weights)
     root = checkpoint_root(run_dir)
-    os.makedirs(root, exist_ok=True)
     name = f"ckpt-{version:09d}"
-    final = os.path.join(root, name)
     tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
+    try:
+        return _save(root, name, tmp, version, weights, trainer_state, counters, keep)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {os.path.join(root, name)}: "
+                              f"{exc.strerror or _one_line(exc)}") from None
+
+
+def _save(root: str, name: str, tmp: str, version: int, weights: dict[str, torch.Tensor], trainer_state: dict,
+          counters: dict, keep: int) -> str:
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, name)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, os.path.join(tmp, FILES[0]))
@@ -87,9 +98,12 @@ def save_checkpoint(run_dir: str, version: int, weights: dict[str, torch.Tensor]
         _fsync(os.path.join(tmp, fname))
     _fsync_dir(tmp)
     _replace_dir(tmp, final)
-    _write_atomic(os.path.join(root, "latest"), name)  # for people; the loader scans instead
     _fsync_dir(root)
-    _prune(root, keep, name)
+    try:  # the checkpoint is complete: what follows is housekeeping
+        _write_atomic(os.path.join(root, "latest"), name)  # for people; the loader scans instead
+        _prune(root, keep, name)
+    except OSError:
+        pass
     return final
 
 
@@ -125,7 +139,8 @@ def _replace_dir(tmp: str, final: str) -> None:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """``(version, name)`` of every ``ckpt-*`` folder, newest first (nothing is verified)."""
+    """``(version, name)`` of every ``ckpt-*`` folder, newest first (nothing is verified).
+    Raises :class:`CheckpointError` when the folder exists but cannot be listed."""
     return sorted(_scan(checkpoint_root(run_dir)), reverse=True)
 
 
@@ -134,6 +149,8 @@ def _scan(root: str) -> list[tuple[int, str]]:
         names = os.listdir(root)
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        raise CheckpointError(f"cannot list {root}: {exc.strerror or _one_line(exc)}") from None
     found = []
     for name in names:
         m = _NAME.fullmatch(name)
@@ -155,8 +172,8 @@ def load_latest(run_dir: str) -> Checkpoint | None:
         path = os.path.join(checkpoint_root(run_dir), name)
         try:
             ckpt = _load_verified(path, version)
-        except _Unusable as exc:
-            reason = f"{name}: {exc}"
+        except (_Unusable, OSError) as exc:
+            reason = f"{name}: {exc}" if isinstance(exc, _Unusable) else f"{name}: cannot read ({_one_line(exc)})"
             log.warning("skipping checkpoint %s", reason)
             skipped.append(reason)
             continue
@@ -175,7 +192,7 @@ def has_checkpoint(run_dir: str) -> bool:
         try:
             _verify_manifest(os.path.join(checkpoint_root(run_dir), name), version)
             return True
-        except _Unusable:
+        except (_Unusable, OSError):
             continue
     return False
 
