@@ -170,6 +170,9 @@ def _header(buf: memoryview, n_buffers: int) -> tuple:
     return kind, meta, names, dtypes, shapes
 
 
+_SCALARS = frozenset((type(None), bool, int, float, str, bytes))
+
+
 def _check_meta(meta: dict) -> None:
     """Plain msgpack values only, at most MAX_META_DEPTH deep and MAX_META_ITEMS in all."""
     stack = [(meta, 1)]
@@ -178,16 +181,21 @@ def _check_meta(meta: dict) -> None:
         node, depth = stack.pop()
         if depth > MAX_META_DEPTH:
             raise WireError(f"meta nests deeper than {MAX_META_DEPTH} levels")
-        values = node.values() if isinstance(node, dict) else node
-        if isinstance(node, dict) and not all(type(k) is str for k in node):
-            raise WireError("meta map keys must be strings")
+        if type(node) is dict:
+            if not set(map(type, node)) <= {str}:
+                raise WireError("meta map keys must be strings")
+            values = node.values()
+        else:
+            values = node
         items += len(node)
         if items > MAX_META_ITEMS:
             raise WireError(f"meta holds more than {MAX_META_ITEMS} values")
+        if set(map(type, values)) <= _SCALARS:  # the common case, checked at C speed
+            continue
         for value in values:
-            if isinstance(value, (dict, list)):
+            if type(value) is dict or type(value) is list:
                 stack.append((value, depth + 1))
-            elif value is not None and type(value) not in (bool, int, float, str, bytes):
+            elif type(value) not in _SCALARS:
                 raise WireError(f"meta value of type {type(value).__name__} not allowed")
 
 
