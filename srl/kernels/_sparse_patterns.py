@@ -235,3 +235,35 @@ def tile_lists(pattern: Pattern, heads: int, n_q: int, n_k: int, block_m: int, b
         part_cnt, part_idx = _lists(classes, 1)
         cache[key] = TileLists(full_cnt, full_idx, part_cnt, part_idx, shared=classes.shape[0] == 1)
     return cache[key]
+
+
+# --------------------------------------------------------------------------
+# Per-layer patterns of a TransformerLM (LMConfig.attention)
+# --------------------------------------------------------------------------
+_SPEC_KEYS = {"pattern", "sink", "window", "block", "local_blocks", "stride", "hybrid", "dense_layers"}
+
+
+def layer_patterns(spec: dict, n_layers: int) -> list:
+    """Pattern of each layer (None: dense causal) from an ``attention`` spec.
+
+    ``pattern``: dense (default) | sink_window (``sink``, ``window``) | s2 (``block``,
+    ``local_blocks``, ``stride``). ``hybrid: true`` keeps LongGen's full-attention layers in the
+    middle third, [n // 3, n - n // 3); ``dense_layers`` lists them explicitly instead."""
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(f"LMConfig.attention has unknown keys {sorted(unknown)}; use {sorted(_SPEC_KEYS)}")
+    kind = spec.get("pattern", "dense")
+    if kind == "dense":
+        return [None] * n_layers
+    if kind == "sink_window":
+        pattern = SinkWindow(int(spec.get("sink", 64)), int(spec.get("window", 2048)))
+    elif kind == "s2":
+        pattern = S2Strided(int(spec.get("block", 64)), int(spec.get("local_blocks", 16)), int(spec.get("stride", 8)))
+    else:
+        raise ValueError(f"LMConfig.attention.pattern must be dense, sink_window or s2, got {kind!r}")
+    dense = set(spec.get("dense_layers", ()))
+    if spec.get("hybrid", False):
+        dense |= set(range(n_layers // 3, n_layers - n_layers // 3))
+    if any(not 0 <= i < n_layers for i in dense):
+        raise ValueError(f"LMConfig.attention.dense_layers must lie in [0, {n_layers}), got {sorted(dense)}")
+    return [None if i in dense else pattern for i in range(n_layers)]

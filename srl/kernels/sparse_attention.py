@@ -32,11 +32,11 @@ from srl.kernels._flash_common import INTERPRET, check_inputs, check_kernel_inpu
 from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
 from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
 from srl.kernels._sparse_patterns import (KIND_LAYOUT, BlockLayout, Pattern, S2Strided, SinkWindow, TileLists,
-                                          check_pattern, dense_mask, tile_classes, tile_lists)
+                                          check_pattern, dense_mask, layer_patterns, tile_classes, tile_lists)
 from srl.kernels.flash_attention import _tma_rows
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "SinkWindow", "S2Strided", "BlockLayout",
-           "sparse_decode", "SinkWindowCache", "S2Cache", "dense_mask", "tile_classes"]
+           "sparse_decode", "SinkWindowCache", "S2Cache", "dense_mask", "tile_classes", "layer_patterns"]
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
 
@@ -84,10 +84,10 @@ TILE_OVERRIDE: dict = {}  # stage -> tiles, for sweeps
 
 
 def _stage_tiles(stage, d):
-    if INTERPRET:
-        return dict(_INTERP_TILES)
     if stage in TILE_OVERRIDE:
         return dict(TILE_OVERRIDE[stage])
+    if INTERPRET:
+        return dict(_INTERP_TILES)
     return dict(_BIG_HEAD_TILES[stage] if d > 128 else _GPU_TILES[stage])
 
 
@@ -118,7 +118,8 @@ def _pattern_args(pattern, device, dummy):
 def _kv_descriptors(k, v, block_n):
     """TMA descriptors over (B*H_kv, Nk, D) with (1, BLOCK_N, D) blocks, or None."""
     views = [_tma_rows(t) for t in (k, v)]
-    if INTERPRET or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9 or None in views:
+    has_tma = INTERPRET or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9)
+    if not has_tma or None in views:
         return None
     d = k.shape[-1]
     return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_n, d]) for view in views]

@@ -51,6 +51,11 @@ class LMConfig:
     """Add a scalar value head on the final hidden state (PPO critic sharing the trunk)."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
+    attention: dict = field(default_factory=dict)
+    """Attention pattern per layer (``srl.kernels.sparse_attention``). ``pattern``: "dense" (default),
+    "sink_window" (``sink``, ``window``) or "s2" (``block``, ``local_blocks``, ``stride``);
+    ``hybrid: true`` keeps full attention in the middle third of the layers (LongGen),
+    ``dense_layers`` names them explicitly."""
     residual: str = "standard"
     """"standard": each sub-block adds its output before the next reads the stream. "ladder"
     (Ladder Residual, arXiv 2501.06589): a sub-block's output is added one sub-block later, so
@@ -71,6 +76,9 @@ class LMConfig:
         if self.residual not in ("standard", "ladder"):
             raise ValueError(f"LMConfig.residual must be 'standard' or 'ladder', got {self.residual!r}")
         _check_mlp(self.mlp, self.d_model * self.mlp_ratio)
+        if self.attention:
+            from srl.kernels._sparse_patterns import layer_patterns
+            layer_patterns(self.attention, self.n_layers)
         if self.head_dim % 2:
             raise ValueError(
                 f"LMConfig.d_model / n_heads = {self.head_dim} must be even for rotary positions"
@@ -137,6 +145,15 @@ class KVCache:
         dst_idx = dst[None, :, None, :, None].expand(L, B, H, n, D)
         for buf in (self.k, self.v):
             buf.scatter_(3, dst_idx, buf.gather(3, src_idx))
+        if getattr(self, "slot_pos", None) is not None:
+            self.slot_pos.scatter_(1, dst, self.slot_pos.gather(1, src))
+
+    def note_positions(self, slots: Tensor, positions: Tensor) -> None:
+        """Record the positions (B, T) written to ``slots`` (B, T) in ``slot_pos`` (B, S), -1 where
+        none was: sparse attention patterns mask by position, not by slot."""
+        if getattr(self, "slot_pos", None) is None:
+            self.slot_pos = torch.full((self.k.shape[1], self.max_len), -1, dtype=torch.long, device=self.k.device)
+        self.slot_pos.scatter_(1, slots, positions)
 
 
 class RotaryTable(nn.Module):
@@ -189,6 +206,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def attend_pattern(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pattern,
+                   cache: KVCache | None, slots: Tensor | None) -> Tensor:
+    """Attention restricted to a sparse ``pattern`` (``srl.kernels.sparse_attention``): the sparse
+    kernel without a cache; with one, SDPA under ``mask`` and the pattern over slot positions."""
+    from srl.kernels.sparse_attention import sparse_attention
+    if cache is None:
+        return sparse_attention(q, k, v, pattern)
+    kpos = cache.slot_pos[:, None, None, :]  # (B, 1, 1, S)
+    qpos = cache.slot_pos.gather(1, slots)[:, None, :, None]  # (B, 1, T, 1)
+    heads = torch.arange(q.shape[1], device=q.device)[None, :, None, None]  # (1, H, 1, 1)
+    allowed = pattern.visible(qpos, kpos, heads) & (kpos >= 0)  # (B, H, T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(allowed, mask, float("-inf")))
+
+
 class GatedMLP(nn.Module):
     """SwiGLU MLP, down(SiLU(gate(h)) * up(h)); with a CATS threshold the gate activations with
     |SiLU| <= threshold are zeroed and, at decode, their rows of up and down are not read."""
@@ -217,6 +248,8 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
+    pattern = None  # sparse attention pattern of this layer (LMConfig.attention); None: dense
+
     def __init__(self, cfg: LMConfig, index: int):
         super().__init__()
         self.index = index
@@ -249,7 +282,10 @@ class Block(nn.Module):
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k, v = cache.write(self.index, slots, k, v)  # (B, H, S, D)
-        y = attend(q, k, v, mask, causal=cache is None)
+        if self.pattern is None:
+            y = attend(q, k, v, mask, causal=cache is None)
+        else:
+            y = attend_pattern(q, k, v, mask, self.pattern, cache, slots)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def mlp(self, h: Tensor) -> Tensor:
@@ -273,6 +309,10 @@ class TransformerLM(nn.Module):
             self.head.weight = self.embed.weight
         self.value = nn.Linear(config.d_model, 1) if config.value_head else None
         self.rotary = RotaryTable(config.head_dim, config.max_seq_len, config.rope_base)
+        if config.attention:
+            from srl.kernels._sparse_patterns import layer_patterns
+            for block, pattern in zip(self.blocks, layer_patterns(config.attention, config.n_layers)):
+                block.pattern = pattern
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale the residual projections by depth
             out = block.gated.down if block.gated is not None else block.fc_out
@@ -298,6 +338,8 @@ class TransformerLM(nn.Module):
             raise ValueError("a cached forward needs slots (B, T) and mask (B, T, S)")
         x = self.embed(tokens)
         freqs = self.rotary(positions)
+        if cache is not None and any(block.pattern is not None for block in self.blocks):
+            cache.note_positions(slots, positions)
         attn_mask = None
         if mask is not None:  # additive, built once for all layers: (B, 1, T, S) over heads
             attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
