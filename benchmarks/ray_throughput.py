@@ -30,7 +30,7 @@ import time
 import yaml
 
 from srl.config import experiment_from_dict
-from srl.system.controller import Controller
+from srl.experiment import controller_for as Controller
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cartpole_ppo.yaml")
@@ -62,7 +62,7 @@ def measure(mode: str, setup: list[str], seconds: float, warmup: float) -> dict:
     if mode == "ray":
         from srl.system.ray_scheduler import RayScheduler
 
-        scheduler = RayScheduler(cfg)
+        scheduler = RayScheduler(cfg.cluster.address)
     controller = Controller(cfg, os.path.join(tmp, "run"), scheduler=scheduler, launch_time=time.time())
     window: dict = {}
 

@@ -21,7 +21,7 @@ import time
 import yaml
 
 from srl.config import experiment_from_dict
-from srl.system.controller import Controller
+from srl.experiment import controller_for as Controller
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"null": "configs/null_throughput.yaml", "cartpole": "configs/cartpole_ppo.yaml",

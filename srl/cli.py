@@ -23,6 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--video", metavar="PATH", help="record the first episode to this video file")
     ev.add_argument("--stochastic", action="store_true", help="sample actions instead of taking the mode")
     ev.add_argument("--seed", type=int, default=0)
+    cats = sub.add_parser("calibrate-cats", help="CATS thresholds for a language-model run's checkpoint")
+    cats.add_argument("run_dir")
+    cats.add_argument("--sparsity", type=float, default=0.5, help="fraction of gate activations zeroed")
+    cats.add_argument("--task", default="mixed", help="text task of the prompts: addition, sort, mixed")
+    cats.add_argument("--samples", type=int, default=256, help="prompts (with sampled completions)")
+    cats.add_argument("--seed", type=int, default=0)
+    cats.add_argument("--device", default="cpu")
     return p
 
 
@@ -36,12 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "calibrate-cats":
+            return _calibrate_cats(args)
         return _eval(args)
     except SrlError as exc:
         print(f"srl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - a failure of the run itself: one line, status 1
+        print(f"srl: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -85,6 +97,19 @@ def _eval(args) -> int:
     report = evaluate(args.run_dir, episodes=args.episodes, video=args.video,
                       deterministic=not args.stochastic, seed=args.seed)
     print(report.summary())
+    return 0
+
+
+def _calibrate_cats(args) -> int:
+    from srl.generation.cats_calibration import calibrate_run
+
+    try:
+        path, thresholds = calibrate_run(args.run_dir, args.sparsity, args.task, args.samples,
+                                         seed=args.seed, device=args.device)
+    except ValueError as exc:
+        raise ConfigError("", str(exc)) from None
+    print(f"CATS thresholds for sparsity {args.sparsity:g} -> {path}: "
+          + ", ".join(f"{t:.4g}" for t in thresholds))
     return 0
 
 

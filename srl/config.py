@@ -32,7 +32,7 @@ class EnvConfig:
     """``auto`` uses the env's own vectorized implementation when it has one, else ``sync``."""
 
     def validate(self) -> None:
-        from srl.registry import check_env_id
+        from srl.envs.vector import check_env_id
 
         if self.vectorize not in ("auto", "sync", "vector_entry_point"):
             raise ConfigError("env.vectorize", f"must be auto, sync or vector_entry_point, got {self.vectorize!r}")
@@ -53,9 +53,9 @@ class PolicyConfig:
     """Initial log standard deviation of a Gaussian head (continuous actions)."""
 
     def validate(self) -> None:
-        from srl.registry import check_name, policy_names
+        from srl.registry import check_name
 
-        check_name("policy.type", self.type, policy_names())
+        check_name("policy.type", self.type, "policy")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("policy.hidden", f"must be a non-empty list of positive widths, got {self.hidden}")
         if self.activation not in ("tanh", "relu"):
@@ -65,7 +65,7 @@ class PolicyConfig:
 @dataclass
 class AlgorithmConfig:
     type: str = "ppo"
-    """Registered algorithm (``ppo``)."""
+    """Registered learner (``ppo``, or a name given to ``srl.registry.register_learner``)."""
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip: float = 0.2
@@ -86,9 +86,9 @@ class AlgorithmConfig:
     """Trajectories produced by a policy more than this many versions old are dropped."""
 
     def validate(self) -> None:
-        from srl.registry import ALGORITHMS, check_name
+        from srl.registry import check_name
 
-        check_name("algorithm.type", self.type, ALGORITHMS)
+        check_name("algorithm.type", self.type, "learner")
         _in_range("algorithm.gamma", self.gamma, 0.0, 1.0)
         _in_range("algorithm.gae_lambda", self.gae_lambda, 0.0, 1.0)
         _in_range("algorithm.clip", self.clip, 0.0, 10.0, low_open=True)
@@ -114,9 +114,9 @@ class OptimizerConfig:
     """Extra optimizer arguments (``betas``, ``rho``, ``weight_decay``, ``update_period`` ...)."""
 
     def validate(self) -> None:
-        from srl.registry import OPTIMIZERS, check_name
+        from srl.registry import check_name
 
-        check_name("optimizer.type", self.type, OPTIMIZERS)
+        check_name("optimizer.type", self.type, "optimizer")
         _in_range("optimizer.lr", self.lr, 0.0, 10.0, low_open=True)
 
 
@@ -161,6 +161,9 @@ class PoliciesConfig:
     device: str = "cpu"
     max_batch: int = 4096
     """Upper bound on observations in one forward pass."""
+    routing: str = "sticky"
+    """``sticky``: every request of one env reaches the same policy worker for the whole run
+    (per-env state such as a memory can live there); ``round_robin``: any policy worker answers."""
     num_cpus: float = 1.0
     """Ray: CPUs each policy worker reserves."""
     num_gpus: float = 0.0
@@ -174,12 +177,19 @@ class PoliciesConfig:
         _check_ray_request("workers.policies", self.num_cpus, self.num_gpus, self.resources)
         _at_least("workers.policies.max_batch", self.max_batch, 1)
         _check_device("workers.policies.device", self.device)
+        if self.routing not in ("sticky", "round_robin"):
+            raise ConfigError("workers.policies.routing", f"must be sticky or round_robin, got {self.routing!r}")
 
 
 @dataclass
 class TrainersConfig:
     count: int = 1
+    """Data-parallel trainer processes of the one policy: each consumes the trajectories of its
+    share of the actors, gradients are all-reduced (torch.distributed), rank 0 checkpoints."""
     device: str = "cpu"
+    backend: str = "auto"
+    """torch.distributed backend of the trainer group: ``auto`` (NCCL on GPUs, gloo on CPU),
+    ``gloo`` or ``nccl``."""
     torch_threads: int = 1
     """Intra-op threads for the trainer's torch."""
     num_cpus: float = 1.0
@@ -192,8 +202,11 @@ class TrainersConfig:
 
     def validate(self) -> None:
         _check_ray_request("workers.trainers", self.num_cpus, self.num_gpus, self.resources)
-        if self.count != 1:
-            raise ConfigError("workers.trainers.count", f"only 1 trainer per policy is supported for now, got {self.count}")
+        _at_least("workers.trainers.count", self.count, 1)
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError("workers.trainers.backend", f"must be auto, gloo or nccl, got {self.backend!r}")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ConfigError("workers.trainers.backend", "nccl needs workers.trainers.device: cuda")
         _check_device("workers.trainers.device", self.device)
         _at_least("workers.trainers.torch_threads", self.torch_threads, 1)
 
@@ -274,8 +287,10 @@ class NetworkConfig:
     host: str = "127.0.0.1"
     """Address sockets bind to; loopback unless you mean it. Ray runs ignore it: each worker
     binds to its node's address as Ray knows it, and the controller to the driver's."""
-    hmac: bool = False
-    """Sign every frame with a per-run secret (always on for Ray runs, whatever this says)."""
+    hmac: bool = True
+    """Sign every frame of every stream with a per-run secret, drawn at launch and handed to the
+    workers in memory (never in files or logs). Off only when set to false here, and then a
+    warning says so; Ray runs sign whatever this says."""
 
 
 @dataclass

@@ -1,44 +1,82 @@
-"""Names used in experiment files, mapped to what they build.
+"""Every name an experiment file can use, in one place.
 
-Environments are gymnasium ids (srl's own envs register themselves with gymnasium under the
-``srl/`` namespace); policies, algorithms and optimizers are small tables here.
+Each kind (``policy``, ``learner``, ``optimizer``, ``role``) maps names to classes. Built-ins are
+listed as ``module:attribute`` strings and imported only when used, so looking names up costs
+nothing and this module imports no other part of srl. Users add their own names with
+:func:`register` (or ``srl.Experiment(config, policy=MyPolicy)``), or from an installed package
+through the entry-point group ``srl.<kind>`` (``[project.entry-points."srl.policy"] name =
+"pkg.module:Class"``). Environments are gymnasium ids; :func:`register_env` registers a class.
 """
 from __future__ import annotations
 
 import difflib
+import importlib
+import importlib.metadata
+from typing import Any
 
 from srl.errors import ConfigError
 
-ALGORITHMS = ("ppo",)
-OPTIMIZERS = ("adam", "adamw", "sgd", "sophia")
+KINDS = ("policy", "learner", "optimizer", "role")
 
-# Policy classes by name; users add theirs with register_policy or by passing a class to
-# srl.Experiment. A policy class is built as cls(space_info, policy_config).
-_POLICIES: dict[str, type] = {}
-# Environments registered from Python objects in this process, to re-register in workers.
+_BUILTIN: dict[str, dict[str, str]] = {
+    "policy": {"mlp": "srl.policies.mlp:ActorCritic"},
+    "learner": {"ppo": "srl.algorithms.ppo:PPOLearner"},
+    "optimizer": {"adam": "torch.optim:Adam", "adamw": "torch.optim:AdamW", "sgd": "torch.optim:SGD",
+                  "sophia": "srl.optim.sophia:Sophia"},
+    "role": {"actor": "srl.workers.actor:ActorWorker", "policy": "srl.workers.policy:PolicyWorker",
+             "trainer": "srl.workers.trainer:TrainerWorker"},
+}
+_USER: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_ENTRY_POINTS_LOADED: set[str] = set()
 _CUSTOM_ENVS: dict[str, object] = {}
+"""Environments registered from Python objects in this process, to re-register in workers."""
 
 
-def policy_names() -> tuple[str, ...]:
-    return ("mlp", *sorted(_POLICIES))
+def register(kind: str, name: str, obj: Any) -> None:
+    """Make ``name`` build ``obj`` (a class, or a ``module:attribute`` string) for ``kind``."""
+    _check_kind(kind)
+    if name in _BUILTIN[kind]:
+        raise ValueError(f"{name!r} is srl's built-in {kind}; choose another name")
+    _USER[kind][name] = obj
+
+
+def names(kind: str) -> tuple[str, ...]:
+    _check_kind(kind)
+    _load_entry_points(kind)
+    return (*_BUILTIN[kind], *sorted(_USER[kind]))
+
+
+def resolve(kind: str, name: str) -> Any:
+    """The class registered as ``name``; ValueError naming the choices if there is none."""
+    _check_kind(kind)
+    _load_entry_points(kind)
+    target = _BUILTIN[kind].get(name, _USER[kind].get(name))
+    if target is None:
+        raise ValueError(f"unknown {kind} type {name!r}; known: {', '.join(names(kind))}")
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return target
+
+
+def check_name(field: str, value: str, kind: str) -> None:
+    """ConfigError with a did-you-mean unless ``value`` is a registered ``kind`` name."""
+    choices = names(kind)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(field, f"unknown {field.split('.')[0]} type {value!r}{hint} (known: {', '.join(choices)})")
 
 
 def register_policy(name: str, cls: type) -> None:
     """Make ``policy: {type: name}`` build ``cls(space_info, policy_config)``."""
-    if name == "mlp":
-        raise ValueError("'mlp' is srl's built-in policy; choose another name")
-    _POLICIES[name] = cls
+    register("policy", name, cls)
 
 
-def policy_class(name: str) -> type:
-    if name == "mlp":
-        from srl.policies.mlp import ActorCritic
-
-        return ActorCritic
-    try:
-        return _POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy type {name!r}; known: {', '.join(policy_names())}") from None
+def register_learner(name: str, cls: type) -> None:
+    """Make ``algorithm: {type: name}`` build ``cls(policy, algorithm_config, optimizer_config,
+    device=..., total_env_steps=..., seed=..., grad_sync=...)`` in the trainers."""
+    register("learner", name, cls)
 
 
 def register_env(env_id: str, entry_point, **kwargs) -> None:
@@ -52,46 +90,24 @@ def register_env(env_id: str, entry_point, **kwargs) -> None:
 
 def custom_components() -> dict:
     """What this process registered from Python objects, to ship to worker processes."""
-    return {"envs": dict(_CUSTOM_ENVS), "policies": dict(_POLICIES)}
+    return {"envs": dict(_CUSTOM_ENVS), **{kind: dict(_USER[kind]) for kind in KINDS}}
 
 
 def install_components(components: dict) -> None:
     for env_id, entry in (components.get("envs") or {}).items():
         register_env(env_id, entry)
-    for name, cls in (components.get("policies") or {}).items():
-        _POLICIES[name] = cls
-
-# Extra packages that make whole families of gymnasium ids importable.
-_ENV_EXTRAS = {"LunarLander": "gymnasium[box2d]", "BipedalWalker": "gymnasium[box2d]", "CarRacing": "gymnasium[box2d]"}
-_MUJOCO = ("HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid", "Swimmer", "Reacher", "InvertedPendulum")
+    for kind in KINDS:
+        _USER[kind].update(components.get(kind) or {})
 
 
-def check_name(field: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(field, f"unknown {field.split('.')[0]} type {value!r}{hint} (known: {', '.join(choices)})")
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown registry kind {kind!r}; known: {', '.join(KINDS)}")
 
 
-def check_env_id(env_id: str) -> None:
-    """Raise ConfigError unless ``env_id`` is a registered gymnasium or srl environment."""
-    import gymnasium
-
-    import srl.envs  # noqa: F401 - registers srl/ envs
-
-    registry = gymnasium.envs.registry
-    if env_id in registry:
+def _load_entry_points(kind: str) -> None:
+    if kind in _ENTRY_POINTS_LOADED:
         return
-    close = difflib.get_close_matches(env_id, list(registry), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError("env.id", f"unknown environment id {env_id!r}{hint}")
-
-
-def install_hint(env_id: str) -> str:
-    """The pip extra a known env family needs, for error messages."""
-    for family, extra in _ENV_EXTRAS.items():
-        if env_id.startswith(family):
-            return extra
-    if env_id.startswith(_MUJOCO):
-        return "gymnasium[mujoco]"
-    return ""
+    _ENTRY_POINTS_LOADED.add(kind)
+    for ep in importlib.metadata.entry_points(group=f"srl.{kind}"):
+        _USER[kind].setdefault(ep.name, ep.value)

@@ -24,7 +24,7 @@ import zmq  # noqa: E402
 
 from srl.config import experiment_from_dict  # noqa: E402
 from srl.system import wire  # noqa: E402
-from srl.system.controller import Controller  # noqa: E402
+from srl.experiment import controller_for as Controller  # noqa: E402
 from srl.system.name_resolve import RayResolver, ray_namespace  # noqa: E402
 from srl.system.ray_scheduler import RayScheduler  # noqa: E402
 
@@ -75,7 +75,7 @@ def _run(cfg, run_dir, during=None, end_run=False):
     runs beside it in a thread with the controller and scheduler, and must not raise. With
     ``end_run`` the side thread stops the run (SIGINT, a clean stop) once ``during`` is done, so a
     fault test ends on what it checked, not on a step count a fast run may pass first."""
-    scheduler = RayScheduler(cfg)
+    scheduler = RayScheduler(cfg.cluster.address)
     controller = Controller(cfg, str(run_dir), scheduler=scheduler)
     errors = []
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from srl.config import experiment_from_dict
-from srl.system.controller import Controller
+from srl.experiment import controller_for as Controller
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = os.path.join(ROOT, "configs", "cartpole_ppo.yaml")

@@ -64,9 +64,12 @@ class PPOLearner:
     """Gradient steps for one policy; ``train(batch)`` returns cleanrl-named statistics."""
 
     def __init__(self, policy: torch.nn.Module, algo: AlgorithmConfig, opt: OptimizerConfig,
-                 device: str = "cpu", total_env_steps: int | None = None, seed: int = 0):
+                 device: str = "cpu", total_env_steps: int | None = None, seed: int = 0, sync=None):
+        """``sync`` (data-parallel trainers): an object with ``sum(tensor)`` (in-place all-reduce)
+        and ``average_grads(params)``; every rank then takes identical steps."""
         from srl.optim import build_optimizer
 
+        self.sync = sync
         self.policy = policy.to(device)
         self.algo, self.opt_cfg, self.device = algo, opt, device
         kwargs = dict(opt.kwargs)
@@ -92,14 +95,14 @@ class PPOLearner:
         policy = self.policy
         if policy.obs_norm is not None:
             valid_obs = b["obs"][:T][b["valid"].bool()]
-            policy.obs_norm.update(valid_obs)
+            policy.obs_norm.update(valid_obs, self.sync)
         with torch.no_grad():
             all_values = policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
         terminated, truncated = b["terminated"].float(), b["truncated"].float()
         done = torch.clamp(terminated + truncated, max=1.0)
         reward = b["reward"].float() * b["valid"].float()
         if self.algo.norm_returns:
-            reward = reward / self.return_var.scale_for(reward, done, self.algo.gamma)
+            reward = reward / self.return_var.scale_for(reward, done, self.algo.gamma, self.sync)
         adv, ret = gae(reward, all_values[:T], all_values[1:], terminated, done,
                        self.algo.gamma, self.algo.gae_lambda)
         mask = b["valid"].reshape(-1).bool()
@@ -112,7 +115,7 @@ class PPOLearner:
             "value": all_values[:T].reshape(-1)[mask],
         }
         n = int(mask.sum())
-        self.env_steps += n
+        self.env_steps += n if self.sync is None else int(self.sync.sum(torch.tensor([n], dtype=torch.float64))[0])
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         stats = self._epochs(flat, n)
@@ -125,7 +128,8 @@ class PPOLearner:
         """Epochs of shuffled minibatches. Diagnostics are averaged over the last epoch only:
         on tiny CPU policies the bookkeeping would otherwise cost as much as the updates."""
         algo = self.algo
-        mb_size = max(1, n // algo.minibatches)
+        # exactly `minibatches` steps per epoch whatever n is: data-parallel ranks step together
+        bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
         sums: dict[str, float] = {}
         count = 0
         for epoch in range(algo.epochs):
@@ -134,8 +138,8 @@ class PPOLearner:
                 batches = [flat]
             else:
                 perm = torch.randperm(n, generator=self.rng).to(self.device)
-                batches = ({k: v[perm[s:s + mb_size]] for k, v in flat.items()}
-                           for s in range(0, n - mb_size + 1, mb_size))
+                batches = ({k: v[perm[lo:max(hi, lo + 1)]] for k, v in flat.items()}
+                           for lo, hi in zip(bounds[:-1], bounds[1:]))
             for mb in batches:
                 stats = self._minibatch_step(mb, diagnostics=last)
                 if last:
@@ -156,6 +160,8 @@ class PPOLearner:
         loss = pg_loss - algo.ent_coef * entropy_loss + algo.vf_coef * v_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.sync is not None:
+            self.sync.average_grads(self.policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.updates += 1
@@ -190,6 +196,8 @@ class PPOLearner:
         else:
             loss = gnb_loss_gaussian(head, self.policy.log_std.expand_as(head))
         loss.backward()
+        if self.sync is not None:
+            self.sync.average_grads(self.policy.parameters())
         self.optimizer.update_hessian(scale=gnb_num_predictions(head))
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -214,7 +222,7 @@ class RunningVar:
     def __init__(self) -> None:
         self.mean, self.var, self.count = 0.0, 1.0, 1e-4
 
-    def scale_for(self, reward: torch.Tensor, done: torch.Tensor, gamma: float) -> float:
+    def scale_for(self, reward: torch.Tensor, done: torch.Tensor, gamma: float, sync=None) -> float:
         ret = torch.zeros_like(reward[0])
         seen = torch.empty_like(reward)
         for t in range(reward.shape[0]):
@@ -222,7 +230,7 @@ class RunningVar:
             seen[t] = ret
             ret = ret * (1.0 - done[t])
         x = seen.double().flatten()
-        b_mean, b_var, n = x.mean().item(), x.var(unbiased=False).item(), x.numel()
+        b_mean, b_var, n = _moments(x, sync)
         delta, total = b_mean - self.mean, self.count + n
         self.mean += delta * n / total
         self.var = (self.var * self.count + b_var * n + delta**2 * self.count * n / total) / total
@@ -234,6 +242,16 @@ class RunningVar:
 
     def load(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def _moments(x: torch.Tensor, sync=None) -> tuple[float, float, float]:
+    """(mean, variance, count) of ``x``, over every data-parallel rank when ``sync`` is given."""
+    m = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.sum(), (x * x).sum()])
+    if sync is not None:
+        sync.sum(m)
+    n, s1, s2 = (float(v) for v in m.cpu())
+    mean = s1 / max(n, 1.0)
+    return mean, max(s2 / max(n, 1.0) - mean * mean, 0.0), n
 
 
 def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:

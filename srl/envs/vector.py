@@ -7,15 +7,23 @@ bootstrapped from it) and step t+1 only resets that env. Samples mark such reset
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from srl.config import EnvConfig
+from srl.envs.null import register_null_envs
 from srl.errors import ConfigError
-from srl.registry import install_hint
+
+if TYPE_CHECKING:
+    from srl.config import EnvConfig
+
+# Extra packages that make whole families of gymnasium ids importable.
+_ENV_EXTRAS = {"LunarLander": "gymnasium[box2d]", "BipedalWalker": "gymnasium[box2d]", "CarRacing": "gymnasium[box2d]"}
+_MUJOCO = ("HalfCheetah", "Hopper", "Walker2d", "Ant", "Humanoid", "Swimmer", "Reacher", "InvertedPendulum")
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,30 @@ def space_info(obs_space: gymnasium.Space, action_space: gymnasium.Space, env_id
     raise ConfigError("env.id", f"{env_id}: action space {action_space} is not supported (Discrete or 1-D Box)")
 
 
-def make_vector_env(cfg: EnvConfig, num_envs: int, seed: int | None = None) -> gymnasium.vector.VectorEnv:
-    """Build ``num_envs`` copies of ``cfg.id`` as one gymnasium vector env (next-step autoreset)."""
-    import srl.envs  # noqa: F401 - registers srl/ envs
+def check_env_id(env_id: str) -> None:
+    """Raise ConfigError unless ``env_id`` is a registered gymnasium or srl environment."""
+    register_null_envs()
+    registry = gymnasium.envs.registry
+    if env_id in registry:
+        return
+    close = difflib.get_close_matches(env_id, list(registry), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError("env.id", f"unknown environment id {env_id!r}{hint}")
 
+
+def install_hint(env_id: str) -> str:
+    """The pip extra a known env family needs, for error messages."""
+    for family, extra in _ENV_EXTRAS.items():
+        if env_id.startswith(family):
+            return extra
+    if env_id.startswith(_MUJOCO):
+        return "gymnasium[mujoco]"
+    return ""
+
+
+def make_vector_env(cfg: "EnvConfig", num_envs: int, seed: int | None = None) -> gymnasium.vector.VectorEnv:
+    """Build ``num_envs`` copies of ``cfg.id`` as one gymnasium vector env (next-step autoreset)."""
+    register_null_envs()
     spec = gymnasium.envs.registry.get(cfg.id)
     mode = cfg.vectorize
     if mode == "auto":

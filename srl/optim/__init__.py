@@ -27,6 +27,7 @@ from typing import Iterable
 
 import torch
 
+from srl import registry
 from srl.optim.hessian import gnb_loss, gnb_loss_gaussian, gnb_num_predictions, hutchinson_estimate
 from srl.optim.sophia import Sophia
 
@@ -40,12 +41,9 @@ __all__ = [
     "hutchinson_estimate",
 ]
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "sophia": Sophia,
-}
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {name: registry.resolve("optimizer", name)
+                                                      for name in registry.names("optimizer")}
+"""The optimizers registered when this module was imported (names live in :mod:`srl.registry`)."""
 
 
 def build_optimizer(params: Iterable, type: str, **kwargs) -> torch.optim.Optimizer:
@@ -64,11 +62,11 @@ def build_optimizer(params: Iterable, type: str, **kwargs) -> torch.optim.Optimi
         ValueError: for an unknown ``type`` (the message lists the choices) or a bad argument.
     """
     key = str(type).lower()
-    if key not in OPTIMIZERS:
-        raise ValueError(f"optimizer type {type!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
+    if key not in registry.names("optimizer"):
+        raise ValueError(f"optimizer type {type!r} is unknown; choose one of {sorted(registry.names('optimizer'))}")
     if "betas" in kwargs and isinstance(kwargs["betas"], list):
         kwargs["betas"] = tuple(kwargs["betas"])
     try:
-        return OPTIMIZERS[key](params, **kwargs)
+        return registry.resolve("optimizer", key)(params, **kwargs)
     except TypeError as e:  # unexpected keyword: report it as a configuration error
         raise ValueError(f"optimizer {key!r}: {e}") from e

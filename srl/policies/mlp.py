@@ -6,13 +6,16 @@ in Python than in matmuls, so sampling is a few tensor ops.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from srl.config import PolicyConfig
 from srl.envs.vector import SpaceInfo
+
+if TYPE_CHECKING:
+    from srl.config import PolicyConfig
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -28,9 +31,19 @@ class RunningNorm(nn.Module):
         self.clip = clip
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, sync=None) -> None:
+        """Fold a batch in; with ``sync`` (data-parallel ranks) the batch is every rank's."""
         x = x.reshape(-1, *self.mean.shape).to(torch.float64)
-        b_mean, b_var, b_n = x.mean(0), x.var(0, unbiased=False), x.shape[0]
+        m = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device), x.sum(0), (x * x).sum(0)])
+        if sync is not None:
+            sync.sum(m)
+        d = self.mean.numel()
+        b_n = float(m[0])
+        if b_n == 0:
+            return
+        b_mean = (m[1:1 + d] / b_n).reshape(self.mean.shape)
+        b_var = (m[1 + d:] / b_n).reshape(self.mean.shape) - b_mean**2
+        b_var = b_var.clamp_min(0.0)
         delta, total = b_mean - self.mean, self.count + b_n
         self.mean += delta * b_n / total
         self.var.copy_((self.var * self.count + b_var * b_n + delta**2 * self.count * b_n / total) / total)
@@ -57,7 +70,7 @@ def _init(layer: nn.Linear, gain: float) -> nn.Linear:
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, info: SpaceInfo, cfg: PolicyConfig):
+    def __init__(self, info: SpaceInfo, cfg: "PolicyConfig"):
         super().__init__()
         self.info = info
         obs_dim = int(np.prod(info.obs_shape))
@@ -114,19 +127,3 @@ class ActorCritic(nn.Module):
 def _gaussian_logp(action: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
     z = (action - mean) / log_std.exp()
     return (-0.5 * z.pow(2) - log_std - 0.5 * _LOG_2PI).sum(-1)
-
-
-def build_policy(info: SpaceInfo, cfg: PolicyConfig) -> ActorCritic:
-    """Build the policy named by ``cfg.type`` (built-in ``mlp`` or a registered class)."""
-    from srl.registry import policy_class
-
-    return policy_class(cfg.type)(info, cfg)
-
-
-def weights_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-
-
-def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    module.load_state_dict(state)

@@ -26,10 +26,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from srl.config import ExperimentConfig
-from srl.errors import ConfigError
 from srl.system.name_resolve import RayResolver, ray_namespace
-from srl.system.worker import WorkerSpec
+from srl.system.worker import WorkerSpec, resolve_entry
 
 ALIVE_CACHE_S = 0.2
 """:meth:`RayScheduler.alive` asks Ray about all workers at once, at most this often."""
@@ -47,12 +45,8 @@ class _WorkerActor:
     def run(self, spec: WorkerSpec) -> int:
         import ray
 
-        from srl.registry import install_components
-        from srl.workers import WORKERS
-
         spec = replace(spec, host=ray.util.get_node_ip_address(), resolver="ray")
-        install_components(spec.extra.get("components", {}))  # user env / policy classes
-        WORKERS[spec.kind](spec).run()
+        resolve_entry(spec.entry)(spec).run()
         return os.getpid()
 
 
@@ -60,11 +54,11 @@ class RayScheduler:
     """Starts srl workers as Ray actors; the controller's ``scheduler``.
 
     Args:
-        config: the experiment; ``cluster.address`` picks the cluster and ``workers.*`` the
-            resource requests.
+        address: the Ray cluster: ``auto`` joins the one this machine belongs to, ``HOST:6379``
+            or ``ray://HOST:10001`` a given one, None does what ``auto`` does but starts a
+            one-machine Ray when there is none. Resource requests come from each worker's plan.
 
     Raises:
-        ConfigError: a resource request that cannot work (a CUDA device without a GPU).
         ImportError: Ray is not installed (``pip install 'srl[ray]'``).
     """
 
@@ -73,17 +67,15 @@ class RayScheduler:
     resolver = "ray"
     """Name resolve through Ray's KV store."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, address: str | None = None):
         import ray
 
-        _check_gpus(config)
-        self.cfg = config
         self._ray = ray
         self._connected_here = False
         if not ray.is_initialized():
             # None or auto: RAY_ADDRESS (set in a `ray job`), else the cluster `ray start` began on
             # this machine; None then starts a one-machine Ray if there is neither.
-            ray.init(address=config.cluster.address)
+            ray.init(address=address)
             self._connected_here = True
         self.host = ray.util.get_node_ip_address()
         """The driver's routable address: the controller binds its sockets here."""
@@ -101,8 +93,8 @@ class RayScheduler:
     # ------------------------------------------------------------------ scheduler API
     def start(self, spec: WorkerSpec) -> None:
         """Create the worker's Ray actor and start its loop; returns at once."""
-        _ship_by_value(spec.extra.get("components", {}))
-        actor = self._actor_cls.options(**self.actor_options(spec.kind)).remote()
+        _ship_by_value(spec.by_value)
+        actor = self._actor_cls.options(**self.actor_options(spec)).remote()
         self.actors[spec.name] = actor
         self.infos[spec.name] = actor.info.remote()
         self.runs[spec.name] = actor.run.remote(replace(spec, run_dir=os.path.abspath(spec.run_dir)))
@@ -110,13 +102,11 @@ class RayScheduler:
         self._done.discard(spec.name)
         self._namespaces.add(ray_namespace(spec.run_dir))
 
-    def actor_options(self, kind: str) -> dict:
+    def actor_options(self, spec: WorkerSpec) -> dict:
         """The ``.options()`` of one worker's Ray actor: resources, placement, no Ray restarts."""
-        w = self.cfg.workers
-        role = {"actor": w.actors, "policy": w.policies, "trainer": w.trainers}[kind]
-        opts = {"num_cpus": role.num_cpus, "num_gpus": getattr(role, "num_gpus", 0.0),
-                "resources": dict(role.resources), "max_restarts": 0}
-        if kind in ("actor", "policy") and self.cfg.cluster.spread:
+        res = spec.worker.resources
+        opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": dict(res.custom), "max_restarts": 0}
+        if res.spread:
             opts["scheduling_strategy"] = "SPREAD"
         return opts
 
@@ -227,31 +217,22 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {cause or (lines[0] if lines else '')}"[:500]
 
 
-def _ship_by_value(components: dict) -> None:
+def _ship_by_value(objects: tuple) -> None:
     """User classes (a custom env or policy passed as an object) travel to the workers inside
     the spec. Ray pickles a class from an importable module by reference, which fails on nodes
     where the module is not importable (a script's folder, a notebook's helpers); ask Ray's
     cloudpickle to carry such modules by value. Installed packages stay by reference."""
     from ray import cloudpickle
 
-    for group in components.values():
-        for obj in (group or {}).values():
-            module = sys.modules.get(getattr(obj, "__module__", None) or "")
-            if module is None or module.__name__ == "__main__":  # __main__ already goes by value
-                continue
-            path = getattr(module, "__file__", None) or ""
-            top = module.__name__.split(".")[0]
-            if top in ("srl", "gymnasium") or "site-packages" in path or "dist-packages" in path:
-                continue
-            try:
-                cloudpickle.register_pickle_by_value(module)
-            except ValueError:  # not importable as a module of its own: nothing to do
-                pass
-
-
-def _check_gpus(cfg: ExperimentConfig) -> None:
-    w = cfg.workers
-    for section, role in (("workers.policies", w.policies), ("workers.trainers", w.trainers)):
-        if role.device != "cpu" and role.num_gpus <= 0:
-            raise ConfigError(f"{section}.num_gpus", f"must be > 0 on Ray when {section}.device is "
-                              f"{role.device!r}: Ray hides GPUs from actors that do not reserve one")
+    for obj in objects:
+        module = sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is None or module.__name__ == "__main__":  # __main__ already goes by value
+            continue
+        path = getattr(module, "__file__", None) or ""
+        top = module.__name__.split(".")[0]
+        if top in ("srl", "gymnasium") or "site-packages" in path or "dist-packages" in path:
+            continue
+        try:
+            cloudpickle.register_pickle_by_value(module)
+        except ValueError:  # not importable as a module of its own: nothing to do
+            pass

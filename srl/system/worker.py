@@ -1,51 +1,70 @@
 """Worker base: owns the poll loop, control messages, heartbeats and stats.
 
 A subclass implements ``_configure`` (build envs, models, sockets), ``_poll`` (do one bounded
-piece of work and say how much) and optionally ``_on_stop`` / ``_on_command``. The base never
-blocks for long, so stop and pause commands are answered within one poll.
+piece of work and say how much) and optionally ``_on_stop`` / ``_on_command`` / ``_report``. The
+base never blocks for long, so stop and pause commands are answered within one poll. The counts
+that ``_poll`` returns are summed and sent with every heartbeat; the controller turns them into
+per-worker rates.
+
+The runtime knows no RL: what a worker is comes from ``spec.entry`` (``module:function``, called
+with the spec, returning a :class:`Worker`), and ``spec.payload`` is the application's own data.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
-from srl.config import ExperimentConfig
 from srl.streams.base import Endpoint, context
 from srl.system.name_resolve import Interrupted, NameResolver, make_resolver
+from srl.system.topology import Plan, WorkerPlan
 
 
 @dataclass
 class WorkerSpec:
     """Everything a worker process needs to start; plain data so any scheduler can ship it."""
 
-    kind: str
-    index: int
-    config: ExperimentConfig
+    worker: WorkerPlan
+    plan: Plan
+    entry: str
+    """``module:function`` that builds the worker from this spec."""
+    payload: Any
+    """The application's data (experiment config, spaces...), opaque to the runtime."""
     run_dir: str
     control_address: str
     stats_address: str
-    space: dict
-    """:class:`srl.envs.vector.SpaceInfo` as a dict."""
     hmac_key: bytes | None = field(default=None, repr=False)
     """The run's stream secret; kept out of ``repr`` so it never reaches a log line."""
     incarnation: int = 0
     """How many times this worker was restarted before."""
+    group_incarnation: int = 0
+    """How many times this worker's group was restarted (data-parallel rendezvous epoch)."""
     resume: bool = False
     names_dir: str = ""
     host: str = "127.0.0.1"
     """Address this worker's sockets bind to."""
     resolver: str = "file"
     """Address book: ``file`` (``names_dir``) or ``ray`` (Ray's KV store, one namespace per run)."""
-    extra: dict = field(default_factory=dict)
+    heartbeat_s: float = 1.0
+    by_value: tuple = ()
+    """User objects whose modules must travel by value to other machines (Ray)."""
+
+    @property
+    def kind(self) -> str:
+        return self.worker.role
+
+    @property
+    def index(self) -> int:
+        return self.worker.index
 
     @property
     def name(self) -> str:
-        return f"{self.kind}/{self.index}"
+        return self.worker.name
 
 
 @dataclass
@@ -63,14 +82,16 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, resolver: NameResolver | None = None):
         self.spec = spec
-        self.cfg = spec.config
         self.resolver = resolver or make_resolver(spec.resolver, spec.run_dir, spec.names_dir)
         self.key = spec.hmac_key
         self._stopping = False
         self._paused = False
+        self._configured = False
         self._parent = os.getppid()
-        self._stats: dict[str, Any] = {}
         self._endpoints: list[Endpoint] = []
+        self._counts = PollResult()
+        self._stats_ep: Endpoint | None = None
+        self._control_ep: Endpoint | None = None
 
     # ------------------------------------------------------------------ subclass API
     def _configure(self) -> None:
@@ -80,13 +101,14 @@ class Worker:
         raise NotImplementedError
 
     def _on_stop(self, meta: dict) -> None:
-        """Called once when a stop command arrives (the trainer writes its final checkpoint)."""
+        """Called once when the worker stops for any reason after configuring (a stop command,
+        a vanished controller): the trainer writes its final checkpoint here."""
 
     def _on_command(self, kind: str, meta: dict) -> None:
         """Commands other than stop / pause / resume."""
 
-    def _collect_stats(self) -> dict:
-        """Extra payload for the next stats message (episode returns, losses...)."""
+    def _report(self) -> dict:
+        """The application's payload for the next stats message (episode returns, losses...)."""
         return {}
 
     # ------------------------------------------------------------------ helpers
@@ -97,11 +119,14 @@ class Worker:
     def dropped_frames(self) -> int:
         return sum(ep.dropped for ep in self._endpoints)
 
-    def send_stats(self, payload: dict) -> None:
+    def send_event(self, event: str, report: dict | None = None, error: str = "") -> None:
+        if self._stats_ep is None:
+            return
+        counts, self._counts = self._counts, PollResult()
         meta = {"worker": self.spec.name, "pid": os.getpid(), "incarnation": self.spec.incarnation,
-                "dropped_frames": self.dropped_frames(), **payload}
-        arrays = meta.pop("arrays", None)
-        self._stats_ep.send("stats", arrays, meta, flags=zmq.NOBLOCK)
+                "event": event, "samples": counts.samples, "batches": counts.batches,
+                "dropped_frames": self.dropped_frames(), "error": error[:1000], "report": report or {}}
+        self._stats_ep.send("stats", None, meta, flags=zmq.NOBLOCK)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -116,23 +141,43 @@ class Worker:
         self._stats_ep = Endpoint(stats, self.key)
         try:
             self._configure()
-            self.send_stats({"event": "ready"})
+            self._configured = True
+            self.send_event("ready")
             self._loop()
         except Interrupted:
             pass  # told to stop while waiting for a peer
         except Exception as exc:
-            self.send_stats({"event": "error", "error": f"{type(exc).__name__}: {exc}"})
+            self.send_event("error", error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            self.send_stats({"event": "exit", **self._collect_stats()})
-            for ep in self._endpoints:
-                ep.close()
-            self._control_ep.close()
-            time.sleep(0.05)  # let the last stats message leave before the socket closes
-            self._stats_ep.sock.close(linger=500)
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._configured:
+            if not self._stopping:  # the loop ended without a stop command (controller gone)
+                self._stopping = True
+                self._safe(lambda: self._on_stop({}))
+            self._safe(lambda: self.send_event("exit", self._report()))
+        for ep in self._endpoints:
+            ep.close()
+        self._control_ep.close()
+        time.sleep(0.05)  # let the last stats message leave before the socket closes
+        self._stats_ep.sock.close(linger=500)
+
+    def _safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - shutting down: report, do not mask the cause
+            self._safe_event(f"{type(exc).__name__} while stopping: {exc}")
+
+    def _safe_event(self, error: str) -> None:
+        try:
+            self.send_event("error", error=error)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _loop(self) -> None:
-        beat = min(self.cfg.workers.heartbeat_s, self.stats_interval_s)
+        beat = min(self.spec.heartbeat_s, self.stats_interval_s)
         next_beat = time.monotonic() + beat
         while not self._stopping:
             self._read_control()
@@ -141,13 +186,18 @@ class Worker:
             if self._paused:
                 time.sleep(0.01)
             else:
-                self._poll()
+                got = self._poll()
+                self._counts.samples += got.samples
+                self._counts.batches += got.batches
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + beat
-                self.send_stats({"event": "heartbeat", **self._collect_stats()})
-                if os.getppid() != self._parent:  # the controller is gone: do not linger
-                    self._stopping = True
+                self.send_event("heartbeat", self._report())
+                if self.controller_gone():
+                    break
+
+    def controller_gone(self) -> bool:
+        return os.getppid() != self._parent
 
     def _read_control(self) -> None:
         got = self._control_ep.recv()
@@ -175,15 +225,16 @@ class Worker:
     def should_stop(self) -> bool:
         """For subclasses that wait inside ``_poll``: read control messages, report stop."""
         self._read_control()
-        return self._stopping or os.getppid() != self._parent
+        return self._stopping or self.controller_gone()
+
+
+def resolve_entry(entry: str) -> Callable[[WorkerSpec], Worker]:
+    module, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def run_worker(spec: WorkerSpec) -> None:
-    """Process entry point used by the schedulers."""
+    """Process entry point used by the local scheduler."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the controller, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from srl.registry import install_components
-    from srl.workers import WORKERS
-
-    install_components(spec.extra.get("components", {}))
-    WORKERS[spec.kind](spec).run()
+    resolve_entry(spec.entry)(spec).run()

@@ -1,8 +1,12 @@
-"""Worker kinds, by the name the controller and schedulers use."""
-from srl.workers.actor import ActorWorker
-from srl.workers.policy import PolicyWorker
-from srl.workers.trainer import TrainerWorker
+"""RL worker roles (actor, policy, trainer), built from a spec by the runtime through
+:func:`build_worker`; role names live in :mod:`srl.registry`."""
+from __future__ import annotations
 
-WORKERS = {"actor": ActorWorker, "policy": PolicyWorker, "trainer": TrainerWorker}
+from srl import registry
+from srl.system.worker import Worker, WorkerSpec
 
-__all__ = ["WORKERS", "ActorWorker", "PolicyWorker", "TrainerWorker"]
+
+def build_worker(spec: WorkerSpec) -> Worker:
+    """The runtime's entry point (``srl.plan.WORKER_ENTRY``): the worker class of the spec's role."""
+    registry.install_components(spec.payload.components)
+    return registry.resolve("role", spec.kind)(spec)

@@ -12,12 +12,15 @@ import numpy as np
 import torch
 
 from srl.envs.vector import EpisodeTracker, SpaceInfo, make_vector_env
-from srl.policies.mlp import build_policy, load_numpy_weights
+from srl.plan import INFERENCE, PARAMS, SAMPLES, build_policy, env_group_key
+from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceClient
 from srl.streams.params import ParamClient
 from srl.streams.sample import SampleProducer
-from srl.system.name_resolve import wait_for
-from srl.system.worker import PollResult, Worker
+from srl.system.topology import Routing
+from srl.system.worker import PollResult
+from srl.workers.base import RLWorker
+from srl.workers.reports import ActorReport, to_meta
 
 REQUEST_TIMEOUT_S = 5.0
 
@@ -25,9 +28,13 @@ REQUEST_TIMEOUT_S = 5.0
 class EnvGroup:
     """One vector env plus the trajectory it is filling."""
 
-    def __init__(self, env, info: SpaceInfo, rollout_len: int):
+    def __init__(self, env, info: SpaceInfo, rollout_len: int, first_env_id: int = 0, server: int = 0):
         self.env, self.info, self.T = env, info, rollout_len
         self.B = env.num_envs
+        self.env_ids = np.arange(first_env_id, first_env_id + self.B, dtype=np.int64)
+        """Run-wide ids of this group's envs (requests carry them: per-env state lives by id)."""
+        self.server = server
+        """The policy worker this group asks (sticky routing)."""
         self.obs, _ = env.reset()
         self.prev_done = np.zeros(self.B, bool)
         self.tracker = EpisodeTracker(self.B)
@@ -76,7 +83,7 @@ class EnvGroup:
         return returns, lengths, int(valid.sum()), traj
 
 
-class ActorWorker(Worker):
+class ActorWorker(RLWorker):
     kind = "actor"
 
     def _configure(self) -> None:
@@ -85,13 +92,20 @@ class ActorWorker(Worker):
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         torch.set_num_threads(1)
-        self.info = SpaceInfo.from_dict(self.spec.space)
         per_group = a.envs_per_actor // a.ring if not a.inline_policy else a.envs_per_actor
         n_groups = a.ring if not a.inline_policy else 1
-        self.groups = [EnvGroup(make_vector_env(cfg.env, per_group, seed + 7919 * g), self.info, a.rollout_len)
-                       for g in range(n_groups)]
-        names = self.resolver
-        self.samples = self.endpoint(SampleProducer([wait_for(names, "trainer/0/samples", should_stop=self.should_stop)], self.key))
+        inference = None if a.inline_policy else self.plan.stream(INFERENCE)
+        self.groups = []
+        for g in range(n_groups):
+            server = 0
+            if inference is not None and inference.routing == Routing.STICKY:
+                server = inference.servers.index(inference.server_of(env_group_key(self.spec.name, g)))
+            first = self.spec.index * a.envs_per_actor + g * per_group
+            env = make_vector_env(cfg.env, per_group, seed + 7919 * g)
+            self.groups.append(EnvGroup(env, self.info, a.rollout_len, first, server))
+        trainer = self.plan.stream(SAMPLES).server_of(self.spec.name)
+        self.samples = self.endpoint(SampleProducer([self.address(SAMPLES, trainer)], self.key))
+        params_server = self.plan.stream(PARAMS).server_of(self.spec.name)
         self.seq = 0
         self.episodes: tuple[list, list] = ([], [])
         self.env_steps = 0
@@ -99,21 +113,20 @@ class ActorWorker(Worker):
         # Credit-based flow control: the trainer reports how many trajectories it has taken from
         # this actor; the actor keeps at most its share of one batch plus `max_ahead` beyond that.
         # This bounds the policy lag without producing trajectories that would only go stale.
-        group_envs = a.envs_per_actor if a.inline_policy else a.envs_per_actor // a.ring
-        trajs_per_batch = max(1, -(-cfg.algorithm.batch_size // (group_envs * a.rollout_len)))
+        trajs_per_batch = max(1, -(-cfg.algorithm.batch_size // (per_group * a.rollout_len)))
         self.allowance = -(-trajs_per_batch // a.count) + a.max_ahead
         self.credit_epoch = -1
         self.pushed = 0
         if a.inline_policy:
             self.policy = build_policy(self.info, cfg.policy)
-            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop), self.key,
-                                                    interval_s=0.0))
+            self.params = self.endpoint(ParamClient(self.address(PARAMS, params_server), self.key, interval_s=0.0))
             self._wait_weights(-1)
         else:
-            addrs = [wait_for(names, f"policy/{i}/inference", should_stop=self.should_stop) for i in range(cfg.workers.policies.count)]
-            self.client = self.endpoint(InferenceClient(addrs, self.key))
-            self.params = self.endpoint(ParamClient(wait_for(names, "trainer/0/params", should_stop=self.should_stop),
-                                                    self.key, interval_s=0.005, weights=False))
+            addrs = [self.address(INFERENCE, p) for p in inference.servers]
+            self.client = InferenceClient(addrs, self.key, sticky=inference.routing == Routing.STICKY)
+            self._endpoints.extend(self.client.endpoints)
+            self.params = self.endpoint(ParamClient(self.address(PARAMS, params_server), self.key,
+                                                    interval_s=0.005, weights=False))
             self.next_req = 0
             self.by_req: dict[int, EnvGroup] = {}
 
@@ -136,11 +149,11 @@ class ActorWorker(Worker):
         received = (self.params.status.get("received") or {}).get(f"{self.spec.index}.{self.spec.incarnation}", 0)
         return received + self.allowance - self.pushed
 
-    def _collect_stats(self) -> dict:
+    def _report(self) -> dict:
         returns, lengths = self.episodes
         self.episodes = ([], [])
         steps, self.env_steps = self.env_steps, 0
-        return {"episode_returns": returns, "episode_lengths": lengths, "env_steps": steps, "version": self.version}
+        return to_meta(ActorReport(steps, returns, lengths, self.version))
 
     # ------------------------------------------------------------------ stepping
     def _poll(self) -> PollResult:
@@ -172,15 +185,25 @@ class ActorWorker(Worker):
         steps = 0
         msg = self.client.poll(timeout_ms=50)
         while msg is not None:
-            group = self.by_req.pop(msg.meta.get("req"), None)
-            if group is not None and group.pending == msg.meta.get("req"):
-                group.pending = None
-                version = int(msg.meta.get("version", -1))
-                steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version)
-                if self._credit() > 0:
-                    self._post(group, time.monotonic())
+            req, version = msg.meta.get("req"), msg.meta.get("version")
+            group = self.by_req.get(req) if isinstance(req, int) else None
+            if group is not None and group.pending == req:
+                if not isinstance(version, int) or not self._reply_fits(group, msg.arrays):
+                    self.client.endpoints[group.server].drop("reply that does not fit its request")
+                else:
+                    del self.by_req[req]
+                    group.pending = None
+                    steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version)
+                    if self._credit() > 0:
+                        self._post(group, time.monotonic())
             msg = self.client.poll()
         return PollResult(samples=steps, batches=1 if steps else 0)
+
+    def _reply_fits(self, group: EnvGroup, arrays: dict) -> bool:
+        action, logp = arrays.get("action"), arrays.get("logp")
+        act_shape = (group.B,) if self.info.discrete else (group.B, self.info.n_actions)
+        return (action is not None and logp is not None and action.shape == act_shape and logp.shape == (group.B,)
+                and action.dtype.kind == ("i" if self.info.discrete else "f") and logp.dtype.kind == "f")
 
     def _post(self, group: EnvGroup, now: float) -> None:
         if group.pending is not None:
@@ -189,7 +212,7 @@ class ActorWorker(Worker):
         self.next_req += 1
         group.pending, group.posted_at = req, now
         self.by_req[req] = group
-        self.client.post(group.obs, req)
+        self.client.post(group.obs, req, group.env_ids, group.server)
 
     def _advance(self, group: EnvGroup, action, logp, version: int) -> int:
         returns, lengths, valid, traj = group.step(action, logp, version)

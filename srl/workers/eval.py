@@ -11,7 +11,7 @@ import torch
 from srl.config import load_experiment
 from srl.envs.vector import space_info
 from srl.errors import SrlError
-from srl.policies.mlp import build_policy
+from srl.plan import build_policy
 from srl.system.checkpoint import load_latest
 
 

@@ -1,18 +1,24 @@
-"""Policy worker: answers inference requests from many actors with one forward pass each time."""
+"""Policy worker: answers inference requests from many actors with one forward pass each time.
+
+Requests carry their envs' run-wide ids; with sticky routing the same env always comes here,
+so a stateful policy can keep per-env state keyed by those ids.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from srl.envs.vector import SpaceInfo
-from srl.policies.mlp import build_policy, load_numpy_weights
+from srl.plan import INFERENCE, PARAMS, build_policy
+from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceServer
 from srl.streams.params import ParamClient
-from srl.system.name_resolve import wait_for
-from srl.system.worker import PollResult, Worker
+from srl.system.wire import Message, WireError
+from srl.system.worker import PollResult
+from srl.workers.base import RLWorker
+from srl.workers.reports import PolicyReport, to_meta
 
 
-class PolicyWorker(Worker):
+class PolicyWorker(RLWorker):
     kind = "policy"
 
     def _configure(self) -> None:
@@ -20,42 +26,60 @@ class PolicyWorker(Worker):
         torch.manual_seed(cfg.seed * 31 + self.spec.index)
         torch.set_num_threads(1)
         self.device = cfg.workers.policies.device
-        self.policy = build_policy(SpaceInfo.from_dict(self.spec.space), cfg.policy).to(self.device)
-        self.params = self.endpoint(ParamClient(wait_for(self.resolver, "trainer/0/params", should_stop=self.should_stop), self.key))
+        self.policy = build_policy(self.info, cfg.policy).to(self.device)
+        trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
+        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
         self.version = -1 if got is None else self._load(got)
-        key = f"policy/{self.spec.index}/inference"
-        self.server = self.endpoint(InferenceServer(self.spec.host, self.key, prefer=self.resolver.get(key)))
-        self.resolver.put(key, self.server.address)
+        self.server = self.endpoint(InferenceServer(self.spec.host, self.key, prefer=self.published(INFERENCE)))
+        self.publish(INFERENCE, self.server.address)
         self.requests = 0
         self.batches = 0
+        self.envs_served: set[int] = set()
+        self.max_env_id = cfg.workers.actors.count * cfg.workers.actors.envs_per_actor
 
     def _load(self, got) -> int:
         version, arrays = got
         load_numpy_weights(self.policy, arrays)
         return version
 
-    def _collect_stats(self) -> dict:
-        stats = {"requests": self.requests, "forward_passes": self.batches, "version": self.version}
+    def _report(self) -> dict:
+        report = PolicyReport(self.requests, self.batches, self.version)
         self.requests = self.batches = 0
-        return stats
+        meta = to_meta(report)
+        if self._stopping:  # the envs this incarnation served, once, at exit
+            meta["envs"] = sorted(self.envs_served)
+        return meta
+
+    def _check(self, msg: Message) -> None:
+        """Refuse a request this policy cannot answer: it is dropped and counted."""
+        obs, ids = msg.arrays.get("obs"), msg.arrays.get("env_ids")
+        if obs is None or obs.ndim < 1 or tuple(obs.shape[1:]) != tuple(self.info.obs_shape):
+            raise WireError(f"obs shape {None if obs is None else obs.shape}, expected (n, {self.info.obs_shape})")
+        if obs.dtype.kind not in "fiub" or len(obs) > self.cfg.workers.policies.max_batch:
+            raise WireError(f"obs dtype {obs.dtype} or size {len(obs)} refused")
+        if ids is not None and (ids.shape != (len(obs),) or ids.dtype != np.int64
+                                or (len(ids) and (ids.min() < 0 or ids.max() >= self.max_env_id))):
+            raise WireError("env_ids do not match the observations or the run's envs")
 
     def _poll(self) -> PollResult:
         got = self.params.poll()
         if got is not None:
             self.version = self._load(got)
-        pending = self.server.pending(self.cfg.workers.policies.max_batch, timeout_ms=20)
+        pending = self.server.pending(self.cfg.workers.policies.max_batch, timeout_ms=20, check=self._check)
         if not pending:
             return PollResult()
         sizes = [len(r.obs) for r in pending]
-        obs = torch.from_numpy(np.concatenate([r.obs for r in pending])).to(self.device)
+        obs = torch.from_numpy(np.concatenate([r.obs for r in pending]).astype(np.float32, copy=False)).to(self.device)
         action, logp = self.policy.act(obs)
         action, logp = action.cpu().numpy(), logp.cpu().numpy()
         start = 0
         for request, n in zip(pending, sizes):
+            if request.env_ids is not None:
+                self.envs_served.update(request.env_ids.tolist())
             self.server.reply(request, {"action": action[start:start + n], "logp": logp[start:start + n]},
                               {"version": self.version})
             start += n
         self.requests += len(pending)
         self.batches += 1
-        return PollResult(samples=len(pending), batches=1)
+        return PollResult(samples=int(sum(sizes)), batches=1)

@@ -1,7 +1,10 @@
-"""Trainer worker: pulls trajectories, learns, publishes versioned weights, writes checkpoints.
+"""Trainer worker: takes assembled batches, learns, publishes versioned weights, checkpoints.
 
-The learning math lives in :mod:`srl.algorithms`; this class is the process shell around it:
-batching by policy version, staleness, parameter publishing and checkpoints.
+The learning math lives in the learner that ``algorithm.type`` names (:mod:`srl.algorithms`);
+receiving and batching run beside it on the :class:`SampleIntake` thread. With
+``workers.trainers.count: N`` the N trainer processes form one data-parallel group: each takes
+the trajectories of its share of the actors, gradients are all-reduced, every rank serves the
+same weights to its own actors, and rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -10,26 +13,31 @@ import time
 import numpy as np
 import torch
 
-from srl.algorithms.ppo import PPOLearner
-from srl.envs.vector import SpaceInfo
-from srl.policies.mlp import build_policy, weights_to_numpy
+from srl.plan import PARAMS, SAMPLES, TRAINER_GROUP, build_learner, build_policy
+from srl.policies.weights import weights_to_numpy
 from srl.streams.params import ParamServer
 from srl.streams.sample import SampleConsumer
 from srl.system.checkpoint import load_latest, save_checkpoint
-from srl.system.worker import PollResult, Worker
-from srl.system.wire import Message
+from srl.system.worker import PollResult
+from srl.workers.base import RLWorker
+from srl.workers.dp import DataParallel, weights_digest
+from srl.workers.intake import SampleIntake
+from srl.workers.layout import TrajectoryLayout
+from srl.workers.reports import TrainerReport, to_meta
 
 
-class TrainerWorker(Worker):
+class TrainerWorker(RLWorker):
     kind = "trainer"
 
     def _configure(self) -> None:
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.workers.trainers
         torch.manual_seed(cfg.seed)
-        torch.set_num_threads(cfg.workers.trainers.torch_threads)
-        self.policy = build_policy(SpaceInfo.from_dict(self.spec.space), cfg.policy)
-        self.learner = PPOLearner(self.policy, cfg.algorithm, cfg.optimizer, cfg.workers.trainers.device,
-                                  total_env_steps=cfg.stop.env_steps, seed=cfg.seed)
+        torch.set_num_threads(t.torch_threads)
+        self.rank, self.world = self.spec.worker.rank, self.spec.worker.world
+        self.device = _device(t.device, self.rank)
+        self.dp = self._join_group() if self.world > 1 else None
+        self.policy = build_policy(self.info, cfg.policy)
+        self.learner = build_learner(self.policy, cfg, self.device, sync=self.dp)
         self.version = 0
         self.counters: dict = {}
         ckpt = load_latest(self.spec.run_dir) if (self.spec.resume or self.spec.incarnation > 0) else None
@@ -38,93 +46,131 @@ class TrainerWorker(Worker):
             self.learner.load_state(ckpt.trainer_state)
             self.version = int(ckpt.counters["version"])
             self.counters = ckpt.counters
-        names = self.resolver
-        self.samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=names.get("trainer/0/samples"),
-                                                    hwm=2))
-        self.params = self.endpoint(ParamServer(self.spec.host, self.key, prefer=names.get("trainer/0/params"),
-                                                epoch=self.spec.incarnation))
-        self.params.publish(self.version, weights_to_numpy(self.policy))
-        self.received: dict[str, int] = {}
-        self.params.status = {"received": self.received}  # every reply carries the receipts
-        names.put("trainer/0/samples", self.samples.address)
-        names.put("trainer/0/params", self.params.address)
-        self.buffer: list[Message] = []
-        self.buffered_steps = 0
+        if self.dp is not None:
+            self.dp.broadcast_module(self.policy)  # every rank starts from rank 0's weights
+        self.intake = self._open_streams()
+        self.intake.start()
         self.stats: dict = {}
-        self.lags: list[int] = []
-        self.dropped_stale = 0
-        self.trained_steps = 0
+        self.learned_steps = 0
+        self.last_checkpoint_version = self.version if ckpt is not None else -1
+        self.last_checkpoint_at = time.monotonic()
+        self._held: dict | None = None
+        self._stop_meta: dict | None = None
+        self._digest = float("nan")
+
+    def _join_group(self) -> DataParallel:
+        t = self.cfg.workers.trainers
+        backend = t.backend if t.backend != "auto" else ("nccl" if self.device.startswith("cuda") else "gloo")
+        key = f"{TRAINER_GROUP}/rendezvous/{self.spec.group_incarnation}"
+        return DataParallel(self.rank, self.world, backend, self.resolver, key, self.spec.host, self.should_stop)
+
+    def _open_streams(self) -> SampleIntake:
+        cfg, a = self.cfg, self.cfg.workers.actors
+        samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=self.published(SAMPLES), hwm=4))
+        params = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(PARAMS),
+                                           epoch=self.spec.incarnation))
+        params.publish(self.version, weights_to_numpy(self.policy))
+        groups = (a.envs_per_actor,) if a.inline_policy else (a.envs_per_actor // a.ring,)
+        layout = TrajectoryLayout(a.rollout_len, groups, self.info, a.count)
+        my_actors = len(self.plan.stream(SAMPLES).clients_of(self.spec.name))
+        intake = SampleIntake(samples, params, layout, batch_steps=-(-cfg.algorithm.batch_size // self.world),
+                              max_lag=cfg.algorithm.max_policy_lag, sync_actors=my_actors if cfg.workers.sync else 0,
+                              pin=self.device.startswith("cuda"))
+        self.publish(SAMPLES, samples.address)
+        self.publish(PARAMS, params.address)
+        return intake
 
     # ------------------------------------------------------------------ loop
     def _poll(self) -> PollResult:
-        self.params.serve()
-        # Take only what the next batch needs: what stays queued blocks the actors (back-pressure),
-        # which bounds the policy lag instead of producing samples that would be dropped as stale.
-        timeout = 5
-        while not self._batch_ready():
-            msg = self.samples.poll(timeout_ms=timeout)
-            if msg is None:
+        batch = self._held if self._held is not None else self.intake.take(timeout_s=0.005)
+        self._held = None
+        if self.dp is not None:
+            ready, stop = self.dp.agree(batch is not None, self._stop_meta is not None)
+            if stop:
+                self._stop_group()
                 return PollResult()
-            self._accept(msg)
-            timeout = 0
-        batch = self._take_batch()
+            if not ready:
+                self._held = batch
+                return PollResult()
+        if batch is None:
+            return PollResult()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.stats = self.learner.train(batch)
         self.version += 1
-        self.params.publish(self.version, weights_to_numpy(self.policy))
-        self.params.serve()
-        return PollResult(samples=int(batch["valid"].sum()), batches=1)
+        if self.dp is not None:
+            self._digest = weights_digest(self.policy)
+        self.intake.publish(self.version, weights_to_numpy(self.policy))
+        learned = int(batch["valid"].sum())
+        self.learned_steps += learned
+        if self._checkpoint_due():
+            self._checkpoint(self.counters)
+        return PollResult(samples=learned, batches=1)
 
-    def _accept(self, msg: Message) -> None:
-        sender = f"{msg.meta.get('actor')}.{msg.meta.get('incarnation')}"
-        self.received[sender] = self.received.get(sender, 0) + 1  # credit back to that actor
-        if not {"obs", "action", "logp", "reward", "terminated", "truncated", "valid"} <= msg.arrays.keys():
-            self.samples.dropped += 1
+    def _checkpoint_due(self) -> bool:
+        """The first checkpoint right after the first update, then every ``every_seconds``."""
+        if self.rank != 0:
+            return False
+        every = self.cfg.checkpoint.every_seconds
+        return self.last_checkpoint_version < 0 or time.monotonic() - self.last_checkpoint_at >= every
+
+    def _report(self) -> dict:
+        lags = self.intake.pop_lags() if hasattr(self, "intake") else []
+        stats, self.stats = self.stats, {}
+        learned, self.learned_steps = getattr(self, "learned_steps", 0), 0
+        report = TrainerReport(version=getattr(self, "version", 0), rank=getattr(self, "rank", 0),
+                               learned_steps=learned,
+                               dropped_stale=self.intake.dropped_stale if hasattr(self, "intake") else 0,
+                               policy_lag=float(np.mean(lags)) if lags else float("nan"),
+                               digest=getattr(self, "_digest", float("nan")),
+                               stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        return to_meta(report)
+
+    # ------------------------------------------------------------------ control
+    def _handle(self, kind: str, meta: dict) -> None:
+        if kind == "stop" and self.dp is not None and not self.controller_gone():
+            self._stop_meta = meta  # ranks stop together, at the next agreement
             return
-        lag = self.version - int(msg.meta.get("version", -1))
-        if lag > self.cfg.algorithm.max_policy_lag or lag < 0:
-            self.dropped_stale += 1  # too old to correct with the PPO ratio, or from before a restart
-            return
-        self.lags.append(lag)
-        self.buffer.append(msg)
-        self.buffered_steps += msg.arrays["valid"].size
+        super()._handle(kind, meta)
 
-    def _batch_ready(self) -> bool:
-        if self.cfg.workers.sync:
-            actors = {m.meta.get("actor") for m in self.buffer if m.meta.get("version") == self.version}
-            return len(actors) >= self.cfg.workers.actors.count
-        return self.buffered_steps >= self.cfg.algorithm.batch_size
-
-    def _take_batch(self) -> dict[str, np.ndarray]:
-        if self.cfg.workers.sync:  # a deterministic order, whatever order the actors arrived in
-            msgs = sorted((m for m in self.buffer if m.meta.get("version") == self.version),
-                          key=lambda m: m.meta.get("actor", 0))
-        else:
-            msgs = self.buffer
-        self.buffer = [m for m in self.buffer if m not in msgs]
-        self.buffered_steps = sum(m.arrays["valid"].size for m in self.buffer)
-        return {k: np.concatenate([m.arrays[k] for m in msgs], axis=1) for k in msgs[0].arrays}
-
-    def _collect_stats(self) -> dict:
-        stats = dict(self.stats)
-        self.stats = {}
-        if self.lags:
-            stats["charts/policy_lag"] = float(np.mean(self.lags))
-            self.lags = []
-        stats.update({"version": self.version, "trainer/dropped_stale": self.dropped_stale,
-                      "trainer/env_steps": self.learner.env_steps})
-        return stats
-
-    # ------------------------------------------------------------------ checkpoints
     def _on_command(self, kind: str, meta: dict) -> None:
-        if kind == "checkpoint":
-            self._checkpoint(meta.get("counters", {}))
+        counters = meta.get("counters")
+        if isinstance(counters, dict):
+            self.counters = _plain_counters(counters)
+        if kind == "checkpoint" and self.rank == 0:
+            self._checkpoint(self.counters)
+
+    def _stop_group(self) -> None:
+        meta = self._stop_meta or {}
+        self._stopping = True
+        self._on_stop(meta)
 
     def _on_stop(self, meta: dict) -> None:
-        self._checkpoint(meta.get("counters", {}))
+        counters = meta.get("counters")
+        if isinstance(counters, dict):
+            self.counters = _plain_counters(counters)
+        if self.rank == 0:
+            self._checkpoint(self.counters)
+        self.intake.stop()
+        if self.dp is not None:
+            self.dp.close()
 
     def _checkpoint(self, counters: dict) -> None:
         t0 = time.perf_counter()
         path = save_checkpoint(self.spec.run_dir, self.version, self.policy.state_dict(), self.learner.state(),
                                counters, keep=self.cfg.checkpoint.keep)
-        self.send_stats({"event": "checkpoint", "path": path, "version": self.version,
-                         "seconds": time.perf_counter() - t0})
+        self.last_checkpoint_version, self.last_checkpoint_at = self.version, time.monotonic()
+        report = self._report()
+        report["path"] = path
+        report["stats"]["perf/checkpoint_s"] = time.perf_counter() - t0
+        self.send_event("checkpoint", report)
+
+
+def _device(device: str, rank: int) -> str:
+    """``cuda`` means one GPU per rank (rank r on GPU r mod the GPUs this process sees)."""
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{rank % torch.cuda.device_count()}"
+    return device
+
+
+def _plain_counters(counters: dict) -> dict:
+    return {str(k): v for k, v in counters.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,165 @@
+"""The RL side of a run as the controller sees it: counters, episodes, the stop rule.
+
+The controller hands every validated stats message here (:meth:`RLMonitor.on_report`); this
+class turns the typed reports into env-step and episode counters, the mean return the stop rule
+reads, the metric row and the run's result. It refuses amounts a worker could not have produced.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from srl.config import ExperimentConfig
+from srl.workers.reports import ActorReport, TrainerReport, parse
+
+RETURN_WINDOW = 20
+MAX_STEPS_PER_ENV_S = 1_000_000
+"""Ceiling on the env steps one env can report per second (far above any simulator)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    env_steps: int
+    mean_return: float | None
+    wall_s: float
+    episodes: int
+    reason: str
+    restarts: int = 0
+
+    def final_line(self) -> str:
+        ret = "nan" if self.mean_return is None else f"{self.mean_return:.2f}"
+        return f"final: env_steps={self.env_steps} mean_return={ret} wall_s={self.wall_s:.2f}"
+
+
+class RLMonitor:
+    def __init__(self, cfg: ExperimentConfig, run_dir: str):
+        self.cfg = cfg
+        self.env_steps = 0
+        self.episodes = 0
+        self.learned_steps = 0
+        self.returns: collections.deque = collections.deque(maxlen=RETURN_WINDOW)
+        self.window_returns: list[float] = []
+        self.window_lengths: list[int] = []
+        self.trainer_stats: dict = {}
+        self.version = 0
+        self.digests: dict[int, dict[int, float]] = {}
+        self.digest_mismatches = 0
+        self.digests_compared = 0
+        self._last_report: dict[str, float] = {}
+        self._window_learned = 0
+        self._sps_steps = 0
+        self._mark = time.monotonic()
+        self.episodes_fh = open(os.path.join(run_dir, "episodes.jsonl"), "a", encoding="utf-8")
+
+    # ------------------------------------------------------------------ reports
+    def on_report(self, worker: str, role: str, event: str, meta: dict) -> dict:
+        report = parse(role, meta)
+        if isinstance(report, ActorReport):
+            self._on_actor(worker, report)
+        elif isinstance(report, TrainerReport):
+            self._on_trainer(report)
+        return {k: v for k, v in meta.items() if k not in ("episode_returns", "episode_lengths", "stats")}
+
+    def _on_actor(self, worker: str, r: ActorReport) -> None:
+        now = time.monotonic()
+        dt = now - self._last_report.get(worker, now - 1.0)
+        envs = self.cfg.workers.actors.envs_per_actor
+        limit = envs * (self.cfg.workers.actors.rollout_len + MAX_STEPS_PER_ENV_S * max(dt, 0.0) + 1)
+        if not 0 <= r.env_steps <= limit:
+            raise ValueError(f"{worker}: {r.env_steps} env steps in {dt:.2f} s is more than {envs} envs can make")
+        if len(r.episode_returns) != len(r.episode_lengths) or len(r.episode_returns) > r.env_steps + envs:
+            raise ValueError(f"{worker}: episode lists do not match its steps")
+        if not all(math.isfinite(x) for x in r.episode_returns) or any(n < 0 for n in r.episode_lengths):
+            raise ValueError(f"{worker}: non-finite returns or negative lengths")
+        self._last_report[worker] = now
+        self.env_steps += r.env_steps
+        for ret, n in zip(r.episode_returns, r.episode_lengths):
+            row = {"worker": worker, "return": float(ret), "length": int(n), "env_steps": self.env_steps}
+            self.episodes_fh.write(json.dumps(row) + "\n")
+        self.returns.extend(r.episode_returns)
+        self.window_returns.extend(r.episode_returns)
+        self.window_lengths.extend(r.episode_lengths)
+        self.episodes += len(r.episode_returns)
+
+    def _on_trainer(self, r: TrainerReport) -> None:
+        if r.learned_steps < 0 or r.dropped_stale < 0:
+            raise ValueError("trainer report: negative counts")
+        if r.rank == 0:
+            self.version = max(self.version, r.version)
+            self.trainer_stats.update({k: v for k, v in r.stats.items() if "/" in k})
+            self.trainer_stats["trainer/dropped_stale"] = r.dropped_stale
+            if math.isfinite(r.policy_lag):
+                self.trainer_stats["charts/policy_lag"] = r.policy_lag
+        self.learned_steps += r.learned_steps
+        self._window_learned += r.learned_steps
+        if math.isfinite(r.digest) and self.cfg.workers.trainers.count > 1:
+            self._compare_digest(r)
+
+    def _compare_digest(self, r: TrainerReport) -> None:
+        seen = self.digests.setdefault(r.version, {})
+        seen[r.rank] = r.digest
+        if len(seen) == self.cfg.workers.trainers.count:
+            self.digests_compared += 1
+            if len(set(seen.values())) > 1:
+                self.digest_mismatches += 1
+            del self.digests[r.version]
+        for v in [v for v in self.digests if v < r.version - 1000]:
+            del self.digests[v]
+
+    # ------------------------------------------------------------------ controller hooks
+    def mean_return(self) -> float | None:
+        return float(np.mean(self.returns)) if len(self.returns) >= RETURN_WINDOW else None
+
+    def stop_reason(self, wall_s: float) -> str:
+        stop = self.cfg.stop
+        if stop.env_steps is not None and self.env_steps >= stop.env_steps:
+            return "env_steps"
+        mean = self.mean_return()
+        if stop.mean_return is not None and mean is not None and mean >= stop.mean_return:
+            return "mean_return"
+        if stop.wall_s is not None and wall_s >= stop.wall_s:
+            return "wall_s"
+        return ""
+
+    def counters(self) -> dict:
+        return {"env_steps": self.env_steps, "episodes": self.episodes, "version": self.version}
+
+    def restore(self, counters: dict) -> None:
+        self.env_steps = int(counters.get("env_steps", 0))
+        self.episodes = int(counters.get("episodes", 0))
+        self.version = int(counters.get("version", 0))
+        self._sps_steps = self.env_steps
+
+    def row(self) -> dict:
+        now = time.monotonic()
+        dt, self._mark = max(now - self._mark, 1e-9), now
+        sps_steps, self._sps_steps = self.env_steps - self._sps_steps, self.env_steps
+        row = {
+            "env_steps": self.env_steps,
+            "mean_return": self.mean_return(),
+            "episodes": self.episodes,
+            "charts/episodic_return": float(np.mean(self.window_returns)) if self.window_returns else None,
+            "charts/episodic_length": float(np.mean(self.window_lengths)) if self.window_lengths else None,
+            "charts/SPS": sps_steps / dt,
+            "charts/learned_SPS": self._window_learned / dt,
+            "learned_steps": self.learned_steps,
+            "version": self.version,
+            **self.trainer_stats,
+        }
+        if self.cfg.workers.trainers.count > 1:
+            row["trainer/digests_compared"] = self.digests_compared
+            row["trainer/digest_mismatches"] = self.digest_mismatches
+        self.window_returns, self.window_lengths, self._window_learned = [], [], 0
+        self.episodes_fh.flush()
+        return row
+
+    def result(self, run_dir: str, reason: str, wall_s: float, restarts: int) -> RunResult:
+        self.episodes_fh.close()
+        return RunResult(run_dir, self.env_steps, self.mean_return(), wall_s, self.episodes, reason, restarts)

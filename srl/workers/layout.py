@@ -1,0 +1,55 @@
+"""The trajectory layout a trainer accepts: names, dtypes and shapes of every array.
+
+Checked on arrival, before a trajectory reaches a learner: a peer's mistake (or an attack)
+becomes a counted drop, never a crash or a silently wrong batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from srl.envs.vector import SpaceInfo
+from srl.system.wire import Message, WireError
+
+META_INTS = ("version", "actor", "seq", "incarnation")
+
+
+@dataclass(frozen=True)
+class TrajectoryLayout:
+    T: int
+    group_sizes: tuple[int, ...]
+    """Env counts an actor's trajectories may have (its env groups)."""
+    info: SpaceInfo
+    actors: int
+
+    @property
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape after [rows, B], dtype)."""
+        i = self.info
+        action = ((), "int64") if i.discrete else ((i.n_actions,), "float32")
+        return {"obs": (tuple(i.obs_shape), "float32"), "action": action, "logp": ((), "float32"),
+                "reward": ((), "float32"), "terminated": ((), "bool"), "truncated": ((), "bool"), "valid": ((), "bool")}
+
+    def check(self, msg: Message) -> None:
+        """WireError naming the first thing wrong with a trajectory message."""
+        for key in META_INTS:
+            v = msg.meta.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 1 << 40:
+                raise WireError(f"sample meta {key!r}: expected an integer, got {type(v).__name__}")
+        if not 0 <= msg.meta["actor"] < self.actors:
+            raise WireError(f"sample from actor {msg.meta['actor']}, the run has {self.actors}")
+        if set(msg.arrays) != set(self.arrays):
+            raise WireError(f"sample arrays {sorted(msg.arrays)[:8]}, expected {sorted(self.arrays)}")
+        B = msg.arrays["valid"].shape[1] if msg.arrays["valid"].ndim == 2 else -1
+        if B not in self.group_sizes:
+            raise WireError(f"sample with {B} envs, expected one of {self.group_sizes}")
+        for name, (tail, dtype) in self.arrays.items():
+            rows = self.T + 1 if name == "obs" else self.T
+            arr = msg.arrays[name]
+            if arr.shape != (rows, B, *tail) or arr.dtype != np.dtype(dtype):
+                raise WireError(f"sample {name!r}: {arr.dtype}{arr.shape}, expected {dtype}{(rows, B, *tail)}")
+        if self.info.discrete:
+            a = msg.arrays["action"]
+            if a.size and (a.min() < 0 or a.max() >= self.info.n_actions):
+                raise WireError(f"sample actions outside [0, {self.info.n_actions})")
