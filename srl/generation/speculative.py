@@ -288,8 +288,11 @@ class SpeculativeSampler:
                  params: SamplingParams = SamplingParams(), cuda_graph: bool = True,
                  dtype=None, generator: torch.Generator | None = None,
                  check_every: int = 1):
+        from srl.generation.cats_calibration import require_cats
         from srl.policies.lm import KVCache
 
+        require_cats(target)  # CATS MLPs (mlp.cats) for policy and draft: thresholds needed
+        require_cats(draft)
         if k < 1 or draft_len < 1:
             raise ValueError(f"k ({k}) and draft_len ({draft_len}) must be >= 1")
         if target.config.vocab_size != draft.config.vocab_size:
