@@ -92,7 +92,7 @@ def _sparse_fwd(Q, K, V, O, LSE, qk_scale,
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    kv_row = off_b * (H // GROUP) + off_kvh
+    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP  # int32 row of (B*H_kv, N_K, D)
     if TMA:
         k_base = K
         v_base = V
