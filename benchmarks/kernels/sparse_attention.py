@@ -43,10 +43,8 @@ PATTERNS = {"sink_window": SinkWindow(sink=64, window=2048),
 # candidate tiles tried at the first N (forward, then backward), best kept for the rest
 FWD_CANDIDATES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
-                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True),
-                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)]
+                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True)]
 BWD_CANDIDATES = [(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
-                  (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),
                   (dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2))]
 
 
@@ -73,6 +71,11 @@ def time_ms(fn, budget_ms=600.0, max_reps=40):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def rel_err(a, b):
@@ -139,7 +142,7 @@ def sweep_tiles(name, pattern, q, k, v, do):
     return {"fwd": best_fwd[1], "dkdv": best_bwd[1][0], "dq": best_bwd[1][1]}, rows
 
 
-def bench_prefill(n, tiles, flex, results, h=16, d=128, dtype=torch.bfloat16):
+def bench_prefill(n, tiles, flex, results, save, h=16, d=128, dtype=torch.bfloat16):
     gen = torch.Generator(device=DEV).manual_seed(n)
     q, k, v = (torch.randn(1, h, n, d, device=DEV, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
     do = torch.randn(1, h, n, d, device=DEV, dtype=dtype, generator=gen)
@@ -168,6 +171,7 @@ def bench_prefill(n, tiles, flex, results, h=16, d=128, dtype=torch.bfloat16):
                        x_flex_fwd_bwd=fx[1] / ours[1])
             del mask
         results["prefill"].append(row)
+        save()
         print(f"N={n} {name}: " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
                                               for k_, v_ in row.items() if k_ not in ("tiles",)))
     SA.TILE_OVERRIDE.clear()
@@ -203,14 +207,14 @@ def bench_decode(n, results, h=16, d=128, dtype=torch.bfloat16):
     print("decode: " + ", ".join(f"{k_}={v_:.4g}" for k_, v_ in row.items()))
 
 
-def bench_lm(n, steps, results, layers=6, d_model=1024, heads=8):
+def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
     """Tokens/s of LongGen hybrid vs dense TransformerLM training on the text task at N tokens."""
     import numpy as np
 
     from srl.envs.text import SortTask, Vocab
     from srl.policies.lm import LMConfig, TransformerLM
     vocab = 64 * triton.cdiv(len(Vocab()), 64)
-    tokens = SortTask(length=8).stream(1, n + 1, np.random.default_rng(0)).cuda()
+    tokens = SortTask(length=8).stream(1, n + 1, np.random.default_rng(0)).to(DEV)
     for name, attention in (("dense", {}), ("longgen_sink_window", {"pattern": "sink_window", "sink": 64,
                                                                      "window": 2048, "hybrid": True}),
                             ("longgen_s2", {"pattern": "s2", "block": 64, "local_blocks": 16, "stride": 8,
@@ -218,28 +222,30 @@ def bench_lm(n, steps, results, layers=6, d_model=1024, heads=8):
         torch.manual_seed(0)
         cfg = LMConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_seq_len=n,
                        attention=attention)
-        model = TransformerLM(cfg).cuda()
+        model = TransformerLM(cfg).to(DEV)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
         losses, times = [], []
         for _ in range(steps):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
                 logits = model(tokens[:, :-1])
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
-        step_s = statistics.median(times[2:])
+        step_s = statistics.median(times[2:] or times)
         row = {"model": name, "N": n, "layers": layers, "d_model": d_model, "heads": heads, "steps": steps,
                "step_s": step_s, "tokens_per_s": n / step_s, "loss_first": losses[0], "loss_last": losses[-1]}
         results["lm"].append(row)
+        save()
         print("lm: " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()))
         del model, opt
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
 
 def main(argv=None):
@@ -251,6 +257,9 @@ def main(argv=None):
     parser.add_argument("--lm", action="store_true", help="also train the LongGen hybrid LM against dense")
     parser.add_argument("--lm-seq", type=int, default=32768)
     parser.add_argument("--lm-steps", type=int, default=8)
+    parser.add_argument("--lm-layers", type=int, default=6)
+    parser.add_argument("--lm-dim", type=int, default=1024)
+    parser.add_argument("--lm-heads", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
@@ -265,18 +274,17 @@ def main(argv=None):
     flex = None
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
-        flex = torch.compile(flex_attention)
+        flex = torch.compile(flex_attention, dynamic=False)
+    dtype = getattr(torch, args.dtype)
+    if args.decode_seq:
+        bench_decode(args.decode_seq, results, args.heads, args.head_dim, dtype)
+        save()
     tiles = {}
     if not args.skip_prefill:
         for n in args.seq:
-            bench_prefill(n, tiles, flex, results, args.heads, args.head_dim, getattr(torch, args.dtype))
-            save()
-    if args.decode_seq:
-        bench_decode(args.decode_seq, results, args.heads, args.head_dim, getattr(torch, args.dtype))
-        save()
+            bench_prefill(n, tiles, flex, results, save, args.heads, args.head_dim, dtype)
     if args.lm:
-        bench_lm(args.lm_seq, args.lm_steps, results)
-        save()
+        bench_lm(args.lm_seq, args.lm_steps, results, save, args.lm_layers, args.lm_dim, args.lm_heads)
 
 
 if __name__ == "__main__":

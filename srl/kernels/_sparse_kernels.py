@@ -3,8 +3,8 @@
 Same algorithm as the dense FlashAttention-2 kernels (``flash_attention.py``, ``_flash_bwd.py``)
 and the same helpers (``load_kv_tile`` / ``load_kv_desc``, ``online_softmax_step``), but a
 program walks only the tiles its tile lists name: first the full tiles (no mask), then the
-partial ones, where :func:`visible` evaluates the pattern per element. Query tiles are launched
-last-first, so the heaviest (longest-context) programs start first.
+partial ones, where :func:`visible` evaluates the pattern per element. The heaviest programs
+start first: query tiles last-first (forward, dQ), key tiles first-first (dK/dV).
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                      H, H_KV, GROUP, N_Q, N_K, N_TILES, P0, P1, P2,
                      KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Lists are by key tile: (H or 1, N_TILES[, width]) of query tiles."""
-    pid_n = N_TILES - 1 - tl.program_id(0)
+    """Lists are by key tile: (H or 1, N_TILES[, width]) of query tiles. Early key tiles see the
+    most query tiles (causal, sinks, strides), so they are launched first."""
+    pid_n = tl.program_id(0)
     start_n = pid_n * BLOCK_N
     off_bkv = tl.program_id(1)
     off_b = (off_bkv // H_KV).to(tl.int64)
