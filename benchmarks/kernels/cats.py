@@ -50,19 +50,19 @@ from srl.policies.lm import LMConfig, TransformerLM  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 
-GATE_SWEEP = [GATE_CONFIG,
+GATE_SWEEP = [dict(BLOCK_F=32, BLOCK_D=256, num_warps=4, num_stages=3),
               dict(BLOCK_F=16, BLOCK_D=512, num_warps=4, num_stages=3),
               dict(BLOCK_F=64, BLOCK_D=256, num_warps=8, num_stages=3),
               dict(BLOCK_F=32, BLOCK_D=512, num_warps=8, num_stages=3),
               dict(BLOCK_F=16, BLOCK_D=256, num_warps=4, num_stages=4),
               dict(BLOCK_F=32, BLOCK_D=128, num_warps=4, num_stages=5),
               dict(BLOCK_F=64, BLOCK_D=128, num_warps=4, num_stages=4)]
-DOWN_SWEEP = [DOWN_CONFIG,
+DOWN_SWEEP = [dict(BLOCK_N=256, BLOCK_K=32, SPLIT=16, num_warps=4, num_stages=3),
               dict(BLOCK_N=128, BLOCK_K=32, SPLIT=16, num_warps=4, num_stages=3),
               dict(BLOCK_N=256, BLOCK_K=64, SPLIT=8, num_warps=8, num_stages=3),
               dict(BLOCK_N=512, BLOCK_K=32, SPLIT=8, num_warps=8, num_stages=3),
               dict(BLOCK_N=128, BLOCK_K=64, SPLIT=32, num_warps=4, num_stages=3),
-              dict(BLOCK_N=256, BLOCK_K=16, SPLIT=32, num_warps=4, num_stages=4),
+              DOWN_CONFIG,  # the sweep's winner on the H200: BLOCK_N=256, BLOCK_K=16, SPLIT=32
               dict(BLOCK_N=64, BLOCK_K=64, SPLIT=32, num_warps=4, num_stages=3)]
 
 
@@ -253,7 +253,7 @@ def train_text_lm(model, task, steps, batch, seq, lr, rng) -> float:
         if step % max(1, steps // 4) == 0 or step == steps - 1:
             log(f"    step {step:5d} loss {loss.item():.4f}")
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 @torch.no_grad()
@@ -304,8 +304,8 @@ def main(argv=None):
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "cats.json"))
     ap.add_argument("--sections", default="kernel,e2e,quality")
     ap.add_argument("--batches", default="1,2,3,4,6,8,12,16")
-    ap.add_argument("--e2e-layers", type=int, default=4)
-    ap.add_argument("--quality-steps", type=int, default=1500)
+    ap.add_argument("--e2e-layers", default="4", help="comma-separated layer counts")
+    ap.add_argument("--quality-steps", type=int, default=3000)
     ap.add_argument("--quality-width", type=int, default=256)
     ap.add_argument("--eval", type=int, default=2000, help="held-out prompts per task")
     ap.add_argument("--tiny", action="store_true", help="small shapes (CPU interpreter smoke run)")
@@ -313,16 +313,17 @@ def main(argv=None):
     sections = args.sections.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     D, Fh = 4096, 11008
-    wide = LMConfig(vocab_size=32000, d_model=4096, n_layers=args.e2e_layers, n_heads=32,
-                    max_seq_len=512, tie_embeddings=False, mlp={"type": "swiglu", "hidden": 11008})
+    wides = [LMConfig(vocab_size=32000, d_model=4096, n_layers=int(n), n_heads=32, max_seq_len=512,
+                      tie_embeddings=False, mlp={"type": "swiglu", "hidden": 11008})
+             for n in args.e2e_layers.split(",")]
     width = args.quality_width
     small = LMConfig(vocab_size=64, d_model=width, n_layers=4, n_heads=width // 64, max_seq_len=128,
                      mlp={"type": "swiglu", "hidden": 3 * width})
     e2e_batches, new_tokens, repeats = [1, 2, 4], 128, 5
     if args.tiny:
         D, Fh, batches = 64, 200, [1, 2, 4]
-        wide = LMConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, max_seq_len=64,
-                        mlp={"type": "swiglu", "hidden": 200})
+        wides = [LMConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, max_seq_len=64,
+                          mlp={"type": "swiglu", "hidden": 200})]
         small = LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=128,
                          mlp={"type": "swiglu", "hidden": 96})
         e2e_batches, new_tokens, repeats = [1], 8, 1
@@ -342,9 +343,11 @@ def main(argv=None):
         out["kernel"] = kernel_section(D, Fh, batches)
         save()
     if "e2e" in sections:
-        log(f"e2e decode: d_model {wide.d_model}, {wide.n_layers} layers")
-        out["e2e"] = e2e_section(wide, e2e_batches, new_tokens, repeats)
-        save()
+        out["e2e"] = []
+        for wide in wides:
+            log(f"e2e decode: d_model {wide.d_model}, {wide.n_layers} layers")
+            out["e2e"].append(e2e_section(wide, e2e_batches, new_tokens, repeats))
+            save()
     if "quality" in sections:
         log(f"quality: SwiGLU LM d_model {small.d_model}, {small.n_layers} layers")
         out["quality"] = quality_section(small, args.quality_steps, args.eval)
@@ -363,10 +366,10 @@ def summary(out):
                 f"{r['active_fraction']:.3f} | {r['bandwidth_bound']:.2f}x | {r['of_bound']:.0%} |")
         log(f"break-even: CATS pays up to batch {k['break_even_batch']}; "
             f"tiles {k['gate_config']} / {k['down_config']}")
-    if "e2e" in out:
-        for r in out["e2e"]["rows"]:
-            log(f"e2e batch {r['batch']}: dense {r['dense_tok_s']:.0f} tok/s, CATS "
-                f"{r['cats_tok_s']:.0f} tok/s, {r['speedup']:.2f}x")
+    for e in out.get("e2e", []):
+        for r in e["rows"]:
+            log(f"e2e {e['config']['n_layers']} layers, batch {r['batch']}: dense "
+                f"{r['dense_tok_s']:.0f} tok/s, CATS {r['cats_tok_s']:.0f} tok/s, {r['speedup']:.2f}x")
     if "quality" in out:
         q = out["quality"]
         log(f"quality: dense {q['dense']}; " + "; ".join(

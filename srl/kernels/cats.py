@@ -25,6 +25,9 @@ The list's order depends on program timing, so results can differ between calls 
 of the float32 sum. Above ``KERNEL_MAX_BATCH`` rows the union of active rows nears F (with
 independent rows 1 - sparsity^M of them) and the dense torch computation is faster.
 
+Measured on the H200 (bf16, 4096 -> 11008 -> 4096, 50% sparsity, CUDA-graph replays): 59.7 us
+against 80.9 us for the dense torch MLP at batch 1 (1.36x; the same-bandwidth bound is 1.51x).
+
 Shapes: M rows, D model width, F hidden width.
 """
 
@@ -40,14 +43,16 @@ from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK_M = 16  # batch rows per tile (tl.dot needs >= 16); the decode path takes M <= BLOCK_M
-KERNEL_MAX_BATCH = 2
+KERNEL_MAX_BATCH = 12
 """Rows up to which ``cats_mlp`` uses the sparse kernel on CUDA by default: the measured
-break-even at 50% sparsity on the H200 (benchmarks/kernels/cats.py; docs/benchmarks.md)."""
+break-even at 50% sparsity on the H200 with independent random rows (Llama-7B MLP, bf16: 1.36x
+at 1 row, 1.01x at 12, 0.99x at 16; benchmarks/kernels/cats.py, docs/benchmarks.md)."""
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# tile configurations: measured on the H200 (benchmarks/kernels/cats.py), one small tile when interpreting
+# tile configurations: the fastest of a sweep at batch 1 on the H200 (benchmarks/kernels/cats.py,
+# 59.5 us per Llama-7B MLP against 60.9-90.6 for the others); one small tile when interpreting
 GATE_CONFIG = dict(BLOCK_F=32, BLOCK_D=256, num_warps=4, num_stages=3)
-DOWN_CONFIG = dict(BLOCK_N=256, BLOCK_K=32, SPLIT=16, num_warps=4, num_stages=3)
+DOWN_CONFIG = dict(BLOCK_N=256, BLOCK_K=16, SPLIT=32, num_warps=4, num_stages=4)
 _INTERP_GATE = dict(BLOCK_F=16, BLOCK_D=32)
 _INTERP_DOWN = dict(BLOCK_N=32, BLOCK_K=16, SPLIT=2)
 _FINISH_BLOCK = 1024
@@ -72,22 +77,25 @@ def active_rows_reference(x: Tensor, gate_weight: Tensor, threshold: float) -> T
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _rows_times_x(W, rows, row_ok, X, M, D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """W[rows] (BLOCK_F, D) @ X^T (D, BLOCK_M) in float32; rows where ``row_ok`` is false read nothing."""
+def _x_times_rows(W, rows, row_ok, X, M, D, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """X (BLOCK_M, D) @ W[rows]^T (D, BLOCK_F) in float32; rows where ``row_ok`` is false read nothing.
+
+    The attention-score pattern (x as the queries, weight rows as the keys): both tiles are
+    loaded along D, contiguous, and pipelined."""
     ms = tl.arange(0, BLOCK_M)
-    acc = tl.zeros([rows.shape[0], BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         w = tl.load(W + rows[:, None].to(tl.int64) * D + ds[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        xt = tl.load(X + ms[None, :] * D + ds[:, None], mask=d_ok[:, None] & (ms < M)[None, :],
-                     other=0.0)  # (BLOCK_D, BLOCK_M)
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_F, BLOCK_D)
+        x = tl.load(X + ms[:, None] * D + ds[None, :], mask=(ms < M)[:, None] & d_ok[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_D)
         if UPCAST:
             w = w.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(w, xt, acc, input_precision=PREC)
+            x = x.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
     return acc
 
 
@@ -99,24 +107,24 @@ def _cats_gate_up(X, WG, WU, COUNT, IDX, ACT, threshold, M, F, D,
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     ms = tl.arange(0, BLOCK_M)
     row_ok = rows < F
-    g = _rows_times_x(WG, rows, row_ok, X, M, D, BLOCK_D, BLOCK_M, UPCAST, PREC)  # (BLOCK_F, BLOCK_M)
+    g = _x_times_rows(WG, rows, row_ok, X, M, D, BLOCK_F, BLOCK_D, BLOCK_M, UPCAST, PREC)  # (BLOCK_M, BLOCK_F)
     a = g * tl.sigmoid(g)
-    keep = (tl.abs(a) > threshold) & (ms < M)[None, :] & row_ok[:, None]
-    active = tl.max(keep.to(tl.int32), 1)  # (BLOCK_F,): any batch row keeps it
-    u = _rows_times_x(WU, rows, active > 0, X, M, D, BLOCK_D, BLOCK_M, UPCAST, PREC)
+    keep = (tl.abs(a) > threshold) & (ms < M)[:, None] & row_ok[None, :]
+    active = tl.max(keep.to(tl.int32), 0)  # (BLOCK_F,): any batch row keeps it
+    u = _x_times_rows(WU, rows, active > 0, X, M, D, BLOCK_F, BLOCK_D, BLOCK_M, UPCAST, PREC)
     act = tl.where(keep, a * u, 0.0)
     base = tl.atomic_add(COUNT, tl.sum(active, 0))
     slot = base + tl.cumsum(active, 0) - 1  # (BLOCK_F,): compact position of each active row
     ok = (active > 0) & (slot < F)
     tl.store(IDX + slot, rows, mask=ok)
-    tl.store(ACT + slot[:, None] * BLOCK_M + ms[None, :], act, mask=ok[:, None] & (ms < M)[None, :])
+    tl.store(ACT + ms[:, None] * F + slot[None, :], act, mask=(ms < M)[:, None] & ok[None, :])
 
 
 @triton.jit
-def _cats_down(COUNT, IDX, ACT, WDT, OUT, M, D,
+def _cats_down(COUNT, IDX, ACT, WDT, OUT, M, F, D,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
                BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """OUT[:, cols] += ACT[k]^T @ W_down^T[IDX[k], cols] over this program's share of the list."""
+    """OUT[:, cols] += ACT[:, k] @ W_down^T[IDX[k], cols] over this program's share of the list."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     col_ok = cols < D
@@ -130,8 +138,8 @@ def _cats_down(COUNT, IDX, ACT, WDT, OUT, M, D,
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k_hi
             idx = tl.load(IDX + ks, mask=k_ok, other=0)
-            act = tl.load(ACT + ks[None, :] * BLOCK_M + ms[:, None],
-                          mask=k_ok[None, :] & (ms < M)[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
+            act = tl.load(ACT + ms[:, None] * F + ks[None, :],
+                          mask=(ms < M)[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
             w = tl.load(WDT + idx[:, None].to(tl.int64) * D + cols[None, :],
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
             if UPCAST:
@@ -163,7 +171,7 @@ class _Workspace:
         self.count = torch.zeros(1, dtype=torch.int32, device=device)
         self.active = torch.zeros(1, dtype=torch.int32, device=device)
         self.idx = torch.empty(F, dtype=torch.int32, device=device)
-        self.act = torch.empty(F, BLOCK_M, dtype=torch.float32, device=device)
+        self.act = torch.empty(BLOCK_M, F, dtype=torch.float32, device=device)
         self.out = torch.zeros(BLOCK_M, D, dtype=torch.float32, device=device)
 
 
@@ -229,7 +237,7 @@ def cats_mlp_kernel(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weig
         x, gate_weight.contiguous(), up_weight.contiguous(), ws.count, ws.idx, ws.act,
         float(threshold), M, F, D, BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **g)
     _cats_down[(triton.cdiv(D, d["BLOCK_N"]), d["SPLIT"])](
-        ws.count, ws.idx, ws.act, _down_t(down_weight), ws.out, M, D,
+        ws.count, ws.idx, ws.act, _down_t(down_weight), ws.out, M, F, D,
         BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **d)
     _cats_finish[(triton.cdiv(M * D, _FINISH_BLOCK),)](
         ws.out, y, ws.count, ws.active, M * D, BLOCK=_FINISH_BLOCK)
