@@ -199,6 +199,15 @@ def capture(sampler, fn: Callable[[], None], enabled: bool) -> GraphedStep:
         return GraphedStep(fn, enabled=enabled)
 
 
+def cache_for(model, batch: int, max_len: int, device, dtype):
+    """A static KV cache for ``model``; a tensor-parallel shard (``srl.parallel``) holds its heads."""
+    from srl.policies.lm import KVCache
+
+    cfg = model.config
+    return KVCache(cfg.n_layers, batch, getattr(model, "local_heads", cfg.n_heads), max_len,
+                   cfg.head_dim, device=device, dtype=dtype)
+
+
 def round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
@@ -220,7 +229,7 @@ class PlainSampler:
         self.model, self.params = model, params.validate()
         self.generator = cuda_generator(p.device, generator)
         max_len = round_up(max_len) if p.device.type == "cuda" else max_len
-        self.cache = KVCache.for_model(model.config, batch, max_len, p.device, dtype or p.dtype)
+        self.cache = cache_for(model, batch, max_len, p.device, dtype or p.dtype)
         self.state = GenState.allocate(batch, max_len, p.device)
         self.steps_per_graph = steps_per_graph if (cuda_graph and torch.cuda.is_available()) else 1
         dummy = torch.zeros(batch, 2, dtype=torch.long, device=p.device)

@@ -31,8 +31,8 @@ import time
 import torch
 from torch import Tensor
 
-from srl.generation.decode import (GenState, Rollout, capture, causal_layout, cuda_generator,
-                                   prefill, round_up, tree_layout)
+from srl.generation.decode import (GenState, Rollout, cache_for, capture, causal_layout,
+                                   cuda_generator, prefill, round_up, tree_layout)
 from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
 from srl.kernels.kseq import kseq_step
 
@@ -303,9 +303,8 @@ class SpeculativeSampler:
         self.params, self.check_every = params.validate(), check_every
         self.generator = cuda_generator(dev, generator)
         max_len = round_up(max_len) if dev.type == "cuda" else max_len
-        self.tcache = KVCache.for_model(target.config, batch, max_len, dev, dt)
-        self.dcache = KVCache.for_model(draft.config, batch, max_len, dev,
-                                        dtype or next(draft.parameters()).dtype)
+        self.tcache = cache_for(target, batch, max_len, dev, dt)
+        self.dcache = cache_for(draft, batch, max_len, dev, dtype or next(draft.parameters()).dtype)
         self.state = GenState.allocate(batch, max_len, dev)
         self.stats = torch.zeros(3, dtype=torch.long, device=dev)
         dummy = torch.zeros(batch, 2, dtype=torch.long, device=dev)
