@@ -116,15 +116,29 @@ def test_wrong_pattern_fails_the_check():
         assert rel_err(sw, sparse_attention_reference(q, k, v, SinkWindow(8, 41))) > 1e-4
 
 
-def test_tma_descriptor_forward():
-    q, k, v = make_qkv(1, 2, 1, 100, 160, 32, torch.float32, seed=4)
-    TILE_OVERRIDE["fwd"] = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, TMA=True)
+@pytest.mark.parametrize("variant", [dict(TMA=True), dict(RUNS=True), dict(TMA=True, RUNS=True)])
+@pytest.mark.parametrize("pattern", [SinkWindow(4, 50), S2Strided(16, 2, 3)])
+def test_forward_variants_tma_and_runs(variant, pattern):
+    """TMA descriptors for K/V, and full tiles walked as runs of consecutive tiles."""
+    q, k, v = make_qkv(1, 3, 1, 100, 160, 32, torch.float32, seed=4)
+    TILE_OVERRIDE["fwd"] = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, **variant)
     try:
         with torch.no_grad():
-            out = sparse_attention(q, k, v, SinkWindow(4, 50))
+            out = sparse_attention(q, k, v, pattern)
     finally:
         TILE_OVERRIDE.clear()
-    assert rel_err(out, sparse_attention_reference(q, k, v, SinkWindow(4, 50))) < TOL[torch.float32]
+    assert rel_err(out, sparse_attention_reference(q, k, v, pattern)) < TOL[torch.float32]
+
+
+def test_runs_cover_the_full_lists():
+    lists = tile_lists(S2Strided(16, 3, 4), 4, 200, 200, 32, 16, "cpu")
+    runs, run_len = lists.as_runs()
+    for h in range(4):
+        for m in range(lists.full_cnt.shape[1]):
+            want = lists.full_idx[h, m, :lists.full_cnt[h, m]].tolist()
+            got = [s + i for s, n in zip(runs.full_idx[h, m].tolist(), run_len[h, m].tolist())
+                   for i in range(n)][:sum(run_len[h, m].tolist())]
+            assert got == want and int(runs.full_cnt[h, m]) <= len(want) + (len(want) == 0)
 
 
 def test_rows_without_visible_keys_are_zero_not_nan():

@@ -40,12 +40,31 @@ SA = sys.modules["srl.kernels.sparse_attention"]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1
 PATTERNS = {"sink_window": SinkWindow(sink=64, window=2048),
             "s2": S2Strided(block=64, local_blocks=16, stride=8)}
+T0 = time.perf_counter()
+
+
+def _t(**kw):
+    return dict(kw)
+
+
 # candidate tiles tried at the first N (forward, then backward), best kept for the rest
-FWD_CANDIDATES = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
-                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True)]
-BWD_CANDIDATES = [(dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
-                  (dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2))]
+FWD_CANDIDATES = {
+    "sink_window": [_t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                    _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, RUNS=True),
+                    _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, RUNS=True),
+                    _t(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, RUNS=True)],
+    "s2": [_t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+           _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
+           _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, RUNS=True)]}
+BWD_CANDIDATES = {  # (dK/dV tiles, dQ tiles)
+    "sink_window": [(_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+                    (_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
+    "s2": [(_t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+           (_t(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), _t(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))]}
+
+
+def log(msg):
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
 def time_ms(fn, budget_ms=600.0, max_reps=40):
@@ -100,6 +119,20 @@ def block_fraction(pattern, heads, n, block=64):
     return ((classes > 0).sum() * heads / classes.shape[0] / (nb * (nb + 1) // 2 * heads)).item()
 
 
+def grad_errors(ours, theirs, q, k, v, do):
+    """Relative differences of O, dQ, dK, dV between two implementations (same inputs)."""
+    outs = []
+    for impl in (ours, theirs):
+        for t in (q, k, v):
+            t.grad = None
+        o = impl(q, k, v)
+        o.backward(do)
+        outs.append([o.detach(), q.grad, k.grad, v.grad])
+    for t in (q, k, v):
+        t.grad = None
+    return {f"err_vs_flex_{name}": rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), *outs)}
+
+
 def timed_pair(impl, q, k, v, do):
     """(forward ms, forward+backward ms)."""
     with torch.no_grad():
@@ -116,7 +149,7 @@ def sweep_tiles(name, pattern, q, k, v, do):
     """Try the candidate tiles on this pattern; keep the fastest forward and backward."""
     rows = []
     best_fwd = (float("inf"), None)
-    for cand in FWD_CANDIDATES:
+    for cand in FWD_CANDIDATES[name]:
         SA.TILE_OVERRIDE.clear()
         SA.TILE_OVERRIDE["fwd"] = cand
         try:
@@ -128,7 +161,7 @@ def sweep_tiles(name, pattern, q, k, v, do):
         rows.append({"pattern": name, "stage": "fwd", "tiles": cand, "ms": t})
         best_fwd = min(best_fwd, (t, cand), key=lambda x: x[0])
     best_bwd = (float("inf"), None)
-    for dkdv, dq in BWD_CANDIDATES:
+    for dkdv, dq in BWD_CANDIDATES[name]:
         SA.TILE_OVERRIDE.update(fwd=best_fwd[1], dkdv=dkdv, dq=dq)
         try:
             _, t = timed_pair(lambda a, b, c: sparse_attention(a, b, c, pattern), q, k, v, do)
@@ -138,7 +171,7 @@ def sweep_tiles(name, pattern, q, k, v, do):
         rows.append({"pattern": name, "stage": "fwd_bwd", "tiles": [dkdv, dq], "ms": t})
         best_bwd = min(best_bwd, (t, (dkdv, dq)), key=lambda x: x[0])
     for r in rows:
-        print(f"  sweep {name} {r['stage']} {r['tiles']}: {r['ms']:.3f} ms")
+        log(f"  sweep {name} {r['stage']} {r['tiles']}: {r['ms']:.3f} ms")
     return {"fwd": best_fwd[1], "dkdv": best_bwd[1][0], "dq": best_bwd[1][1]}, rows
 
 
@@ -149,7 +182,7 @@ def bench_prefill(n, tiles, flex, results, save, h=16, d=128, dtype=torch.bfloat
     SA.TILE_OVERRIDE.clear()
     dense = timed_pair(lambda a, b, c: flash_attention(a, b, c, causal=True), q, k, v, do)
     results["prefill"].append({"N": n, "impl": "srl_dense_causal", "fwd_ms": dense[0], "fwd_bwd_ms": dense[1]})
-    print(f"N={n} srl dense causal: fwd {dense[0]:.3f} ms, fwd+bwd {dense[1]:.3f} ms")
+    log(f"N={n} srl dense causal: fwd {dense[0]:.3f} ms, fwd+bwd {dense[1]:.3f} ms")
     for name, pattern in PATTERNS.items():
         if name not in tiles:
             tiles[name], rows = sweep_tiles(name, pattern, q, k, v, do)
@@ -165,14 +198,14 @@ def bench_prefill(n, tiles, flex, results, save, h=16, d=128, dtype=torch.bfloat
             from torch.nn.attention.flex_attention import create_block_mask
             mask = create_block_mask(flex_mask_mod(pattern), None, h, n, n, device="cuda", _compile=True)
             fx = timed_pair(lambda a, b, c: flex(a, b, c, block_mask=mask), q, k, v, do)
-            with torch.no_grad():
-                row["err_vs_flex"] = rel_err(sparse_attention(q, k, v, pattern), flex(q, k, v, block_mask=mask))
+            row.update(grad_errors(lambda a, b, c: sparse_attention(a, b, c, pattern),
+                                   lambda a, b, c: flex(a, b, c, block_mask=mask), q, k, v, do))
             row.update(flex_fwd_ms=fx[0], flex_fwd_bwd_ms=fx[1], x_flex_fwd=fx[0] / ours[0],
                        x_flex_fwd_bwd=fx[1] / ours[1])
             del mask
         results["prefill"].append(row)
         save()
-        print(f"N={n} {name}: " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
+        log(f"N={n} {name}: " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}"
                                               for k_, v_ in row.items() if k_ not in ("tiles",)))
     SA.TILE_OVERRIDE.clear()
 
@@ -197,22 +230,32 @@ def bench_decode(n, results, h=16, d=128, dtype=torch.bfloat16):
         row = {"N": n, "err_vs_reference": err,
                "dense_us": time_ms(lambda: flash_decode(q, k, v)) * 1e3,
                "sparse_us": time_ms(lambda: sparse_decode(q, cache)) * 1e3,
+               "sparse_1split_us": time_ms(lambda: sparse_decode(q, cache, num_splits=1)) * 1e3,
                "dense_graph_us": graph_us(lambda: flash_decode(q, k, v)),
                "sparse_graph_us": graph_us(lambda: sparse_decode(q, cache)),
+               "sparse_1split_graph_us": graph_us(lambda: sparse_decode(q, cache, num_splits=1)),
                "dense_kv_bytes": k.nbytes + v.nbytes, "sparse_kv_bytes": cache.nbytes}
-    row["x_eager"] = row["dense_us"] / row["sparse_us"]
-    row["x_graph"] = row["dense_graph_us"] / row["sparse_graph_us"]
+    row["x_eager"] = row["dense_us"] / min(row["sparse_us"], row["sparse_1split_us"])
+    row["x_graph"] = row["dense_graph_us"] / min(row["sparse_graph_us"], row["sparse_1split_graph_us"])
     row["kv_reduction"] = 1 - row["sparse_kv_bytes"] / row["dense_kv_bytes"]
     results["decode"].append(row)
-    print("decode: " + ", ".join(f"{k_}={v_:.4g}" for k_, v_ in row.items()))
+    log("decode: " + ", ".join(f"{k_}={v_:.4g}" for k_, v_ in row.items()))
 
 
 def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
     """Tokens/s of LongGen hybrid vs dense TransformerLM training on the text task at N tokens."""
+    import importlib.util
+    import os
+
     import numpy as np
 
-    from srl.envs.text import SortTask, Vocab
     from srl.policies.lm import LMConfig, TransformerLM
+    # the text task's module alone (the srl.envs package imports gymnasium)
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "srl", "envs", "text.py")
+    spec = importlib.util.spec_from_file_location("_srl_text_task", path)
+    text = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(text)
+    SortTask, Vocab = text.SortTask, text.Vocab
     vocab = 64 * triton.cdiv(len(Vocab()), 64)
     tokens = SortTask(length=8).stream(1, n + 1, np.random.default_rng(0)).to(DEV)
     for name, attention in (("dense", {}), ("longgen_sink_window", {"pattern": "sink_window", "sink": 64,
@@ -242,7 +285,7 @@ def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
                "step_s": step_s, "tokens_per_s": n / step_s, "loss_first": losses[0], "loss_last": losses[-1]}
         results["lm"].append(row)
         save()
-        print("lm: " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()))
+        log("lm: " + ", ".join(f"{k_}={v_:.4g}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()))
         del model, opt
         if DEV == "cuda":
             torch.cuda.empty_cache()

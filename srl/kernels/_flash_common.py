@@ -138,6 +138,18 @@ def online_softmax_step(s, m_i, l_i, acc):
 
 
 @triton.jit
+def online_softmax_step_unmasked(qk, qk_scale, m_i, l_i, acc):
+    """``online_softmax_step`` for a tile with no masked key, on unscaled logits ``qk``: the scale
+    (> 0) folds into the row max and the exponent's FMA. Returns (p, m_new, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc
+
+
+@triton.jit
 def causal_bounds(start_m, N_Q, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key ranges for the query block starting at ``start_m``: keys [0, full_hi) are visible to
     every row (no mask needed), [full_hi, hi) need the mask. Key j is visible to query i iff

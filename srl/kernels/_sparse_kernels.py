@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import load_kv_desc, load_kv_tile, online_softmax_step
+from srl.kernels._flash_common import load_kv_desc, load_kv_tile, online_softmax_step, online_softmax_step_unmasked
 
 
 @triton.jit
@@ -38,32 +38,55 @@ def visible(rows, cols, heads, row_ok, col_ok, KIND: tl.constexpr, P0, P1, P2,
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn, CNT_PTR, IDX_PTR,
+def _fwd_tile(acc, l_i, m_i, q, start_n, k_base, v_base, kv_row, stride_kn, stride_vn,
+              offs_n, rows, heads, row_ok, n_k, qk_scale, LAYOUT, stride_lh, stride_lq, P0, P1, P2,
+              MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold the key tile at ``start_n`` into one query tile's online softmax."""
+    cols = start_n + offs_n
+    if TMA:
+        k, v = load_kv_desc(k_base, v_base, kv_row, start_n, UPCAST, BLOCK_N, HEAD_DIM)
+    else:
+        k, v = load_kv_tile(k_base + start_n * stride_kn, v_base + start_n * stride_vn, cols < n_k,
+                            MASKED, UPCAST)
+    qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N); base-2 logits are qk * qk_scale
+    if MASKED:
+        ok = visible(rows, cols, heads, row_ok, cols < n_k, KIND, P0, P1, P2, LAYOUT, stride_lh, stride_lq)
+        p, m_i, l_i, acc = online_softmax_step(tl.where(ok, qk * qk_scale, float("-inf")), m_i, l_i, acc)
+    else:
+        p, m_i, l_i, acc = online_softmax_step_unmasked(qk, qk_scale, m_i, l_i, acc)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn, CNT_PTR, IDX_PTR, LEN_PTR,
                offs_m, offs_n, rows, heads, row_ok, n_k, qk_scale, LAYOUT, stride_lh, stride_lq, P0, P1, P2,
                MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Fold the key tiles listed at IDX_PTR (CNT_PTR of them) into one query tile's softmax."""
+               RUNS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold the key tiles listed at IDX_PTR (CNT_PTR of them) into one query tile's softmax; with
+    RUNS the list holds CNT_PTR runs of consecutive tiles (first tile IDX_PTR, length LEN_PTR)."""
     cnt = tl.load(CNT_PTR)
-    for t in range(0, cnt):
-        start_n = tl.load(IDX_PTR + t) * BLOCK_N
-        cols = start_n + offs_n
-        if TMA:
-            k, v = load_kv_desc(k_base, v_base, kv_row, start_n, UPCAST, BLOCK_N, HEAD_DIM)
-        else:
-            k, v = load_kv_tile(k_base + start_n * stride_kn, v_base + start_n * stride_vn, cols < n_k,
-                                MASKED, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) base-2 logits
-        if MASKED:
-            ok = visible(rows, cols, heads, row_ok, cols < n_k, KIND, P0, P1, P2, LAYOUT, stride_lh, stride_lq)
-            s = tl.where(ok, s, float("-inf"))
-        p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    if RUNS:
+        for r in range(0, cnt):
+            lo = tl.load(IDX_PTR + r) * BLOCK_N
+            hi = lo + tl.load(LEN_PTR + r) * BLOCK_N
+            for start_n in range(lo, hi, BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, k_base, v_base, kv_row, stride_kn, stride_vn,
+                                          offs_n, rows, heads, row_ok, n_k, qk_scale, LAYOUT, stride_lh,
+                                          stride_lq, P0, P1, P2, MASKED, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+    else:
+        for t in range(0, cnt):
+            start_n = tl.load(IDX_PTR + t) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_n, k_base, v_base, kv_row, stride_kn, stride_vn,
+                                      offs_n, rows, heads, row_ok, n_k, qk_scale, LAYOUT, stride_lh,
+                                      stride_lq, P0, P1, P2, MASKED, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _sparse_fwd(Q, K, V, O, LSE, qk_scale,
-                FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, LAYOUT,
+                FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, LAYOUT, RUN_LEN,
                 stride_qb, stride_qh, stride_qn,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -72,9 +95,10 @@ def _sparse_fwd(Q, K, V, O, LSE, qk_scale,
                 stride_lh, stride_lq,
                 H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                 KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Lists are (H or 1, M_TILES[, width]); a shared list has head stride 0. With TMA, K and V
-    are descriptors over (B*H_kv, N_K, D) with (1, BLOCK_N, D) blocks."""
+                RUNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Lists are (H or 1, M_TILES[, width]); a shared list has head stride 0. With RUNS the full
+    list is of runs (FULL_CNT runs, first tiles FULL_IDX, lengths RUN_LEN, shaped like FULL_IDX).
+    With TMA, K and V are descriptors over (B*H_kv, N_K, D) with (1, BLOCK_N, D) blocks."""
     pid_m = M_TILES - 1 - tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_bh = tl.program_id(1)
@@ -106,13 +130,14 @@ def _sparse_fwd(Q, K, V, O, LSE, qk_scale,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn,
                                FULL_CNT + off_h * stride_fch + pid_m,
                                FULL_IDX + off_h * stride_fih + pid_m * stride_fim,
+                               RUN_LEN + off_h * stride_fih + pid_m * stride_fim,
                                offs_m, offs_n, rows, heads, row_ok, N_K, qk_scale, LAYOUT, stride_lh, stride_lq,
-                               P0, P1, P2, False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+                               P0, P1, P2, False, KIND, UPCAST, TMA, RUNS, BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn,
                                PART_CNT + off_h * stride_pch + pid_m,
-                               PART_IDX + off_h * stride_pih + pid_m * stride_pim,
+                               PART_IDX + off_h * stride_pih + pid_m * stride_pim, PART_IDX,
                                offs_m, offs_n, rows, heads, row_ok, N_K, qk_scale, LAYOUT, stride_lh, stride_lq,
-                               P0, P1, P2, True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+                               P0, P1, P2, True, KIND, UPCAST, TMA, False, BLOCK_N, HEAD_DIM)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
     l_safe = tl.where(empty, 1.0, l_i)

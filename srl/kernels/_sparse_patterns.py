@@ -209,6 +209,27 @@ class TileLists:
     part_idx: torch.Tensor
     shared: bool
 
+    def as_runs(self) -> tuple["TileLists", torch.Tensor]:
+        """The full lists as runs of consecutive tiles: (lists whose full_cnt / full_idx count and
+        start the runs, run lengths shaped like the new full_idx). Cached."""
+        if getattr(self, "_runs", None) is None:
+            cnt, idx = self.full_cnt.long(), self.full_idx.long()  # (hp, R), (hp, R, W)
+            t = torch.arange(idx.shape[-1], device=idx.device)
+            valid = t < cnt[..., None]
+            prev = torch.cat([idx[..., :1] - 2, idx[..., :-1]], -1)
+            start = valid & (idx != prev + 1)  # (hp, R, W): a run begins at list entry t
+            n_runs = start.sum(-1)
+            width = max(int(n_runs.max()) if n_runs.numel() else 0, 1)
+            pos = torch.sort(start.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
+            r = torch.arange(width, device=idx.device)
+            nxt = torch.cat([pos[..., 1:], pos[..., :1]], -1)
+            end = torch.where(r + 1 < n_runs[..., None], nxt, cnt[..., None])
+            run_len = torch.where(r < n_runs[..., None], end - pos, 0)
+            runs = TileLists(n_runs.to(torch.int32).contiguous(), idx.gather(-1, pos).to(torch.int32).contiguous(),
+                             self.part_cnt, self.part_idx, self.shared)
+            self._runs = (runs, run_len.to(torch.int32).contiguous())
+        return self._runs
+
     @property
     def visited(self) -> int:
         """Tiles visited over all heads in the lists (times heads when shared)."""

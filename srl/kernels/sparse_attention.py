@@ -31,7 +31,7 @@ from srl.kernels._flash_bwd import _bwd_preprocess
 from srl.kernels._flash_common import INTERPRET, check_inputs, check_kernel_inputs, last_dim_contiguous, needs_upcast
 from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
 from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
-from srl.kernels._sparse_patterns import (KIND_LAYOUT, BlockLayout, Pattern, S2Strided, SinkWindow, TileLists,
+from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided, SinkWindow, TileLists,
                                           check_pattern, dense_mask, layer_patterns, tile_classes, tile_lists)
 from srl.kernels.flash_attention import _tma_rows
 
@@ -75,20 +75,24 @@ def _tiles(block_m, block_n, warps, stages, **extra):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, **extra}
 
 
-# GPU tiles per stage (D <= 128; D = 256 takes the smaller tile). Key tiles of 64 match the
-# 64-token blocks of the S2 patterns; ``TILE_OVERRIDE`` lets the benchmark try others.
+# GPU tiles per stage and pattern kind (H200, D = 128, picked by the sweep in
+# benchmarks/kernels/sparse_attention.py); D = 256 takes the smaller tile. Key tiles of 64
+# match the 64-token blocks of the S2 patterns. ``TILE_OVERRIDE`` lets the benchmark try others.
 _GPU_TILES = {"fwd": _tiles(128, 64, 8, 3), "dkdv": _tiles(128, 64, 8, 2), "dq": _tiles(128, 64, 8, 2)}
+_KIND_TILES = {KIND_SINK_WINDOW: {"dkdv": _tiles(64, 128, 8, 2)}}
 _BIG_HEAD_TILES = {"fwd": _tiles(64, 32, 4, 2), "dkdv": _tiles(32, 64, 4, 2), "dq": _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(32, 32, 4, 1)
 TILE_OVERRIDE: dict = {}  # stage -> tiles, for sweeps
 
 
-def _stage_tiles(stage, d):
+def _stage_tiles(stage, d, kind):
     if stage in TILE_OVERRIDE:
         return dict(TILE_OVERRIDE[stage])
     if INTERPRET:
         return dict(_INTERP_TILES)
-    return dict(_BIG_HEAD_TILES[stage] if d > 128 else _GPU_TILES[stage])
+    if d > 128:
+        return dict(_BIG_HEAD_TILES[stage])
+    return dict(_KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage]))
 
 
 def _strides(t):  # (b, h, n) strides; the last dim is contiguous
@@ -129,7 +133,7 @@ def _forward(q, k, v, pattern, sm_scale):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    tiles = _stage_tiles("fwd", D)
+    tiles = _stage_tiles("fwd", D, pattern.kernel_params()[0])
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -137,14 +141,18 @@ def _forward(q, k, v, pattern, sm_scale):
     kv = (k, v)
     if tiles.pop("TMA", False):
         kv = _kv_descriptors(k, v, bn) or kv
+    runs = tiles.pop("RUNS", False)
+    run_len = lists.full_idx  # unused without runs
+    if runs:
+        lists, run_len = lists.as_runs()
     (kind, p0, p1, p2), layout, lstrides = _pattern_args(pattern, q.device, lists.full_cnt)
     ptrs, list_strides = _list_args(lists)
     m_tiles = triton.cdiv(Nq, bm)
     _sparse_fwd[(m_tiles, B * H)](
-        q, *kv, o, lse, sm_scale * _LOG2E, *ptrs, layout,
+        q, *kv, o, lse, sm_scale * _LOG2E, *ptrs, layout, run_len,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *list_strides, *lstrides,
         H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=kv[0] is not k, **tiles)
+        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=kv[0] is not k, RUNS=runs, **tiles)
     return o, lse
 
 
@@ -160,8 +168,9 @@ def _backward(do, q, k, v, o, lse, pattern, sm_scale):
         o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=64)
     upcast = needs_upcast(q)
 
-    kv_tiles = _stage_tiles("dkdv", D)
+    kv_tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
     kv_tiles.pop("TMA", None)
+    kv_tiles.pop("RUNS", None)
     by_key = tile_lists(pattern, H, Nq, Nk, kv_tiles["BLOCK_M"], kv_tiles["BLOCK_N"], q.device, by_key=True)
     (kind, p0, p1, p2), layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
     ptrs, list_strides = _list_args(by_key)
@@ -172,8 +181,9 @@ def _backward(do, q, k, v, o, lse, pattern, sm_scale):
         *list_strides, *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=upcast, **kv_tiles)
 
-    q_tiles = _stage_tiles("dq", D)
+    q_tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
     q_tiles.pop("TMA", None)
+    q_tiles.pop("RUNS", None)
     by_query = tile_lists(pattern, H, Nq, Nk, q_tiles["BLOCK_M"], q_tiles["BLOCK_N"], q.device)
     ptrs, list_strides = _list_args(by_query)
     m_tiles = triton.cdiv(Nq, q_tiles["BLOCK_M"])
