@@ -55,7 +55,7 @@ FWD_CANDIDATES = {
                     _t(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True, RUNS=True)],
     "s2": [_t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
            _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
-           _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, RUNS=True)]}
+           _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]}
 BWD_CANDIDATES = {  # (dK/dV tiles, dQ tiles)
     "sink_window": [(_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
                     (_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
