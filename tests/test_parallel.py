@@ -206,3 +206,57 @@ def test_uneven_split_is_refused():
 
 def _parallelize_three(tp: TPContext):
     parallelize(make(0), TPContext(tp.rank, 3))
+
+
+# --------------------------------------------------------------------------- GPU (NCCL)
+
+def _nccl_graph_collectives(tp: TPContext) -> dict:
+    """Async all-reduce (waited later) and all-gather captured in a CUDA graph, then replayed."""
+    import torch.distributed as dist
+
+    from srl.parallel.comm import _GatherFromRanks
+
+    x = torch.arange(8, dtype=torch.float32, device=tp.device)
+    out = torch.empty(8, device=tp.device)
+    gathered = torch.empty(8, device=tp.device)
+
+    def step():
+        y = x * 2
+        work = dist.all_reduce(y, async_op=True)
+        z = x + 1  # compute while the reduction is in flight
+        work.wait()
+        out.copy_(y + z)
+        gathered.copy_(_GatherFromRanks.apply(x[None], None)[0])
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x.add_(1)
+    graph.replay()
+    torch.cuda.synchronize()
+    return {"out": out.cpu(), "gathered": gathered.cpu(), "want": (x * 3 + 1).cpu(), "x": x.cpu()}
+
+
+@pytest.mark.gpu
+def test_nccl_async_all_reduce_and_gather_replay_in_cuda_graph():
+    r, = launch_group(1, _nccl_graph_collectives, backend="nccl")
+    assert torch.equal(r["out"], r["want"]) and torch.equal(r["gathered"], r["x"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", ["standard", "ladder"])
+def test_parallelized_model_samples_under_cuda_graphs(residual):
+    # one rank: the TP layers and the sharded cache under PlainSampler's CUDA graphs
+    ref = make(5, residual, init_std=0.3).float().cuda()
+    tp_model = parallelize(copy.deepcopy(ref), TPContext(0, 1, device=torch.device("cuda")))
+    prompt = torch.randint(0, CFG["vocab_size"], (4, 5), device="cuda")
+    outs = []
+    for m in (ref, tp_model):
+        g = torch.Generator(device="cuda").manual_seed(3)
+        s = PlainSampler(m, 4, 64, SamplingParams(), cuda_graph=True, generator=g)
+        assert s._step.graph is not None
+        outs.append(s.generate(prompt, 24).tokens)
+        s.close()
+    assert torch.equal(outs[0], outs[1])
