@@ -249,13 +249,15 @@ def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
 
     import numpy as np
 
-    from srl.policies.lm import LMConfig, TransformerLM
-    # the text task's module alone (the srl.envs package imports gymnasium)
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "srl", "envs", "text.py")
-    spec = importlib.util.spec_from_file_location("_srl_text_task", path)
-    text = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(text)
-    SortTask, Vocab = text.SortTask, text.Vocab
+    def load(name, *parts):
+        """One srl module by path: the packages srl.envs and srl.policies import gymnasium."""
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "srl", *parts)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    text, lm = load("_srl_text_task", "envs", "text.py"), load("_srl_lm", "policies", "lm.py")
+    SortTask, Vocab, LMConfig, TransformerLM = text.SortTask, text.Vocab, lm.LMConfig, lm.TransformerLM
     vocab = 64 * triton.cdiv(len(Vocab()), 64)
     tokens = SortTask(length=8).stream(1, n + 1, np.random.default_rng(0)).to(DEV)
     for name, attention in (("dense", {}), ("longgen_sink_window", {"pattern": "sink_window", "sink": 64,

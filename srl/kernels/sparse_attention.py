@@ -78,8 +78,9 @@ def _tiles(block_m, block_n, warps, stages, **extra):
 # GPU tiles per stage and pattern kind (H200, D = 128, picked by the sweep in
 # benchmarks/kernels/sparse_attention.py); D = 256 takes the smaller tile. Key tiles of 64
 # match the 64-token blocks of the S2 patterns. ``TILE_OVERRIDE`` lets the benchmark try others.
-_GPU_TILES = {"fwd": _tiles(128, 64, 8, 3), "dkdv": _tiles(128, 64, 8, 2), "dq": _tiles(128, 64, 8, 2)}
-_KIND_TILES = {KIND_SINK_WINDOW: {"dkdv": _tiles(64, 128, 8, 2)}}
+_GPU_TILES = {"fwd": _tiles(128, 64, 8, 4), "dkdv": _tiles(64, 64, 4, 3), "dq": _tiles(64, 64, 4, 3)}
+_KIND_TILES = {KIND_SINK_WINDOW: {"fwd": _tiles(128, 64, 8, 3), "dkdv": _tiles(64, 128, 8, 3),
+                                  "dq": _tiles(128, 64, 8, 3)}}
 _BIG_HEAD_TILES = {"fwd": _tiles(64, 32, 4, 2), "dkdv": _tiles(32, 64, 4, 2), "dq": _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(32, 32, 4, 1)
 TILE_OVERRIDE: dict = {}  # stage -> tiles, for sweeps
