@@ -10,6 +10,15 @@ from srl.generation.decode import causal_layout, prefill
 from srl.policies.lm import KVCache, LMConfig, TransformerLM
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny float64 matmuls: extra threads only contend for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(residual, seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=24, d_model=32, n_layers=3, n_heads=4, max_seq_len=32)
