@@ -118,6 +118,8 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lens = torch.zeros(batch, device=device, dtype=torch.long)
+        # position held by each slot, -1 if none: sparse attention patterns mask by position
+        self.slot_pos = torch.full((batch, max_len), -1, device=device, dtype=torch.long)
 
     @classmethod
     def for_model(cls, config: LMConfig, batch: int, max_len: int | None = None, device=None,
@@ -145,14 +147,10 @@ class KVCache:
         dst_idx = dst[None, :, None, :, None].expand(L, B, H, n, D)
         for buf in (self.k, self.v):
             buf.scatter_(3, dst_idx, buf.gather(3, src_idx))
-        if getattr(self, "slot_pos", None) is not None:
-            self.slot_pos.scatter_(1, dst, self.slot_pos.gather(1, src))
+        self.slot_pos.scatter_(1, dst, self.slot_pos.gather(1, src))
 
     def note_positions(self, slots: Tensor, positions: Tensor) -> None:
-        """Record the positions (B, T) written to ``slots`` (B, T) in ``slot_pos`` (B, S), -1 where
-        none was: sparse attention patterns mask by position, not by slot."""
-        if getattr(self, "slot_pos", None) is None:
-            self.slot_pos = torch.full((self.k.shape[1], self.max_len), -1, dtype=torch.long, device=self.k.device)
+        """Record the positions (B, T) written to ``slots`` (B, T) in ``slot_pos`` (B, S)."""
         self.slot_pos.scatter_(1, slots, positions)
 
 
