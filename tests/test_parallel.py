@@ -129,7 +129,8 @@ def _suite_4(tp: TPContext, path: str) -> dict:
 def _suite_2(tp: TPContext, path: str) -> dict:
     return {"equal": {r: _check_equal(tp, r, "gelu", True) for r in ("standard", "ladder")},
             "loaded": _load(tp, path, "ladder"),
-            "generated": {r: _generate(tp, r, seed=11) for r in ("standard", "ladder")}}
+            "generated": {r: _generate(tp, r, seed=11) for r in ("standard", "ladder")},
+            "broadcast": tp.broadcast(torch.full((3,), float(tp.rank + 1))).tolist()}
 
 
 # --------------------------------------------------------------------------- tests
@@ -195,6 +196,10 @@ def test_generation_on_2_ranks_emits_single_process_tokens(residual, group2):
             assert torch.equal(got[name], tokens), name
     other_seed = _generate(None, residual, seed=12)
     assert not torch.equal(other_seed["plain"], want["plain"])
+
+
+def test_leader_broadcast_reaches_every_rank(group2):
+    assert [r["broadcast"] for r in group2] == [[1.0] * 3] * 2  # rank 0's tensor on both
 
 
 def test_uneven_split_is_refused():
