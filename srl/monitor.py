@@ -7,6 +7,7 @@ reads, the metric row and the run's result. It refuses amounts a worker could no
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -65,7 +66,8 @@ class RLMonitor:
             self._on_actor(worker, report)
         elif isinstance(report, TrainerReport):
             self._on_trainer(report)
-        return {k: v for k, v in meta.items() if k not in ("episode_returns", "episode_lengths", "stats")}
+        fields = dataclasses.asdict(report)
+        return {k: v for k, v in fields.items() if k not in ("episode_returns", "episode_lengths", "stats")}
 
     def _on_actor(self, worker: str, r: ActorReport) -> None:
         now = time.monotonic()

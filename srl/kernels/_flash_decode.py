@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from srl.kernels._reference import attention_reference
 from srl.kernels._flash_common import (INTERPRET, autotune, check_kernel_inputs, last_dim_contiguous, launch,
                                        load_kv_tile, needs_upcast, online_softmax_step)
 
@@ -177,7 +178,6 @@ def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=N
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
     scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if not (q.is_cuda or INTERPRET):
-        from srl.kernels.flash_attention import attention_reference  # (that module imports this one)
         return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
 

@@ -43,6 +43,7 @@ from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, aut
                                        check_kernel_inputs, constexpr_arg, last_dim_contiguous, launch,
                                        load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step)
 from srl.kernels._flash_decode import flash_decode
+from srl.kernels._reference import attention_reference  # noqa: F401 - public here too
 
 __all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
 
@@ -51,46 +52,6 @@ _LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) == exp2(x * log2(e))
 
 # --------------------------------------------------------------------------
 # Reference: the definition of the result
-# --------------------------------------------------------------------------
-def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None):
-    """Plain torch attention; computes in float32 (float64 if the inputs are).
-
-    Same semantics as :func:`flash_attention` (GQA, bottom-right causal mask,
-    zeros for rows that see no key). ``kv_lens`` (B,) optionally limits the
-    valid keys of each batch element (as in :func:`flash_decode`).
-    """
-    check_inputs(q, k, v)
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = q.to(cdt), k.to(cdt), v.to(cdt)
-    if Hkv != H:  # (B, Hkv, Nk, D) -> (B, H, Nk, D)
-        kf = kf.repeat_interleave(H // Hkv, dim=1)
-        vf = vf.repeat_interleave(H // Hkv, dim=1)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
-    cols = torch.arange(Nk, device=q.device)
-    if kv_lens is None:
-        n_valid = torch.full((B,), Nk, device=q.device, dtype=torch.long)
-    else:
-        n_valid = kv_lens.to(device=q.device, dtype=torch.long).clamp(0, Nk)
-    # (B, 1, 1, Nk) key validity, then (B, 1, Nq, Nk) causal visibility
-    mask = cols[None, None, None, :] < n_valid[:, None, None, None]
-    if causal:
-        rows = torch.arange(Nq, device=q.device)
-        last = rows[None, :, None] + (n_valid[:, None, None] - Nq)  # (B, Nq, 1)
-        mask = mask & (cols[None, None, None, :] <= last[:, None])
-    s = s.masked_fill(~mask, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.matmul(p, vf).to(q.dtype)
-
-
-# --------------------------------------------------------------------------
-# Triton kernels: forward
 # --------------------------------------------------------------------------
 def _fwd_configs():
     cfg = triton.Config

@@ -57,6 +57,7 @@ class TrainerWorker(RLWorker):
         self._held: dict | None = None
         self._stop_meta: dict | None = None
         self._digest = float("nan")
+        self._busy_s, self._busy_mark = 0.0, time.monotonic()
 
     def _join_group(self) -> DataParallel:
         t = self.cfg.workers.trainers
@@ -94,6 +95,7 @@ class TrainerWorker(RLWorker):
                 return PollResult()
         if batch is None:
             return PollResult()
+        t0 = time.perf_counter()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.stats = self.learner.train(batch)
         self.version += 1
@@ -102,6 +104,7 @@ class TrainerWorker(RLWorker):
         self.intake.publish(self.version, weights_to_numpy(self.policy))
         learned = int(batch["valid"].sum())
         self.learned_steps += learned
+        self._busy_s += time.perf_counter() - t0
         if self._checkpoint_due():
             self._checkpoint(self.counters)
         return PollResult(samples=learned, batches=1)
@@ -116,6 +119,10 @@ class TrainerWorker(RLWorker):
     def _report(self) -> dict:
         lags = self.intake.pop_lags() if hasattr(self, "intake") else []
         stats, self.stats = self.stats, {}
+        if hasattr(self, "_busy_mark"):  # the fraction of wall time spent learning since the last report
+            now = time.monotonic()
+            stats["perf/trainer_busy"] = self._busy_s / max(now - self._busy_mark, 1e-9)
+            self._busy_s, self._busy_mark = 0.0, now
         learned, self.learned_steps = getattr(self, "learned_steps", 0), 0
         report = TrainerReport(version=getattr(self, "version", 0), rank=getattr(self, "rank", 0),
                                learned_steps=learned,
