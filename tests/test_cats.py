@@ -86,6 +86,26 @@ def test_kernel_calls_in_a_row_share_the_workspace():
         assert int(active) == int(active_rows_reference(x.double(), wg.double(), t))
 
 
+def test_failed_launch_leaves_a_clean_workspace(monkeypatch):
+    """The gate kernel has counted active rows when the down launch fails: the next call is exact."""
+    import srl.kernels.cats as cats
+
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("launch failed")
+
+    wg, wu, wd = _weights(32, 48)
+    x = torch.randn(2, 32)
+    t = _threshold(x, wg, 0.5)
+    with monkeypatch.context() as m:
+        m.setattr(cats, "_cats_down", Broken())
+        with pytest.raises(RuntimeError, match="launch failed"):
+            cats_mlp_kernel(x, wg, wu, transpose_down_storage(wd), t)
+    y, active = cats_mlp_kernel(x, wg, wu, transpose_down_storage(wd), t)
+    assert _rel_err(y, _reference(x, wg, wu, wd, t)) < 1e-5
+    assert int(active) == int(active_rows_reference(x.double(), wg.double(), t))
+
+
 def test_negative_controls_fail():
     """A wrong threshold, or no threshold in the reference, is caught by the same checks."""
     wg, wu, wd = _weights(64, 120)

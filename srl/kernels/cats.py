@@ -128,7 +128,7 @@ def _cats_down(COUNT, IDX, ACT, WDT, OUT, M, F, D,
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.arange(0, BLOCK_M)
     col_ok = cols < D
-    count = tl.load(COUNT)
+    count = tl.minimum(tl.load(COUNT), F)  # never past the list, even on a stale counter
     per = tl.cdiv(tl.cdiv(count, BLOCK_K), SPLIT) * BLOCK_K  # list entries per split
     k_lo = tl.program_id(1) * per
     k_hi = tl.minimum(k_lo + per, count)
@@ -233,14 +233,19 @@ def cats_mlp_kernel(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weig
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     g = dict(_INTERP_GATE) if INTERPRET else dict(gate_config or GATE_CONFIG)
     d = dict(_INTERP_DOWN) if INTERPRET else dict(down_config or DOWN_CONFIG)
-    _cats_gate_up[(triton.cdiv(F, g["BLOCK_F"]),)](
-        x, gate_weight.contiguous(), up_weight.contiguous(), ws.count, ws.idx, ws.act,
-        float(threshold), M, F, D, BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **g)
-    _cats_down[(triton.cdiv(D, d["BLOCK_N"]), d["SPLIT"])](
-        ws.count, ws.idx, ws.act, _down_t(down_weight), ws.out, M, F, D,
-        BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **d)
-    _cats_finish[(triton.cdiv(M * D, _FINISH_BLOCK),)](
-        ws.out, y, ws.count, ws.active, M * D, BLOCK=_FINISH_BLOCK)
+    try:
+        _cats_gate_up[(triton.cdiv(F, g["BLOCK_F"]),)](
+            x, gate_weight.contiguous(), up_weight.contiguous(), ws.count, ws.idx, ws.act,
+            float(threshold), M, F, D, BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **g)
+        _cats_down[(triton.cdiv(D, d["BLOCK_N"]), d["SPLIT"])](
+            ws.count, ws.idx, ws.act, _down_t(down_weight), ws.out, M, F, D,
+            BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **d)
+        _cats_finish[(triton.cdiv(M * D, _FINISH_BLOCK),)](
+            ws.out, y, ws.count, ws.active, M * D, BLOCK=_FINISH_BLOCK)
+    except Exception:  # a launch that fails (e.g. a tile the compiler rejects) leaves no stale counts
+        ws.count.zero_()
+        ws.out.zero_()
+        raise
     return y, ws.active
 
 
