@@ -48,6 +48,11 @@ class SinkWindowCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @property
+    def used_slots(self) -> int:
+        """Slots [0, used) may hold entries (the ring fills in order); decode reads no further."""
+        return min(self.length, self.k.shape[2])
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add keys/values (B, H_kv, T, D) of the next T positions, keeping what stays visible."""
         sink, ring = self.pattern.sink, self.ring
@@ -88,6 +93,15 @@ class S2Cache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def used_slots(self) -> int:
+        """Slots [0, used) may hold entries: the ring and the strided blocks stored so far."""
+        if self.length == 0:
+            return 0
+        lo = max((self.length - 1) // self.pattern.block - self.ring_blocks + 1, 0)
+        stored = max(self._rank(g, lo) for g in range(self.k.shape[1]))
+        return (self.ring_blocks + stored) * self.pattern.block
 
     def _rank(self, g, kb):
         """Number of head-g strided blocks before block kb (int or tensor)."""
@@ -236,7 +250,7 @@ def sparse_decode(q: torch.Tensor, cache: SinkWindowCache | S2Cache, sm_scale: f
         raise ValueError(f"cache must be a SinkWindowCache or S2Cache, got {type(cache).__name__}")
     check_kernel_inputs(q, cache.k, cache.v)
     B, H, Nq, D = q.shape
-    Hkv, S = cache.k.shape[1], cache.k.shape[2]
+    Hkv, S = cache.k.shape[1], cache.used_slots
     if Nq > cache.max_new or Nq > cache.length:
         raise ValueError(f"q has Nq={Nq} rows; the cache takes at most max_new={cache.max_new} and holds "
                          f"{cache.length} positions")
