@@ -57,8 +57,10 @@ FWD_CANDIDATES = {
            _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
            _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4)]}
 BWD_CANDIDATES = {  # (dK/dV tiles, dQ tiles)
-    "sink_window": [(_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
-                    (_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
+    "sink_window": [(_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+                     _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+                    (_t(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+                     _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3))],
     "s2": [(_t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), _t(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
            (_t(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), _t(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3))]}
 
@@ -310,7 +312,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--json", default="sparse_attention.json")
     args = parser.parse_args(argv)
-    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+               "torch": torch.__version__, "triton": triton.__version__,
                "prefill": [], "sweep": [], "decode": [], "lm": []}
 
     def save():

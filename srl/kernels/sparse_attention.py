@@ -31,8 +31,9 @@ from srl.kernels._flash_bwd import _bwd_preprocess
 from srl.kernels._flash_common import INTERPRET, check_inputs, check_kernel_inputs, last_dim_contiguous, needs_upcast
 from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
 from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
-from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided, SinkWindow, TileLists,
-                                          check_pattern, dense_mask, layer_patterns, tile_classes, tile_lists)
+from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided,
+                                          SinkWindow, TileLists, check_pattern, dense_mask, layer_patterns,
+                                          tile_classes, tile_lists)
 from srl.kernels.flash_attention import _tma_rows
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "SinkWindow", "S2Strided", "BlockLayout",
