@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from srl.generation.decode import PlainSampler
 from srl.generation.sampling import SamplingParams
 from srl.generation.speculative import SpeculativeSampler
-from srl.parallel import (Split, TPContext, full_state_dict, launch_group, load_full, parallelize,
-                          save_full)
+from srl.parallel import (Split, TPContext, follow, full_state_dict, launch_group, load_full,
+                          parallelize, save_full, share_job)
 from srl.parallel import layers
 from srl.policies.lm import LMConfig, TransformerLM
 
@@ -120,6 +120,26 @@ def _generate(tp: TPContext | None, residual: str, seed: int) -> dict:
     return out
 
 
+def _lockstep(tp: TPContext | None):
+    """Rank 0 takes two jobs of different shapes and shares them; rank 1 follows."""
+    target = make(5, "ladder", init_std=0.3)
+    if tp is not None:
+        parallelize(target, tp)
+    sampler = PlainSampler(target, 2, 40, SamplingParams(), cuda_graph=False,
+                           generator=torch.Generator().manual_seed(21))
+    if tp is not None and tp.rank > 0:
+        return follow(tp, sampler)
+    outs = []
+    for T0, n in ((4, 8), (6, 12)):
+        prompts = torch.randint(0, CFG["vocab_size"], (2, T0), generator=torch.Generator().manual_seed(T0))
+        if tp is not None:
+            share_job(tp, prompts, n)
+        outs.append(sampler.generate(prompts, n).tokens)
+    if tp is not None:
+        share_job(tp, None)
+    return outs
+
+
 def _suite_4(tp: TPContext, path: str) -> dict:
     """Everything the 4-rank group checks, in one launch (spawning ranks is the slow part)."""
     return {"equal": {r: _check_equal(tp, r, "swiglu", False) for r in ("standard", "ladder")},
@@ -130,7 +150,8 @@ def _suite_2(tp: TPContext, path: str) -> dict:
     return {"equal": {r: _check_equal(tp, r, "gelu", True) for r in ("standard", "ladder")},
             "loaded": _load(tp, path, "ladder"),
             "generated": {r: _generate(tp, r, seed=11) for r in ("standard", "ladder")},
-            "broadcast": tp.broadcast(torch.full((3,), float(tp.rank + 1))).tolist()}
+            "broadcast": tp.broadcast(torch.full((3,), float(tp.rank + 1))).tolist(),
+            "lockstep": _lockstep(tp)}
 
 
 # --------------------------------------------------------------------------- tests
@@ -200,6 +221,13 @@ def test_generation_on_2_ranks_emits_single_process_tokens(residual, group2):
 
 def test_leader_broadcast_reaches_every_rank(group2):
     assert [r["broadcast"] for r in group2] == [[1.0] * 3] * 2  # rank 0's tensor on both
+
+
+def test_followers_generate_in_lockstep_with_rank_0(group2):
+    want = _lockstep(None)
+    leader, follower = (r["lockstep"] for r in group2)
+    assert follower == len(want)  # jobs run by rank 1 before the stop
+    assert all(torch.equal(a, b) for a, b in zip(leader, want))
 
 
 def test_uneven_split_is_refused():
