@@ -233,6 +233,8 @@ def test_followers_generate_in_lockstep_with_rank_0(group2):
 def test_uneven_split_is_refused():
     with pytest.raises(ValueError, match="n_heads"):
         parallelize(make(0), TPContext(0, 3))
+    with pytest.raises(ValueError, match="attention.pattern"):  # per-head sparse pattern
+        parallelize(make(0, attention={"pattern": "s2", "block": 16}), TPContext(0, 2))
     with pytest.raises(RuntimeError, match="ValueError"):  # a failing rank fails the launch
         launch_group(2, _parallelize_three)
 

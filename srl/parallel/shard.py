@@ -18,6 +18,10 @@ def check_divisible(config, world_size: int) -> None:
         if n % world_size:
             raise ValueError(f"LMConfig.{name} ({n}) is not divisible by tensor_parallel "
                              f"({world_size})")
+    if world_size > 1 and config.attention.get("pattern", "dense") not in ("dense", "sink_window"):
+        # per-head patterns (s2) index heads globally; a shard would see its heads as 0..H/N-1
+        raise ValueError(f"LMConfig.attention.pattern {config.attention['pattern']!r} differs "
+                         "between heads: not supported under tensor parallelism")
 
 
 def parallelize(model: nn.Module, tp: TPContext) -> nn.Module:
