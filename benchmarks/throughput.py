@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 
 import yaml
@@ -41,7 +42,7 @@ def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: f
             f"workers.actors.ring={1 if inline else 2}", f"workers.policies.count={policies}",
             f"workers.policies.device={device}", f"workers.trainers.device={device}",
             f"workers.trainers.count={trainers}",
-            f"stop.wall_s={seconds + warmup}", "stop.env_steps=null", "stop.mean_return=null",
+            f"stop.wall_s={seconds + warmup + 120}", "stop.env_steps=null", "stop.mean_return=null",
             f"log.dir={tmp}", "log.tensorboard=false", "log.console=false", "log.every_s=0.5",
             "checkpoint.every_seconds=3600",
             f"algorithm.batch_size={actors * envs_per_actor * 32}", "workers.actors.rollout_len=32",
@@ -49,7 +50,9 @@ def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: f
         ]
         cfg = experiment_from_dict(data, overrides + EXTRA.get(env, []))
         t0 = time.time()
-        result = Controller(cfg, os.path.join(tmp, "run"), launch_time=t0).run()
+        controller = Controller(cfg, os.path.join(tmp, "run"), launch_time=t0)
+        threading.Thread(target=_stop_after_window, args=(controller, warmup + seconds), daemon=True).start()
+        result = controller.run()
         rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
     started = [r for r in rows if r["env_steps"] > 0]
     steady = [r for r in started if r["wall_s"] >= started[0]["wall_s"] + warmup] if started else []
@@ -66,6 +69,14 @@ def measure(env: str, actors: int, envs_per_actor: int, inline: bool, seconds: f
             "trainer_busy": _median([r.get("perf/trainer_busy") for r in steady]),
             "train_s": _median([r.get("perf/train_s") for r in steady]),
             "policy_lag": _median([r.get("charts/policy_lag") for r in steady])}
+
+
+def _stop_after_window(controller, window_s: float) -> None:
+    """Stop the run ``window_s`` after its first env step: startup time is not in the window."""
+    while not controller.counters.get("env_steps"):
+        time.sleep(0.05)
+    time.sleep(window_s + 0.6)
+    controller.request_stop()
 
 
 def _median(values: list) -> float:

@@ -237,4 +237,15 @@ def run_worker(spec: WorkerSpec) -> None:
     """Process entry point used by the local scheduler."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the controller, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    resolve_entry(spec.entry)(spec).run()
+    worker = resolve_entry(spec.entry)(spec)
+    profile_dir = os.environ.get("SRL_PROFILE_DIR")
+    if not profile_dir:
+        worker.run()
+        return
+    import cProfile  # SRL_PROFILE_DIR: each worker writes DIR/<role>-<index>.prof at exit
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(worker.run)
+    finally:
+        profiler.dump_stats(os.path.join(profile_dir, f"{spec.kind}-{spec.index}.prof"))
