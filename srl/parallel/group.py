@@ -87,11 +87,13 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, fn: Callable
 
 
 def launch_group(world_size: int, fn: Callable[..., Any], *args, backend: str = "gloo",
-                 timeout_s: float = 300.0) -> list[Any]:
+                 timeout_s: float | None = 300.0) -> list[Any]:
     """Run ``fn(ctx, *args)`` in ``world_size`` new processes; return each rank's result.
 
     ``fn`` must be importable (module level) and its result picklable. A rank's exception is
     re-raised here as RuntimeError with the remote traceback; every process is joined.
+    ``timeout_s`` bounds the wait for results (None: no bound, for long-lived worker groups).
+    With ``backend="nccl"`` rank r runs on ``cuda:r``.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -127,9 +129,9 @@ def launch_group(world_size: int, fn: Callable[..., Any], *args, backend: str = 
     return [out[r] for r in range(world_size)]
 
 
-def _get(results, procs, timeout_s: float):
+def _get(results, procs, timeout_s: float | None):
     """Next result, or RuntimeError if every process died or the timeout passed."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + (float("inf") if timeout_s is None else timeout_s)
     while time.monotonic() < deadline:
         if not results.empty():
             return results.get()
