@@ -274,7 +274,9 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_seconds: float = 60.0
+    every_seconds: float = 10.0
+    """Seconds between checkpoints; the first one is written right after the first update, so a
+    trainer that dies early loses at most this much learning."""
     keep: int = 3
 
     def validate(self) -> None:

@@ -133,10 +133,15 @@ class RLMonitor:
     def counters(self) -> dict:
         return {"env_steps": self.env_steps, "episodes": self.episodes, "version": self.version}
 
-    def restore(self, counters: dict) -> None:
-        self.env_steps = int(counters.get("env_steps", 0))
-        self.episodes = int(counters.get("episodes", 0))
-        self.version = int(counters.get("version", 0))
+    def restore(self, counters: dict, last_row: dict) -> None:
+        """Counters go on from the checkpoint, never below what metrics.jsonl already showed (the
+        steps collected after the last checkpoint were collected; their learning is what a crash
+        loses)."""
+        def at_least(key: str) -> int:
+            values = [v for v in (counters.get(key), last_row.get(key)) if isinstance(v, (int, float))]
+            return int(max(values, default=0))
+
+        self.env_steps, self.episodes, self.version = at_least("env_steps"), at_least("episodes"), at_least("version")
         self._sps_steps = self.env_steps
 
     def row(self) -> dict:

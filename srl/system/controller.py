@@ -22,7 +22,7 @@ import zmq
 
 from srl.errors import SrlError
 from srl.streams.base import Endpoint, bind_random, context
-from srl.system.checkpoint import load_latest
+from srl.system.checkpoint import has_checkpoint, load_latest
 from srl.system.metrics import RunLog, process_start_time
 from srl.system.name_resolve import make_resolver
 from srl.system.topology import Plan
@@ -44,7 +44,9 @@ class Monitor(Protocol):
     def stop_reason(self, wall_s: float) -> str: ...
     def row(self) -> dict: ...
     def counters(self) -> dict: ...
-    def restore(self, counters: dict) -> None: ...
+    def restore(self, counters: dict, last_row: dict) -> None:
+        """Continue from a checkpoint's counters; ``last_row`` is the run's last metric row,
+        which the restored counters must not fall below."""
     def result(self, run_dir: str, reason: str, wall_s: float, restarts: int) -> Any: ...
 
 
@@ -146,7 +148,7 @@ class Controller:
         if self.resume:
             ckpt = load_latest(self.run_dir)
             if ckpt is not None:
-                self.monitor.restore(ckpt.counters)
+                self.monitor.restore(ckpt.counters, _last_row(os.path.join(self.run_dir, "metrics.jsonl")))
                 self.wall_s_before = float(ckpt.counters.get("wall_s", 0.0))
         self.log = RunLog(self.run_dir, self.settings.tensorboard, self.settings.console)
 
@@ -272,8 +274,12 @@ class Controller:
             raise SrlError(f"worker {name} failed to start 3 times in a row (last: {error})")
         if self.restarts >= self.settings.max_restarts:
             raise SrlError(f"worker {name} {why} ({error}) and max_restarts={self.restarts} is spent")
-        self.restarts += 1
         members = self.plan.group_members(name)
+        if spec.kind == self.settings.checkpoint_role and self.monitor.counters().get("version", 0) > 0 \
+                and not has_checkpoint(self.run_dir):
+            raise SrlError(f"worker {name} {why} ({error}) before its first checkpoint; stopping rather than "
+                           "restarting it from scratch")
+        self.restarts += 1
         for member in members:  # a data-parallel group restarts together, from its checkpoint
             self.scheduler.kill(member)
         group_incarnation = spec.group_incarnation + (1 if len(members) > 1 else 0)
@@ -324,6 +330,24 @@ def _valid_stats(meta: dict) -> bool:
     if not all(0 <= meta[k] < MAX_COUNT for k in ints):
         return False
     return meta.get("event") in EVENTS and isinstance(meta.get("error", ""), str) and isinstance(meta.get("report"), dict)
+
+
+def _last_row(path: str) -> dict:
+    """The last complete row of a metrics file ({} if there is none)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - (1 << 16)))
+            lines = fh.read().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+            return row if isinstance(row, dict) else {}
+        except ValueError:
+            continue
+    return {}
 
 
 def _plain(result: Any) -> dict:
