@@ -80,6 +80,8 @@ class PPOLearner:
         self.total_env_steps = total_env_steps
         self.env_steps = 0
         self.updates = 0
+        self.skipped_steps = 0
+        """Minibatch steps skipped because their gradient was not finite."""
         self.rng = torch.Generator().manual_seed(seed)
         self.return_var = RunningVar()
 
@@ -163,6 +165,10 @@ class PPOLearner:
         if self.sync is not None:
             self.sync.average_grads(self.policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
+        if not torch.isfinite(grad_norm):  # a poisoned or overflowing minibatch: skip it, on every rank alike
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return {"losses/skipped_steps": float(self.skipped_steps)} if diagnostics else {}
         self.optimizer.step()
         self.updates += 1
         if self.sophia and self.optimizer.hessian_due():

@@ -49,6 +49,9 @@ class TrajectoryLayout:
             arr = msg.arrays[name]
             if arr.shape != (rows, B, *tail) or arr.dtype != np.dtype(dtype):
                 raise WireError(f"sample {name!r}: {arr.dtype}{arr.shape}, expected {dtype}{(rows, B, *tail)}")
+        for name in ("obs", "reward", "logp") + (() if self.info.discrete else ("action",)):
+            if not np.isfinite(msg.arrays[name]).all():
+                raise WireError(f"sample {name!r} holds non-finite values")
         if self.info.discrete:
             a = msg.arrays["action"]
             if a.size and (a.min() < 0 or a.max() >= self.info.n_actions):

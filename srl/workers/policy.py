@@ -58,6 +58,8 @@ class PolicyWorker(RLWorker):
             raise WireError(f"obs shape {None if obs is None else obs.shape}, expected (n, {self.info.obs_shape})")
         if obs.dtype.kind not in "fiub" or len(obs) > self.cfg.workers.policies.max_batch:
             raise WireError(f"obs dtype {obs.dtype} or size {len(obs)} refused")
+        if obs.dtype.kind == "f" and not np.isfinite(obs).all():
+            raise WireError("obs holds non-finite values")
         if ids is not None and (ids.shape != (len(obs),) or ids.dtype != np.int64
                                 or (len(ids) and (ids.min() < 0 or ids.max() >= self.max_env_id))):
             raise WireError("env_ids do not match the observations or the run's envs")
