@@ -3,15 +3,14 @@ import json
 import os
 import signal
 import threading
-import time
 
-import numpy as np
 import pytest
 
 from srl import registry
 from srl.algorithms.ppo import PPOLearner
 from srl.config import experiment_from_dict
 from srl.experiment import controller_for
+from test_faults import _wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = os.path.join(ROOT, "configs", "cartpole_ppo.yaml")
@@ -27,14 +26,6 @@ def _cfg(tmp_path, **over):
 
 def _rows(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-
-
-def _wait(predicate, timeout_s=90.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never became true")
-        time.sleep(0.05)
 
 
 def test_two_trainers_reach_475_with_identical_weights(tmp_path):

@@ -13,7 +13,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import zmq
 
 from srl.config import experiment_from_dict
