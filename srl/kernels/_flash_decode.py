@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from srl.kernels._reference import attention_reference
 from srl.kernels._flash_common import (INTERPRET, autotune, check_kernel_inputs, last_dim_contiguous, launch,
                                        load_kv_tile, needs_upcast, online_softmax_step)
+from srl.kernels._reference import attention_reference
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
 MAX_DECODE_QUERIES = 16

@@ -39,7 +39,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds, check_inputs,
+from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds,
                                        check_kernel_inputs, constexpr_arg, last_dim_contiguous, launch,
                                        load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step)
 from srl.kernels._flash_decode import flash_decode
