@@ -27,20 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from srl.policies.lm import GatedMLP, LMConfig, TransformerLM
+from srl.policies.lm import LMConfig, TransformerLM, gated_mlps, require_cats  # noqa: F401 - require_cats public here too
 from srl.system.checkpoint import checkpoint_root, load_latest, save_checkpoint
 
 THRESHOLDS_FILE = "cats_thresholds.json"
 LM_CONFIG_FILE = "lm_config.json"
 _LOG_LO, _LOG_HI = -6.0, 3.0  # histogram range of |SiLU(gate)|, log10
-
-
-def gated_mlps(model: TransformerLM) -> list[GatedMLP]:
-    """The gated MLP of every block, in order; ValueError if the model has none."""
-    mlps = [b.gated for b in model.blocks if getattr(b, "gated", None) is not None]
-    if not mlps:
-        raise ValueError("model has no gated MLP: CATS needs LMConfig.mlp = {type: swiglu}")
-    return mlps
 
 
 class ActivationHistogram:
@@ -142,17 +134,6 @@ def apply_cats(model: TransformerLM, thresholds: list[float] | None) -> None:
         raise ValueError(f"thresholds has {len(thresholds)} entries for {len(mlps)} gated layers")
     for i, m in enumerate(mlps):
         m.enable_cats(None if thresholds is None else thresholds[i])
-
-
-def require_cats(model) -> None:
-    """Samplers call this: a model whose config asks for CATS must have its thresholds set."""
-    mlp = getattr(getattr(model, "config", None), "mlp", None) or {}
-    if mlp.get("cats") is None or getattr(model, "cats_calibrating", False):
-        return
-    if any(m.cats_threshold is None for m in gated_mlps(model)):
-        raise ValueError(
-            f"LMConfig.mlp.cats = {mlp['cats']} but the model has no CATS thresholds: load it with "
-            "srl.generation.cats_calibration.load_lm or set them with apply_cats")
 
 
 # --------------------------------------------------------------------------- calibration data

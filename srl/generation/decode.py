@@ -221,8 +221,7 @@ class PlainSampler:
     def __init__(self, model, batch: int, max_len: int, params: SamplingParams = SamplingParams(),
                  cuda_graph: bool = True, steps_per_graph: int = 8, dtype=None,
                  generator: torch.Generator | None = None):
-        from srl.generation.cats_calibration import require_cats
-        from srl.policies.lm import KVCache
+        from srl.policies.lm import require_cats
 
         require_cats(model)  # CATS MLPs (mlp.cats) run with their calibrated thresholds
         p = next(model.parameters())

@@ -288,8 +288,7 @@ class SpeculativeSampler:
                  params: SamplingParams = SamplingParams(), cuda_graph: bool = True,
                  dtype=None, generator: torch.Generator | None = None,
                  check_every: int = 1):
-        from srl.generation.cats_calibration import require_cats
-        from srl.policies.lm import KVCache
+        from srl.policies.lm import require_cats
 
         require_cats(target)  # CATS MLPs (mlp.cats) for policy and draft: thresholds needed
         require_cats(draft)

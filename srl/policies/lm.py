@@ -385,3 +385,22 @@ class TransformerLM(nn.Module):
             raise ValueError("LMConfig.value_head is False: this model has no value head")
         h = self.hidden(tokens)
         return self.head(h), self.value(h).squeeze(-1)
+
+
+def gated_mlps(model: "TransformerLM") -> list["GatedMLP"]:
+    """The gated MLP of every block, in order; ValueError if the model has none."""
+    mlps = [b.gated for b in model.blocks if getattr(b, "gated", None) is not None]
+    if not mlps:
+        raise ValueError("model has no gated MLP: CATS needs LMConfig.mlp = {type: swiglu}")
+    return mlps
+
+
+def require_cats(model) -> None:
+    """Samplers call this: a model whose config asks for CATS must have its thresholds set."""
+    mlp = getattr(getattr(model, "config", None), "mlp", None) or {}
+    if mlp.get("cats") is None or getattr(model, "cats_calibrating", False):
+        return
+    if any(m.cats_threshold is None for m in gated_mlps(model)):
+        raise ValueError(
+            f"LMConfig.mlp.cats = {mlp['cats']} but the model has no CATS thresholds: load it with "
+            "srl.generation.cats_calibration.load_lm or set them with apply_cats")
