@@ -233,3 +233,26 @@ def test_interrupt_during_startup_is_clean(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode in (0, 130) and "Traceback" not in err and err.count("\n") <= 2, err
+
+
+def test_trainer_kill_9_before_its_first_update_loses_nothing(tmp_path):
+    """Killed before it learned anything, the trainer restarts at version 0 and the run goes on;
+    versions and steps in the metrics never go backwards."""
+    ctl = controller_for(_cfg(tmp_path, **{"workers.actors.inline_policy": "true", "workers.actors.count": 1}),
+                         str(tmp_path / "run"))
+    box = {}
+    th = threading.Thread(target=lambda: box.setdefault("result", ctl.run()), daemon=True)
+    th.start()
+    try:
+        _wait(lambda: ctl.worker_stats.get("trainer/0", {}).get("event") in ("ready", "heartbeat"))
+        assert ctl.counters["version"] == 0 and not os.path.isdir(os.path.join(ctl.run_dir, "checkpoints"))
+        os.kill(ctl.scheduler.pid("trainer/0"), signal.SIGKILL)
+        _wait(lambda: ctl.restarts >= 1)
+        _wait(lambda: ctl.counters["version"] >= 5 and os.path.isdir(os.path.join(ctl.run_dir, "checkpoints")))
+    finally:
+        ctl.request_stop()
+        th.join(timeout=60)
+    rows = [json.loads(x) for x in open(os.path.join(ctl.run_dir, "metrics.jsonl"))]
+    assert [r["version"] for r in rows] == sorted(r["version"] for r in rows)
+    assert [r["env_steps"] for r in rows] == sorted(r["env_steps"] for r in rows)
+    assert box["result"].restarts == 1
