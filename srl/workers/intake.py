@@ -49,18 +49,12 @@ class SampleIntake(threading.Thread):
             self.version = version
 
     def take(self, timeout_s: float) -> dict[str, torch.Tensor] | None:
-        """The next assembled batch. Its trajectories count as received (the actors' credit) only
-        now, when the learner takes them: actors run ahead by their allowance, not by the queue."""
         if self.error is not None:
             raise RuntimeError(f"sample intake failed: {self.error}") from self.error
         try:
-            batch, senders = self.batches.get(timeout=timeout_s)
+            return self.batches.get(timeout=timeout_s)
         except queue.Empty:
             return None
-        with self.lock:
-            for sender in senders:
-                self._credit(sender)
-        return batch
 
     def pop_lags(self) -> list[int]:
         lags, self.lags = self.lags, []
@@ -76,7 +70,7 @@ class SampleIntake(threading.Thread):
         both.register(self.samples.sock, zmq.POLLIN)
         both.register(self.params.sock, zmq.POLLIN)
         params_only.register(self.params.sock, zmq.POLLIN)
-        ready: tuple | None = None
+        ready: dict | None = None
         try:
             while not self._halt.is_set():
                 # while a batch waits for the learner, samples stay queued (back-pressure on the
@@ -111,19 +105,15 @@ class SampleIntake(threading.Thread):
         if incarnation > self._latest_incarnation.get(actor, -1):
             self.received.pop(f"{actor}.{self._latest_incarnation.get(actor)}", None)
             self._latest_incarnation[actor] = incarnation
+        sender = f"{actor}.{incarnation}"
+        self.received[sender] = self.received.get(sender, 0) + 1  # credit back to that actor
         lag = self.version - msg.meta["version"]
         if lag > self.max_lag or lag < 0:
             self.dropped_stale += 1  # too old to correct with the PPO ratio, or from before a restart
-            self._credit(f"{actor}.{incarnation}")
             return
         self.lags.append(lag)
         self.buffer.append(msg)
         self.buffered_steps += msg.arrays["valid"].size
-
-    def _credit(self, sender: str) -> None:
-        actor, incarnation = (int(x) for x in sender.split("."))
-        if incarnation == self._latest_incarnation.get(actor):
-            self.received[sender] = self.received.get(sender, 0) + 1
 
     def _batch_ready(self) -> bool:
         if self.sync_actors:
@@ -138,7 +128,7 @@ class SampleIntake(threading.Thread):
         else:
             msgs, self.buffer = self.buffer, []
         self.buffered_steps = sum(m.arrays["valid"].size for m in self.buffer)
-        return assemble(msgs, self.pin), [f"{m.meta['actor']}.{m.meta['incarnation']}" for m in msgs]
+        return assemble(msgs, self.pin)
 
 
 def assemble(msgs: list[Message], pin: bool) -> dict[str, torch.Tensor]:
