@@ -77,6 +77,9 @@ def _run(args) -> int:
             raise ConfigError("", "srl run needs an experiment file (or --resume RUN_DIR)")
         cfg = _with_ray(load_experiment(args.config, overrides), args.ray)
         exp = Experiment(cfg, run_dir=args.run_dir)
+    from srl.system.metrics import process_start_time
+
+    exp.launch_time = process_start_time()  # wall_s counts from this process's start
     result = exp.run()
     print(result.final_line(), flush=True)
     return 0

@@ -48,6 +48,8 @@ class Experiment:
         self.config = config.validate()
         self.run_dir = run_dir or new_run_dir(config)
         self.resume = resume
+        self.launch_time: float | None = None
+        """When the run counts its ``wall_s`` from (None: when it starts)."""
 
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] | None = None, run_dir: str | None = None) -> "Experiment":
@@ -55,7 +57,7 @@ class Experiment:
 
     def controller(self, scheduler=None, launch_time: float | None = None) -> Controller:
         return controller_for(self.config, self.run_dir, scheduler=scheduler, resume=self.resume,
-                              launch_time=launch_time)
+                              launch_time=launch_time or self.launch_time)
 
     def run(self, backend: str | None = None) -> RunResult:
         backend = backend or self.config.cluster.backend

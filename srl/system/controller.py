@@ -23,7 +23,7 @@ import zmq
 from srl.errors import SrlError
 from srl.streams.base import Endpoint, bind_random, context
 from srl.system.checkpoint import has_checkpoint, load_latest
-from srl.system.metrics import RunLog, process_start_time
+from srl.system.metrics import RunLog
 from srl.system.name_resolve import make_resolver
 from srl.system.topology import Plan
 from srl.system.worker import WorkerSpec
@@ -77,7 +77,10 @@ class Controller:
         self.run_dir, self.entry, self.payload, self.by_value = run_dir, entry, payload, by_value
         self.scheduler = scheduler or LocalScheduler(settings.start_method)
         self.resume = resume
-        self.launch_time = launch_time or process_start_time()
+        self.launch_time = launch_time or time.time()
+        """``wall_s`` counts from here: the CLI passes its process's start, so a run's wall time
+        includes interpreter start-up; a controller made inside a long-lived process counts from
+        its creation."""
         # A scheduler that crosses machines (Ray) asks for authenticated streams whatever the config says.
         auth = settings.authenticate or getattr(self.scheduler, "authenticated", False)
         if not auth:
