@@ -7,7 +7,6 @@ have produced, so a forged or corrupted stats message cannot move the run's coun
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 MAX_EPISODES_PER_REPORT = 1 << 20
@@ -97,7 +96,3 @@ def _check(name: str, tp: str, value):
             raise ValueError(f"{name}: expected a small mapping")
         return {_check(name, "str", k): _check(name, "float", v) for k, v in value.items()}
     raise ValueError(f"{name}: unsupported field type {tp}")
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

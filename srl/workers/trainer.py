@@ -117,23 +117,24 @@ class TrainerWorker(RLWorker):
         return self.last_checkpoint_version < 0 or time.monotonic() - self.last_checkpoint_at >= every
 
     def _report(self) -> dict:
-        lags = self.intake.pop_lags() if hasattr(self, "intake") else []
+        """Called only once configured (the worker base guarantees it)."""
+        lags = self.intake.pop_lags()
         stats, self.stats = self.stats, {}
-        if hasattr(self, "_busy_mark"):  # the fraction of wall time spent learning since the last report
-            now = time.monotonic()
-            stats["perf/trainer_busy"] = self._busy_s / max(now - self._busy_mark, 1e-9)
-            self._busy_s, self._busy_mark = 0.0, now
-        learned, self.learned_steps = getattr(self, "learned_steps", 0), 0
-        report = TrainerReport(version=getattr(self, "version", 0), rank=getattr(self, "rank", 0),
-                               learned_steps=learned,
-                               dropped_stale=self.intake.dropped_stale if hasattr(self, "intake") else 0,
-                               policy_lag=float(np.mean(lags)) if lags else float("nan"),
-                               digest=getattr(self, "_digest", float("nan")),
+        now = time.monotonic()  # the fraction of wall time spent learning since the last report
+        stats["perf/trainer_busy"] = self._busy_s / max(now - self._busy_mark, 1e-9)
+        self._busy_s, self._busy_mark = 0.0, now
+        learned, self.learned_steps = self.learned_steps, 0
+        report = TrainerReport(version=self.version, rank=self.rank, learned_steps=learned,
+                               dropped_stale=self.intake.dropped_stale,
+                               policy_lag=float(np.mean(lags)) if lags else float("nan"), digest=self._digest,
                                stats={k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
         return to_meta(report)
 
     # ------------------------------------------------------------------ control
     def _handle(self, kind: str, meta: dict) -> None:
+        if not self._configured:  # told to stop while still joining the group: nothing to save
+            self._stopping = self._stopping or kind == "stop"
+            return
         if kind == "stop" and self.dp is not None and not self.controller_gone():
             self._stop_meta = meta  # ranks stop together, at the next agreement
             return
