@@ -150,9 +150,11 @@ def test_standard_block_mean_tokens_match_theory():
 
 
 # --------------------------------------------------------------------------- selection kernel
-# ``srl.kernels.kseq`` runs each K-SEQ position as one Triton program per row (the GPU path);
-# here through the interpreter, so with fewer rows than the torch-path tests above.
-NK = 600  # the interpreter runs about 20 rows per second through the four launches
+# ``srl.kernels.kseq`` runs each K-SEQ position as one Triton program per row; here through the
+# interpreter, which re-patches triton.language on every nested device-function call (about 7
+# rows per second on triton 3.9), so these check the laws on few rows. The CUDA-graph joint-law
+# tests below run the compiled kernel over 50k sequences.
+NK = 120
 
 
 @pytest.mark.parametrize("case,k", [("dirichlet_zeros", 4), ("disjoint", 4), ("truncated", 3)])
@@ -199,7 +201,7 @@ def test_kernel_rho_matches_torch_grid_search(small_chunks):
     assert (rho[surv.sum(-1) > 1] > 1).all()
 
 
-@pytest.mark.parametrize("k,L", [(3, 2)])
+@pytest.mark.parametrize("k,L", [(3, 1)])
 def test_kernel_block_positions_follow_target(k, L, small_chunks):
     """Context-free p and q: each emitted position of a block is distributed as p (V = 40 in
     chunks of 16, so the residual race crosses chunks)."""
@@ -208,8 +210,9 @@ def test_kernel_block_positions_follow_target(k, L, small_chunks):
     p, q = p / p.sum(), q / q.sum()
     V2 = p.numel()
     g = torch.Generator().manual_seed(11 + k)
-    P = p.float().expand(NK, k, L + 1, V2)
-    Q = q.float().expand(NK, k, L, V2)
+    rows = 96  # each row runs 3 chunk programs per parallel launch, L + 1 positions
+    P = p.float().expand(rows, k, L + 1, V2)
+    Q = q.float().expand(rows, k, L, V2)
     drafts = sample_from_probs(Q, g)
     emitted, n_emit, src = kseq_verify_block(P, Q, drafts, g, use_kernel=True)
     assert (n_emit >= 1).all() and (n_emit <= L + 1).all()
