@@ -94,19 +94,8 @@ class ActorCritic(nn.Module):
     def act(self, obs: torch.Tensor, deterministic: bool = False):
         """Sample actions; returns ``(action, logp)``. No critic pass: the learner recomputes
         values itself, and a tiny CPU policy's cost is the number of ops, not their size."""
-        out = self.actor(self._features(obs))
-        if self.info.discrete:
-            logp_all = torch.log_softmax(out, -1)
-            if deterministic:
-                action = out.argmax(-1)
-            else:
-                action = torch.multinomial(logp_all.exp(), 1).squeeze(-1)
-            logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
-        else:
-            std = self.log_std.exp()
-            action = out if deterministic else out + std * torch.randn_like(out)
-            logp = _gaussian_logp(action, out, self.log_std)
-        return action, logp
+        return sample_action(self.actor(self._features(obs)), self.info.discrete,
+                             getattr(self, "log_std", None), deterministic)
 
     # ------------------------------------------------------------------ learning
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor):
@@ -114,14 +103,28 @@ class ActorCritic(nn.Module):
         x = self._features(obs)
         out = self.actor(x)
         value = self.critic(x).squeeze(-1)
-        if self.info.discrete:
-            logp_all = torch.log_softmax(out, -1)
-            logp = logp_all.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-        else:
-            logp = _gaussian_logp(action, out, self.log_std)
-            entropy = (0.5 + 0.5 * _LOG_2PI + self.log_std).sum(-1).expand(out.shape[0])
+        logp, entropy = action_logp_entropy(out, action, self.info.discrete, getattr(self, "log_std", None))
         return logp, entropy, value, out
+
+
+def sample_action(out: torch.Tensor, discrete: bool, log_std: torch.Tensor | None, deterministic: bool = False):
+    """``(action, logp)`` from a head's output: logits (categorical) or means (diagonal Gaussian)."""
+    if discrete:
+        logp_all = torch.log_softmax(out, -1)
+        action = out.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+        return action, logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+    action = out if deterministic else out + log_std.exp() * torch.randn_like(out)
+    return action, _gaussian_logp(action, out, log_std)
+
+
+def action_logp_entropy(out: torch.Tensor, action: torch.Tensor, discrete: bool, log_std: torch.Tensor | None):
+    """``(logp, entropy)`` of given actions under a head's output (any leading shape)."""
+    if discrete:
+        logp_all = torch.log_softmax(out, -1)
+        logp = logp_all.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    logp = _gaussian_logp(action, out, log_std)
+    return logp, (0.5 + 0.5 * _LOG_2PI + log_std).sum(-1).expand(out.shape[:-1])
 
 
 def _gaussian_logp(action: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
