@@ -150,3 +150,78 @@ class MixedTask(TextTask):
 
     def sample(self, n, rng):
         return self.addition.sample(n, rng)
+
+
+# --------------------------------------------------------------------------- token task protocol
+
+
+class TokenTask:
+    """The token task protocol an RL run with a language-model policy needs.
+
+    - ``vocab_size``, ``eos_id``, ``pad_id``: ints;
+    - ``sample_prompts(n, rng) -> int64 array (n, prompt_len)`` (rng: ``np.random.Generator``);
+    - ``reward(prompts, completions) -> float array (n,)``: completions are int arrays
+      (n, max_new_tokens) with ``pad_id`` after the first ``eos_id``.
+
+    A user's class needs only these (no subclassing); this base adds ``prompt_len`` and
+    ``answer_len`` (the sensible ``generation.max_new_tokens``), used when present.
+    """
+
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+
+    def sample_prompts(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    def reward(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _TextTokenTask(TokenTask):
+    """A :class:`TextTask` under the token protocol: the answer is recomputed from the prompt."""
+
+    def __init__(self, task: TextTask):
+        self.task = task
+        self.vocab_size, self.eos_id, self.pad_id = len(VOCAB), VOCAB.eos, VOCAB.pad
+        self.prompt_len = len(task.problem(np.random.default_rng(0))[0])
+        self.answer_len = task.answer_len + 1  # the answer, then <eos>
+
+    def sample_prompts(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        return np.array([self.task.problem(rng)[0] for _ in range(n)], dtype=np.int64).reshape(n, self.prompt_len)
+
+    def answer(self, prompt) -> list[int]:
+        raise NotImplementedError
+
+    def reward(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
+        return np.array([self.task.reward(torch.tensor(self.answer(p)), torch.as_tensor(c))
+                         for p, c in zip(np.asarray(prompts), np.asarray(completions))], dtype=np.float64)
+
+
+class Addition(_TextTokenTask):
+    """``srl/Addition-v0``: a + b with ``n_digits`` digits each, answer least significant first;
+    ``partial: true`` scores the fraction of answer digits in place."""
+
+    def __init__(self, n_digits: int = 3, partial: bool = False):
+        if not 1 <= int(n_digits) <= 18:
+            raise ValueError(f"n_digits must be in [1, 18], got {n_digits}")
+        super().__init__(AdditionTask(partial=partial, n_digits=int(n_digits)))
+
+    def answer(self, prompt) -> list[int]:
+        n = self.task.n_digits
+        digits = [int(t) - VOCAB.digit0 for t in prompt]
+        a = int("".join(map(str, digits[1:1 + n])))
+        b = int("".join(map(str, digits[2 + n:2 + 2 * n])))
+        return VOCAB.encode(f"{{:0{n + 1}d}}".format(a + b)[::-1])
+
+
+class Sort(_TextTokenTask):
+    """``srl/Sort-v0``: sort ``length`` digits ascending; ``partial`` as for addition."""
+
+    def __init__(self, length: int = 6, partial: bool = False):
+        if not 1 <= int(length) <= 64:
+            raise ValueError(f"length must be in [1, 64], got {length}")
+        super().__init__(SortTask(partial=partial, length=int(length)))
+
+    def answer(self, prompt) -> list[int]:
+        return VOCAB.digits(sorted(int(t) - VOCAB.digit0 for t in prompt[2:-1]))

@@ -77,7 +77,8 @@ def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -
 def token_log_probs(logits: Tensor, tokens: Tensor, params: SamplingParams) -> Tensor:
     """log of the sampling distribution at ``tokens``: what a learner compares with rollout logps."""
     if params.temperature > 0 and params.top_k is None and (params.top_p or 1.0) >= 1.0:
-        logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        logp = torch.log_softmax(logits / params.temperature, dim=-1)
         return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     probs = probs_from_params(logits, params)
     return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log()

@@ -49,7 +49,41 @@ class TrainerReport:
     """Set in ``checkpoint`` events: the checkpoint just written."""
 
 
-REPORTS = {"actor": ActorReport, "policy": PolicyReport, "trainer": TrainerReport}
+@dataclass
+class TokenActorReport(ActorReport):
+    """A token task actor: each completion is one env step and one episode (its reward)."""
+
+    draft_sent: int = 0
+    """Sample messages handed to the draft worker so far (this incarnation)."""
+    draft_skipped: int = 0
+    """Sample messages the draft worker was too busy to take (one-epoch regime: skipped, not queued)."""
+
+
+@dataclass
+class GenerationReport:
+    requests: int = 0
+    completions: int = 0
+    version: int = -1
+    draft_version: int = -1
+    stats: dict[str, float] = field(default_factory=dict)
+    """``generation/*``: tokens per target pass, acceptance, seconds per batch."""
+
+
+@dataclass
+class DraftReport:
+    sequences: int = 0
+    """Sequences distilled so far (this incarnation), each exactly once."""
+    updates: int = 0
+    duplicates: int = 0
+    """Sample messages refused because they had been used already."""
+    version: int = -1
+    """The draft's weights version."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """``draft/*``: acceptance rate and block efficiency measured before each update, distillation loss."""
+
+
+REPORTS = {"actor": ActorReport, "policy": PolicyReport, "trainer": TrainerReport, "token_actor": TokenActorReport,
+           "generation": GenerationReport, "draft": DraftReport}
 
 
 def to_meta(report) -> dict:

@@ -1,0 +1,201 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): group-relative policy optimization for token tasks.
+
+G completions of each prompt form a group; a completion's advantage is its reward minus the
+group's mean, divided by the group's standard deviation (unbiased, + 1e-4 as in TRL), and every
+token of the completion gets it. The loss is PPO's clipped surrogate per token, averaged over each
+completion's tokens and then over completions, plus ``kl_coef`` times the k3 estimate of
+KL(policy || reference) per token, the reference being the frozen initial policy.
+
+The loss terms are pure functions tested against hand-computed values; :class:`GRPOLearner`
+holds the model and optimizer. Batches are time-major like every srl sample ([rows, B]):
+``prompt`` (P, B), ``completion`` (N, B), ``logp`` (N, B) the policy's log-probabilities at
+generation, ``mask`` (N, B) tokens up to the first eos, ``reward`` (1, B), ``version`` (1, B),
+``valid`` (1, B). Columns come in groups of G consecutive completions of one prompt.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from srl.config import AlgorithmConfig, OptimizerConfig
+from srl.generation.sampling import SamplingParams, token_log_probs
+
+ADV_EPS = 1e-4
+
+
+# --------------------------------------------------------------------------- ALGO LOGIC
+
+
+def group_advantages(reward: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
+    """(r - mean of its group) / (unbiased std of its group + eps); reward (B,), B % G == 0.
+    A group of one has advantage 0."""
+    r = reward.reshape(-1, group_size)
+    centered = r - r.mean(1, keepdim=True)
+    if group_size == 1:
+        return centered.reshape(-1)
+    return (centered / (r.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+def masked_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each row's masked tokens, then over rows: x, mask (B, N)."""
+    m = mask.to(x.dtype)
+    return ((x * m).sum(1) / m.sum(1).clamp_min(1.0)).mean()
+
+
+def clipped_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """Per-token clipped surrogate, negated: logp, old_logp (B, N), adv (B,) -> (B, N)."""
+    ratio = torch.exp(logp - old_logp)
+    pg_loss1 = -adv[:, None] * ratio
+    pg_loss2 = -adv[:, None] * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return torch.max(pg_loss1, pg_loss2)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference) on policy samples: e^d - d - 1, d = ref - logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def grpo_loss(logp, old_logp, adv, mask, clip: float, ref_logp=None, kl_coef: float = 0.0):
+    """(loss, policy loss, kl): the scalar GRPO objective of one minibatch (negated)."""
+    pg = masked_sequence_mean(clipped_token_loss(logp, old_logp, adv, clip), mask)
+    kl = masked_sequence_mean(kl_k3(logp, ref_logp), mask) if ref_logp is not None else logp.new_zeros(())
+    return pg + kl_coef * kl, pg, kl
+
+
+# --------------------------------------------------------------------------- learner
+
+
+class GRPOLearner:
+    """Gradient steps for a language-model policy; ``train(batch)`` returns cleanrl-named statistics."""
+
+    def __init__(self, policy: torch.nn.Module, algo: AlgorithmConfig, opt: OptimizerConfig,
+                 device: str = "cpu", total_env_steps: int | None = None, seed: int = 0, sync=None,
+                 sampling: SamplingParams | None = None):
+        """``sampling``: the generation's temperature / top-k / top-p; log-probabilities are those
+        of the distribution completions were sampled from. ``sync`` as for PPO."""
+        from srl.optim import build_optimizer
+
+        self.policy = policy.to(device)
+        self.algo, self.opt_cfg, self.device, self.sync = algo, opt, device, sync
+        self.sampling = sampling or SamplingParams()
+        self.reference = None
+        if algo.kl_coef > 0:  # the frozen initial policy (identical after a restart: same seed)
+            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        kwargs = dict(opt.kwargs)
+        if opt.type in ("adam", "adamw"):
+            kwargs.setdefault("fused", True)
+        self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **kwargs)
+        self.sophia = hasattr(self.optimizer, "hessian_due")
+        self.rng = torch.Generator().manual_seed(seed)
+        self.batches = 0
+        """Batches trained on: the trainer's version, so version == batches marks fresh samples."""
+        self.updates = 0
+        self.skipped_steps = 0
+        self.logp_gap = float("nan")
+        """The latest :meth:`_logp_gap` measured (batches with no fresh completion keep it)."""
+
+    def log_probs(self, model, prompt: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+        """(B, N) log-probabilities of the completion tokens under ``model``'s sampling distribution."""
+        logits = model.completion_logits(prompt, completion)
+        return token_log_probs(logits, completion, self.sampling)
+
+    def train(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        b = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        flat = {"prompt": b["prompt"].T.long(), "completion": b["completion"].T.long(),
+                "logp": b["logp"].T, "mask": b["mask"].T.bool()}  # float32 from the stream
+        reward = b["reward"][0]
+        flat["adv"] = group_advantages(reward, self.algo.group_size)
+        fresh = b["version"][0] == self.batches
+        if bool(fresh.any()):
+            self.logp_gap = self._logp_gap(flat, fresh)
+        stats = {"losses/logp_gap": self.logp_gap}
+        if self.reference is not None:
+            with torch.no_grad():
+                flat["ref"] = self.log_probs(self.reference, flat["prompt"], flat["completion"])
+        stats.update(self._epochs(flat))
+        self.batches += 1
+        stats["charts/reward"] = float(reward.mean())
+        groups = reward.reshape(-1, self.algo.group_size)
+        stats["charts/flat_groups"] = float((groups.max(1).values == groups.min(1).values).float().mean())
+        stats["perf/train_s"] = time.perf_counter() - t0
+        return stats
+
+    @torch.no_grad()
+    def _logp_gap(self, flat: dict, fresh: torch.Tensor) -> float:
+        """Largest |stream log-prob - recomputed| over the tokens of completions generated by the
+        current weights: ~1e-6 when the stream carries the policy's log-probabilities."""
+        logp = self.log_probs(self.policy, flat["prompt"][fresh], flat["completion"][fresh])
+        gap = (logp - flat["logp"][fresh]).abs() * flat["mask"][fresh]
+        return float(gap.max())
+
+    def _epochs(self, flat: dict[str, torch.Tensor]) -> dict[str, float]:
+        algo = self.algo
+        n = flat["adv"].shape[0]
+        bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(algo.epochs):
+            perm = torch.randperm(n, generator=self.rng).to(self.device)
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                mb = {k: v[perm[lo:max(hi, lo + 1)]] for k, v in flat.items()}
+                stats = self._minibatch_step(mb)
+                if epoch == algo.epochs - 1:
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> dict[str, float]:
+        algo = self.algo
+        logits = self.policy.completion_logits(mb["prompt"], mb["completion"])
+        logp = token_log_probs(logits, mb["completion"], self.sampling)
+        loss, pg, kl = grpo_loss(logp, mb["logp"], mb["adv"], mb["mask"], algo.clip, mb.get("ref"), algo.kl_coef)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.sync is not None:
+            self.sync.average_grads(self.policy.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
+        if not torch.isfinite(grad_norm):  # a poisoned minibatch: skip it on every rank alike
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return {"losses/skipped_steps": float(self.skipped_steps)}
+        self.optimizer.step()
+        self.updates += 1
+        if self.sophia and self.optimizer.hessian_due():
+            self._refresh_hessian(mb)
+        with torch.no_grad():
+            log_ratio = (logp - mb["logp"])[mb["mask"]]
+            approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean() if log_ratio.numel() else log_ratio.sum()
+            clipfrac = ((log_ratio.exp() - 1.0).abs() > algo.clip).float().mean() if log_ratio.numel() else approx_kl
+        stats = {"losses/sophia_win_rate": self.optimizer.win_rate()} if self.sophia else {}
+        return {**stats, "losses/policy_loss": pg.item(), "losses/kl": kl.item(),
+                "losses/approx_kl": float(approx_kl), "losses/clipfrac": float(clipfrac),
+                "losses/grad_norm": float(grad_norm)}
+
+    def _refresh_hessian(self, mb: dict[str, torch.Tensor]) -> None:
+        """Sophia's Gauss-Newton-Bartlett refresh on the minibatch's completion positions."""
+        from srl.optim import gnb_loss, gnb_num_predictions
+
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.policy.completion_logits(mb["prompt"], mb["completion"])
+        logits = logits / max(self.sampling.temperature, 1e-6)
+        gnb_loss(logits, mb["mask"]).backward()
+        if self.sync is not None:
+            self.sync.average_grads(self.policy.parameters())
+        self.optimizer.update_hessian(scale=gnb_num_predictions(logits, mb["mask"]))
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "batches": self.batches, "updates": self.updates,
+                "rng": self.rng.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches, self.updates = int(state["batches"]), int(state["updates"])
+        self.rng.set_state(state["rng"])
