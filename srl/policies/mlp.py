@@ -69,22 +69,15 @@ def _init(layer: nn.Linear, gain: float) -> nn.Linear:
     return layer
 
 
-class ActorCritic(nn.Module):
-    def __init__(self, info: SpaceInfo, cfg: "PolicyConfig"):
-        super().__init__()
-        self.info = info
-        obs_dim = int(np.prod(info.obs_shape))
-        self.obs_norm = RunningNorm((obs_dim,)) if cfg.obs_norm else None
-        sizes = [obs_dim, *cfg.hidden]
-        self.actor = _mlp(sizes, cfg.activation, info.n_actions, 0.01)
-        self.critic = _mlp(sizes, cfg.activation, 1, 1.0)
-        if not info.discrete:
-            self.log_std = nn.Parameter(torch.full((info.n_actions,), float(cfg.init_log_std)))
+class ActorCriticHeads(nn.Module):
+    """Acting and evaluation shared by every feed-forward actor-critic: a subclass sets ``info``,
+    ``obs_norm``, ``actor`` and ``critic`` (modules on the features), ``log_std`` for continuous
+    actions, and defines ``_features(obs)``."""
 
-    # ------------------------------------------------------------------ shared
+    info: SpaceInfo
+
     def _features(self, obs: torch.Tensor) -> torch.Tensor:
-        obs = obs.reshape(obs.shape[0], -1).float()
-        return self.obs_norm(obs) if self.obs_norm is not None else obs
+        raise NotImplementedError
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self._features(obs)).squeeze(-1)
@@ -105,6 +98,25 @@ class ActorCritic(nn.Module):
         value = self.critic(x).squeeze(-1)
         logp, entropy = action_logp_entropy(out, action, self.info.discrete, getattr(self, "log_std", None))
         return logp, entropy, value, out
+
+
+class ActorCritic(ActorCriticHeads):
+    """Separate MLP trunks for the actor and the critic on the flattened observation."""
+
+    def __init__(self, info: SpaceInfo, cfg: "PolicyConfig"):
+        super().__init__()
+        self.info = info
+        obs_dim = int(np.prod(info.obs_shape))
+        self.obs_norm = RunningNorm((obs_dim,)) if cfg.obs_norm else None
+        sizes = [obs_dim, *cfg.hidden]
+        self.actor = _mlp(sizes, cfg.activation, info.n_actions, 0.01)
+        self.critic = _mlp(sizes, cfg.activation, 1, 1.0)
+        if not info.discrete:
+            self.log_std = nn.Parameter(torch.full((info.n_actions,), float(cfg.init_log_std)))
+
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = obs.reshape(obs.shape[0], -1).float()
+        return self.obs_norm(obs) if self.obs_norm is not None else obs
 
 
 def sample_action(out: torch.Tensor, discrete: bool, log_std: torch.Tensor | None, deterministic: bool = False):

@@ -1,0 +1,208 @@
+"""Atari on one machine, side by side: frames/s of the env alone, of srl while learning, of Sample
+Factory 2.1.1 on the same game and cores, and the time srl takes to reach Pong +18.
+
+Frames are counted the way EnvPool and Sample Factory count them: env (agent) steps x frame skip 4.
+
+1. ``ceiling``: ale-py's C++ vector env (the one srl's actors step) with random actions on
+   ``--threads`` threads, nothing else: the box's limit for this game.
+2. ``srl``: ``configs/atari_pong.yaml`` (APPO, Nature CNN) over ``--actors`` actor counts, policy
+   worker and trainer on ``--device``; rates from the run's metrics after a warm-up, as
+   ``benchmarks/throughput.py`` takes them (collected frames/s and learned frames/s).
+3. ``sf``: Sample Factory 2.1.1 APPO with ``sf_examples/atari``'s settings and ``--threads``
+   rollout workers (``benchmarks/peers/sample_factory_atari.py``), from its own ``--target``
+   folder (``benchmarks/peers/sample_factory_atari.sh``) on the subprocess's PYTHONPATH.
+4. ``pong18``: ``configs/atari_pong.yaml`` until the last 20 games average +18: frames, minutes
+   (and Sample Factory's with ``--sf-pong18``).
+
+    python benchmarks/atari.py --device cuda --out benchmarks/results/atari_h200.json
+    python benchmarks/atari.py --parts ceiling,srl --actors 1,2 --seconds 10 --device cpu   # a laptop
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import _median, _stop_after_window  # noqa: E402
+
+from srl.config import experiment_from_dict  # noqa: E402
+from srl.envs.atari import frame_skip, make_atari_vector_env  # noqa: E402
+from srl.experiment import controller_for  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PONG = os.path.join(ROOT, "configs", "atari_pong.yaml")
+SF_RUNNER = os.path.join(ROOT, "benchmarks", "peers", "sample_factory_atari.py")
+SF_TARGET = os.path.join(ROOT, "benchmarks", "peers", ".sf-atari")
+
+
+def ceiling(env_id: str, kwargs: dict, threads: int, envs: int, seconds: float) -> dict:
+    """Frames/s of the vector env alone, random actions drawn in advance."""
+    env = make_atari_vector_env(env_id, {**kwargs, "num_threads": threads}, envs)
+    env.reset(seed=0)
+    n = env.single_action_space.n
+    actions = np.random.default_rng(0).integers(0, n, (256, envs))
+    for i in range(20):  # warm-up: threads started, first resets done
+        env.step(actions[i])
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        env.step(actions[steps % 256])
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    env.close()
+    fps = steps * envs * frame_skip(kwargs) / elapsed
+    return {"part": "ceiling", "env": env_id, "threads": threads, "envs": envs, "frames_per_s": fps}
+
+
+def srl_point(config: str, actors: int, device: str, seconds: float, warmup: float, extra: list[str]) -> dict:
+    """One srl run at ``actors`` actors, measured like benchmarks/throughput.py."""
+    data = yaml.safe_load(open(config))
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"workers.actors.count={actors}", f"workers.policies.device={device}",
+                     f"workers.trainers.device={device}", f"stop.wall_s={seconds + warmup + 300}",
+                     "stop.env_steps=null", "stop.mean_return=null", f"log.dir={tmp}", "log.tensorboard=false",
+                     "log.console=false", "log.every_s=1.0", "checkpoint.every_seconds=3600", *extra]
+        cfg = experiment_from_dict(data, overrides)
+        controller = controller_for(cfg, os.path.join(tmp, "run"), launch_time=time.time())
+        threading.Thread(target=_stop_after_window, args=(controller, warmup + seconds), daemon=True).start()
+        result = controller.run()
+        rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
+    skip = frame_skip(cfg.env.kwargs)
+    started = [r for r in rows if r["env_steps"] > 0]
+    steady = [r for r in started if r["wall_s"] >= started[0]["wall_s"] + warmup] if started else []
+    fps = learned = float("nan")
+    if len(steady) >= 2:
+        span = steady[-1]["wall_s"] - steady[0]["wall_s"]
+        fps = (steady[-1]["env_steps"] - steady[0]["env_steps"]) / span * skip
+        learned = (steady[-1].get("learned_steps", 0) - steady[0].get("learned_steps", 0)) / span * skip
+    a = cfg.workers.actors
+    return {"part": "srl", "actors": actors, "envs_per_actor": a.envs_per_actor, "ring": a.ring, "device": device,
+            "frames_per_s": fps, "learned_frames_per_s": learned, "versions": rows[-1].get("version", 0) if rows else 0,
+            "trainer_busy": _median([r.get("perf/trainer_busy") for r in steady]),
+            "policy_lag": _median([r.get("charts/policy_lag") for r in steady]), "overrides": overrides}
+
+
+def sample_factory(game: str, workers: int, device: str, seconds: float, warmup: float, target: float | None,
+                   max_seconds: float, sf_target: str, extra: str) -> dict:
+    """Sample Factory in a subprocess with its own packages first on the path."""
+    cmd = [sys.executable, SF_RUNNER, "--game", game, "--workers", str(workers), "--device",
+           "gpu" if device.startswith("cuda") else "cpu", "--seconds", str(seconds), "--warmup", str(warmup),
+           "--max-seconds", str(max_seconds), "--extra", extra]
+    if target is not None:
+        cmd += ["--target", str(target)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([sf_target, os.path.dirname(SF_RUNNER)])}
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max_seconds + seconds + 600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stats: ")]
+    if not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {"part": "sf", "error": f"exit {proc.returncode}: {tail}", "cmd": cmd}
+    stats = json.loads(lines[-1][len("stats: "):])
+    return {"part": "sf", "workers": workers, "device": device, "shell_wall_s": time.time() - t0, **stats}
+
+
+def pong18(config: str, device: str, max_minutes: float, extra: list[str]) -> dict:
+    """srl until the last 20 games average +18 (the config's stop rule), or ``max_minutes``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"workers.policies.device={device}", f"workers.trainers.device={device}",
+                     f"stop.wall_s={max_minutes * 60}", f"log.dir={tmp}", "log.tensorboard=false", "log.console=false",
+                     *extra]
+        cfg = experiment_from_dict(yaml.safe_load(open(config)), overrides)
+        result = controller_for(cfg, os.path.join(tmp, "run")).run()
+    skip = frame_skip(cfg.env.kwargs)
+    mean = float("nan") if result.mean_return is None else result.mean_return
+    return {"part": "pong18", "reached": bool(mean >= 18), "mean_return": mean,
+            "env_steps": result.env_steps, "frames": result.env_steps * skip, "wall_s": result.wall_s,
+            "minutes": result.wall_s / 60, "overrides": overrides}
+
+
+def _meta(device: str) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "ale_py": md.version("ale-py"), "frame_skip": 4,
+            "frames": "env steps x frame skip 4 (EnvPool, Sample Factory)"}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+    try:
+        meta["srl_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                                            text=True).stdout.strip()
+    except OSError:
+        pass
+    return meta
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['part']:8} error: {r['error'][:200]}"
+    what = {"ceiling": f"{r.get('threads')} threads x {r.get('envs')} envs", "srl": f"{r.get('actors')} actors",
+            "sf": f"{r.get('workers')} workers", "pong18": f"reached={r.get('reached')}"}[r["part"]]
+    fps = r.get("frames_per_s", float("nan"))
+    extra = (f"learned {r['learned_frames_per_s']:>10,.0f}  lag {r['policy_lag']:.2f}  busy {r['trainer_busy']:.2f}"
+             if r["part"] == "srl" else
+             f"frames {r['frames']:,}  {r['minutes']:.1f} min  return {r['mean_return']:.1f}"
+             if r["part"] == "pong18" else "")
+    return f"{r['part']:8} {what:24} {fps:>12,.0f}  {extra}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--parts", default="ceiling,srl,sf,pong18")
+    p.add_argument("--config", default=PONG)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--threads", type=int, default=14, help="ceiling threads; Sample Factory rollout workers")
+    p.add_argument("--ceiling-envs", type=int, default=0, help="envs of the ceiling's vector env (0: the srl "
+                   "config's total, actors x envs_per_actor at 14 actors)")
+    p.add_argument("--actors", default="1,2,4,8,14")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=20.0)
+    p.add_argument("--srl-extra", default="", help="more srl overrides, space separated (e.g. policy.autocast=bf16)")
+    p.add_argument("--sf-target", default=SF_TARGET)
+    p.add_argument("--sf-extra", default="", help="more Sample Factory flags, one string")
+    p.add_argument("--sf-pong18", action="store_true", help="also time Sample Factory to +18")
+    p.add_argument("--max-minutes", type=float, default=60.0, help="time-to-+18 cap per run")
+    p.add_argument("--out", default="atari.json")
+    args = p.parse_args()
+    parts = set(args.parts.split(","))
+    cfg = experiment_from_dict(yaml.safe_load(open(args.config)))
+    extra = args.srl_extra.split()
+    results: list[dict] = []
+
+    def done(r: dict) -> None:
+        results.append(r)
+        print(_row(r), flush=True)
+        with open(args.out, "w") as fh:  # as we go: a run cut short still leaves its points
+            json.dump({"meta": _meta(args.device), "config": args.config, "results": results}, fh, indent=1)
+
+    print(f"{'part':8} {'setting':24} {'frames/s':>12}")
+    if "ceiling" in parts:
+        envs = args.ceiling_envs or 14 * cfg.workers.actors.envs_per_actor
+        done(ceiling(cfg.env.id, cfg.env.kwargs, args.threads, envs, args.seconds))
+    if "srl" in parts:
+        for n in (int(x) for x in args.actors.split(",")):
+            done(srl_point(args.config, n, args.device, args.seconds, args.warmup, extra))
+    game = cfg.env.id.split("/")[1].split("-")[0].lower()
+    if "sf" in parts:
+        done(sample_factory(game, args.threads, args.device, args.seconds, args.warmup, None, args.max_minutes * 60,
+                            args.sf_target, args.sf_extra))
+    if "pong18" in parts:
+        done(pong18(args.config, args.device, args.max_minutes, extra))
+        if args.sf_pong18:
+            done(sample_factory(game, args.threads, args.device, args.seconds, args.warmup, 18.0,
+                                args.max_minutes * 60, args.sf_target, args.sf_extra))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Sample Factory 2.1.1 APPO on an Atari game with its own Atari settings (``sf_examples/atari``).
+
+Run by ``benchmarks/atari.py`` in a subprocess whose PYTHONPATH starts with the folder that
+``sample_factory_atari.sh`` fills (Sample Factory needs numpy<2 and gymnasium<1.0). The flags are
+``atari_override_defaults`` of ``sf_examples/atari/atari_params.py`` (PongNoFrameskip-v4 with
+SB3/CleanRL wrappers: noop starts, frame skip 4 with max-pool, episodic life, FIRE reset, clipped
+rewards, 84x84 grayscale, 4 stacked frames) plus ``--num_workers``, ``--device`` and what
+``--extra`` adds. Frames are counted as agent steps x frame skip 4.
+
+Prints one ``stats: {json}`` line: frames/s over the measured window (after ``--warmup`` s of
+collection) and, with ``--target``, when the mean raw return of the last 20 games reached it.
+
+    PYTHONPATH=benchmarks/peers/.sf-atari python benchmarks/peers/sample_factory_atari.py \
+        --game pong --workers 14 --seconds 60 [--target 18 --max-seconds 3600] [--extra "--async_rl=True"]
+"""
+
+import peer_common  # first: records the launch time before heavy imports
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+from sample_factory.algo.utils.misc import EPISODIC
+from sample_factory.train import make_runner
+from sf_examples.atari.train_atari import parse_atari_args, register_atari_components
+
+FRAME_SKIP = 4
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--game", default="pong")
+    p.add_argument("--workers", type=int, default=14)
+    p.add_argument("--device", default="gpu")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--warmup", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=60.0, help="measured window (throughput mode)")
+    p.add_argument("--target", type=float, default=None, help="stop once the last 20 games average this")
+    p.add_argument("--max-seconds", type=float, default=3600.0)
+    p.add_argument("--extra", default="", help="more Sample Factory flags, one string")
+    args = p.parse_args()
+    train_dir = tempfile.mkdtemp(prefix="sf_atari_")
+    budget = args.max_seconds if args.target is not None else args.warmup + args.seconds
+    argv = [f"--env=atari_{args.game}", f"--experiment=atari_{args.game}_seed{args.seed}", f"--train_dir={train_dir}",
+            f"--num_workers={args.workers}", f"--device={args.device}", f"--seed={args.seed}",
+            "--train_for_env_steps=10000000000", f"--train_for_seconds={int(budget) + 1}"] + shlex.split(args.extra)
+    register_atari_components()
+    cfg = parse_atari_args(argv)
+    cfg, runner = make_runner(cfg)
+    rule = peer_common.StopRule(target=args.target if args.target is not None else float("inf"))
+    samples: list[tuple[float, int]] = []
+
+    def on_episode(runner, msg, policy_id):
+        if rule.add(msg[EPISODIC]["reward"]) and args.target is not None:  # raw game score (RecordEpisodeStatistics)
+            runner._stop_training()
+
+    def sample_counts():
+        while True:
+            samples.append((time.time(), int(runner.samples_collected[0])))
+            time.sleep(0.5)
+
+    runner.register_episodic_stats_handler(on_episode)
+    status = runner.init()
+    threading.Thread(target=sample_counts, daemon=True).start()
+    if status == 0:
+        status = runner.run()
+    stats = {"peer": "sample_factory", "version": importlib.metadata.version("sample-factory"), "argv": argv,
+             "frames_per_s": _window_rate(samples, args.warmup, args.seconds) * FRAME_SKIP,
+             "frames": int(runner.samples_collected[0]) * FRAME_SKIP, "episodes": rule.episodes,
+             "mean_return_last20": rule.mean, "status": int(status),
+             "target_reached_s": None if rule.t_reached is None else rule.t_reached - peer_common.T_LAUNCH}
+    print("stats: " + json.dumps(stats), flush=True)
+    shutil.rmtree(train_dir, ignore_errors=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _window_rate(samples: list[tuple[float, int]], warmup: float, seconds: float) -> float:
+    """Agent steps/s between ``warmup`` s after the first collected step and ``seconds`` later."""
+    started = [(t, n) for t, n in samples if n > 0]
+    if len(started) < 2:
+        return float("nan")
+    t0 = started[0][0] + warmup
+    window = [(t, n) for t, n in started if t0 <= t <= t0 + seconds] or started[-2:]
+    (ta, na), (tb, nb) = window[0], window[-1]
+    return (nb - na) / (tb - ta) if tb > ta else float("nan")
+
+
+if __name__ == "__main__":
+    main()
