@@ -69,19 +69,45 @@ def grpo_loss(logp, old_logp, adv, mask, clip: float, ref_logp=None, kl_coef: fl
 # --------------------------------------------------------------------------- learner
 
 
+def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, seed: int,
+            batch: int = 64) -> float:
+    """Supervised next-token steps on the task's solved problems; returns the last loss.
+    Deterministic given ``seed``, so a restarted trainer warms up to the same reference."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    if not hasattr(task, "stream"):
+        raise ValueError("algorithm.warmup_steps needs a task with stream(batch, seq_len, rng)")
+    rng = np.random.default_rng(seed + 4242)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    seq_len = min(policy.config.max_seq_len, 64)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        ids = torch.as_tensor(task.stream(batch, seq_len + 1, rng), device=device)
+        logits = policy(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
 class GRPOLearner:
     """Gradient steps for a language-model policy; ``train(batch)`` returns cleanrl-named statistics."""
 
     def __init__(self, policy: torch.nn.Module, algo: AlgorithmConfig, opt: OptimizerConfig,
                  device: str = "cpu", total_env_steps: int | None = None, seed: int = 0, sync=None,
-                 sampling: SamplingParams | None = None):
+                 sampling: SamplingParams | None = None, task=None):
         """``sampling``: the generation's temperature / top-k / top-p; log-probabilities are those
-        of the distribution completions were sampled from. ``sync`` as for PPO."""
+        of the distribution completions were sampled from. ``task``: the token task (its
+        ``stream`` feeds ``algorithm.warmup_steps``). ``sync`` as for PPO."""
         from srl.optim import build_optimizer
 
         self.policy = policy.to(device)
         self.algo, self.opt_cfg, self.device, self.sync = algo, opt, device, sync
         self.sampling = sampling or SamplingParams()
+        if algo.warmup_steps:
+            warm_up(self.policy, task, algo.warmup_steps, algo.warmup_lr, device, seed)
         self.reference = None
         if algo.kl_coef > 0:  # the frozen initial policy (identical after a restart: same seed)
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)

@@ -193,6 +193,10 @@ class _TextTokenTask(TokenTask):
     def answer(self, prompt) -> list[int]:
         raise NotImplementedError
 
+    def stream(self, batch: int, seq_len: int, rng: np.random.Generator) -> Tensor:
+        """Solved problems packed back to back (supervised warm-up before RL)."""
+        return self.task.stream(batch, seq_len, rng)
+
     def reward(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
         return np.array([self.task.reward(torch.tensor(self.answer(p)), torch.as_tensor(c))
                          for p, c in zip(np.asarray(prompts), np.asarray(completions))], dtype=np.float64)
