@@ -22,6 +22,7 @@ Times are medians of ``triton.testing.do_bench``. Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -213,7 +214,7 @@ SWEEP_TILES = {
 
 def sweep_point(n, d, causal, kernels=("fwd", "dkdv", "dq"), dtype=torch.bfloat16):
     """Time each candidate tile of each kernel (the others at their table values)."""
-    import srl.kernels.flash_attention as fa
+    fa = importlib.import_module("srl.kernels.flash_attention")  # the module: srl.kernels.flash_attention is the function
 
     tables = {"fwd": fa._FWD_TILES, "dkdv": fa._DKDV_TILES, "dq": fa._DQ_TILES}
     b, h = TOKENS // n, HIDDEN // d

@@ -216,8 +216,11 @@ def _sequence_mask(first: torch.Tensor, cached: torch.Tensor, M: int) -> torch.T
 
 def _decode_attention(q, k, v, kv_lens: torch.Tensor) -> torch.Tensor:
     """One query per env over its valid prefix of keys: srl's flash-decode kernel on CUDA."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from srl.kernels.flash_attention import flash_decode
+    from srl.kernels._flash_common import SUPPORTED_HEAD_DIMS
+
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] in SUPPORTED_HEAD_DIMS:
+        from srl.kernels import flash_decode
+
         return flash_decode(q, k, v, causal=False, kv_lens=kv_lens)
     from srl.kernels._reference import attention_reference
     return attention_reference(q, k, v, kv_lens=kv_lens)

@@ -81,9 +81,12 @@ class InferenceClient:
     def dropped(self) -> int:
         return sum(ep.dropped for ep in self.endpoints)
 
-    def post(self, obs: np.ndarray, req: int, env_ids: np.ndarray | None = None, server: int = 0) -> None:
-        arrays = {"obs": obs} if env_ids is None else {"obs": obs, "env_ids": env_ids}
-        self.endpoints[server].send("obs", arrays, {"req": req})
+    def post(self, obs: np.ndarray, req: int, env_ids: np.ndarray | None = None, server: int = 0,
+             arrays: dict | None = None, meta: dict | None = None) -> None:
+        """Ask for actions; ``arrays`` / ``meta`` add per-env inputs (a memory policy's ``first``
+        flags) and request options (``want_state``)."""
+        out = {"obs": obs} if env_ids is None else {"obs": obs, "env_ids": env_ids}
+        self.endpoints[server].send("obs", {**out, **(arrays or {})}, {**(meta or {}), "req": req})
 
     def poll(self, timeout_ms: int = 0) -> Message | None:
         for ep in self.endpoints:
