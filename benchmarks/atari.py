@@ -10,7 +10,7 @@ Frames are counted the way EnvPool and Sample Factory count them: env (agent) st
    ``benchmarks/throughput.py`` takes them (collected frames/s and learned frames/s).
 3. ``sf``: Sample Factory 2.1.1 APPO with ``sf_examples/atari``'s settings and ``--threads``
    rollout workers (``benchmarks/peers/sample_factory_atari.py``), from its own ``--target``
-   folder (``benchmarks/peers/sample_factory_atari.sh``) on the subprocess's PYTHONPATH.
+   folder (``benchmarks/atari_setup.sh``) on the subprocess's PYTHONPATH.
 4. ``pong18``: ``configs/atari_pong.yaml`` until the last 20 games average +18: frames, minutes
    (and Sample Factory's with ``--sf-pong18``).
 

@@ -1,7 +1,7 @@
 """Sample Factory 2.1.1 APPO on an Atari game with its own Atari settings (``sf_examples/atari``).
 
 Run by ``benchmarks/atari.py`` in a subprocess whose PYTHONPATH starts with the folder that
-``sample_factory_atari.sh`` fills (Sample Factory needs numpy<2 and gymnasium<1.0). The flags are
+``benchmarks/atari_setup.sh`` fills (Sample Factory needs numpy<2 and gymnasium<1.0). The flags are
 ``atari_override_defaults`` of ``sf_examples/atari/atari_params.py`` (PongNoFrameskip-v4 with
 SB3/CleanRL wrappers: noop starts, frame skip 4 with max-pool, episodic life, FIRE reset, clipped
 rewards, 84x84 grayscale, 4 stacked frames) plus ``--num_workers``, ``--device`` and what
@@ -24,9 +24,10 @@ import shlex
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
+import ale_py  # noqa: F401  - registers the NoFrameskip-v4 ids with gymnasium 0.29 (no entry point)
+from sample_factory.algo.runners.runner import AlgoObserver
 from sample_factory.algo.utils.misc import EPISODIC
 from sample_factory.train import make_runner
 from sf_examples.atari.train_atari import parse_atari_args, register_atari_components
@@ -47,10 +48,9 @@ def main() -> int:
     p.add_argument("--extra", default="", help="more Sample Factory flags, one string")
     args = p.parse_args()
     train_dir = tempfile.mkdtemp(prefix="sf_atari_")
-    budget = args.max_seconds if args.target is not None else args.warmup + args.seconds
     argv = [f"--env=atari_{args.game}", f"--experiment=atari_{args.game}_seed{args.seed}", f"--train_dir={train_dir}",
             f"--num_workers={args.workers}", f"--device={args.device}", f"--seed={args.seed}",
-            "--train_for_env_steps=10000000000", f"--train_for_seconds={int(budget) + 1}"] + shlex.split(args.extra)
+            "--train_for_env_steps=10000000000"] + shlex.split(args.extra)
     register_atari_components()
     cfg = parse_atari_args(argv)
     cfg, runner = make_runner(cfg)
@@ -61,14 +61,21 @@ def main() -> int:
         if rule.add(msg[EPISODIC]["reward"]) and args.target is not None:  # raw game score (RecordEpisodeStatistics)
             runner._stop_training()
 
-    def sample_counts():
-        while True:
-            samples.append((time.time(), int(runner.samples_collected[0])))
-            time.sleep(0.5)
+    def tick():  # on the runner's event loop (each training step): count samples, stop when the time is up
+        now, n = time.time(), int(runner.samples_collected[0])
+        samples.append((now, n))
+        first = next((t for t, c in samples if c > 0), None)
+        budget = args.max_seconds if args.target is not None else args.warmup + args.seconds + 1.0
+        if first is not None and now - first > budget:
+            runner._stop_training()
+
+    class Clock(AlgoObserver):
+        def on_training_step(self, runner, training_iteration_since_resume):
+            tick()
 
     runner.register_episodic_stats_handler(on_episode)
+    runner.register_observer(Clock())
     status = runner.init()
-    threading.Thread(target=sample_counts, daemon=True).start()
     if status == 0:
         status = runner.run()
     stats = {"peer": "sample_factory", "version": importlib.metadata.version("sample-factory"), "argv": argv,
