@@ -185,3 +185,22 @@ def test_short_appo_run_with_a_tiny_cnn_through_the_whole_dataflow(tmp_path):
     obs, _ = env.reset(seed=0)
     action, _ = policy.act(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=True)
     assert env.step(int(action[0]))[0].shape == (4, 84, 84)
+
+
+@pytest.mark.gpu
+def test_cnn_channels_last_and_bf16_match_float32_on_cuda():
+    """The GPU paths compute the same function: channels-last exactly, bf16 within its precision."""
+    env, steps = _play("ALE/Pong-v5", 2)
+    info = space_info(env.single_observation_space, env.single_action_space)
+    nature = {"type": "cnn", "channels": [32, 64, 64], "hidden": [512]}
+    plain = CNNActorCritic(info, PolicyConfig(**nature)).cuda()
+    obs = torch.from_numpy(steps[-1][0]).cuda()
+    action = torch.zeros(len(obs), dtype=torch.long, device="cuda")
+    want = plain.evaluate(obs, action)
+    for fast, tol in (({"channels_last": True}, 1e-4), ({"channels_last": True, "autocast": "bf16"}, 3e-2)):
+        policy = CNNActorCritic(info, PolicyConfig(**nature, **fast)).cuda()
+        policy.load_state_dict(plain.state_dict())
+        got = policy.evaluate(obs, action)
+        for a, b in zip(got[:3], want[:3]):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
