@@ -64,7 +64,8 @@ class APPOLearner(PPOLearner):
 
     def __init__(self, policy: torch.nn.Module, *args, **kwargs):
         if getattr(policy, "recurrent", False):
-            raise ConfigError("algorithm.type", "appo takes feed-forward policies (mlp, cnn); use ppo for memory policies")
+            raise ConfigError("algorithm.type",
+                              "appo takes feed-forward policies (mlp, cnn); use ppo for memory policies")
         super().__init__(policy, *args, **kwargs)
         self._vtrace_stats: dict[str, float] = {}
 

@@ -73,7 +73,8 @@ def check_kwargs(kwargs: dict) -> None:
         if key in _FIXED_KWARGS:
             raise ConfigError(f"env.kwargs.{key}", "is set by srl for ALE vector envs")
         if key not in accepted:
-            raise ConfigError(f"env.kwargs.{key}", f"unknown ALE vector env argument (known: {', '.join(sorted(accepted))})")
+            known = ", ".join(sorted(accepted))
+            raise ConfigError(f"env.kwargs.{key}", f"unknown ALE vector env argument (known: {known})")
     for key in _SRL_KWARGS:
         if key in kwargs and not isinstance(kwargs[key], bool):
             raise ConfigError(f"env.kwargs.{key}", f"must be true or false, got {kwargs[key]!r}")
