@@ -79,7 +79,8 @@ class DraftWorker(RLWorker):
         self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
         self.policy_version = -1 if got is None else self._load(got)
-        self.samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=self.published(DRAFT_SAMPLES), hwm=2))
+        self.samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=self.published(DRAFT_SAMPLES),
+                                                    hwm=2))
         self.server = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(DRAFT_PARAMS),
                                                 epoch=self.spec.incarnation))
         self.version = 0

@@ -78,7 +78,8 @@ class GenerationWorker(RLWorker):
         self.draft_version = -1
         if has_stream(self.plan, DRAFT_PARAMS):
             server = self.plan.stream(DRAFT_PARAMS).server_of(self.spec.name)
-            self.draft_params = self.endpoint(ParamClient(self.address(DRAFT_PARAMS, server), self.key, interval_s=0.02))
+            address = self.address(DRAFT_PARAMS, server)
+            self.draft_params = self.endpoint(ParamClient(address, self.key, interval_s=0.02))
         self.samplers: dict[int, object] = {}
         self.server = self.endpoint(InferenceServer(self.spec.host, self.key, prefer=self.published(PROMPTS)))
         self.publish(PROMPTS, self.server.address)

@@ -123,7 +123,8 @@ class TokenActorWorker(RLWorker):
                   "logp": np.ascontiguousarray(logp.T), "mask": np.ascontiguousarray(mask.T),
                   "reward": reward.astype(np.float32)[None], "version": np.full((1, n), version, np.int64),
                   "valid": np.ones((1, n), bool)}
-        meta = {"version": int(version), "actor": self.spec.index, "seq": self.seq, "incarnation": self.spec.incarnation}
+        meta = {"version": int(version), "actor": self.spec.index, "seq": self.seq,
+                "incarnation": self.spec.incarnation}
         self.seq += 1
         self.completions += n
         self.episodes[0].extend(reward.tolist())
