@@ -7,7 +7,10 @@ from torch import nn
 
 
 def weights_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    """A snapshot of the weights. Always a copy: on CPU ``.cpu().numpy()`` would alias the live
+    parameters, which the next optimizer step changes while the parameter stream sends them
+    without copying (torn weights, and frames whose HMAC no longer matches)."""
+    return {k: v.detach().to("cpu", copy=True).numpy() for k, v in module.state_dict().items()}
 
 
 def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
