@@ -19,15 +19,25 @@ EXAMPLE = ["workers.actors.count=4", "workers.actors.ring=2", "workers.actors.in
            "workers.policies.count=2", "workers.trainers.count=2"]
 
 
-def example():
-    return experiment_from_dict({"stop": {"env_steps": 1000}}, EXAMPLE)
+TOKEN_EXAMPLE = ["env.id=srl/Addition-v0", "policy.type=lm", "algorithm.type=grpo", "generation.mode=spectr",
+                 "workers.actors.count=2", "workers.policies.count=2"]
+
+
+def example(overrides=EXAMPLE):
+    return experiment_from_dict({"stop": {"env_steps": 1000}}, overrides)
 
 
 def render_plan() -> str:
-    plan = compile_plan(example())
-    workers = ", ".join(w.name for w in plan.workers)
-    return "\n".join([BEGIN, f"`srl run exp.yaml {' '.join(EXAMPLE)}` compiles to:", "", "```",
-                      f"workers: {workers}", describe(plan), "```", END])
+    lines = [BEGIN]
+    for overrides in (EXAMPLE, TOKEN_EXAMPLE):
+        plan = compile_plan(example(overrides))
+        workers = ", ".join(w.name for w in plan.workers)
+        if overrides is TOKEN_EXAMPLE:
+            lines.append("A token task (language-model policy) with speculative generation:")
+            lines.append("")
+        lines += [f"`srl run exp.yaml {' '.join(overrides)}` compiles to:", "", "```",
+                  f"workers: {workers}", describe(plan), "```", ""]
+    return "\n".join(lines[:-1] + [END])
 
 
 def main() -> None:

@@ -29,14 +29,26 @@ class EnvConfig:
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments passed to the environment constructor."""
     vectorize: str = "auto"
-    """``auto`` uses the env's own vectorized implementation when it has one, else ``sync``."""
+    """``auto`` uses the env's own vectorized implementation when it has one, else ``sync``;
+    ``ale`` (automatic for ``ALE/`` ids, ``pip install 'srl[atari]'``) steps Atari games in ale-py's
+    C++ threads with the standard preprocessing, and ``kwargs`` are its arguments
+    (:mod:`srl.envs.atari`)."""
 
     def validate(self) -> None:
         from srl.envs.vector import check_env_id
+        from srl.registry import names
 
-        if self.vectorize not in ("auto", "sync", "vector_entry_point"):
-            raise ConfigError("env.vectorize", f"must be auto, sync or vector_entry_point, got {self.vectorize!r}")
+        if self.id in names("task"):
+            return  # a token task (language-model policies), built with env.kwargs
+        if self.vectorize not in ("auto", "sync", "vector_entry_point", "ale"):
+            raise ConfigError("env.vectorize", f"must be auto, sync, vector_entry_point or ale, got {self.vectorize!r}")
         check_env_id(self.id)
+        from srl.envs.atari import check_kwargs, is_ale_id
+
+        if self.vectorize == "ale" and not is_ale_id(self.id):
+            raise ConfigError("env.vectorize", f"ale needs an ALE/... id (such as ALE/Pong-v5), got {self.id!r}")
+        if is_ale_id(self.id) and self.vectorize in ("auto", "ale"):
+            check_kwargs(self.kwargs)
 
 
 @dataclass
@@ -51,15 +63,45 @@ class PolicyConfig:
     """Normalize observations with running mean / std kept by the trainer."""
     init_log_std: float = 0.0
     """Initial log standard deviation of a Gaussian head (continuous actions)."""
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """``cnn``: output channels of the Nature CNN's three convolutions (8x8 stride 4, 4x4 stride 2,
+    3x3 stride 1); ``hidden`` then sizes the dense layers after them (``[512]`` in the paper)."""
+    channels_last: bool = False
+    """``cnn``: convolutions in channels-last memory format. Used on CUDA only (ignored on CPU)."""
+    autocast: str = "none"
+    """``cnn``: ``bf16`` runs the trunk under bfloat16 autocast on CUDA (heads and losses stay
+    float32); ``none`` keeps float32. Ignored on CPU."""
+    lm: dict = field(default_factory=dict)
+    """``type: lm`` (token tasks): :class:`srl.policies.lm.LMConfig` fields (``d_model``,
+    ``n_layers``, ``n_heads``, ``max_seq_len``, ...); ``vocab_size`` comes from the task."""
+    d_model: int = 64
+    """Memory policies (``transformer``, ``gru``): width of the encoded observation and state."""
+    layers: int = 2
+    """``transformer``: number of memory blocks."""
+    heads: int = 4
+    """``transformer``: attention heads (``d_model`` must divide by it, into even head widths)."""
+    memory: int = 64
+    """``transformer``: steps of the episode each block remembers (the memory window M)."""
 
     def validate(self) -> None:
         from srl.registry import check_name
 
         check_name("policy.type", self.type, "policy")
+        for name in ("d_model", "layers", "heads", "memory"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"policy.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.type == "transformer" and (self.d_model % self.heads or (self.d_model // self.heads) % 2):
+            raise ConfigError("policy.heads", f"d_model {self.d_model} must split into {self.heads} heads of even width")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("policy.hidden", f"must be a non-empty list of positive widths, got {self.hidden}")
         if self.activation not in ("tanh", "relu"):
             raise ConfigError("policy.activation", f"must be tanh or relu, got {self.activation!r}")
+        if len(self.channels) != 3 or any(not 1 <= c <= 4096 for c in self.channels):
+            raise ConfigError("policy.channels", f"must be three channel counts in [1, 4096], got {self.channels}")
+        if self.autocast not in ("none", "bf16"):
+            raise ConfigError("policy.autocast", f"must be none or bf16, got {self.autocast!r}")
+        if self.type == "cnn" and self.obs_norm:
+            raise ConfigError("policy.obs_norm", "cnn scales uint8 pixels by 1/255 itself; set obs_norm: false")
 
 
 @dataclass
@@ -84,6 +126,19 @@ class AlgorithmConfig:
     """Divide rewards by a running std of discounted returns (helps MuJoCo-scale rewards)."""
     max_policy_lag: int = 4
     """Trajectories produced by a policy more than this many versions old are dropped."""
+    rho_bar: float = 1.0
+    """``appo``: V-trace's clip of the importance ratio in the temporal differences (rho-bar)."""
+    c_bar: float = 1.0
+    """``appo``: V-trace's clip of the importance ratio in the trace (c-bar, at most ``rho_bar``)."""
+    group_size: int = 8
+    """GRPO: completions per prompt (G); advantages are normalized within each group."""
+    kl_coef: float = 0.0
+    """GRPO: weight of the KL penalty to the frozen initial policy (0: no reference model)."""
+    warmup_steps: int = 0
+    """GRPO: supervised steps on the task's solved problems (``task.stream``) before RL, so that
+    exact-match rewards are not all zero at the start; the reference policy is the warmed-up one."""
+    warmup_lr: float = 1.0e-3
+    """GRPO: AdamW learning rate of the warm-up."""
 
     def validate(self) -> None:
         from srl.registry import check_name
@@ -99,8 +154,14 @@ class AlgorithmConfig:
         _at_least("algorithm.minibatches", self.minibatches, 1)
         _at_least("algorithm.batch_size", self.batch_size, 1)
         _at_least("algorithm.max_policy_lag", self.max_policy_lag, 0)
+        _at_least("algorithm.group_size", self.group_size, 1)
+        _in_range("algorithm.kl_coef", self.kl_coef, 0.0, 100.0)
+        _at_least("algorithm.warmup_steps", self.warmup_steps, 0)
+        _in_range("algorithm.warmup_lr", self.warmup_lr, 0.0, 10.0, low_open=True)
         if self.value_clip is not None:
             _in_range("algorithm.value_clip", self.value_clip, 0.0, 1e9, low_open=True)
+        _in_range("algorithm.rho_bar", self.rho_bar, 0.0, 1e6, low_open=True)
+        _in_range("algorithm.c_bar", self.c_bar, 0.0, self.rho_bar, low_open=True)
 
 
 @dataclass
@@ -247,12 +308,17 @@ class WorkersConfig:
 class StopConfig:
     env_steps: Optional[int] = None
     mean_return: Optional[float] = None
-    """Stop once the mean return over the last 20 finished episodes reaches this."""
+    """Stop once the mean return over the last ``window`` finished episodes reaches this."""
     wall_s: Optional[float] = None
+    window: Optional[int] = None
+    """Episodes the mean return averages (default 20; token tasks: one batch of completions).
+    Success-or-failure tasks need more than 20 for a mean that is not mostly noise."""
 
     def validate(self) -> None:
         if self.env_steps is not None:
             _at_least("stop.env_steps", self.env_steps, 1)
+        if self.window is not None:
+            _in_range("stop.window", self.window, 1, 1_000_000)
         if self.wall_s is not None:
             _in_range("stop.wall_s", self.wall_s, 0.0, 1e9, low_open=True)
         if self.env_steps is None and self.wall_s is None and self.mean_return is None:
@@ -315,6 +381,65 @@ class ClusterConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How generation workers turn prompts into completions (token tasks only)."""
+
+    mode: str = "plain"
+    """``plain`` (autoregressive), ``standard`` (speculative, one draft) or ``spectr`` (SpecTr
+    K-SEQ, ``k`` drafts). Completions are distributed exactly as the policy's in every mode, and
+    the sample stream carries the policy's log-probabilities."""
+    k: int = 4
+    """``spectr``: draft sequences per step."""
+    draft_len: int = 4
+    """Speculative modes: tokens each draft proposes per step."""
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    max_new_tokens: int = 0
+    """Tokens generated per completion; 0 takes the task's ``answer_len`` (answer plus eos)."""
+    cuda_graph: bool = True
+    """Capture decode steps in CUDA graphs (GPU generation workers)."""
+
+    def validate(self) -> None:
+        if self.mode not in ("plain", "standard", "spectr"):
+            raise ConfigError("generation.mode", f"must be plain, standard or spectr, got {self.mode!r}")
+        _at_least("generation.k", self.k, 1)
+        _at_least("generation.draft_len", self.draft_len, 1)
+        _in_range("generation.temperature", self.temperature, 0.0, 100.0)
+        if self.top_k is not None:
+            _at_least("generation.top_k", self.top_k, 1)
+        if self.top_p is not None:
+            _in_range("generation.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _at_least("generation.max_new_tokens", self.max_new_tokens, 0)
+
+
+@dataclass
+class DraftConfig:
+    """The draft model of speculative generation and the draft worker that keeps it aligned."""
+
+    lm: dict = field(default_factory=lambda: {"d_model": 64, "n_layers": 1, "n_heads": 2})
+    """:class:`srl.policies.lm.LMConfig` fields of the draft (``vocab_size`` from the task)."""
+    align: bool = True
+    """Run a draft worker: it distils the policy into the draft on every sequence of the sample
+    stream once and publishes the draft's weights to the generation workers. False keeps the
+    draft at its initial weights."""
+    lr: float = 1.0e-3
+    loss: str = "kl"
+    """``kl``: KL(policy || draft) per position; ``tv``: total variation (1 - acceptance)."""
+    device: str = "cpu"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _in_range("draft.lr", self.lr, 0.0, 10.0, low_open=True)
+        if self.loss not in ("kl", "tv"):
+            raise ConfigError("draft.loss", f"must be kl or tv, got {self.loss!r}")
+        _check_device("draft.device", self.device)
+        _check_ray_request("draft", self.num_cpus, self.num_gpus, self.resources)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     """Run name; run directories are ``log.dir/name-DATE-TIME``."""
@@ -330,6 +455,10 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Token tasks: how completions are generated."""
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    """Token tasks with speculative generation: the draft model and its worker."""
 
     def validate(self) -> "ExperimentConfig":
         if not self.name or any(c in self.name for c in "/\\"):
@@ -340,6 +469,8 @@ class ExperimentConfig:
             if hasattr(value, "validate"):
                 value.validate()
         _check_sizes(self)
+        _check_token_run(self)
+        _check_memory_routing(self)
         return self
 
     def to_dict(self) -> dict:
@@ -347,6 +478,17 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _check_memory_routing(cfg: "ExperimentConfig") -> None:
+    """A memory policy keeps per-env state where inference runs: each env must reach one worker."""
+    from srl.registry import resolve
+
+    p = cfg.workers.policies
+    remote = not cfg.workers.actors.inline_policy and p.count > 1
+    if remote and p.routing != "sticky" and getattr(resolve("policy", cfg.policy.type), "recurrent", False):
+        raise ConfigError("workers.policies.routing", f"policy {cfg.policy.type!r} keeps per-env memory on its "
+                                                      f"policy worker: use sticky, got {p.routing!r}")
 
 
 def _at_least(name: str, value: float, low: float) -> None:
@@ -373,6 +515,48 @@ def _check_ray_request(section: str, num_cpus: float, num_gpus: float, resources
             raise ConfigError(path, "must be a custom resource name (CPU and GPU have their own fields)")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ConfigError(path, f"must be a positive number, got {amount!r}")
+
+
+def _check_token_run(cfg: "ExperimentConfig") -> None:
+    """Cross-field rules of a token task run (``env.id`` names a task): an LM policy, a token
+    learner, generation workers, and model options that build."""
+    from srl.registry import names
+
+    token = cfg.env.id in names("task")
+    if not token:
+        if cfg.policy.type == "lm" or cfg.algorithm.type == "grpo":
+            raise ConfigError("env.id", f"policy.type lm and algorithm.type grpo need a token task "
+                                        f"({', '.join(names('task'))}), got {cfg.env.id!r}")
+        return
+    if cfg.policy.type != "lm":
+        raise ConfigError("policy.type", f"must be lm for the token task {cfg.env.id}, got {cfg.policy.type!r}")
+    if cfg.algorithm.type == "ppo":
+        raise ConfigError("algorithm.type", "token tasks train with grpo (ppo is for env steps)")
+    if cfg.workers.policies.count < 1:
+        raise ConfigError("workers.policies.count", "must be >= 1: token tasks generate on policy workers")
+    if cfg.workers.sync:
+        raise ConfigError("workers.sync", "is not supported for token tasks")
+    if cfg.generation.temperature <= 0:
+        raise ConfigError("generation.temperature", "must be > 0 for RL (a greedy policy has no log-probabilities)")
+    for section, lm in (("policy.lm", cfg.policy.lm), ("draft.lm", cfg.draft.lm)):
+        _check_lm(section, lm)
+
+
+def _check_lm(section: str, lm: dict) -> None:
+    from srl.policies.lm import LMConfig
+
+    known = {f.name for f in dataclasses.fields(LMConfig)} - {"vocab_size"}
+    for key in lm:
+        if key not in known:
+            raise ConfigError(f"{section}.{key}", _unknown_key_message(str(key), sorted(known)))
+    try:
+        c = LMConfig(vocab_size=1, **_deep_copy(lm)).validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(section, str(exc))
+    weights = 4 * c.n_layers * c.d_model * c.d_model * (4 + 2 * c.mlp_ratio)  # float32 blocks
+    if weights > MAX_WEIGHT_BYTES or c.max_seq_len > 1 << 20:
+        raise ConfigError(section, f"a model of {_bytes(weights)} (at most {_bytes(MAX_WEIGHT_BYTES)}) or "
+                                   f"max_seq_len {c.max_seq_len} (at most {1 << 20}) is refused")
 
 
 def _check_device(name: str, device: str) -> None:
@@ -408,6 +592,10 @@ SIZE_LIMITS = {
     "algorithm.minibatches": 1 << 20,
     "algorithm.max_policy_lag": 1 << 20,
     "policy.hidden": 1 << 16,
+    "policy.d_model": 1 << 14,
+    "policy.layers": 256,
+    "policy.heads": 1024,
+    "policy.memory": 1 << 16,
     "checkpoint.keep": 1000,
     "stop.env_steps": 2**62,
 }

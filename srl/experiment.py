@@ -30,14 +30,21 @@ class Experiment:
     """
 
     def __init__(self, config: ExperimentConfig, run_dir: str | None = None, resume: bool = False,
-                 env: Callable | None = None, policy: type | None = None):
+                 env: Callable | None = None, policy: type | None = None, task: type | None = None):
         """Args:
             config: the experiment; ``env.id`` and ``policy.type`` may name the objects below.
             env: a gymnasium.Env class or factory; registered as ``custom/<Name>-v0`` unless
                 ``config.env.id`` already starts with ``custom/``.
             policy: a torch policy class built as ``policy(space_info, policy_config)`` with the
                 interface of :class:`srl.policies.ActorCritic` (subclassing it is easiest).
+            task: a token task class (:class:`srl.envs.text.TokenTask`'s protocol: vocab_size,
+                eos_id, pad_id, sample_prompts, reward) built as ``task(**env.kwargs)``;
+                registered as ``custom/<Name>-v0`` unless ``config.env.id`` starts with ``custom/``.
         """
+        if task is not None:
+            if not config.env.id.startswith("custom/"):
+                config.env.id = f"custom/{getattr(task, '__name__', 'Task')}-v0"
+            registry.register_task(config.env.id, task)
         if env is not None:
             if not config.env.id.startswith("custom/"):
                 config.env.id = f"custom/{getattr(env, '__name__', 'Env')}-v0"
@@ -80,9 +87,7 @@ def controller_for(cfg: ExperimentConfig, run_dir: str, scheduler=None, resume: 
     if resume and load_latest(run_dir) is None:
         raise SrlError(f"{run_dir}: --resume found no usable checkpoint; refusing to start from scratch")
     plan = compile_plan(cfg)
-    env = make_vector_env(cfg.env, 1, seed=cfg.seed)
-    space = space_info(env.single_observation_space, env.single_action_space, cfg.env.id).to_dict()
-    env.close()
+    space = _probe_space(cfg)
     _write_config(run_dir, cfg)
     components = registry.custom_components()
     by_value = tuple(obj for group in components.values() for obj in group.values() if not isinstance(obj, str))
@@ -95,6 +100,18 @@ def controller_for(cfg: ExperimentConfig, run_dir: str, scheduler=None, resume: 
     return Controller(plan, settings, RLMonitor(cfg, run_dir), run_dir, WORKER_ENTRY,
                       payload=RunPayload(cfg, space, components), scheduler=scheduler, resume=resume,
                       launch_time=launch_time, by_value=by_value)
+
+
+def _probe_space(cfg: ExperimentConfig) -> dict:
+    """The env's spaces as a dict; for a token task, prompts as observations and tokens as actions."""
+    from srl.envs.tokens import build_task, is_token_task, task_space
+
+    if is_token_task(cfg):
+        return task_space(cfg, build_task(cfg)).to_dict()
+    env = make_vector_env(cfg.env, 1, seed=cfg.seed)
+    space = space_info(env.single_observation_space, env.single_action_space, cfg.env.id).to_dict()
+    env.close()
+    return space
 
 
 def _write_config(run_dir: str, cfg: ExperimentConfig) -> None:

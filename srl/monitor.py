@@ -24,6 +24,16 @@ MAX_STEPS_PER_ENV_S = 1_000_000
 """Ceiling on the env steps one env can report per second (far above any simulator)."""
 
 
+def return_window(cfg: ExperimentConfig) -> int:
+    """Episodes the mean return averages: ``stop.window``, else the last 20, or for a token task (one completion, one
+    episode) the last ``algorithm.batch_size`` completions, at least 20."""
+    from srl.envs.tokens import is_token_task
+
+    if cfg.stop.window is not None:
+        return cfg.stop.window
+    return max(RETURN_WINDOW, cfg.algorithm.batch_size) if is_token_task(cfg) else RETURN_WINDOW
+
+
 @dataclass
 class RunResult:
     run_dir: str
@@ -45,7 +55,7 @@ class RLMonitor:
         self.env_steps = 0
         self.episodes = 0
         self.learned_steps = 0
-        self.returns: collections.deque = collections.deque(maxlen=RETURN_WINDOW)
+        self.returns: collections.deque = collections.deque(maxlen=return_window(cfg))
         self.window_returns: list[float] = []
         self.window_lengths: list[int] = []
         self.trainer_stats: dict = {}
@@ -66,6 +76,8 @@ class RLMonitor:
             self._on_actor(worker, report)
         elif isinstance(report, TrainerReport):
             self._on_trainer(report)
+        elif isinstance(getattr(report, "stats", None), dict):  # generation and draft workers
+            self.trainer_stats.update({k: v for k, v in report.stats.items() if k.startswith(("generation/", "draft/"))})
         fields = dataclasses.asdict(report)
         return {k: v for k, v in fields.items() if k not in ("episode_returns", "episode_lengths", "stats")}
 
@@ -117,7 +129,7 @@ class RLMonitor:
 
     # ------------------------------------------------------------------ controller hooks
     def mean_return(self) -> float | None:
-        return float(np.mean(self.returns)) if len(self.returns) >= RETURN_WINDOW else None
+        return float(np.mean(self.returns)) if len(self.returns) >= self.returns.maxlen else None
 
     def stop_reason(self, wall_s: float) -> str:
         stop = self.cfg.stop

@@ -1,11 +1,12 @@
 """Every name an experiment file can use, in one place.
 
-Each kind (``policy``, ``learner``, ``optimizer``, ``role``) maps names to classes. Built-ins are
+Each kind (``policy``, ``learner``, ``optimizer``, ``role``, ``task``) maps names to classes. Built-ins are
 listed as ``module:attribute`` strings and imported only when used, so looking names up costs
 nothing and this module imports no other part of srl. Users add their own names with
 :func:`register` (or ``srl.Experiment(config, policy=MyPolicy)``), or from an installed package
 through the entry-point group ``srl.<kind>`` (``[project.entry-points."srl.policy"] name =
-"pkg.module:Class"``). Environments are gymnasium ids; :func:`register_env` registers a class.
+"pkg.module:Class"``). Environments are gymnasium ids; :func:`register_env` registers a class. Token tasks (prompts and
+rewards for language-model policies) are named by ``env.id`` too, from the ``task`` kind.
 """
 from __future__ import annotations
 
@@ -16,15 +17,20 @@ from typing import Any
 
 from srl.errors import ConfigError
 
-KINDS = ("policy", "learner", "optimizer", "role")
+KINDS = ("policy", "learner", "optimizer", "role", "task")
 
 _BUILTIN: dict[str, dict[str, str]] = {
-    "policy": {"mlp": "srl.policies.mlp:ActorCritic"},
-    "learner": {"ppo": "srl.algorithms.ppo:PPOLearner"},
+    "policy": {"mlp": "srl.policies.mlp:ActorCritic", "gru": "srl.policies.memory:GRUActorCritic",
+               "transformer": "srl.policies.memory:TransformerActorCritic", "cnn": "srl.policies.cnn:CNNActorCritic",
+               "lm": "srl.policies.lm_policy:LMPolicy"},
+    "learner": {"ppo": "srl.algorithms.ppo:PPOLearner", "appo": "srl.algorithms.appo:APPOLearner",
+                "grpo": "srl.algorithms.grpo:GRPOLearner"},
     "optimizer": {"adam": "torch.optim:Adam", "adamw": "torch.optim:AdamW", "sgd": "torch.optim:SGD",
                   "sophia": "srl.optim.sophia:Sophia"},
     "role": {"actor": "srl.workers.actor:ActorWorker", "policy": "srl.workers.policy:PolicyWorker",
-             "trainer": "srl.workers.trainer:TrainerWorker"},
+             "trainer": "srl.workers.trainer:TrainerWorker", "token_actor": "srl.workers.token_actor:TokenActorWorker",
+             "generation": "srl.workers.generation:GenerationWorker", "draft": "srl.workers.draft:DraftWorker"},
+    "task": {"srl/Addition-v0": "srl.envs.text:Addition", "srl/Sort-v0": "srl.envs.text:Sort"},
 }
 _USER: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _ENTRY_POINTS_LOADED: set[str] = set()
@@ -77,6 +83,12 @@ def register_learner(name: str, cls: type) -> None:
     """Make ``algorithm: {type: name}`` build ``cls(policy, algorithm_config, optimizer_config,
     device=..., total_env_steps=..., seed=..., grad_sync=...)`` in the trainers."""
     register("learner", name, cls)
+
+
+def register_task(name: str, cls: type) -> None:
+    """Make ``env: {id: name}`` build the token task ``cls(**env.kwargs)`` (the protocol of
+    :class:`srl.envs.text.TokenTask`): the run then has generation workers and a token learner."""
+    register("task", name, cls)
 
 
 def register_env(env_id: str, entry_point, **kwargs) -> None:

@@ -80,4 +80,5 @@ def _policy_check(run):
     worker.info = SpaceInfo((4,), True, 2)
     worker.cfg = run.ctl.payload.config
     worker.max_env_id = 16
+    worker.memory = None  # a feed-forward policy: no per-env state to check requests against
     return worker._check

@@ -95,40 +95,56 @@ class PPOLearner:
         b = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
         T, B = b["reward"].shape[:2]
         policy = self.policy
+        recurrent = getattr(policy, "recurrent", False)
         if policy.obs_norm is not None:
             valid_obs = b["obs"][:T][b["valid"].bool()]
             policy.obs_norm.update(valid_obs, self.sync)
         with torch.no_grad():
-            all_values = policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
+            if recurrent:
+                all_values = policy.evaluate_sequence(b["obs"], b["action"], b["first"], _state_of(b))[2].float()
+            else:
+                all_values = policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
         terminated, truncated = b["terminated"].float(), b["truncated"].float()
         done = torch.clamp(terminated + truncated, max=1.0)
         reward = b["reward"].float() * b["valid"].float()
         if self.algo.norm_returns:
             reward = reward / self.return_var.scale_for(reward, done, self.algo.gamma, self.sync)
-        adv, ret = gae(reward, all_values[:T], all_values[1:], terminated, done,
-                       self.algo.gamma, self.algo.gae_lambda)
-        mask = b["valid"].reshape(-1).bool()
-        flat = {
-            "obs": b["obs"][:T].reshape(T * B, *b["obs"].shape[2:])[mask],
-            "action": b["action"].reshape(T * B, *b["action"].shape[2:])[mask],
-            "logp": b["logp"].reshape(-1)[mask].float(),
-            "adv": adv.reshape(-1)[mask],
-            "ret": ret.reshape(-1)[mask],
-            "value": all_values[:T].reshape(-1)[mask],
-        }
+        adv, ret = self._advantages(b, reward, all_values, terminated, done)
+        mask = b["valid"].bool()
         n = int(mask.sum())
         self.env_steps += n if self.sync is None else int(self.sync.sum(torch.tensor([n], dtype=torch.float64))[0])
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
-        stats = self._epochs(flat, n)
-        stats["losses/explained_variance"] = _explained_variance(flat["value"], flat["ret"])
+        if recurrent:  # minibatches of whole env columns: each keeps its sequence and its start state
+            data = {**b, "logp": b["logp"].float(), "adv": adv, "ret": ret, "value": all_values[:T], "valid": mask}
+            stats = self._epochs(data, B, _take_columns)
+        else:
+            flat_mask = mask.reshape(-1)
+            data = {
+                "obs": b["obs"][:T].reshape(T * B, *b["obs"].shape[2:])[flat_mask],
+                "action": b["action"].reshape(T * B, *b["action"].shape[2:])[flat_mask],
+                "logp": b["logp"].reshape(-1)[flat_mask].float(),
+                "adv": adv.reshape(-1)[flat_mask],
+                "ret": ret.reshape(-1)[flat_mask],
+                "value": all_values[:T].reshape(-1)[flat_mask],
+            }
+            stats = self._epochs(data, n, _take_rows)
+        stats["losses/explained_variance"] = _explained_variance(all_values[:T][mask], ret[mask])
         stats["charts/learning_rate"] = self._lr()
         stats["perf/train_s"] = time.perf_counter() - t0
         return stats
 
-    def _epochs(self, flat: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-        """Epochs of shuffled minibatches. Diagnostics are averaged over the last epoch only:
-        on tiny CPU policies the bookkeeping would otherwise cost as much as the updates."""
+    def _advantages(self, b: dict[str, torch.Tensor], reward: torch.Tensor, values: torch.Tensor,
+                    terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages, value targets)`` [T, B] from the current critic's ``values`` [T + 1, B]:
+        GAE here; :class:`srl.algorithms.appo.APPOLearner` swaps in V-trace."""
+        T = reward.shape[0]
+        return gae(reward, values[:T], values[1:], terminated, done, self.algo.gamma, self.algo.gae_lambda)
+
+    def _epochs(self, data: dict[str, torch.Tensor], n: int, take) -> dict[str, float]:
+        """Epochs of shuffled minibatches of ``n`` items (``take(data, index)`` selects them).
+        Diagnostics are averaged over the last epoch only: on tiny CPU policies the bookkeeping
+        would otherwise cost as much as the updates."""
         algo = self.algo
         # exactly `minibatches` steps per epoch whatever n is: data-parallel ranks step together
         bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
@@ -137,11 +153,10 @@ class PPOLearner:
         for epoch in range(algo.epochs):
             last = epoch == algo.epochs - 1
             if algo.minibatches == 1:  # one full-batch step: no shuffle needed
-                batches = [flat]
+                batches = [data]
             else:
                 perm = torch.randperm(n, generator=self.rng).to(self.device)
-                batches = ({k: v[perm[lo:max(hi, lo + 1)]] for k, v in flat.items()}
-                           for lo, hi in zip(bounds[:-1], bounds[1:]))
+                batches = (take(data, perm[lo:max(hi, lo + 1)]) for lo, hi in zip(bounds[:-1], bounds[1:]))
             for mb in batches:
                 stats = self._minibatch_step(mb, diagnostics=last)
                 if last:
@@ -150,9 +165,19 @@ class PPOLearner:
                     count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
+    def _evaluate(self, mb: dict[str, torch.Tensor]):
+        """``(logp, entropy, value, head, recorded)`` of the current policy on a minibatch, with
+        the minibatch's recorded logp / adv / ret / value aligned to them (valid steps only)."""
+        if "first" not in mb:
+            return (*self.policy.evaluate(mb["obs"], mb["action"]), mb)
+        logp, entropy, value, head = self.policy.evaluate_sequence(mb["obs"], mb["action"], mb["first"], _state_of(mb))
+        m = mb["valid"]
+        recorded = {k: mb[k][m] for k in ("logp", "adv", "ret", "value")}
+        return logp[m], entropy[m], value[:m.shape[0]][m], head[m], recorded
+
     def _minibatch_step(self, mb: dict[str, torch.Tensor], diagnostics: bool = True) -> dict[str, float]:
         algo = self.algo
-        logp, entropy, value, _ = self.policy.evaluate(mb["obs"], mb["action"])
+        logp, entropy, value, _, mb = self._evaluate(mb)
         adv = mb["adv"]
         if algo.norm_adv and adv.numel() > 1:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -196,7 +221,7 @@ class PPOLearner:
         from srl.optim import gnb_loss, gnb_loss_gaussian, gnb_num_predictions
 
         self.optimizer.zero_grad(set_to_none=True)
-        _, _, _, head = self.policy.evaluate(mb["obs"], mb["action"])
+        head = self._evaluate(mb)[3]
         if self.policy.info.discrete:
             loss = gnb_loss(head)
         else:
@@ -248,6 +273,21 @@ class RunningVar:
 
     def load(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def _state_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A memory policy's start-of-trajectory state, stored as ``state/<name>`` arrays shaped
+    [1, B, ...] (one row, so that trajectories concatenate along the env axis like the rest)."""
+    return {k[len("state/"):]: v[0] for k, v in batch.items() if k.startswith("state/")}
+
+
+def _take_rows(data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in data.items()}
+
+
+def _take_columns(data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Env columns of [rows, B, ...] arrays."""
+    return {k: v[:, idx] for k, v in data.items()}
 
 
 def _moments(x: torch.Tensor, sync=None) -> tuple[float, float, float]:

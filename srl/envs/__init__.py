@@ -1,7 +1,7 @@
 """Environments: the gymnasium adapter and srl's own registered envs (``srl/...`` ids)."""
-from srl.envs.null import register_null_envs
+from srl.envs.builtin import register_srl_envs
 from srl.envs.vector import SpaceInfo, make_vector_env, space_info
 
-register_null_envs()
+register_srl_envs()
 
 __all__ = ["SpaceInfo", "make_vector_env", "space_info"]

@@ -11,8 +11,10 @@ import time
 import numpy as np
 import torch
 
-from srl.envs.vector import EpisodeTracker, SpaceInfo, make_vector_env
+from srl.envs.vector import EpisodeTracker, SpaceInfo, make_vector_env, step_signals
+from srl import registry
 from srl.plan import INFERENCE, PARAMS, SAMPLES, build_policy, env_group_key
+from srl.policies.state import state_spec, state_to_numpy
 from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceClient
 from srl.streams.params import ParamClient
@@ -28,8 +30,12 @@ REQUEST_TIMEOUT_S = 5.0
 class EnvGroup:
     """One vector env plus the trajectory it is filling."""
 
-    def __init__(self, env, info: SpaceInfo, rollout_len: int, first_env_id: int = 0, server: int = 0):
+    def __init__(self, env, info: SpaceInfo, rollout_len: int, first_env_id: int = 0, server: int = 0,
+                 state_spec: dict | None = None):
         self.env, self.info, self.T = env, info, rollout_len
+        self.state_spec = state_spec or {}
+        """A memory policy's per-env state (name -> (shape, dtype)); trajectories carry its value
+        before their first step, and ``first`` flags, so the learner can replay the sequence."""
         self.B = env.num_envs
         self.env_ids = np.arange(first_env_id, first_env_id + self.B, dtype=np.int64)
         """Run-wide ids of this group's envs (requests carry them: per-env state lives by id)."""
@@ -37,6 +43,10 @@ class EnvGroup:
         """The policy worker this group asks (sticky routing)."""
         self.obs, _ = env.reset()
         self.prev_done = np.zeros(self.B, bool)
+        self.first = np.ones(self.B, bool)
+        """Whether each env's current observation starts an episode."""
+        self.state = None
+        """Inline memory policies: the envs' state (a dict of tensors)."""
         self.tracker = EpisodeTracker(self.B)
         self.pending: int | None = None  # request id awaiting actions
         self.posted_at = 0.0
@@ -46,7 +56,7 @@ class EnvGroup:
         T, B, info = self.T, self.B, self.info
         act_shape, act_dtype = ((), np.int64) if info.discrete else ((info.n_actions,), np.float32)
         self.buf = {
-            "obs": np.empty((T + 1, B, *info.obs_shape), np.float32),
+            "obs": np.empty((T + 1, B, *info.obs_shape), info.obs_dtype),
             "action": np.empty((T, B, *act_shape), act_dtype),
             "logp": np.empty((T, B), np.float32),
             "reward": np.empty((T, B), np.float32),
@@ -54,30 +64,43 @@ class EnvGroup:
             "truncated": np.empty((T, B), bool),
             "valid": np.empty((T, B), bool),
         }
+        if self.state_spec:
+            self.buf["first"] = np.empty((T + 1, B), bool)
+            for name, (shape, dtype) in self.state_spec.items():
+                self.buf[f"state/{name}"] = np.zeros((1, B, *shape), dtype)
         self.t = 0
         self.min_version = None
 
-    def step(self, action: np.ndarray, logp: np.ndarray, version: int):
-        """Apply actions; returns (finished returns, lengths, valid steps, full trajectory or None)."""
+    def step(self, action: np.ndarray, logp: np.ndarray, version: int, state0: dict | None = None):
+        """Apply actions; returns (finished returns, lengths, valid steps, full trajectory or None).
+        ``state0``: a memory policy's ``state/*`` arrays before this step (first step only)."""
         b, t = self.buf, self.t
         b["obs"][t] = self.obs
+        if self.state_spec:
+            b["first"][t] = self.first
+            for name, value in (state0 or {}).items():
+                b[name][...] = value
         b["action"][t] = action
         b["logp"][t] = logp
         env_action = action
         if not self.info.discrete:
             env_action = np.clip(action, self.info.action_low, self.info.action_high)
-        obs, reward, terminated, truncated, _ = self.env.step(env_action)
-        valid = ~self.prev_done  # the step after a done only resets (gymnasium next-step autoreset)
+        obs, reward, terminated, truncated, info = self.env.step(env_action)
+        valid = ~self.prev_done  # the step after an episode's end only resets (gymnasium next-step autoreset)
         done = terminated | truncated
         b["reward"][t], b["terminated"][t], b["truncated"][t], b["valid"][t] = reward, terminated, truncated, valid
-        returns, lengths = self.tracker.update(reward, done & valid, valid)
-        self.prev_done = done
+        score, resets = step_signals(reward, done, info)  # Atari: raw scores, and a lost life is no reset
+        returns, lengths = self.tracker.update(score, resets & valid, valid)
+        self.prev_done = resets
+        self.first = ~valid  # the step after a done returned a reset observation
         self.obs = obs
         self.min_version = version if self.min_version is None else min(self.min_version, version)
         self.t += 1
         traj = None
         if self.t == self.T:
             b["obs"][self.T] = obs
+            if self.state_spec:
+                b["first"][self.T] = self.first
             traj = (b, self.min_version)
             self._new_buffers()
         return returns, lengths, int(valid.sum()), traj
@@ -95,6 +118,9 @@ class ActorWorker(RLWorker):
         per_group = a.envs_per_actor // a.ring if not a.inline_policy else a.envs_per_actor
         n_groups = a.ring if not a.inline_policy else 1
         inference = None if a.inline_policy else self.plan.stream(INFERENCE)
+        memory = getattr(registry.resolve("policy", cfg.policy.type), "recurrent", False)
+        self.policy = build_policy(self.info, cfg.policy) if a.inline_policy or memory else None
+        spec = state_spec(self.policy) if memory else {}
         self.groups = []
         for g in range(n_groups):
             server = 0
@@ -102,7 +128,9 @@ class ActorWorker(RLWorker):
                 server = inference.servers.index(inference.server_of(env_group_key(self.spec.name, g)))
             first = self.spec.index * a.envs_per_actor + g * per_group
             env = make_vector_env(cfg.env, per_group, seed + 7919 * g)
-            self.groups.append(EnvGroup(env, self.info, a.rollout_len, first, server))
+            self.groups.append(EnvGroup(env, self.info, a.rollout_len, first, server, spec))
+            if spec and a.inline_policy:
+                self.groups[-1].state = self.policy.initial_state(per_group)
         trainer = self.plan.stream(SAMPLES).server_of(self.spec.name)
         self.samples = self.endpoint(SampleProducer([self.address(SAMPLES, trainer)], self.key))
         params_server = self.plan.stream(PARAMS).server_of(self.spec.name)
@@ -118,7 +146,6 @@ class ActorWorker(RLWorker):
         self.credit_epoch = -1
         self.pushed = 0
         if a.inline_policy:
-            self.policy = build_policy(self.info, cfg.policy)
             self.params = self.endpoint(ParamClient(self.address(PARAMS, params_server), self.key, interval_s=0.0))
             self._wait_weights(-1)
         else:
@@ -168,8 +195,14 @@ class ActorWorker(RLWorker):
         group = self.groups[0]
         steps = 0
         for _ in range(group.T):
-            action, logp = self.policy.act(torch.from_numpy(group.obs))
-            steps += self._advance(group, action.numpy(), logp.numpy(), self.version)
+            obs = torch.from_numpy(group.obs)
+            if group.state_spec:  # a memory policy: its state lives here, one row per env
+                state0 = state_to_numpy(group.state) if group.t == 0 else None
+                action, logp, group.state = self.policy.act(obs, torch.from_numpy(group.first), group.state)
+                steps += self._advance(group, action.numpy(), logp.numpy(), self.version, state0)
+            else:
+                action, logp = self.policy.act(obs)
+                steps += self._advance(group, action.numpy(), logp.numpy(), self.version)
         return PollResult(samples=steps, batches=1)
 
     def _poll_remote(self) -> PollResult:
@@ -193,7 +226,8 @@ class ActorWorker(RLWorker):
                 else:
                     del self.by_req[req]
                     group.pending = None
-                    steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version)
+                    state0 = {k: v for k, v in msg.arrays.items() if k.startswith("state/")} or None
+                    steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version, state0)
                     if self._credit() > 0:
                         self._post(group, time.monotonic())
             msg = self.client.poll()
@@ -202,6 +236,11 @@ class ActorWorker(RLWorker):
     def _reply_fits(self, group: EnvGroup, arrays: dict) -> bool:
         action, logp = arrays.get("action"), arrays.get("logp")
         act_shape = (group.B,) if self.info.discrete else (group.B, self.info.n_actions)
+        if group.t == 0:  # a memory policy's state before the trajectory's first step
+            for name, (shape, dtype) in group.state_spec.items():
+                state = arrays.get(f"state/{name}")
+                if state is None or state.shape != (1, group.B, *shape) or state.dtype != np.dtype(dtype):
+                    return False
         return (action is not None and logp is not None and action.shape == act_shape and logp.shape == (group.B,)
                 and action.dtype.kind == ("i" if self.info.discrete else "f") and logp.dtype.kind == "f")
 
@@ -212,10 +251,14 @@ class ActorWorker(RLWorker):
         self.next_req += 1
         group.pending, group.posted_at = req, now
         self.by_req[req] = group
-        self.client.post(group.obs, req, group.env_ids, group.server)
+        if group.state_spec:
+            self.client.post(group.obs, req, group.env_ids, group.server, {"first": group.first},
+                             {"want_state": group.t == 0})
+        else:
+            self.client.post(group.obs, req, group.env_ids, group.server)
 
-    def _advance(self, group: EnvGroup, action, logp, version: int) -> int:
-        returns, lengths, valid, traj = group.step(action, logp, version)
+    def _advance(self, group: EnvGroup, action, logp, version: int, state0: dict | None = None) -> int:
+        returns, lengths, valid, traj = group.step(action, logp, version, state0)
         self.episodes[0].extend(returns)
         self.episodes[1].extend(lengths)
         self.env_steps += valid

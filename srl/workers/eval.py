@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from srl.config import load_experiment
+from srl.envs.atari import is_ale_id, make_atari_eval_env
 from srl.envs.vector import space_info
 from srl.errors import SrlError
 from srl.plan import build_policy
@@ -74,6 +75,8 @@ def evaluate(run_dir: str, episodes: int = 10, video: str | None = None, determi
 def _make_env(env_id: str, kwargs: dict, render: bool):
     if render:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # render off-screen, no display needed
+    if is_ale_id(env_id):  # the training env's preprocessing, as gymnasium wrappers around one game
+        return make_atari_eval_env(env_id, kwargs, "rgb_array" if render else None)
     try:
         return gymnasium.make(env_id, render_mode="rgb_array" if render else None, **kwargs)
     except gymnasium.error.DependencyNotInstalled as exc:

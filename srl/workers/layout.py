@@ -5,7 +5,7 @@ becomes a counted drop, never a crash or a silently wrong batch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,14 +22,26 @@ class TrajectoryLayout:
     """Env counts an actor's trajectories may have (its env groups)."""
     info: SpaceInfo
     actors: int
+    state_spec: dict = field(default_factory=dict)
+    """A memory policy's state (name -> (per-env shape, dtype)): trajectories then carry
+    ``first`` flags ([T + 1, B]) and ``state/<name>`` ([1, B, ...]), the state before step 0."""
 
     @property
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name -> (shape after [rows, B], dtype)."""
         i = self.info
         action = ((), "int64") if i.discrete else ((i.n_actions,), "float32")
-        return {"obs": (tuple(i.obs_shape), "float32"), "action": action, "logp": ((), "float32"),
-                "reward": ((), "float32"), "terminated": ((), "bool"), "truncated": ((), "bool"), "valid": ((), "bool")}
+        arrays = {"obs": (tuple(i.obs_shape), i.obs_dtype), "action": action, "logp": ((), "float32"),
+                  "reward": ((), "float32"), "terminated": ((), "bool"), "truncated": ((), "bool"),
+                  "valid": ((), "bool")}
+        if self.state_spec:
+            arrays["first"] = ((), "bool")
+            arrays.update({f"state/{k}": (tuple(shape), dtype) for k, (shape, dtype) in self.state_spec.items()})
+        return arrays
+
+    def rows(self, name: str) -> int:
+        """Leading dimension of an array: T + 1 observations, one start state, else T steps."""
+        return self.T + 1 if name in ("obs", "first") else 1 if name.startswith("state/") else self.T
 
     def check(self, msg: Message) -> None:
         """WireError naming the first thing wrong with a trajectory message."""
@@ -45,11 +57,13 @@ class TrajectoryLayout:
         if B not in self.group_sizes:
             raise WireError(f"sample with {B} envs, expected one of {self.group_sizes}")
         for name, (tail, dtype) in self.arrays.items():
-            rows = self.T + 1 if name == "obs" else self.T
+            rows = self.rows(name)
             arr = msg.arrays[name]
             if arr.shape != (rows, B, *tail) or arr.dtype != np.dtype(dtype):
                 raise WireError(f"sample {name!r}: {arr.dtype}{arr.shape}, expected {dtype}{(rows, B, *tail)}")
-        for name in ("obs", "reward", "logp") + (() if self.info.discrete else ("action",)):
+        floats = ("obs",) if self.info.obs_dtype == "float32" else ()  # uint8 pixels are finite by type
+        floats += tuple(f"state/{k}" for k, (_, dtype) in self.state_spec.items() if dtype.startswith("float"))
+        for name in floats + ("reward", "logp") + (() if self.info.discrete else ("action",)):
             if not np.isfinite(msg.arrays[name]).all():
                 raise WireError(f"sample {name!r} holds non-finite values")
         if self.info.discrete:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from srl.plan import INFERENCE, PARAMS, build_policy
+from srl.policies.state import StateTable, state_to_numpy
 from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceServer
 from srl.streams.params import ParamClient
@@ -37,6 +38,8 @@ class PolicyWorker(RLWorker):
         self.batches = 0
         self.envs_served: set[int] = set()
         self.max_env_id = cfg.workers.actors.count * cfg.workers.actors.envs_per_actor
+        self.memory = StateTable(self.policy, self.device) if getattr(self.policy, "recurrent", False) else None
+        """A memory policy's per-env state; a restarted worker starts its envs' memories afresh."""
 
     def _load(self, got) -> int:
         version, arrays = got
@@ -56,13 +59,19 @@ class PolicyWorker(RLWorker):
         obs, ids = msg.arrays.get("obs"), msg.arrays.get("env_ids")
         if obs is None or obs.ndim < 1 or tuple(obs.shape[1:]) != tuple(self.info.obs_shape):
             raise WireError(f"obs shape {None if obs is None else obs.shape}, expected (n, {self.info.obs_shape})")
-        if obs.dtype.kind not in "fiub" or len(obs) > self.cfg.workers.policies.max_batch:
+        uint8 = self.info.obs_dtype == "uint8"  # pixels: exactly uint8, nothing to cast or wrap
+        bad_dtype = obs.dtype != np.uint8 if uint8 else obs.dtype.kind not in "fiub"
+        if bad_dtype or len(obs) > self.cfg.workers.policies.max_batch:
             raise WireError(f"obs dtype {obs.dtype} or size {len(obs)} refused")
         if obs.dtype.kind == "f" and not np.isfinite(obs).all():
             raise WireError("obs holds non-finite values")
         if ids is not None and (ids.shape != (len(obs),) or ids.dtype != np.int64
                                 or (len(ids) and (ids.min() < 0 or ids.max() >= self.max_env_id))):
             raise WireError("env_ids do not match the observations or the run's envs")
+        if self.memory is not None:
+            first = msg.arrays.get("first")
+            if ids is None or first is None or first.shape != (len(obs),) or first.dtype != np.bool_:
+                raise WireError("a memory policy needs env_ids and bool first flags for every observation")
 
     def _poll(self) -> PollResult:
         got = self.params.poll()
@@ -72,15 +81,25 @@ class PolicyWorker(RLWorker):
         if not pending:
             return PollResult()
         sizes = [len(r.obs) for r in pending]
-        obs = torch.from_numpy(np.concatenate([r.obs for r in pending]).astype(np.float32, copy=False)).to(self.device)
-        action, logp = self.policy.act(obs)
+        obs = np.concatenate([r.obs for r in pending]).astype(self.info.obs_dtype, copy=False)  # uint8 stays uint8
+        obs = torch.from_numpy(obs).to(self.device)
+        state = None
+        if self.memory is not None:
+            rows, state = self.memory.get(np.concatenate([r.env_ids for r in pending]))
+            first = torch.from_numpy(np.concatenate([r.msg.arrays["first"] for r in pending])).to(self.device)
+            action, logp, new_state = self.policy.act(obs, first, state)
+            self.memory.put(rows, new_state)
+        else:
+            action, logp = self.policy.act(obs)
         action, logp = action.cpu().numpy(), logp.cpu().numpy()
         start = 0
         for request, n in zip(pending, sizes):
             if request.env_ids is not None:
                 self.envs_served.update(request.env_ids.tolist())
-            self.server.reply(request, {"action": action[start:start + n], "logp": logp[start:start + n]},
-                              {"version": self.version})
+            arrays = {"action": action[start:start + n], "logp": logp[start:start + n]}
+            if state is not None and request.msg.meta.get("want_state") is True:
+                arrays.update(state_to_numpy({k: v[start:start + n] for k, v in state.items()}))
+            self.server.reply(request, arrays, {"version": self.version})
             start += n
         self.requests += len(pending)
         self.batches += 1

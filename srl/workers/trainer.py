@@ -22,6 +22,7 @@ from srl.system.worker import PollResult
 from srl.workers.base import RLWorker
 from srl.workers.dp import DataParallel, weights_digest
 from srl.workers.intake import SampleIntake
+from srl.policies.state import state_spec
 from srl.workers.layout import TrajectoryLayout
 from srl.workers.reports import TrainerReport, to_meta
 
@@ -71,8 +72,7 @@ class TrainerWorker(RLWorker):
         params = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(PARAMS),
                                            epoch=self.spec.incarnation))
         params.publish(self.version, weights_to_numpy(self.policy))
-        groups = (a.envs_per_actor,) if a.inline_policy else (a.envs_per_actor // a.ring,)
-        layout = TrajectoryLayout(a.rollout_len, groups, self.info, a.count)
+        layout = self._layout()
         my_actors = len(self.plan.stream(SAMPLES).clients_of(self.spec.name))
         intake = SampleIntake(samples, params, layout, batch_steps=-(-cfg.algorithm.batch_size // self.world),
                               max_lag=cfg.algorithm.max_policy_lag, sync_actors=my_actors if cfg.workers.sync else 0,
@@ -80,6 +80,18 @@ class TrainerWorker(RLWorker):
         self.publish(SAMPLES, samples.address)
         self.publish(PARAMS, params.address)
         return intake
+
+    def _layout(self):
+        """What every sample must look like: env-step trajectories, or prompts and completions."""
+        from srl.envs.tokens import is_token_task
+
+        a = self.cfg.workers.actors
+        if is_token_task(self.cfg):
+            from srl.workers.token_layout import token_layout
+
+            return token_layout(self.cfg, self.info)
+        groups = (a.envs_per_actor,) if a.inline_policy else (a.envs_per_actor // a.ring,)
+        return TrajectoryLayout(a.rollout_len, groups, self.info, a.count, state_spec(self.policy))
 
     # ------------------------------------------------------------------ loop
     def _poll(self) -> PollResult:
