@@ -71,6 +71,8 @@ class RLMonitor:
 
     # ------------------------------------------------------------------ reports
     def on_report(self, worker: str, role: str, event: str, meta: dict) -> dict:
+        if not meta:  # an event from a worker not configured yet: it has no state to report
+            return {}
         report = parse(role, meta)
         if isinstance(report, ActorReport):
             self._on_actor(worker, report)
