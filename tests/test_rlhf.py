@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -31,6 +30,7 @@ from srl.system import wire
 from srl.workers.draft import DraftDistiller
 from srl.workers.generation import build_draft, generate, make_sampler
 from srl.workers.token_layout import token_layout
+from test_faults import _wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "rlhf_tiny.yaml")
@@ -52,14 +52,6 @@ def _tiny(tmp_path=None, **over):
     if tmp_path is not None:
         data["log"] = {"dir": str(tmp_path), "tensorboard": False, "console": False, "every_s": 0.5}
     return experiment_from_dict(data, [f"{k}={v}" for k, v in over.items()])
-
-
-def _wait(predicate, timeout_s=90.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never became true")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- the user's side

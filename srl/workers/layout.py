@@ -45,14 +45,7 @@ class TrajectoryLayout:
 
     def check(self, msg: Message) -> None:
         """WireError naming the first thing wrong with a trajectory message."""
-        for key in META_INTS:
-            v = msg.meta.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 1 << 40:
-                raise WireError(f"sample meta {key!r}: expected an integer, got {type(v).__name__}")
-        if not 0 <= msg.meta["actor"] < self.actors:
-            raise WireError(f"sample from actor {msg.meta['actor']}, the run has {self.actors}")
-        if set(msg.arrays) != set(self.arrays):
-            raise WireError(f"sample arrays {sorted(msg.arrays)[:8]}, expected {sorted(self.arrays)}")
+        check_sample_header(msg, self.actors, self.arrays)
         B = msg.arrays["valid"].shape[1] if msg.arrays["valid"].ndim == 2 else -1
         if B not in self.group_sizes:
             raise WireError(f"sample with {B} envs, expected one of {self.group_sizes}")
@@ -70,3 +63,15 @@ class TrajectoryLayout:
             a = msg.arrays["action"]
             if a.size and (a.min() < 0 or a.max() >= self.info.n_actions):
                 raise WireError(f"sample actions outside [0, {self.info.n_actions})")
+
+
+def check_sample_header(msg: Message, actors: int, arrays: dict) -> None:
+    """The metadata every sample carries (integers, a known actor) and exactly ``arrays``' names."""
+    for key in META_INTS:
+        v = msg.meta.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 1 << 40:
+            raise WireError(f"sample meta {key!r}: expected an integer, got {type(v).__name__}")
+    if not 0 <= msg.meta["actor"] < actors:
+        raise WireError(f"sample from actor {msg.meta['actor']}, the run has {actors}")
+    if set(msg.arrays) != set(arrays):
+        raise WireError(f"sample arrays {sorted(msg.arrays)[:8]}, expected {sorted(arrays)}")

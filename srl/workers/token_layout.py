@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from srl.system.wire import Message, WireError
-from srl.workers.layout import META_INTS
+from srl.workers.layout import check_sample_header
 
 MAX_COLUMNS = 1 << 20
 
@@ -36,14 +36,7 @@ class TokenLayout:
 
     def check(self, msg: Message) -> None:
         """WireError naming the first thing wrong with a sample message."""
-        for key in META_INTS:
-            v = msg.meta.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 1 << 40:
-                raise WireError(f"sample meta {key!r}: expected an integer, got {type(v).__name__}")
-        if not 0 <= msg.meta["actor"] < self.actors:
-            raise WireError(f"sample from actor {msg.meta['actor']}, the run has {self.actors}")
-        if set(msg.arrays) != set(self.arrays):
-            raise WireError(f"sample arrays {sorted(msg.arrays)[:8]}, expected {sorted(self.arrays)}")
+        check_sample_header(msg, self.actors, self.arrays)
         B = msg.arrays["valid"].shape[-1] if msg.arrays["valid"].ndim == 2 else -1
         if not 0 < B <= MAX_COLUMNS or B % self.group_size:
             raise WireError(f"sample with {B} completions, expected a multiple of the group size {self.group_size}")
