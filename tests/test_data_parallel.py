@@ -53,7 +53,8 @@ def test_kill_9_of_one_of_two_trainers_and_the_run_finishes(tmp_path):
         os.kill(ctl.scheduler.pid("trainer/1"), signal.SIGKILL)
         _wait(lambda: ctl.restarts >= 1)
         # the whole group came back from rank 0's checkpoint and learns on, in step
-        _wait(lambda: all(ctl.worker_stats.get(f"trainer/{r}", {}).get("incarnation") == 1 for r in range(2)))
+        _wait(lambda: all(ctl.worker_stats.get(f"trainer/{r}", {}).get("incarnation") == 1
+                          and "version" in ctl.worker_stats[f"trainer/{r}"] for r in range(2)))
         back_at = ctl.worker_stats["trainer/0"]["version"]
         _wait(lambda: ctl.worker_stats["trainer/1"]["version"] >= back_at + 5)
         steps = ctl.counters["env_steps"]

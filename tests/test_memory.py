@@ -255,5 +255,7 @@ def test_kill_9_of_a_policy_worker_holding_memories_and_the_run_still_learns(tmp
         th.join(timeout=60)
     result = box["result"]
     assert result.restarts >= 1 and result.reason == "mean_return", result
-    served = [set(ctl.worker_stats[f"policy/{p}"]["envs"]) for p in range(2)]  # sticky: one worker per env
-    assert served[0] and served[1] and not served[0] & served[1]
+    # sticky: no env reached both workers (what each served is reported at exit; the restarted
+    # one may have served nothing if the run reached its stop rule right after the restart)
+    served = [set(ctl.worker_stats[f"policy/{p}"].get("envs", [])) for p in range(2)]
+    assert served[0] | served[1] and not served[0] & served[1]
