@@ -137,7 +137,7 @@ def test_weights_round_trip_keeps_the_policy(kind):
 
 def test_state_table_keeps_each_env_row_and_grows():
     policy = _policy("gru", dtype=torch.float32)
-    table = StateTable(policy, capacity=2)
+    table = StateTable(policy, max_envs=16, capacity=2)
     ids = np.array([7, 3, 11], dtype=np.int64)
     rows, state = table.get(ids)
     assert len(table) == 3 and all(v.shape[0] == 3 for v in state.values())

@@ -69,6 +69,7 @@ class MemoryActorCritic(nn.Module):
 
     # -- the core: subclasses
     def initial_state(self, n: int, device="cpu") -> State:
+        """The state of ``n`` fresh envs: all zeros (``act`` resets rows by zeroing them)."""
         raise NotImplementedError
 
     def core_step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -80,9 +81,8 @@ class MemoryActorCritic(nn.Module):
     # -- acting and learning
     @torch.inference_mode()
     def act(self, obs: torch.Tensor, first: torch.Tensor, state: State, deterministic: bool = False):
-        fresh = self.initial_state(obs.shape[0], obs.device)
-        keep = ~first.to(obs.device, torch.bool)
-        state = {k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)), v, fresh[k]) for k, v in state.items()}
+        first = first.to(obs.device, torch.bool)
+        state = {k: v.masked_fill(first.view(-1, *[1] * (v.dim() - 1)), 0) for k, v in state.items()}
         x = self._encode(obs)
         h, state = self.core_step(x, state)
         action, logp = sample_action(self.actor(h), self.info.discrete, getattr(self, "log_std", None), deterministic)

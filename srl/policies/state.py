@@ -20,23 +20,24 @@ class StateTable:
 
     Rows are assigned lazily (a policy worker behind sticky routing sees only its share of the
     run's envs) and the table doubles when full, so memory follows the envs actually served.
+    ``max_envs`` bounds the run-wide env ids (checked by the caller).
     """
 
-    def __init__(self, policy, device="cpu", capacity: int = 64):
+    def __init__(self, policy, max_envs: int, device="cpu", capacity: int = 64):
         self.policy, self.device = policy, device
-        self.rows: dict[int, int] = {}
+        self.row_of = np.full(max_envs, -1, np.int64)
+        """env id -> row, -1 until the env is first seen."""
+        self.size = 0
         self.table = policy.initial_state(capacity, device)
 
     def _rows_of(self, env_ids: np.ndarray) -> torch.Tensor:
-        rows = []
-        for env in env_ids.tolist():
-            row = self.rows.get(env)
-            if row is None:
-                row = self.rows[env] = len(self.rows)
-                if row >= next(iter(self.table.values())).shape[0]:
-                    self._grow()
-            rows.append(row)
-        return torch.as_tensor(rows, device=self.device)
+        new = np.unique(env_ids[self.row_of[env_ids] < 0])
+        if len(new):
+            self.row_of[new] = np.arange(self.size, self.size + len(new))
+            self.size += len(new)
+            while self.size > next(iter(self.table.values())).shape[0]:
+                self._grow()
+        return torch.as_tensor(self.row_of[env_ids], device=self.device)
 
     def _grow(self) -> None:
         n = next(iter(self.table.values())).shape[0]
@@ -53,7 +54,7 @@ class StateTable:
             self.table[k][rows] = v
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.size
 
 
 def state_to_numpy(state: State) -> dict[str, np.ndarray]:

@@ -38,7 +38,8 @@ class PolicyWorker(RLWorker):
         self.batches = 0
         self.envs_served: set[int] = set()
         self.max_env_id = cfg.workers.actors.count * cfg.workers.actors.envs_per_actor
-        self.memory = StateTable(self.policy, self.device) if getattr(self.policy, "recurrent", False) else None
+        recurrent = getattr(self.policy, "recurrent", False)
+        self.memory = StateTable(self.policy, self.max_env_id, self.device) if recurrent else None
         """A memory policy's per-env state; a restarted worker starts its envs' memories afresh."""
 
     def _load(self, got) -> int:
