@@ -82,6 +82,10 @@ class PolicyConfig:
     """``transformer``: attention heads (``d_model`` must divide by it, into even head widths)."""
     memory: int = 64
     """``transformer``: steps of the episode each block remembers (the memory window M)."""
+    attention: str = "srl"
+    """``transformer`` on CUDA: ``srl`` runs attention on srl's FlashAttention kernels (decode in
+    inference, per-row key starts in training); ``sdpa`` on torch's scaled_dot_product_attention
+    (for comparison). CPU always runs torch."""
 
     def validate(self) -> None:
         from srl.registry import check_name
@@ -90,6 +94,8 @@ class PolicyConfig:
         for name in ("d_model", "layers", "heads", "memory"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"policy.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.attention not in ("srl", "sdpa"):
+            raise ConfigError("policy.attention", f"must be srl or sdpa, got {self.attention!r}")
         if self.type == "transformer" and (self.d_model % self.heads or (self.d_model // self.heads) % 2):
             raise ConfigError("policy.heads", f"d_model {self.d_model} must split into {self.heads} heads of even width")
         if not self.hidden or any(h < 1 for h in self.hidden):
@@ -222,6 +228,9 @@ class PoliciesConfig:
     device: str = "cpu"
     max_batch: int = 4096
     """Upper bound on observations in one forward pass."""
+    cuda_graph: bool = True
+    """Memory policies on CUDA: replay the inference step from CUDA graphs (one per batch-size
+    bucket; see :mod:`srl.policies.graphed`); ``false`` runs every step eagerly."""
     routing: str = "sticky"
     """``sticky``: every request of one env reaches the same policy worker for the whole run
     (per-env state such as a memory can live there); ``round_robin``: any policy worker answers."""

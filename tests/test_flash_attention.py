@@ -67,24 +67,24 @@ def make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device=DEV, seed=0, layout="bhnd", 
     return rand(h, n_q), rand(h_kv, n_k), rand(h_kv, n_k)
 
 
-def reference_with_grads(q, k, v, do, causal, sm_scale=None):
+def reference_with_grads(q, k, v, do, causal, sm_scale=None, kv_start=None):
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = attention_reference(q64, k64, v64, causal=causal, sm_scale=sm_scale)
+    out = attention_reference(q64, k64, v64, causal=causal, sm_scale=sm_scale, kv_start=kv_start)
     out.backward(do.double())
     return out, q64.grad, k64.grad, v64.grad
 
 
-def run_kernel(q, k, v, causal, sm_scale=None, seed=1):
-    out = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale)
+def run_kernel(q, k, v, causal, sm_scale=None, seed=1, kv_start=None):
+    out = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     do = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
     out.backward(do)
     return out, q.grad, k.grad, v.grad, do
 
 
-def check_against_reference(q, k, v, causal, tol):
-    out, dq, dk, dv, do = run_kernel(q, k, v, causal)
-    ref = reference_with_grads(q, k, v, do, causal)
+def check_against_reference(q, k, v, causal, tol, kv_start=None):
+    out, dq, dk, dv, do = run_kernel(q, k, v, causal, kv_start=kv_start)
+    ref = reference_with_grads(q, k, v, do, causal, kv_start=kv_start)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
         assert got.shape == want.shape, name
         assert torch.isfinite(got).all(), f"{name} has NaN/inf"
@@ -167,6 +167,47 @@ def test_tma_option_matches_reference(case, monkeypatch):
     descriptors = fa._tma_descriptors(q, k, v, torch.empty_like(q, memory_format=torch.contiguous_format), 64, 64)
     assert (descriptors is None) == (layout == "bnhd")  # B > 1 and H > 1 rows do not merge in (B, N, H, D)
     check_against_reference(q, k, v, causal, TOL[dtype])
+
+
+# (B, H, H_kv, Nq, Nk, D, causal, dtype): per-row key starts on top of the causal mask
+KV_START_CASES = {
+    "causal_window_fp32": (2, 2, 2, 130, 194, 32, True, torch.float32),
+    "gqa_noncausal_fp16": (2, 4, 2, 72, 150, 64, False, torch.float16),
+    "bf16_upcast_causal": (1, 2, 1, 64, 64, 32, True, torch.bfloat16),
+}
+
+
+def random_starts(b, n_q, n_k, causal, seed):
+    """Per-row starts: sliding windows cut by random episode starts, some rows blind."""
+    gen = torch.Generator().manual_seed(seed)
+    last = torch.arange(n_q) + (n_k - n_q) if causal else torch.full((n_q,), n_k - 1)
+    width = torch.randint(1, n_k, (b, n_q), generator=gen)
+    start = (last[None] - width + 1).clamp_min(0)
+    start[:, ::17] = n_k + 3  # rows that see no key at all
+    return start.to(torch.int64)
+
+
+@pytest.mark.parametrize("case", list(KV_START_CASES), ids=list(KV_START_CASES))
+def test_kv_start_forward_and_gradients_match_float64_reference(case):
+    b, h, h_kv, n_q, n_k, d, causal, dtype = KV_START_CASES[case]
+    seed = 40 + list(KV_START_CASES).index(case)
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, seed=seed)
+    start = random_starts(b, n_q, n_k, causal, seed)
+    out, dq, _, _ = check_against_reference(q, k, v, causal, TOL[dtype], kv_start=start)
+    blind = start[0] >= n_k
+    assert torch.equal(out[0, :, blind], torch.zeros_like(out[0, :, blind]))
+    assert torch.equal(dq[0, :, blind], torch.zeros_like(dq[0, :, blind]))
+    # negative control: the same call without the starts is far from the reference with them
+    with torch.no_grad():
+        ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, kv_start=start)
+        assert rel_err(flash_attention(q, k, v, causal=causal), ref) > 10 * TOL[dtype]
+
+
+def test_kv_start_bad_shape_or_dtype_is_one_line_error():
+    q, k, v = make_qkv(2, 2, 2, 8, 8, 16, torch.float32, seed=0)
+    for bad in (torch.zeros(2, 7, dtype=torch.int64), torch.zeros(2, 8), [0] * 8):
+        with pytest.raises(ValueError, match=r"kv_start must be an int32/int64 tensor of shape \(B, Nq\)"):
+            flash_attention(q, k, v, kv_start=bad)
 
 
 def test_negative_control_wrong_scale_fails_tolerance():
@@ -361,3 +402,14 @@ def test_gpu_decode_long_cache(n_q, group, n_k):
     assert rel_err(out, ref) <= 1e-2
     ref_full = attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), causal=True)
     assert rel_err(via_entry, ref_full) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", [(64, 4, 2, 129, 193, 32, True), (4, 8, 8, 1000, 1000, 128, True),
+                                  (2, 4, 4, 300, 700, 64, False)], ids=str)
+def test_gpu_kv_start_forward_and_gradients(case, dtype):
+    b, h, h_kv, n_q, n_k, d, causal = case
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device="cuda", seed=n_q + d)
+    start = random_starts(b, n_q, n_k, causal, seed=d).cuda()
+    check_against_reference(q, k, v, causal, 1e-2, kv_start=start)

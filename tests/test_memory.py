@@ -80,14 +80,14 @@ def test_transformer_window_and_episode_masks_are_both_needed():
     obs, action, first = _trajectory()
     state = _warm_state(policy, obs.shape[1])
     logp = policy.evaluate_sequence(obs, action, first, state)[0]
-    real = memory._sequence_mask
+    real = memory._sequence_starts
     try:
-        memory._sequence_mask = lambda f, c, M: real(torch.zeros_like(f), c, M)
+        memory._sequence_starts = lambda f, c, M: real(torch.zeros_like(f), c, M)
         no_starts = policy.evaluate_sequence(obs, action, first, state)[0]
-        memory._sequence_mask = lambda f, c, M: real(f, c, M + 4)[..., 4:]
+        memory._sequence_starts = lambda f, c, M: (real(f, c, M + 4) - 4).clamp_min(0)
         wide = policy.evaluate_sequence(obs, action, first, state)[0]
     finally:
-        memory._sequence_mask = real
+        memory._sequence_starts = real
     assert (no_starts - logp)[:, 1].abs().max() > 1e-6  # env 1 saw across its episode starts
     assert (wide - logp)[:, 3].abs().max() > 1e-6  # env 3 saw more than M steps back
 
@@ -229,6 +229,64 @@ def test_the_policy_step_through_the_decode_kernel_matches_the_reference():
     assert torch.allclose(got.double(), want, atol=1e-4)
     wrong = flash_decode(q, k, v, causal=False, kv_lens=lens.clamp(max=2), num_splits=1)  # negative control
     assert not torch.allclose(wrong.double(), want, atol=1e-3)
+
+
+def test_the_learner_pass_through_the_flash_kernel_matches_the_masked_reference(monkeypatch):
+    """The CUDA path of ``evaluate_sequence`` (srl's FlashAttention with per-row key starts, here
+    through the Triton interpreter) gives the same log-probs, values and gradients as the masked
+    torch path, in float32; dropping the starts (a negative control) does not."""
+    torch.manual_seed(0)
+    cfg = PolicyConfig(type="transformer", d_model=32, heads=2, layers=2, memory=3, hidden=[16])
+    policy = TransformerActorCritic(INFO, cfg).double()  # head width 16: a width the kernels take
+    obs, action, first = _trajectory()
+    state = _warm_state(policy, 4)
+    policy.float()
+    obs, state = obs.float(), {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    def run():
+        policy.zero_grad()
+        logp, _, value, _ = policy.evaluate_sequence(obs, action, first, state)
+        (logp.sum() + value.square().sum()).backward()
+        return logp.detach(), value.detach(), [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+    want = run()
+    monkeypatch.setattr(memory, "_kernels_apply", lambda q, kernels: kernels)
+    got = run()
+    for a, b in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+        assert torch.allclose(a, b, atol=2e-4, rtol=1e-3), (a - b).abs().max()
+    real = memory._sequence_starts
+    monkeypatch.setattr(memory, "_sequence_starts", lambda f, c, M: real(f, c, M) * 0)
+    assert (run()[0] - want[0]).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_step_keeps_the_same_memories_as_the_eager_step():
+    """Replays of the captured step (padded buckets, resets, envs arriving late) leave every env's
+    memory equal to the eager step's, and report the log-prob of the action they sampled."""
+    from srl.policies.graphed import GraphedMemoryStep
+
+    torch.manual_seed(0)
+    cfg = PolicyConfig(type="transformer", d_model=64, heads=2, layers=2, memory=8, hidden=[32])
+    policy = TransformerActorCritic(INFO, cfg).cuda()
+    graphed = GraphedMemoryStep(policy, max_envs=40, max_batch=32, obs_shape=(5,), obs_dtype="float32", device="cuda")
+    eager = StateTable(policy, max_envs=40, device="cuda")
+    g = np.random.default_rng(1)
+    for step in range(12):
+        ids = g.choice(40, size=int(g.integers(1, 30)), replace=False).astype(np.int64)
+        obs = g.standard_normal((len(ids), 5)).astype(np.float32)
+        first = g.random(len(ids)) < 0.2
+        action, logp = graphed.step(obs, first, ids)
+        rows, st = eager.get(ids)
+        obs_t, first_t = torch.from_numpy(obs).cuda(), torch.from_numpy(first).cuda()
+        with torch.no_grad():
+            reset = {k: v.masked_fill(first_t.view(-1, *[1] * (v.dim() - 1)), 0) for k, v in st.items()}
+            h, new = policy.core_step(policy._encode(obs_t), reset)
+            want = torch.log_softmax(policy.actor(h), -1).gather(-1, torch.from_numpy(action).cuda()[:, None])[:, 0]
+        eager.put(rows, new)
+        assert np.allclose(logp, want.cpu().numpy(), atol=1e-3)
+        g_rows = graphed.table.rows_of(ids)
+        for k in new:
+            assert torch.allclose(graphed.table.table[k][g_rows].float(), eager.table[k][rows].float(), atol=1e-3)
 
 
 def test_kill_9_of_a_policy_worker_holding_memories_and_the_run_still_learns(tmp_path):

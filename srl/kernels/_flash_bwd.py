@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import autotune, causal_bounds, constexpr_arg, load_kv_tile
+from srl.kernels._flash_common import autotune, causal_bounds, constexpr_arg, load_kv_tile, start_bounds
 
 
 @triton.jit
@@ -57,10 +57,10 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qn, stride_don,
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, START_ROW, stride_qn, stride_don,
                 offs_n, offs_m0, lo, hi, n_q, causal_shift, qk_scale,
-                MASKED: tl.constexpr, EVEN_M: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, EVEN_M: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dK, dV of one key block over query blocks [lo, hi)."""
     q_ptrs += lo * stride_qn
     do_ptrs += lo * stride_don
@@ -82,7 +82,11 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qn, st
             do = do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): S^T in base 2
         if MASKED:
-            s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, s_t, float("-inf"))
+            if CAUSAL:
+                s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, s_t, float("-inf"))
+            if HAS_START:
+                start = tl.load(START_ROW + offs_m, mask=offs_m < n_q, other=0)
+                s_t = tl.where(offs_n[:, None] >= start[None, :], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         dp_t = tl.dot(v, tl.trans(do))
@@ -96,7 +100,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE_ROW, DELTA_ROW, stride_qn, st
 @autotune(lambda: _bwd_configs("BLOCK_N", "BLOCK_M"), key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
           prune=_prune_bwd)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, KV_START, qk_scale, sm_scale,
                    stride_qb, stride_qh, stride_qn,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -104,7 +108,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                    stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
                    H, H_KV, GROUP, N_Q, N_K, N_BUCKET,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
                    EVEN_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     off_bkv = tl.program_id(1)
@@ -136,6 +140,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     else:
         lo = 0
         mid = 0
+    if HAS_START:  # per-row key starts: every query block from lo on takes the mask
+        mid = tl.cdiv(N_Q, BLOCK_M) * BLOCK_M
+    start_row = KV_START + off_b * N_Q
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
         off_bh = off_b * H + off_h
@@ -143,12 +150,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
         do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_don + offs_d[None, :]
         lse_row = LSE + off_bh * N_Q
         delta_row = DELTA + off_bh * N_Q
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qn, stride_don,
-                             offs_n, offs_m0, lo, mid, N_Q, causal_shift, qk_scale,
-                             True, EVEN_M, UPCAST, BLOCK_M)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qn, stride_don,
-                             offs_n, offs_m0, mid, N_Q, N_Q, causal_shift, qk_scale,
-                             False, EVEN_M, UPCAST, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, start_row, stride_qn,
+                             stride_don, offs_n, offs_m0, lo, mid, N_Q, causal_shift, qk_scale,
+                             True, CAUSAL, HAS_START, EVEN_M, UPCAST, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, start_row, stride_qn,
+                             stride_don, offs_n, offs_m0, mid, N_Q, N_Q, causal_shift, qk_scale,
+                             False, CAUSAL, HAS_START, EVEN_M, UPCAST, BLOCK_M)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok)
@@ -158,8 +165,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-              offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+              offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale, start,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
     k_ptrs += lo * stride_kn
@@ -172,6 +179,8 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
             visible = cols[None, :] < n_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            if HAS_START:
+                visible = visible & (cols[None, :] >= start[:, None])
             s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
@@ -185,14 +194,14 @@ def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
 @autotune(lambda: _bwd_configs("BLOCK_M", "BLOCK_N"), key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
           prune=_prune_bwd)
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_START, qk_scale, sm_scale,
                  stride_qb, stride_qh, stride_qn,
                  stride_kb, stride_kh, stride_kn,
                  stride_vb, stride_vh, stride_vn,
                  stride_dob, stride_doh, stride_don,
                  stride_dqb, stride_dqh, stride_dqn,
                  H, GROUP, N_Q, N_K, N_BUCKET,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -216,10 +225,16 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, N_K, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                   offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale, False, CAUSAL, UPCAST, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                   offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale, True, CAUSAL, UPCAST, BLOCK_N)
+    start = offs_m  # unused unless HAS_START
+    mid = 0
+    if HAS_START:
+        start, lo, mid = start_bounds(KV_START + off_b * N_Q, offs_m, N_Q, N_K, full_hi, BLOCK_N)
+        dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                       lo, mid, N_K, causal_shift, qk_scale, start, True, False, True, UPCAST, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                   mid, full_hi, N_K, causal_shift, qk_scale, start, False, CAUSAL, False, UPCAST, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                   full_hi, hi, N_K, causal_shift, qk_scale, start, True, CAUSAL, HAS_START, UPCAST, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

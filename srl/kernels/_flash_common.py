@@ -163,3 +163,18 @@ def causal_bounds(start_m, N_Q, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
         full_hi = (N_K // BLOCK_N) * BLOCK_N
         hi = N_K
     return causal_shift, full_hi, hi
+
+
+@triton.jit
+def start_bounds(START_ROW, offs_m, N_Q, N_K, full_hi, BLOCK_N: tl.constexpr):
+    """Per-row key starts of a query block (key j is hidden from query i when j < start[i]).
+
+    Returns (start, lo, mid): keys [lo, mid) need the start mask, [mid, full_hi) are visible to
+    every row as far as the starts go (the caller's causal split still applies)."""
+    row_ok = offs_m < N_Q
+    start = tl.load(START_ROW + offs_m, mask=row_ok, other=0)
+    lo = tl.min(tl.where(row_ok, start, N_K), 0)
+    lo = tl.minimum((tl.maximum(lo, 0) // BLOCK_N) * BLOCK_N, full_hi)
+    mid = tl.cdiv(tl.max(start, 0), BLOCK_N) * BLOCK_N
+    mid = tl.minimum(tl.maximum(mid, lo), full_hi)
+    return start, lo, mid

@@ -6,12 +6,13 @@ import torch
 from srl.kernels._flash_common import check_inputs
 
 
-def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None):
+def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None, kv_start=None):
     """Plain torch attention; computes in float32 (float64 if the inputs are).
 
     Same semantics as :func:`flash_attention` (GQA, bottom-right causal mask,
     zeros for rows that see no key). ``kv_lens`` (B,) optionally limits the
-    valid keys of each batch element (as in :func:`flash_decode`).
+    valid keys of each batch element (as in :func:`flash_decode`); ``kv_start``
+    (B, Nq) hides the keys before ``kv_start[b, i]`` from query ``i``.
     """
     check_inputs(q, k, v)
     B, H, Nq, D = q.shape
@@ -34,6 +35,8 @@ def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None):
         rows = torch.arange(Nq, device=q.device)
         last = rows[None, :, None] + (n_valid[:, None, None] - Nq)  # (B, Nq, 1)
         mask = mask & (cols[None, None, None, :] <= last[:, None])
+    if kv_start is not None:
+        mask = mask & (cols[None, None, None, :] >= kv_start.to(q.device, torch.long)[:, None, :, None])
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -41,7 +41,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds,
                                        check_kernel_inputs, constexpr_arg, last_dim_contiguous, launch,
-                                       load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step)
+                                       load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step,
+                                       start_bounds)
 from srl.kernels._flash_decode import flash_decode
 from srl.kernels._reference import attention_reference  # noqa: F401 - public here too
 
@@ -78,8 +79,8 @@ def _prune_big_head(configs, named_args, **kwargs):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-               offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+               offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale, start,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, LAZY_RESCALE: tl.constexpr,
                WARP_SPEC: tl.constexpr, TMA: tl.constexpr):
     """Stream key blocks [lo, hi) through the online softmax of one query block.
@@ -100,6 +101,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
             visible = cols[None, :] < n_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            if HAS_START:
+                visible = visible & (cols[None, :] >= start[:, None])
             s = tl.where(visible, qk * qk_scale, float("-inf"))
             p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         elif LAZY_RESCALE:
@@ -130,13 +133,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
 
 @autotune(_fwd_configs, key=["HEAD_DIM", "CAUSAL", "N_BUCKET"], prune=_prune_big_head)
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE, KV_START, qk_scale,
               stride_qb, stride_qh, stride_qn,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_on,
               H, GROUP, N_Q, N_K, N_BUCKET,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               LAZY_RESCALE: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, TMA: tl.constexpr = False):
     """With TMA, Q, K, V, O are tensor descriptors over (B*H, N_Q, D), (B*H_kv, N_K, D) (blocks
@@ -169,12 +172,21 @@ def _attn_fwd(Q, K, V, O, LSE, qk_scale,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, N_K, CAUSAL, BLOCK_M, BLOCK_N)
+    start = offs_m  # unused unless HAS_START
+    lo = 0
+    mid = 0
+    if HAS_START:  # keys [lo, mid) under the per-row start mask, [mid, full_hi) unmasked
+        start, lo, mid = start_bounds(KV_START + (off_bh // H).to(tl.int64) * N_Q, offs_m, N_Q, N_K,
+                                      full_hi, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
+                                   offs_m, offs_n, lo, mid, N_K, causal_shift, qk_scale, start,
+                                   True, False, True, UPCAST, BLOCK_N, HEAD_DIM, False, False, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-                               offs_m, offs_n, 0, full_hi, N_K, causal_shift, qk_scale,
-                               False, CAUSAL, UPCAST, BLOCK_N, HEAD_DIM, LAZY_RESCALE, WARP_SPEC, TMA)
+                               offs_m, offs_n, mid, full_hi, N_K, causal_shift, qk_scale, start,
+                               False, CAUSAL, False, UPCAST, BLOCK_N, HEAD_DIM, LAZY_RESCALE, WARP_SPEC, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-                               offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale,
-                               True, CAUSAL, UPCAST, BLOCK_N, HEAD_DIM, False, False, TMA)
+                               offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale, start,
+                               True, CAUSAL, HAS_START, UPCAST, BLOCK_N, HEAD_DIM, False, False, TMA)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -281,22 +293,22 @@ def _fwd_plan(q, k, v, o):
     return (pointer_tiles, (q, k, v, o)) if descriptors is None else (tiles, descriptors)
 
 
-def _forward(q, k, v, causal, sm_scale):
+def _forward(q, k, v, causal, sm_scale, kv_start=None):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tiles, operands = _fwd_plan(q, k, v, o)
-    args = (*operands, lse, sm_scale * _LOG2E,
+    args = (*operands, lse, lse if kv_start is None else kv_start, sm_scale * _LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))
-    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=needs_upcast(q))
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_START=kv_start is not None, UPCAST=needs_upcast(q))
     launch(_attn_fwd, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, tiles)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale):
+def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start=None):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
@@ -309,13 +321,14 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale):
         o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=pre_m)
     upcast = needs_upcast(q)
     bucket = _bucket(max(Nq, Nk))
-    kv_args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale,
+    start = delta if kv_start is None else kv_start
+    kv_args = (q, k, v, do, dk, dv, lse, delta, start, sm_scale * _LOG2E, sm_scale,
                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                H, Hkv, H // Hkv, Nq, Nk, bucket)
-    q_args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale,
+    q_args = (q, k, v, do, dq, lse, delta, start, sm_scale * _LOG2E, sm_scale,
               *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
               H, H // Hkv, Nq, Nk, bucket)
-    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=upcast)
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_START=kv_start is not None, UPCAST=upcast)
     kv_tiles, q_tiles = _bwd_tiles(D, causal)
     # EVEN_M: every query block is full (all BLOCK_M values tried divide 128)
     even_m = Nq % (128 if TUNE else kv_tiles["BLOCK_M"]) == 0
@@ -332,26 +345,37 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Triton FlashAttention-2; saves q, k, v, O and the row logsumexp only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
+    def forward(ctx, q, k, v, causal, sm_scale, kv_start):
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = _forward(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse = _forward(q, k, v, causal, sm_scale, kv_start)
+        ctx.save_for_backward(q, k, v, o, lse, kv_start)
         ctx.causal = causal
         ctx.sm_scale = sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, kv_start = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start)
+        return dq, dk, dv, None, None, None
 
 
 def _use_triton(t):
     return t.is_cuda or INTERPRET
 
 
-def flash_attention(q, k, v, causal=False, sm_scale=None):
+def _check_kv_start(kv_start, q):
+    """``kv_start`` as a contiguous int32 (B, Nq) tensor on q's device, or a one-line ValueError."""
+    B, _, Nq, _ = q.shape
+    if not isinstance(kv_start, torch.Tensor) or tuple(kv_start.shape) != (B, Nq) \
+            or kv_start.dtype not in (torch.int32, torch.int64):
+        got = (f"{kv_start.dtype} {tuple(kv_start.shape)}" if isinstance(kv_start, torch.Tensor)
+               else type(kv_start).__name__)
+        raise ValueError(f"kv_start must be an int32/int64 tensor of shape (B, Nq) = ({B}, {Nq}), got {got}")
+    return kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+
+
+def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None):
     """Scaled dot-product attention on (B, H, N, D) tensors.
 
     Args:
@@ -360,6 +384,9 @@ def flash_attention(q, k, v, causal=False, sm_scale=None):
         k, v: (B, H_kv, Nk, D) keys and values; H must be a multiple of H_kv.
         causal: mask key j for query i unless j <= i + Nk - Nq (bottom-right).
         sm_scale: softmax scale, default 1/sqrt(D).
+        kv_start: optional (B, Nq) integer tensor: query i of batch b sees no key before
+            ``kv_start[b, i]`` (episode starts, sliding windows, left padding), on top of
+            ``causal``. Shared by every head.
 
     Returns:
         (B, H, Nq, D) tensor of q's dtype; rows that see no key are zero.
@@ -373,13 +400,15 @@ def flash_attention(q, k, v, causal=False, sm_scale=None):
     """
     check_kernel_inputs(q, k, v)
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+    if kv_start is not None:
+        kv_start = _check_kv_start(kv_start, q)
     if not _use_triton(q):
-        return attention_reference(q, k, v, causal=causal, sm_scale=scale)
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_start=kv_start)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and q.shape[2] <= 16 and q.is_cuda:
+    if not needs_grad and q.shape[2] <= 16 and q.is_cuda and kv_start is None:
         return flash_decode(q, k, v, causal=causal, sm_scale=scale)
     if needs_grad:
-        return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+        return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, kv_start)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    return _forward(q, k, v, bool(causal), scale)[0]
+    return _forward(q, k, v, bool(causal), scale, kv_start)[0]
 

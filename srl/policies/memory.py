@@ -164,6 +164,8 @@ class TransformerActorCritic(MemoryActorCritic):
     def __init__(self, info: SpaceInfo, cfg: "PolicyConfig"):
         super().__init__(info, cfg)
         self.M, self.L = cfg.memory, cfg.layers
+        self.kernels = cfg.attention == "srl"
+        """On CUDA, attention runs srl's kernels (else torch's): the ``policy.attention`` switch."""
         self.blocks = nn.ModuleList(MemoryBlock(self.d, cfg.heads) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(self.d)
 
@@ -180,45 +182,65 @@ class TransformerActorCritic(MemoryActorCritic):
             inputs.append(x)
             ctx = torch.cat([x[:, None], mem[:, l]], 1)  # (n, M + 1, d)
             q, k, v = block.project(x[:, None], ctx, torch.zeros(1, device=x.device), -dist)
-            x = block.finish(x[:, None], _decode_attention(q, k, v, cached + 1))[:, 0]
+            x = block.finish(x[:, None], _decode_attention(q, k, v, cached + 1, self.kernels))[:, 0]
         new_mem = torch.cat([torch.stack(inputs, 1)[:, :, None], mem[:, :, :-1]], 2)
         return self.norm(x), {"mem": new_mem, "len": torch.clamp(cached + 1, max=self.M).expand(n)}
 
     def core_sequence(self, x: torch.Tensor, first: torch.Tensor, state: State) -> torch.Tensor:
         T1, B = x.shape[:2]
         M = self.M
-        mask = _sequence_mask(first, state["len"].to(x.device), M)  # (B, T1, M + T1)
+        starts = _sequence_starts(first, state["len"].to(x.device), M)  # (B, T1)
         pos = torch.arange(M + T1, device=x.device)
         old = state["mem"].to(x.dtype).flip(2)  # (B, L, M, d) oldest first
         h = x.transpose(0, 1)  # (B, T1, d)
         for l, block in enumerate(self.blocks):
             ctx = torch.cat([old[:, l], h], 1)
             q, k, v = block.project(h, ctx, pos[M:], pos)
-            attn = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-            h = block.finish(h, attn)
+            h = block.finish(h, _sequence_attention(q, k, v, starts, self.kernels))
         return self.norm(h).transpose(0, 1)
 
 
-def _sequence_mask(first: torch.Tensor, cached: torch.Tensor, M: int) -> torch.Tensor:
-    """(B, T1, M + T1) visibility: keys are the cached inputs (oldest first) then the sequence;
-    query t sees keys within M steps back, not before its episode's start."""
+def _sequence_starts(first: torch.Tensor, cached: torch.Tensor, M: int) -> torch.Tensor:
+    """(B, T1) first visible key of each query; keys are the cached inputs (oldest first) then the
+    sequence, and query t (key M + t) sees keys [start, M + t]: within M steps back, not before
+    its episode's start."""
     T1, B = first.shape
-    dev = first.device
-    t = torch.arange(T1, device=dev)
+    t = torch.arange(T1, device=first.device)
     # latest episode start at or before t (-1: none in this sequence)
-    starts = torch.where(first.T, t, torch.full_like(t, -1)).cummax(1).values  # (B, T1)
-    lo = torch.where(starts >= 0, M + starts, (M - cached)[:, None])
-    q_idx = M + t
-    lo = torch.maximum(lo, q_idx - M)
-    j = torch.arange(M + T1, device=dev)
-    return (j[None, None] >= lo[:, :, None]) & (j[None, None] <= q_idx[None, :, None])
+    latest = torch.where(first.T, t, torch.full_like(t, -1)).cummax(1).values  # (B, T1)
+    lo = torch.where(latest >= 0, M + latest, (M - cached)[:, None])
+    return torch.maximum(lo, t)  # t = (M + t) - M
 
 
-def _decode_attention(q, k, v, kv_lens: torch.Tensor) -> torch.Tensor:
-    """One query per env over its valid prefix of keys: srl's flash-decode kernel on CUDA."""
+def _sequence_mask(starts: torch.Tensor, M: int) -> torch.Tensor:
+    """(B, T1, M + T1) visibility of :func:`_sequence_starts`."""
+    T1 = starts.shape[1]
+    j = torch.arange(M + T1, device=starts.device)
+    q_idx = M + torch.arange(T1, device=starts.device)
+    return (j[None, None] >= starts[:, :, None]) & (j[None, None] <= q_idx[None, :, None])
+
+
+def _kernels_apply(q: torch.Tensor, kernels: bool) -> bool:
     from srl.kernels._flash_common import SUPPORTED_HEAD_DIMS
 
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] in SUPPORTED_HEAD_DIMS:
+    return kernels and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+        and q.shape[-1] in SUPPORTED_HEAD_DIMS
+
+
+def _sequence_attention(q, k, v, starts: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """The learner's attention over a sequence chunk: srl's FlashAttention (bottom-right causal
+    plus per-row key starts) on CUDA, else torch's SDPA with the same mask."""
+    M = k.shape[2] - q.shape[2]
+    if _kernels_apply(q, kernels):
+        from srl.kernels import flash_attention
+
+        return flash_attention(q, k, v, causal=True, kv_start=starts)
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_sequence_mask(starts, M)[:, None])
+
+
+def _decode_attention(q, k, v, kv_lens: torch.Tensor, kernels: bool = True) -> torch.Tensor:
+    """One query per env over its valid prefix of keys: srl's flash-decode kernel on CUDA."""
+    if _kernels_apply(q, kernels):
         from srl.kernels import flash_decode
 
         return flash_decode(q, k, v, causal=False, kv_lens=kv_lens)

@@ -123,7 +123,12 @@ def sample_action(out: torch.Tensor, discrete: bool, log_std: torch.Tensor | Non
     """``(action, logp)`` from a head's output: logits (categorical) or means (diagonal Gaussian)."""
     if discrete:
         logp_all = torch.log_softmax(out, -1)
-        action = out.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+        if deterministic:
+            action = out.argmax(-1)
+        elif out.is_cuda:  # exponential race (Gumbel-max): no host sync, so a CUDA graph can hold it
+            action = (logp_all.exp() / torch.empty_like(logp_all).exponential_()).argmax(-1)
+        else:
+            action = torch.multinomial(logp_all.exp(), 1).squeeze(-1)
         return action, logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
     action = out if deterministic else out + log_std.exp() * torch.randn_like(out)
     return action, _gaussian_logp(action, out, log_std)

@@ -30,7 +30,8 @@ class StateTable:
         self.size = 0
         self.table = policy.initial_state(capacity, device)
 
-    def _rows_of(self, env_ids: np.ndarray) -> torch.Tensor:
+    def rows_of(self, env_ids: np.ndarray) -> torch.Tensor:
+        """The table rows of ``env_ids`` (a device tensor), assigning rows to envs seen first."""
         new = np.unique(env_ids[self.row_of[env_ids] < 0])
         if len(new):
             self.row_of[new] = np.arange(self.size, self.size + len(new))
@@ -46,7 +47,7 @@ class StateTable:
 
     def get(self, env_ids: np.ndarray) -> tuple[torch.Tensor, State]:
         """(row index, state of those envs)."""
-        rows = self._rows_of(env_ids)
+        rows = self.rows_of(env_ids)
         return rows, {k: v[rows] for k, v in self.table.items()}
 
     def put(self, rows: torch.Tensor, state: State) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from srl.plan import INFERENCE, PARAMS, build_policy
+from srl.policies.graphed import GraphedMemoryStep
 from srl.policies.state import StateTable, state_to_numpy
 from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceServer
@@ -39,7 +40,12 @@ class PolicyWorker(RLWorker):
         self.envs_served: set[int] = set()
         self.max_env_id = cfg.workers.actors.count * cfg.workers.actors.envs_per_actor
         recurrent = getattr(self.policy, "recurrent", False)
-        self.memory = StateTable(self.policy, self.max_env_id, self.device) if recurrent else None
+        self.graphed = None
+        if recurrent and cfg.workers.policies.cuda_graph and torch.device(self.device).type == "cuda":
+            self.graphed = GraphedMemoryStep(self.policy, self.max_env_id, cfg.workers.policies.max_batch,
+                                             self.info.obs_shape, self.info.obs_dtype, self.device)
+        self.memory = (self.graphed.table if self.graphed else StateTable(self.policy, self.max_env_id, self.device)
+                       ) if recurrent else None
         """A memory policy's per-env state; a restarted worker starts its envs' memories afresh."""
 
     def _load(self, got) -> int:
@@ -74,6 +80,21 @@ class PolicyWorker(RLWorker):
             if ids is None or first is None or first.shape != (len(obs),) or first.dtype != np.bool_:
                 raise WireError("a memory policy needs env_ids and bool first flags for every observation")
 
+    def _act(self, obs: np.ndarray, pending: list) -> tuple[np.ndarray, np.ndarray, dict | None]:
+        """(action, logp, the memory state before the step or None) of the pending requests."""
+        if self.memory is None:
+            action, logp = self.policy.act(torch.from_numpy(obs).to(self.device))
+            return action.cpu().numpy(), logp.cpu().numpy(), None
+        ids = np.concatenate([r.env_ids for r in pending])
+        first = np.concatenate([r.msg.arrays["first"] for r in pending])
+        if self.graphed is not None and not any(r.msg.meta.get("want_state") is True for r in pending):
+            return (*self.graphed.step(obs, first, ids), None)
+        rows, state = self.memory.get(ids)
+        obs_t, first_t = torch.from_numpy(obs).to(self.device), torch.from_numpy(first).to(self.device)
+        action, logp, new_state = self.policy.act(obs_t, first_t, state)
+        self.memory.put(rows, new_state)
+        return action.cpu().numpy(), logp.cpu().numpy(), state
+
     def _poll(self) -> PollResult:
         got = self.params.poll()
         if got is not None:
@@ -83,16 +104,7 @@ class PolicyWorker(RLWorker):
             return PollResult()
         sizes = [len(r.obs) for r in pending]
         obs = np.concatenate([r.obs for r in pending]).astype(self.info.obs_dtype, copy=False)  # uint8 stays uint8
-        obs = torch.from_numpy(obs).to(self.device)
-        state = None
-        if self.memory is not None:
-            rows, state = self.memory.get(np.concatenate([r.env_ids for r in pending]))
-            first = torch.from_numpy(np.concatenate([r.msg.arrays["first"] for r in pending])).to(self.device)
-            action, logp, new_state = self.policy.act(obs, first, state)
-            self.memory.put(rows, new_state)
-        else:
-            action, logp = self.policy.act(obs)
-        action, logp = action.cpu().numpy(), logp.cpu().numpy()
+        action, logp, state = self._act(obs, pending)
         start = 0
         for request, n in zip(pending, sizes):
             if request.env_ids is not None:
