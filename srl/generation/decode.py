@@ -216,11 +216,14 @@ class PlainSampler:
     """Autoregressive sampling from one model with a static KV cache (and a CUDA graph on GPU).
 
     ``steps_per_graph`` decode steps are captured in one graph to amortise the replay launch.
+    ``fused``: run each step through ``srl.generation.fused_decode.FusedDecodeStep`` (the same
+    function in about a third of the launches); None: on CUDA when the model allows it.
     """
 
     def __init__(self, model, batch: int, max_len: int, params: SamplingParams = SamplingParams(),
                  cuda_graph: bool = True, steps_per_graph: int = 8, dtype=None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, fused: bool | None = None):
+        from srl.generation.fused_decode import FusedDecodeStep, fused_unsupported
         from srl.policies.lm import require_cats
 
         require_cats(model)  # CATS MLPs (mlp.cats) run with their calibrated thresholds
@@ -231,6 +234,9 @@ class PlainSampler:
         self.cache = cache_for(model, batch, max_len, p.device, dtype or p.dtype)
         self.state = GenState.allocate(batch, max_len, p.device)
         self.steps_per_graph = steps_per_graph if (cuda_graph and torch.cuda.is_available()) else 1
+        if fused is None:
+            fused = p.device.type == "cuda" and fused_unsupported(model, self.params) is None
+        self._fused = FusedDecodeStep(model, self.cache, self.state, self.params) if fused else None
         dummy = torch.zeros(batch, 2, dtype=torch.long, device=p.device)
         self.state.reset(dummy, 1)
         with torch.inference_mode():
@@ -242,7 +248,10 @@ class PlainSampler:
 
     def _steps(self) -> None:
         for _ in range(self.steps_per_graph):
-            decode_one_token(self.model, self.cache, self.state, self.params, self.generator)
+            if self._fused is not None:
+                self._fused(self.generator)
+            else:
+                decode_one_token(self.model, self.cache, self.state, self.params, self.generator)
 
     @torch.inference_mode()
     def generate(self, prompt: Tensor, max_new_tokens: int) -> Rollout:

@@ -214,6 +214,50 @@ def _down_t(down_weight: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _launch_gate_down(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor,
+                      threshold: float, ws: "_Workspace", gate_config: dict | None,
+                      down_config: dict | None) -> None:
+    """Steps 1 and 2 of the decode path: the active rows' contributions summed into ``ws.out``."""
+    M, D = x.shape
+    F = gate_weight.shape[0]
+    upcast = INTERPRET and x.dtype != torch.float32
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    g = dict(_INTERP_GATE) if INTERPRET else dict(gate_config or GATE_CONFIG)
+    d = dict(_INTERP_DOWN) if INTERPRET else dict(down_config or DOWN_CONFIG)
+    _cats_gate_up[(triton.cdiv(F, g["BLOCK_F"]),)](
+        x, gate_weight.contiguous(), up_weight.contiguous(), ws.count, ws.idx, ws.act,
+        float(threshold), M, F, D, BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **g)
+    _cats_down[(triton.cdiv(D, d["BLOCK_N"]), d["SPLIT"])](
+        ws.count, ws.idx, ws.act, _down_t(down_weight), ws.out, M, F, D,
+        BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **d)
+
+
+def _check_kernel_rows(x: Tensor) -> None:
+    if not 1 <= x.shape[0] <= BLOCK_M:
+        raise ValueError(f"x must have 1..{BLOCK_M} rows for the decode kernel, got {x.shape[0]}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"dtype {x.dtype} is not supported; use float16, bfloat16 or float32")
+
+
+def cats_mlp_partial(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor,
+                     threshold: float) -> tuple[Tensor, Tensor]:
+    """The decode path without its final cast, for a caller that fuses it into its next kernel.
+
+    Returns (acc, counter): the float32 sum (M, D), a view of the shared workspace, and the int32
+    active-row counter. The caller must read acc and then zero both acc and counter before the
+    next CATS call on this device and shape (``srl.kernels.decode_step.residual_norm`` does)."""
+    _check_kernel_rows(x)
+    x = x.contiguous()
+    ws = _workspace(gate_weight.shape[0], x.shape[1], x.device)
+    try:
+        _launch_gate_down(x, gate_weight, up_weight, down_weight, threshold, ws, None, None)
+    except Exception:
+        ws.count.zero_()
+        ws.out.zero_()
+        raise
+    return ws.out[:x.shape[0]], ws.count
+
+
 def cats_mlp_kernel(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor,
                     threshold: float, gate_config: dict | None = None,
                     down_config: dict | None = None) -> tuple[Tensor, Tensor]:
@@ -222,24 +266,12 @@ def cats_mlp_kernel(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weig
     ``gate_config`` / ``down_config`` override the tile tables (the benchmark sweeps them)."""
     M, D = x.shape
     F = gate_weight.shape[0]
-    if not 1 <= M <= BLOCK_M:
-        raise ValueError(f"x must have 1..{BLOCK_M} rows for the decode kernel, got {M}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"dtype {x.dtype} is not supported; use float16, bfloat16 or float32")
+    _check_kernel_rows(x)
     x = x.contiguous()
     ws = _workspace(F, D, x.device)
     y = torch.empty_like(x)
-    upcast = INTERPRET and x.dtype != torch.float32
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    g = dict(_INTERP_GATE) if INTERPRET else dict(gate_config or GATE_CONFIG)
-    d = dict(_INTERP_DOWN) if INTERPRET else dict(down_config or DOWN_CONFIG)
     try:
-        _cats_gate_up[(triton.cdiv(F, g["BLOCK_F"]),)](
-            x, gate_weight.contiguous(), up_weight.contiguous(), ws.count, ws.idx, ws.act,
-            float(threshold), M, F, D, BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **g)
-        _cats_down[(triton.cdiv(D, d["BLOCK_N"]), d["SPLIT"])](
-            ws.count, ws.idx, ws.act, _down_t(down_weight), ws.out, M, F, D,
-            BLOCK_M=BLOCK_M, UPCAST=upcast, PREC=prec, **d)
+        _launch_gate_down(x, gate_weight, up_weight, down_weight, threshold, ws, gate_config, down_config)
         _cats_finish[(triton.cdiv(M * D, _FINISH_BLOCK),)](
             ws.out, y, ws.count, ws.active, M * D, BLOCK=_FINISH_BLOCK)
     except Exception:  # a launch that fails (e.g. a tile the compiler rejects) leaves no stale counts
@@ -274,7 +306,8 @@ def cats_mlp(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Ten
     x2 = x.reshape(-1, x.shape[-1])  # (M, D)
     if _kernel_wanted(x2, (gate_weight, up_weight, down_weight), use_kernel):
         y, active = cats_mlp_kernel(x2, gate_weight, up_weight, down_weight, threshold)
-        y, active = y.view(x.shape), active[0].clone()
+        # the count is copied only when asked for: a copy is one more launch per decode layer
+        y, active = y.view(x.shape), (active[0].clone() if return_active else None)
     else:
         y = cats_mlp_reference(x, gate_weight, up_weight, down_weight, threshold)
         active = active_rows_reference(x2, gate_weight, threshold) if return_active else None

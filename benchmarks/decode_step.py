@@ -1,0 +1,241 @@
+"""Decode-step speed: the torch decode step against the fused one (srl.generation.fused_decode).
+
+Sections (``--sections``):
+
+- ``plain``: plain sampling tokens/s of the 123.6M policy of ``benchmarks/generation.py`` (random
+  weights, bf16, vocab 50304; tokens/s does not depend on the weights) at several batch sizes,
+  ``PlainSampler`` with CUDA graphs, 9-token prompts, 256 new tokens, prefill included, median
+  of repeats; the torch step (``fused=False``) and the fused step side by side.
+- ``cats``: the end-to-end CATS measurement of ``benchmarks/kernels/cats.py`` (d_model 4096,
+  32 heads, SwiGLU 11008, vocab 32000, untied head, random weights, bf16, thresholds calibrated
+  for 50% on random tokens, 16-token prompt, 128 new tokens, median of 5) for dense and CATS with
+  the torch step and with the fused step (CATS's cast fused into the next norm, and not).
+- ``check``: on the device, the fused step against the torch step from the same generator
+  (bf16: the first tokens agree, log-probs close).
+- ``profile``: device time per kernel of a few eager decode steps, torch and fused.
+
+    PYTHONPATH=. python benchmarks/decode_step.py --json decode_step.json
+    PYTHONPATH=. python benchmarks/decode_step.py --tiny   # CPU smoke run (Triton interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from srl.generation.cats_calibration import apply_cats, calibrate_cats, measure_sparsity  # noqa: E402
+from srl.generation.decode import PlainSampler  # noqa: E402
+from srl.generation.fused_decode import FusedDecodeStep  # noqa: E402
+from srl.generation.sampling import SamplingParams  # noqa: E402
+from srl.policies.lm import LMConfig, TransformerLM  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+POLICY = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
+WIDE = dict(vocab_size=32000, d_model=4096, n_heads=32, max_seq_len=512, tie_embeddings=False,
+            mlp={"type": "swiglu", "hidden": 11008})
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def tokens_per_s(model, batch, prompt_len, new_tokens, repeats, fused, steps_per_graph=8,
+                 fuse_cats_cast=True) -> float:
+    s = PlainSampler(model, batch, prompt_len + new_tokens + steps_per_graph + 16,
+                     SamplingParams(temperature=1.0), cuda_graph=CUDA, fused=fused,
+                     steps_per_graph=steps_per_graph) if fuse_cats_cast else None
+    if s is None:  # the fused step with CATS's own cast launch: swap the step in before capture
+        s = _sampler_without_cast_fusion(model, batch, prompt_len + new_tokens + steps_per_graph + 16,
+                                         steps_per_graph)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=DEV)
+    s.generate(prompt, new_tokens)
+    times = []
+    for _ in range(repeats):
+        sync()
+        times.append(s.generate(prompt, new_tokens).seconds)
+    s.close()
+    return batch * new_tokens / statistics.median(times)
+
+
+def _sampler_without_cast_fusion(model, batch, max_len, steps_per_graph):
+    from srl.generation import decode
+
+    s = PlainSampler(model, batch, max_len, SamplingParams(temperature=1.0), cuda_graph=False,
+                     fused=True, steps_per_graph=steps_per_graph)
+    s._fused = FusedDecodeStep(model, s.cache, s.state, s.params, fuse_cats_cast=False)
+    s.steps_per_graph = steps_per_graph if CUDA else 1
+    with torch.inference_mode():
+        s._step = decode.capture(s, s._steps, CUDA)
+    return s
+
+
+def plain_section(batches, new_tokens, repeats, graph_steps) -> dict:
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
+    res = {"config": POLICY, "params": model.num_params(), "new_tokens": new_tokens, "rows": []}
+    log(f"plain: policy {model.num_params() / 1e6:.1f}M params")
+    with torch.inference_mode():
+        for b in batches:
+            row = {"batch": b, "torch": tokens_per_s(model, b, 9, new_tokens, repeats, False)}
+            for n in graph_steps:
+                row[f"fused_g{n}"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, n)
+            res["rows"].append(row)
+            log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "batch")
+                + " tok/s")
+    del model
+    if CUDA:
+        torch.cuda.empty_cache()
+    return res
+
+
+def cats_section(layers, batches, new_tokens, repeats, wide=None) -> dict:
+    cfg = LMConfig(n_layers=layers, **copy.deepcopy(wide or WIDE))
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        dense = TransformerLM(cfg).to(torch.bfloat16).eval()
+    T = min(128, cfg.max_seq_len)
+    thresholds = calibrate_cats(dense, [torch.randint(0, cfg.vocab_size, (4, T), device=DEV)], 0.5)
+    sparsity = measure_sparsity(dense, [torch.randint(0, cfg.vocab_size, (4, T), device=DEV)], thresholds)
+    cats = copy.deepcopy(dense)
+    apply_cats(cats, thresholds)
+    res = {"layers": layers, "held_out_sparsity": sparsity, "new_tokens": new_tokens, "rows": []}
+    with torch.inference_mode():
+        for b in batches:
+            row = {"batch": b,
+                   "dense_torch": tokens_per_s(dense, b, 16, new_tokens, repeats, False),
+                   "cats_torch": tokens_per_s(cats, b, 16, new_tokens, repeats, False),
+                   "dense_fused": tokens_per_s(dense, b, 16, new_tokens, repeats, True),
+                   "cats_fused": tokens_per_s(cats, b, 16, new_tokens, repeats, True),
+                   "cats_fused_own_cast": tokens_per_s(cats, b, 16, new_tokens, repeats, True,
+                                                       fuse_cats_cast=False)}
+            row["speedup_torch"] = row["cats_torch"] / row["dense_torch"]
+            row["speedup_fused"] = row["cats_fused"] / row["dense_fused"]
+            row["speedup_fused_own_cast"] = row["cats_fused_own_cast"] / row["dense_fused"]
+            res["rows"].append(row)
+            log(f"  {layers} layers batch {b}: " + ", ".join(
+                f"{k} {v:.0f}" if "speedup" not in k else f"{k} {v:.3f}x"
+                for k, v in row.items() if k != "batch"))
+    del dense, cats
+    if CUDA:
+        torch.cuda.empty_cache()
+    return res
+
+
+def check_section(cfg_dict, batch=4, new_tokens=24) -> dict:
+    torch.manual_seed(1)
+    with torch.device(DEV):
+        model = TransformerLM(LMConfig(**cfg_dict)).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 9), device=DEV)
+    outs = []
+    for fused in (False, True):
+        g = torch.Generator(device=DEV).manual_seed(3)
+        s = PlainSampler(model, batch, 64, SamplingParams(1.0), cuda_graph=False, fused=fused, generator=g)
+        with torch.inference_mode():
+            outs.append(s.generate(prompt, new_tokens))
+    same = (outs[0].tokens == outs[1].tokens).float()
+    first_diff = int(same.min(0).values.argmin()) if same.min() < 1 else new_tokens
+    n = max(first_diff, 1)
+    res = {"batch": batch, "new_tokens": new_tokens, "tokens_equal_fraction": float(same.mean()),
+           "first_differing_step": first_diff,
+           "max_logp_diff_before_it": float((outs[0].logp[:, :n] - outs[1].logp[:, :n]).abs().max())}
+    log(f"check: {res}")
+    return res
+
+
+def profile_section(batch, steps=4) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
+    res = {}
+    for fused in (False, True):
+        s = PlainSampler(model, batch, 128, SamplingParams(1.0), cuda_graph=False, fused=fused)
+        prompt = torch.randint(0, model.config.vocab_size, (batch, 9), device=DEV)
+        with torch.inference_mode():
+            s.generate(prompt, 8)
+            sync()
+            acts = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+            with profile(activities=acts) as prof:
+                s.generate(prompt, steps)
+                sync()
+        evs = prof.key_averages()
+        key = "device_time_total" if CUDA else "cpu_time_total"
+        rows = sorted(evs, key=lambda e: -getattr(e, key, 0.0))[:25]
+        table = [{"name": e.key[:80], "count": e.count, "us_total": getattr(e, key, 0.0)} for e in rows]
+        name = "fused" if fused else "torch"
+        res[name] = {"kernels": table, "launches": sum(e.count for e in evs if CUDA and getattr(e, key, 0) > 0)}
+        log(f"profile {name} batch {batch}, {steps} tokens after prefill:")
+        for t in table[:18]:
+            log(f"   {t['us_total']:9.1f} us  x{t['count']:4d}  {t['name']}")
+    del model
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode_step.json"))
+    ap.add_argument("--sections", default="check,plain,cats,profile")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--graph-steps", default="8,32", help="decode steps per CUDA graph (fused)")
+    ap.add_argument("--cats-layers", default="4,8")
+    ap.add_argument("--cats-batches", default="1")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="small models on the CPU (code check)")
+    args = ap.parse_args(argv)
+    sections = args.sections.split(",")
+    new_plain, new_cats, rep_cats = 256, 128, 5
+    wide = None
+    if args.tiny:
+        POLICY.update(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
+        wide = dict(WIDE, vocab_size=64, d_model=64, n_heads=2, mlp={"type": "swiglu", "hidden": 96})
+        new_plain, new_cats, rep_cats, args.repeats = 8, 8, 1, 1
+        args.batches, args.cats_layers, args.graph_steps = "1,2", "2", "8"
+    out = {"meta": {"device": torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)",
+                    "torch": torch.__version__, "triton": __import__("triton").__version__,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
+    log(out["meta"])
+
+    def save():
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+
+    steps = [int(n) for n in args.graph_steps.split(",")]
+    for sec in sections:
+        t0 = time.time()
+        if sec == "check":
+            out["check"] = check_section(POLICY)
+        elif sec == "plain":
+            out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
+                                         args.repeats, steps)
+        elif sec == "cats":
+            out["cats"] = []
+            for n in args.cats_layers.split(","):
+                out["cats"].append(cats_section(int(n), [int(b) for b in args.cats_batches.split(",")],
+                                                new_cats, rep_cats, wide))
+                save()
+        elif sec == "profile":
+            out["profile"] = {b: profile_section(b) for b in (1, 64 if CUDA else 2)}
+        log(f"section {sec}: {time.time() - t0:.0f} s")
+        save()
+    log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""One decode step of a ``TransformerLM`` in few launches (``srl.kernels.decode_step``).
+
+``FusedDecodeStep`` computes what ``srl.generation.decode.decode_one_token`` computes (the same
+model function, the same draws from the same generator, the same writes to the generation state
+and the cache) for the common case: standard residual wiring, dense attention, one process. Per
+layer it launches the qkv matmul, one rotary + cache write + attention kernel, the output
+projection, a residual + norm kernel, the MLP (dense torch, or CATS's sparse kernel), and a
+second residual + norm; per step one embedding + norm kernel, the head matmul, the Exp(1) noise
+and one sampling + state-write kernel. The plain torch step launches about three times as many
+kernels, and at small batch the launches, not the bytes, set the time of a graphed step.
+
+With CATS the MLP's float32 accumulator is added to the residual by the next norm kernel, which
+zeroes it behind itself, so the CATS path needs no separate cast launch (``fused_cats_mlp``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def fused_unsupported(model, params) -> str | None:
+    """Why ``FusedDecodeStep`` cannot run ``model`` (None: it can)."""
+    from srl.policies.lm import no_reduce
+
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "blocks") or not hasattr(model, "rotary"):
+        return "not a TransformerLM"
+    if cfg.residual != "standard":
+        return f"residual {cfg.residual!r}"
+    if getattr(model, "local_heads", cfg.n_heads) != cfg.n_heads:
+        return "tensor-parallel shard"
+    for b in model.blocks:
+        if b.pattern is not None:
+            return "sparse attention pattern"
+        if b.reduce is not no_reduce:
+            return "cross-rank reduction"
+        if b.norm1.bias is not None or b.norm2.bias is not None or b.qkv.bias is not None:
+            return "biased norm or projection"
+    if model.norm.bias is not None or model.head.bias is not None:
+        return "biased final norm or head"
+    return None
+
+
+def fused_cats_mlp(gated, h: Tensor) -> tuple[Tensor, Tensor] | None:
+    """CATS decode kernel without its final cast: (float32 accumulator (B, D), int32 counter),
+    which the next ``residual_norm(..., counter=...)`` reads and zeroes; None when not applicable."""
+    from srl.kernels import cats
+
+    if gated is None or gated.cats_threshold is None or h.shape[0] > cats.KERNEL_MAX_BATCH:
+        return None
+    if not (h.is_cuda or cats.INTERPRET) or (torch.is_grad_enabled() and h.requires_grad):
+        return None
+    return cats.cats_mlp_partial(h, gated.gate.weight, gated.up.weight, gated.down.weight,
+                                 gated.cats_threshold)
+
+
+class FusedDecodeStep:
+    """Callable ``step(generator)``: one token per unfinished row, written to ``state``."""
+
+    def __init__(self, model, cache, state, params, fuse_cats_cast: bool = True):
+        why = fused_unsupported(model, params)
+        if why is not None:
+            raise ValueError(f"fused decode step cannot run this model: {why}")
+        self.model, self.cache, self.state, self.params = model, cache, state, params
+        self.fuse_cats_cast = fuse_cats_cast
+        from srl.kernels.decode_step import sample_workspace
+
+        cfg = model.config
+        B, dev = state.tokens.shape[0], state.tokens.device
+        dtype = model.embed.weight.dtype
+        self.x = torch.zeros(B, cfg.d_model, device=dev, dtype=dtype)
+        self.h = torch.zeros_like(self.x)
+        self.attn = torch.zeros_like(self.x)
+        self.noise = torch.zeros(B, cfg.vocab_size, device=dev, dtype=torch.float32)
+        self.part = sample_workspace(B, cfg.vocab_size, dev)
+        self.freqs = torch.view_as_real(model.rotary.freqs).contiguous()  # (P, HD/2, 2) float32
+        self.torch_sampling = params.top_k is not None or (params.top_p is not None and params.top_p < 1.0)
+
+    def __call__(self, generator: torch.Generator | None = None) -> None:
+        from srl.kernels.decode_step import embed_norm, residual_norm, rope_attend, sample_write
+
+        m, cache, st = self.model, self.cache, self.state
+        lens, blocks, x, h = cache.lens, m.blocks, self.x, self.h
+        embed_norm(st.tokens, lens, m.embed.weight, blocks[0].norm1.weight, blocks[0].norm1.eps, x, h)
+        for i, blk in enumerate(blocks):
+            rope_attend(F.linear(h, blk.qkv.weight), self.freqs, lens, cache.k[i], cache.v[i],
+                        self.attn, blk.n_heads)
+            residual_norm(x, F.linear(self.attn, blk.proj.weight), blk.norm2.weight, blk.norm2.eps, h)
+            nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else m.norm
+            part = fused_cats_mlp(blk.gated, h) if self.fuse_cats_cast else None
+            if part is not None:
+                residual_norm(x, part[0], nxt.weight, nxt.eps, h, counter=part[1])
+            else:
+                residual_norm(x, blk.mlp(h), nxt.weight, nxt.eps, h)
+        logits = F.linear(h, m.head.weight)  # (B, V)
+        if self.torch_sampling:
+            return self._torch_sample(logits, generator)
+        self.noise.exponential_(1.0, generator=generator)
+        sample_write(logits, self.noise, st.tokens, st.logp, lens, st.end, self.params.temperature,
+                     self.part)
+
+    def _torch_sample(self, logits: Tensor, generator) -> None:
+        """top-k / top-p: the torch sampling of ``decode_one_token`` on the fused model output."""
+        from srl.generation.sampling import probs_from_params, sample_from_probs
+
+        lens, st = self.cache.lens, self.state
+        probs = probs_from_params(logits, self.params)
+        y = sample_from_probs(probs, generator)
+        logp = probs.gather(1, y[:, None]).log()
+        active = (lens + 1 < st.end).long()
+        st.write(lens, y[:, None], logp, active)
+        lens.add_(active)

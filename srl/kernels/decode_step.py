@@ -1,0 +1,275 @@
+"""Fused kernels of one language-model decode step (one new token per row, batch B).
+
+A decode step of ``TransformerLM`` in plain torch is about fifteen launches per layer besides the
+matmuls (layer norms, the residual adds, rotary in complex float32 and back, two cache scatters,
+the attention mask, transposes and copies around SDPA), and another dozen for sampling and the
+bookkeeping of the generation state. At batch 1 every one of them costs a launch slot of a few
+microseconds inside a CUDA graph, far more than the bytes it moves. These kernels do the same
+arithmetic in four kinds of launch (``srl.generation.fused_decode`` strings them together):
+
+- ``residual_norm``: x += branch (rounded to x's dtype, as the torch add is), h = LayerNorm(x) * w;
+  or, for the first layer, x = embedding[tokens[b, lens[b]]] (the step's input token) and h.
+- ``rope_attend``: rotary on q and k of the fused qkv projection at position lens[b], k and v
+  written to the cache at slot lens[b], and attention of q over slots 0..lens[b] (the new token's
+  own key taken from registers), written as (B, H * D) for the output projection.
+- ``sample_write`` (two launches: chunks of the vocabulary, then one program per row):
+  softmax(logits / T), the exponential race against the given Exp(1) noise
+  (``srl.generation.sampling.sample_from_probs``), log p of the drawn token, and the write of token
+  and log-probability to slot lens[b] + 1 with lens[b] advanced for unfinished rows.
+
+Shapes: B rows, D model width, H heads, HD head dim, S cache slots, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------- residual + norm
+
+@triton.jit
+def _residual_norm(X, Y, W, H, TOKENS, LENS, EMB, COUNT, stride_tok, D, eps,
+                   MODE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """MODE 0: x = EMB[TOKENS[b, LENS[b]]]; 1: x += Y; 2: x += Y (float32 workspace, rounded to
+    x's dtype first, then zeroed, and the int32 COUNT zeroed). Stores x, and h = LayerNorm(x) * W
+    (no bias) into H."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    if MODE == 0:
+        pos = tl.load(LENS + b)
+        tok = tl.load(TOKENS + b * stride_tok + pos).to(tl.int64)
+        x = tl.load(EMB + tok * D + offs, mask=ok, other=0.0)
+    else:
+        x = tl.load(X + b * D + offs, mask=ok, other=0.0)
+        y = tl.load(Y + b * D + offs, mask=ok, other=0.0)
+        if MODE == 2:
+            tl.store(Y + b * D + offs, tl.zeros_like(y), mask=ok)
+            if b == 0:
+                tl.store(COUNT, 0)
+        y = y.to(X.dtype.element_ty)
+        x = (x.to(tl.float32) + y.to(tl.float32)).to(X.dtype.element_ty)
+    tl.store(X + b * D + offs, x, mask=ok)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, 0) / D
+    diff = tl.where(ok, xf - mean, 0.0)
+    var = tl.sum(diff * diff, 0) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(H + b * D + offs, (diff * rstd * w).to(H.dtype.element_ty), mask=ok)
+
+
+def _norm_warps(D: int) -> int:
+    return 4 if D <= 1024 else (8 if D <= 4096 else 16)
+
+
+def residual_norm(x: Tensor, branch: Tensor, weight: Tensor, eps: float, h: Tensor,
+                  counter: Tensor | None = None) -> None:
+    """In place: x (B, D) += branch (B, D), then h = layer_norm(x) * weight.
+
+    With ``counter`` (int32, one element), ``branch`` is a float32 accumulator that is rounded to
+    x's dtype before the add, and both are zeroed behind the read (the CATS decode workspace,
+    ``srl.kernels.cats.cats_mlp_partial``)."""
+    B, D = x.shape
+    mode = 1 if counter is None else 2
+    _residual_norm[(B,)](x, branch, weight, h, x, x, x, x if counter is None else counter, 0, D,
+                         float(eps), MODE=mode,
+                         BLOCK_D=triton.next_power_of_2(D), num_warps=_norm_warps(D))
+
+
+def embed_norm(tokens: Tensor, lens: Tensor, embedding: Tensor, weight: Tensor, eps: float,
+               x: Tensor, h: Tensor) -> None:
+    """x (B, D) = embedding[tokens[b, lens[b]]] and h = layer_norm(x) * weight."""
+    B, D = x.shape
+    _residual_norm[(B,)](x, x, weight, h, tokens, lens, embedding, x, tokens.stride(0), D, float(eps),
+                         MODE=0, BLOCK_D=triton.next_power_of_2(D), num_warps=_norm_warps(D))
+
+
+# --------------------------------------------------------------------------- rotary + cache + attention
+
+@triton.jit
+def _rope_attend(QKV, FREQS, LENS, KC, VC, O, qk_scale, stride_qkv, stride_kb, stride_kh, stride_ks,
+                 stride_ob, N_HEADS, HALF, HALF_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (row b, head h); pairs (2i, 2i+1) of the head dim are held as two halves."""
+    pid = tl.program_id(0)
+    b = (pid // N_HEADS).to(tl.int64)
+    h = (pid % N_HEADS).to(tl.int64)
+    n = tl.load(LENS + b)  # slot and rotary position of the new token
+    i = tl.arange(0, HALF_P2)
+    i_ok = i < HALF
+    width = N_HEADS * 2 * HALF
+    base = QKV + b * stride_qkv + h * 2 * HALF + 2 * i
+    dt = KC.dtype.element_ty
+    c = tl.load(FREQS + n * 2 * HALF + 2 * i, mask=i_ok, other=0.0)
+    s = tl.load(FREQS + n * 2 * HALF + 2 * i + 1, mask=i_ok, other=0.0)
+    qe = tl.load(base, mask=i_ok, other=0.0).to(tl.float32)
+    qo = tl.load(base + 1, mask=i_ok, other=0.0).to(tl.float32)
+    ke = tl.load(base + width, mask=i_ok, other=0.0).to(tl.float32)
+    ko = tl.load(base + width + 1, mask=i_ok, other=0.0).to(tl.float32)
+    ve = tl.load(base + 2 * width, mask=i_ok, other=0.0)
+    vo = tl.load(base + 2 * width + 1, mask=i_ok, other=0.0)
+    # rotate, rounded to the cache dtype as the torch path does before attention
+    qe, qo = (qe * c - qo * s).to(dt).to(tl.float32), (qe * s + qo * c).to(dt).to(tl.float32)
+    ke, ko = (ke * c - ko * s).to(dt), (ke * s + ko * c).to(dt)
+    kv_off = b * stride_kb + h * stride_kh
+    tl.store(KC + kv_off + n * stride_ks + 2 * i, ke, mask=i_ok)
+    tl.store(KC + kv_off + n * stride_ks + 2 * i + 1, ko, mask=i_ok)
+    tl.store(VC + kv_off + n * stride_ks + 2 * i, ve.to(dt), mask=i_ok)
+    tl.store(VC + kv_off + n * stride_ks + 2 * i + 1, vo.to(dt), mask=i_ok)
+    # the new token's own key first, then the cached slots 0..n-1 (online softmax, base 2)
+    m = tl.sum(qe * ke.to(tl.float32) + qo * ko.to(tl.float32), 0) * qk_scale
+    l_sum = m * 0.0 + 1.0
+    acc_e = ve.to(dt).to(tl.float32)
+    acc_o = vo.to(dt).to(tl.float32)
+    js0 = tl.arange(0, BLOCK_N)
+    for start in range(0, n, BLOCK_N):
+        js = start + js0
+        j_ok = js < n
+        ptr = kv_off + js[:, None].to(tl.int64) * stride_ks + 2 * i[None, :]
+        tile_ok = j_ok[:, None] & i_ok[None, :]
+        k_e = tl.load(KC + ptr, mask=tile_ok, other=0.0).to(tl.float32)
+        k_o = tl.load(KC + ptr + 1, mask=tile_ok, other=0.0).to(tl.float32)
+        sc = tl.sum(k_e * qe[None, :] + k_o * qo[None, :], 1) * qk_scale
+        sc = tl.where(j_ok, sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(sc - m_new)
+        v_e = tl.load(VC + ptr, mask=tile_ok, other=0.0).to(tl.float32)
+        v_o = tl.load(VC + ptr + 1, mask=tile_ok, other=0.0).to(tl.float32)
+        l_sum = l_sum * alpha + tl.sum(p, 0)
+        acc_e = acc_e * alpha + tl.sum(p[:, None] * v_e, 0)
+        acc_o = acc_o * alpha + tl.sum(p[:, None] * v_o, 0)
+        m = m_new
+    out = O + b * stride_ob + h * 2 * HALF + 2 * i
+    tl.store(out, (acc_e / l_sum).to(O.dtype.element_ty), mask=i_ok)
+    tl.store(out + 1, (acc_o / l_sum).to(O.dtype.element_ty), mask=i_ok)
+
+
+def rope_attend(qkv: Tensor, freqs: Tensor, lens: Tensor, k_cache: Tensor, v_cache: Tensor,
+                out: Tensor, n_heads: int) -> None:
+    """Rotary, cache write and decode attention of one new token per row.
+
+    Args:
+        qkv: (B, 3 * H * HD), the fused projection laid out as (3, H, HD) per row.
+        freqs: (max positions, HD / 2, 2) float32, cos and sin (``view_as_real`` of the model's table).
+        lens: (B,) int64, the slot and position of each row's new token.
+        k_cache, v_cache: (B, H, S, HD) one layer's cache (last dim contiguous, same strides).
+        out: (B, H * HD) attention output, heads side by side (the output projection's input).
+    """
+    B = qkv.shape[0]
+    hd = k_cache.shape[-1]
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or qkv.stride(-1) != 1:
+        raise ValueError("rope_attend needs k and v caches with equal strides and contiguous rows")
+    half = hd // 2
+    block_n = 16 if INTERPRET else max(16, min(128, 4096 // hd))
+    _rope_attend[(B * n_heads,)](
+        qkv, freqs, lens, k_cache, v_cache, out, float(hd ** -0.5) * 1.4426950408889634,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        n_heads, half, HALF_P2=max(triton.next_power_of_2(half), 2), BLOCK_N=block_n, num_warps=4)
+
+
+# --------------------------------------------------------------------------- sampling + state write
+
+@triton.jit
+def _sample_chunks(LOGITS, NOISE, PART, V, temperature, stride_l, stride_n, N_CHUNKS,
+                   GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (b, c) over BLOCK_V logits: the chunk's max m_c and sum of exp(x / T - m_c), and
+    its best candidate: argmax of exp(x / T - m_c) / E (greedy: of x), first index on ties.
+    PART (B, N_CHUNKS, 4) float32: m_c, l_c, best score, best index."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = offs < V
+    x = tl.load(LOGITS + b * stride_l + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if GREEDY:
+        m = tl.max(x, 0)
+        l_sum = m * 0.0
+        r = x
+    else:
+        x = x / temperature
+        m = tl.max(x, 0)
+        ex = tl.exp(x - m)
+        l_sum = tl.sum(ex, 0)
+        e = tl.load(NOISE + b * stride_n + offs, mask=ok, other=1.0)
+        r = tl.where(ok, ex / e, -1.0)
+    best = tl.max(r, 0)
+    arg = (c * BLOCK_V + tl.argmax(r, 0)).to(tl.float32)  # exact below 2^24
+    out = PART + (b * N_CHUNKS + c) * 4
+    tl.store(out, m)
+    tl.store(out + 1, l_sum)
+    tl.store(out + 2, best)
+    tl.store(out + 3, arg)
+
+
+@triton.jit
+def _sample_write(LOGITS, PART, TOKENS, LOGP, LENS, END, temperature, stride_l, stride_tok,
+                  stride_lp, N_CHUNKS, GREEDY: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """Program b: merge the chunks (p / E compared on one scale), write token and log p."""
+    b = tl.program_id(0).to(tl.int64)
+    cs = tl.arange(0, CHUNKS_P2)
+    c_ok = cs < N_CHUNKS
+    part = PART + (b * N_CHUNKS + cs) * 4
+    m_c = tl.load(part, mask=c_ok, other=float("-inf"))
+    best_c = tl.load(part + 2, mask=c_ok, other=float("-inf"))
+    arg_c = tl.load(part + 3, mask=c_ok, other=0.0)
+    if GREEDY:
+        score = best_c
+    else:
+        m = tl.max(m_c, 0)
+        scale = tl.where(c_ok, tl.exp(m_c - m), 0.0)
+        l_sum = tl.sum(tl.load(part + 1, mask=c_ok, other=0.0) * scale, 0)
+        score = tl.where(c_ok, best_c * scale, -1.0)
+    top = tl.max(score, 0)
+    first = tl.min(tl.where(score == top, cs, CHUNKS_P2), 0)  # the lowest chunk on ties
+    y = tl.sum(tl.where(cs == first, arg_c, 0.0), 0).to(tl.int64)
+    if GREEDY:
+        logp = top * 0.0
+    else:
+        x_y = tl.load(LOGITS + b * stride_l + y).to(tl.float32) / temperature
+        logp = tl.log(tl.exp(x_y - m) / l_sum)
+    n = tl.load(LENS + b)
+    if n + 1 < tl.load(END + b):
+        tl.store(TOKENS + b * stride_tok + n + 1, y)
+        tl.store(LOGP + b * stride_lp + n + 1, logp)
+        tl.store(LENS + b, n + 1)
+
+
+SAMPLE_BLOCK = 2048
+"""Logits per program of the first sampling stage (50304 / 2048 = 25 programs per row)."""
+
+
+def sample_write(logits: Tensor, noise: Tensor, tokens: Tensor, logp: Tensor, lens: Tensor,
+                 end: Tensor, temperature: float, part: Tensor | None = None) -> None:
+    """Sample a token per row of ``logits`` (B, V) and write it to the generation state.
+
+    ``noise`` (B, V) float32 holds Exp(1) draws (``sample_from_probs`` draws the same ones from
+    the same generator); temperature 0 is greedy. Row b's token and its log-probability under
+    the sampled distribution go to slot lens[b] + 1 of ``tokens`` / ``logp`` (B, S), and lens[b]
+    advances, only while lens[b] + 1 < end[b] (``GenState.write`` and ``lens.add_(active)``).
+    The race argmax_x p(x) / E_x runs in two stages: per chunk of the vocabulary, then over the
+    chunks, with each chunk's scores rescaled by exp(m_c - m). ``part``: a (B, chunks, 4)
+    float32 workspace (allocated when not given; ``sample_workspace``)."""
+    B, V = logits.shape
+    block = 64 if INTERPRET else SAMPLE_BLOCK
+    chunks = triton.cdiv(V, block)
+    if part is None:
+        part = sample_workspace(B, V, logits.device)
+    greedy = temperature == 0
+    temp = float(temperature) or 1.0
+    _sample_chunks[(B, chunks)](logits, noise, part, V, temp, logits.stride(0), noise.stride(0),
+                                chunks, GREEDY=greedy, BLOCK_V=block, num_warps=4)
+    _sample_write[(B,)](logits, part, tokens, logp, lens, end, temp, logits.stride(0),
+                        tokens.stride(0), logp.stride(0), chunks, GREEDY=greedy,
+                        CHUNKS_P2=max(triton.next_power_of_2(chunks), 2), num_warps=1)
+
+
+def sample_workspace(B: int, V: int, device) -> Tensor:
+    block = 64 if INTERPRET else SAMPLE_BLOCK
+    return torch.empty(B, triton.cdiv(V, block), 4, device=device, dtype=torch.float32)

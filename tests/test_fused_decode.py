@@ -1,0 +1,126 @@
+"""The fused decode step (srl.generation.fused_decode, srl.kernels.decode_step) computes what the
+torch decode step computes: the same tokens from the same generator, the same log-probabilities,
+the same cache entries. Kernels run through the Triton interpreter on the CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from srl.generation.decode import GenState, PlainSampler, cache_for, decode_one_token, prefill
+from srl.generation.fused_decode import FusedDecodeStep, fused_unsupported
+from srl.generation.sampling import SamplingParams
+from srl.policies.lm import LMConfig, TransformerLM
+
+
+def _model(seed: int, dtype=torch.float32, **kw) -> TransformerLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=70, d_model=24, n_layers=2, n_heads=2, max_seq_len=64)
+    cfg.update(kw)
+    m = TransformerLM(LMConfig(**cfg)).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the init: sharper attention and logits
+        for p in m.parameters():
+            p.mul_(4.0)
+    return m
+
+
+def _run(model, prompt, params, steps, fused, seed, end_offset=0):
+    B, T0 = prompt.shape
+    cache = cache_for(model, B, 40, "cpu", next(model.parameters()).dtype)
+    state = GenState.allocate(B, 40, "cpu")
+    state.reset(prompt, steps)
+    state.end -= torch.arange(B) * end_offset  # rows finishing at different steps
+    gen = torch.Generator().manual_seed(seed)
+    step = FusedDecodeStep(model, cache, state, params) if fused else None
+    with torch.inference_mode():
+        prefill(model, cache, prompt)
+        for _ in range(steps):
+            if fused:
+                step(gen)
+            else:
+                decode_one_token(model, cache, state, params, gen)
+    return state, cache
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7), SamplingParams(0.0),
+                                    SamplingParams(1.0, top_k=5)])
+def test_fused_step_matches_torch_step(params):
+    model = _model(0)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 70, (3, 5), generator=g)
+    steps = 9
+    ref, ref_cache = _run(model, prompt, params, steps, False, seed=7, end_offset=3)
+    out, cache = _run(model, prompt, params, steps, True, seed=7, end_offset=3)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
+    assert torch.equal(cache.lens, ref_cache.lens)
+    assert ref_cache.lens.tolist() == [4 + steps, 4 + steps - 3, 4 + steps - 6]  # rows stopped at end
+    n = int(ref_cache.lens.max())
+    torch.testing.assert_close(cache.k[..., :n, :], ref_cache.k[..., :n, :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.v[..., :n, :], ref_cache.v[..., :n, :], rtol=1e-5, atol=1e-5)
+    assert (out.logp[:, 5:] < 0).any() or params.temperature == 0
+
+
+def test_fused_step_negative_control():
+    """A model whose second layer differs gives different log-probs: the comparison can fail."""
+    model = _model(0)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.blocks[1].proj.weight.mul_(1.5)
+    prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(1))
+    ref, _ = _run(model, prompt, SamplingParams(1.0), 4, False, seed=3)
+    out, _ = _run(other, prompt, SamplingParams(1.0), 4, True, seed=3)
+    assert not torch.allclose(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_step_bf16_close_to_float64_model():
+    """bf16 model through the kernels: the log-probs of the drawn tokens against the float64 model."""
+    model = _model(2)
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    prompt = torch.randint(0, 70, (2, 4), generator=torch.Generator().manual_seed(5))
+    out, _ = _run(m16, prompt, SamplingParams(1.0), 6, True, seed=11)
+    seq = out.tokens[:, :4 + 6]
+    with torch.no_grad():
+        logits = model.double()(seq[:, :-1])
+    ref = torch.log_softmax(logits, -1).gather(-1, seq[:, 1:, None])[..., 0][:, 3:]
+    got = out.logp[:, 4:4 + 6].double()
+    assert (got - ref).abs().max() < 0.15, (got, ref)
+
+
+def test_fused_step_with_cats_matches_torch_step():
+    from srl.generation.cats_calibration import apply_cats, calibrate_cats
+
+    model = _model(3, mlp={"type": "swiglu", "hidden": 40})
+    calib = [torch.randint(0, 70, (4, 16), generator=torch.Generator().manual_seed(0))]
+    apply_cats(model, calibrate_cats(model, calib, 0.5))
+    prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(4))
+    ref, ref_cache = _run(model, prompt, SamplingParams(1.0), 6, False, seed=9)
+    out, cache = _run(model, prompt, SamplingParams(1.0), 6, True, seed=9)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_models_fall_back():
+    params = SamplingParams()
+    assert fused_unsupported(_model(0), params) is None
+    assert "ladder" in fused_unsupported(_model(0, residual="ladder"), params)
+    sparse = _model(0, attention={"pattern": "sink_window", "sink": 2, "window": 8})
+    assert fused_unsupported(sparse, params) is not None
+    with pytest.raises(ValueError, match="fused decode step"):
+        s = PlainSampler(sparse, 1, 32, params, cuda_graph=False, fused=True)
+        s.close()
+
+
+def test_plain_sampler_fused_matches_unfused():
+    model = _model(1)
+    prompt = torch.randint(0, 70, (2, 4), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for fused in (False, True):
+        s = PlainSampler(model, 2, 32, SamplingParams(1.0), cuda_graph=False, fused=fused,
+                         generator=torch.Generator().manual_seed(5))
+        outs.append(s.generate(prompt, 8))
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    torch.testing.assert_close(outs[0].logp, outs[1].logp, rtol=1e-4, atol=1e-5)
