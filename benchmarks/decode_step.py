@@ -104,7 +104,7 @@ def plain_section(batches, new_tokens, repeats, graph_steps) -> dict:
     return res
 
 
-def cats_section(layers, batches, new_tokens, repeats, wide=None) -> dict:
+def cats_section(layers, batches, new_tokens, repeats, wide=None, profile=False) -> dict:
     cfg = LMConfig(n_layers=layers, **copy.deepcopy(wide or WIDE))
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -131,6 +131,9 @@ def cats_section(layers, batches, new_tokens, repeats, wide=None) -> dict:
             log(f"  {layers} layers batch {b}: " + ", ".join(
                 f"{k} {v:.0f}" if "speedup" not in k else f"{k} {v:.3f}x"
                 for k, v in row.items() if k != "batch"))
+    if profile:
+        res["profile"] = {name: profile_sampler(m, 1, True, label=f"{layers}-layer {name}")
+                          for name, m in (("dense", dense), ("cats", cats))}
     del dense, cats
     if CUDA:
         torch.cuda.empty_cache()
@@ -158,32 +161,35 @@ def check_section(cfg_dict, batch=4, new_tokens=24) -> dict:
     return res
 
 
-def profile_section(batch, steps=4) -> dict:
+def profile_sampler(model, batch, fused, steps=4, label="") -> dict:
+    """Device time per kernel over one eager ``generate`` of ``steps`` tokens (prefill included)."""
     from torch.profiler import ProfilerActivity, profile
 
+    s = PlainSampler(model, batch, 128, SamplingParams(1.0), cuda_graph=False, fused=fused)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 9), device=DEV)
+    with torch.inference_mode():
+        s.generate(prompt, 8)
+        sync()
+        acts = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            s.generate(prompt, steps)
+            sync()
+    key = "device_time_total" if CUDA else "cpu_time_total"
+    evs = prof.key_averages()
+    rows = sorted(evs, key=lambda e: -getattr(e, key, 0.0))[:25]
+    table = [{"name": e.key[:80], "count": e.count, "us_total": getattr(e, key, 0.0)} for e in rows]
+    log(f"profile {label} {'fused' if fused else 'torch'} batch {batch}, prefill + {steps} tokens:")
+    for t in table[:18]:
+        log(f"   {t['us_total']:9.1f} us  x{t['count']:4d}  {t['name']}")
+    return {"kernels": table}
+
+
+def profile_section(batch) -> dict:
     torch.manual_seed(0)
     with torch.device(DEV):
         model = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
-    res = {}
-    for fused in (False, True):
-        s = PlainSampler(model, batch, 128, SamplingParams(1.0), cuda_graph=False, fused=fused)
-        prompt = torch.randint(0, model.config.vocab_size, (batch, 9), device=DEV)
-        with torch.inference_mode():
-            s.generate(prompt, 8)
-            sync()
-            acts = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
-            with profile(activities=acts) as prof:
-                s.generate(prompt, steps)
-                sync()
-        evs = prof.key_averages()
-        key = "device_time_total" if CUDA else "cpu_time_total"
-        rows = sorted(evs, key=lambda e: -getattr(e, key, 0.0))[:25]
-        table = [{"name": e.key[:80], "count": e.count, "us_total": getattr(e, key, 0.0)} for e in rows]
-        name = "fused" if fused else "torch"
-        res[name] = {"kernels": table, "launches": sum(e.count for e in evs if CUDA and getattr(e, key, 0) > 0)}
-        log(f"profile {name} batch {batch}, {steps} tokens after prefill:")
-        for t in table[:18]:
-            log(f"   {t['us_total']:9.1f} us  x{t['count']:4d}  {t['name']}")
+    res = {name: profile_sampler(model, batch, fused, label="policy")
+           for name, fused in (("torch", False), ("fused", True))}
     del model
     return res
 
@@ -228,7 +234,7 @@ def main(argv=None):
             out["cats"] = []
             for n in args.cats_layers.split(","):
                 out["cats"].append(cats_section(int(n), [int(b) for b in args.cats_batches.split(",")],
-                                                new_cats, rep_cats, wide))
+                                                new_cats, rep_cats, wide, profile=n == "4"))
                 save()
         elif sec == "profile":
             out["profile"] = {b: profile_section(b) for b in (1, 64 if CUDA else 2)}
