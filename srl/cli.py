@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from srl.errors import ConfigError, SrlError
 
@@ -34,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops `srl run` cleanly from the first instant, also when this process was started
+        # with SIGINT ignored (a background job of a non-interactive shell): the controller installs
+        # its own handler once the workers start, and until then KeyboardInterrupt ends with 130.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`srl run exp.yaml --ray auto seed=3`) are overrides too
