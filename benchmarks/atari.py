@@ -74,7 +74,8 @@ def srl_point(config: str, actors: int, device: str, seconds: float, warmup: flo
         cfg = experiment_from_dict(data, overrides)
         controller = controller_for(cfg, os.path.join(tmp, "run"), launch_time=time.time())
         threading.Thread(target=_stop_after_window, args=(controller, warmup + seconds), daemon=True).start()
-        result = controller.run()
+        with _WorkerTally() as tally:
+            result = controller.run()
         rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
     skip = frame_skip(cfg.env.kwargs)
     started = [r for r in rows if r["env_steps"] > 0]
@@ -88,15 +89,57 @@ def srl_point(config: str, actors: int, device: str, seconds: float, warmup: flo
     return {"part": "srl", "actors": actors, "envs_per_actor": a.envs_per_actor, "ring": a.ring, "device": device,
             "frames_per_s": fps, "learned_frames_per_s": learned, "versions": rows[-1].get("version", 0) if rows else 0,
             "trainer_busy": _median([r.get("perf/trainer_busy") for r in steady]),
-            "policy_lag": _median([r.get("charts/policy_lag") for r in steady]), "overrides": overrides}
+            "policy_lag": _median([r.get("charts/policy_lag") for r in steady]), "overrides": overrides,
+            "workers": tally.summary(), "steady_rows": [_slim(r) for r in steady]}
+
+
+class _WorkerTally:
+    """Counts what each worker reported during a run (policy workers' requests per forward pass,
+    each actor's env steps), by wrapping the monitor's report handler for the run's duration."""
+
+    def __init__(self):
+        self.by_worker: dict[str, dict[str, float]] = {}
+
+    def __enter__(self):
+        from srl.monitor import RLMonitor
+
+        self._cls, self._orig = RLMonitor, RLMonitor.on_report
+        tally = self
+
+        def on_report(monitor, worker, role, event, meta):
+            out = tally._orig(monitor, worker, role, event, meta)
+            t = tally.by_worker.setdefault(worker, {})
+            for key in ("requests", "forward_passes", "env_steps", "learned_steps"):
+                if isinstance(meta.get(key), (int, float)):
+                    t[key] = t.get(key, 0) + meta[key]
+            return out
+
+        RLMonitor.on_report = on_report
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.on_report = self._orig
+
+    def summary(self) -> dict:
+        out = dict(self.by_worker)
+        for name, t in out.items():
+            if t.get("forward_passes"):
+                t["requests_per_forward"] = t["requests"] / t["forward_passes"]
+        return out
+
+
+def _slim(row: dict) -> dict:
+    keep = ("env_steps", "wall_s", "charts/SPS", "charts/learned_SPS", "version", "charts/policy_lag",
+            "perf/trainer_busy", "perf/train_s", "trainer/dropped_stale", "mean_return")
+    return {k: row[k] for k in keep if k in row}
 
 
 def sample_factory(game: str, workers: int, device: str, seconds: float, warmup: float, target: float | None,
-                   max_seconds: float, sf_target: str, extra: str) -> dict:
+                   max_seconds: float, sf_target: str, extra: str, grace: float = 60.0) -> dict:
     """Sample Factory in a subprocess with its own packages first on the path."""
     cmd = [sys.executable, SF_RUNNER, "--game", game, "--workers", str(workers), "--device",
            "gpu" if device.startswith("cuda") else "cpu", "--seconds", str(seconds), "--warmup", str(warmup),
-           "--max-seconds", str(max_seconds), "--extra", extra]
+           "--max-seconds", str(max_seconds), "--grace", str(grace), "--extra", extra]
     if target is not None:
         cmd += ["--target", str(target)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([sf_target, os.path.dirname(SF_RUNNER)])}
@@ -170,6 +213,8 @@ def main() -> None:
     p.add_argument("--srl-extra", default="", help="more srl overrides, space separated (e.g. policy.autocast=bf16)")
     p.add_argument("--sf-target", default=SF_TARGET)
     p.add_argument("--sf-extra", default="", help="more Sample Factory flags, one string")
+    p.add_argument("--sf-grace", type=float, default=60.0, help="Sample Factory's start-up allowance (s) before "
+                   "its runner reports whatever it has")
     p.add_argument("--sf-pong18", action="store_true", help="also time Sample Factory to +18")
     p.add_argument("--max-minutes", type=float, default=60.0, help="time-to-+18 cap per run")
     p.add_argument("--out", default="atari.json")
@@ -195,7 +240,7 @@ def main() -> None:
     game = cfg.env.id.split("/")[1].split("-")[0].lower()
     if "sf" in parts:
         done(sample_factory(game, args.threads, args.device, args.seconds, args.warmup, None, args.max_minutes * 60,
-                            args.sf_target, args.sf_extra))
+                            args.sf_target, args.sf_extra, args.sf_grace))
     if "pong18" in parts:
         done(pong18(args.config, args.device, args.max_minutes, extra))
         if args.sf_pong18:

@@ -24,6 +24,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import ale_py  # noqa: F401  - registers the NoFrameskip-v4 ids with gymnasium 0.29 (no entry point)
@@ -46,6 +47,7 @@ def main() -> int:
     p.add_argument("--target", type=float, default=None, help="stop once the last 20 games average this")
     p.add_argument("--max-seconds", type=float, default=3600.0)
     p.add_argument("--extra", default="", help="more Sample Factory flags, one string")
+    p.add_argument("--grace", type=float, default=60.0, help="start-up allowance before the watchdog reports")
     args = p.parse_args()
     train_dir = tempfile.mkdtemp(prefix="sf_atari_")
     argv = [f"--env=atari_{args.game}", f"--experiment=atari_{args.game}_seed{args.seed}", f"--train_dir={train_dir}",
@@ -75,18 +77,28 @@ def main() -> int:
 
     runner.register_episodic_stats_handler(on_episode)
     runner.register_observer(Clock())
+
+    def finish(status) -> None:
+        stats = {"peer": "sample_factory", "version": importlib.metadata.version("sample-factory"), "argv": argv,
+                 "frames_per_s": _window_rate(samples, args.warmup, args.seconds) * FRAME_SKIP,
+                 "frames": int(runner.samples_collected[0]) * FRAME_SKIP, "episodes": rule.episodes,
+                 "mean_return_last20": rule.mean, "status": status, "samples": samples[-400:],
+                 "target_reached_s": None if rule.t_reached is None else rule.t_reached - peer_common.T_LAUNCH}
+        print("stats: " + json.dumps(stats), flush=True)
+        shutil.rmtree(train_dir, ignore_errors=True)
+        sys.stdout.flush()
+        os._exit(0)
+
+    def watchdog() -> None:  # a run whose workers died never reaches a training step: report anyway
+        budget = args.max_seconds if args.target is not None else args.warmup + args.seconds
+        time.sleep(budget + args.grace)
+        finish("watchdog: no clean stop")
+
+    threading.Thread(target=watchdog, daemon=True).start()
     status = runner.init()
     if status == 0:
         status = runner.run()
-    stats = {"peer": "sample_factory", "version": importlib.metadata.version("sample-factory"), "argv": argv,
-             "frames_per_s": _window_rate(samples, args.warmup, args.seconds) * FRAME_SKIP,
-             "frames": int(runner.samples_collected[0]) * FRAME_SKIP, "episodes": rule.episodes,
-             "mean_return_last20": rule.mean, "status": int(status),
-             "target_reached_s": None if rule.t_reached is None else rule.t_reached - peer_common.T_LAUNCH}
-    print("stats: " + json.dumps(stats), flush=True)
-    shutil.rmtree(train_dir, ignore_errors=True)
-    sys.stdout.flush()
-    os._exit(0)
+    finish(int(status))
 
 
 def _window_rate(samples: list[tuple[float, int]], warmup: float, seconds: float) -> float:
@@ -95,7 +107,9 @@ def _window_rate(samples: list[tuple[float, int]], warmup: float, seconds: float
     if len(started) < 2:
         return float("nan")
     t0 = started[0][0] + warmup
-    window = [(t, n) for t, n in started if t0 <= t <= t0 + seconds] or started[-2:]
+    window = [(t, n) for t, n in started if t0 <= t <= t0 + seconds]
+    if len(window) < 2:  # too few training steps in the window: the whole run after the first step
+        window = started
     (ta, na), (tb, nb) = window[0], window[-1]
     return (nb - na) / (tb - ta) if tb > ta else float("nan")
 
