@@ -203,6 +203,64 @@ def test_kv_start_forward_and_gradients_match_float64_reference(case):
         assert rel_err(flash_attention(q, k, v, causal=causal), ref) > 10 * TOL[dtype]
 
 
+@pytest.mark.parametrize("n_q", [1, 5, 40])
+def test_kv_lens_cache_prefill_and_verify_match_float64_reference(n_q):
+    """A cache filled to a different length per row: the causal mask aligns to each row's end,
+    rows shorter than the queries see nothing (zeros), keys past the end are never read."""
+    b, h, n_k, d = 4, 2, 150, 32
+    q, k, v = make_qkv(b, h, 1, n_q, n_k, d, torch.float32, seed=50 + n_q)
+    lens = torch.tensor([n_k, 77, n_q + 1, max(n_q - 3, 0)])
+    with torch.no_grad():
+        k[1, :, 77:] = float("nan")  # past row 1's end: must never be read
+        v[1, :, 77:] = float("nan")
+        out = flash_attention(q, k, v, causal=True, kv_lens=lens)
+        ref = attention_reference(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), causal=True,
+                                  kv_lens=lens)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= TOL[torch.float32]
+    assert rel_err(out, attention_reference(q.double(), k.double().nan_to_num(), v.double().nan_to_num(),
+                                            causal=True)) > 0.1  # negative control: the lens matter
+
+
+def _tree_layout_bounds(lens, k, L):
+    """``srl.generation.decode.tree_layout`` as kernel arguments: valid keys per row (the cache up
+    to the last draft token), per-query starts (a draft token's block) and the shared prefix."""
+    P = lens
+    block = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.arange(k).repeat_interleave(L) * L])
+    starts = P[:, None] + block[None, :]
+    starts[:, 0] = 0  # x0 sees the prefix only (its causal end is P)
+    return P + 1 + k * L, starts, P + 1
+
+
+def test_tree_verification_mask_matches_the_dense_tree_layout():
+    """k drafts x L tokens over a shared prefix (speculative verification): kv_lens + kv_start +
+    kv_prefix give the same attention as the dense tree mask of the samplers."""
+    from srl.generation.decode import tree_layout
+
+    b, h, d, S, k, L = 3, 2, 32, 96, 3, 4
+    lens = torch.tensor([10, 40, 63])
+    n_q = 1 + k * L
+    q, kk, v = make_qkv(b, h, h, n_q, S, d, torch.float32, seed=60)
+    slots, _, mask = tree_layout(lens, k, L, S)
+    kv_lens, starts, prefix = _tree_layout_bounds(lens, k, L)
+    with torch.no_grad():
+        s = torch.matmul(q.double(), kk.double().transpose(-1, -2)) * d ** -0.5
+        want = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), -1) @ v.double()
+        got = flash_attention(q, kk, v, causal=True, kv_lens=kv_lens, kv_start=starts, kv_prefix=prefix)
+        no_prefix = flash_attention(q, kk, v, causal=True, kv_lens=kv_lens, kv_start=starts)
+    assert rel_err(got, want) <= TOL[torch.float32]
+    assert rel_err(no_prefix, want) > 0.1  # negative control: drafts must see the prefix
+
+
+def test_forward_only_options_refuse_gradients_and_need_their_partner():
+    q, k, v = make_qkv(2, 2, 2, 8, 8, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="forward-only"):
+        flash_attention(q, k, v, kv_lens=torch.tensor([8, 4]))
+    with torch.no_grad(), pytest.raises(ValueError, match="kv_prefix only applies with kv_start"):
+        flash_attention(q, k, v, kv_prefix=torch.tensor([1, 1]))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"kv_lens must be an int32/int64 tensor of shape \(B,\)"):
+        flash_attention(q, k, v, kv_lens=torch.tensor([1.0, 2.0]))
+
+
 def test_kv_start_bad_shape_or_dtype_is_one_line_error():
     q, k, v = make_qkv(2, 2, 2, 8, 8, 16, torch.float32, seed=0)
     for bad in (torch.zeros(2, 7, dtype=torch.int64), torch.zeros(2, 8), [0] * 8):
@@ -413,3 +471,24 @@ def test_gpu_kv_start_forward_and_gradients(case, dtype):
     q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, dtype, device="cuda", seed=n_q + d)
     start = random_starts(b, n_q, n_k, causal, seed=d).cuda()
     check_against_reference(q, k, v, causal, 1e-2, kv_start=start)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_tree_verification_and_cache_lengths(dtype):
+    from srl.generation.decode import tree_layout
+
+    b, h, d, S, k, L = 8, 8, 128, 1024, 4, 7
+    lens = torch.randint(20, S - 1 - k * L, (b,))
+    q, kk, v = make_qkv(b, h, h, 1 + k * L, S, d, dtype, device="cuda", seed=70)
+    _, _, mask = tree_layout(lens, k, L, S)
+    kv_lens, starts, prefix = _tree_layout_bounds(lens, k, L)
+    with torch.no_grad():
+        s = torch.matmul(q.double(), kk.double().transpose(-1, -2)) * d ** -0.5
+        want = torch.softmax(s.masked_fill(~mask.cuda()[:, None], float("-inf")), -1) @ v.double()
+        got = flash_attention(q, kk, v, causal=True, kv_lens=kv_lens.cuda(), kv_start=starts.cuda(),
+                              kv_prefix=prefix.cuda())
+        assert rel_err(got, want) <= 1e-2
+        got = flash_attention(q[:, :, :5], kk, v, causal=True, kv_lens=lens.cuda() + 5)
+        want = attention_reference(q[:, :, :5].double(), kk.double(), v.double(), causal=True, kv_lens=lens + 5)
+        assert rel_err(got, want) <= 1e-2

@@ -6,13 +6,14 @@ import torch
 from srl.kernels._flash_common import check_inputs
 
 
-def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None, kv_start=None):
+def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None, kv_start=None, kv_prefix=None):
     """Plain torch attention; computes in float32 (float64 if the inputs are).
 
     Same semantics as :func:`flash_attention` (GQA, bottom-right causal mask,
     zeros for rows that see no key). ``kv_lens`` (B,) optionally limits the
     valid keys of each batch element (as in :func:`flash_decode`); ``kv_start``
-    (B, Nq) hides the keys before ``kv_start[b, i]`` from query ``i``.
+    (B, Nq) hides the keys before ``kv_start[b, i]`` from query ``i``, except those before
+    ``kv_prefix[b]`` (B,) when given.
     """
     check_inputs(q, k, v)
     B, H, Nq, D = q.shape
@@ -36,7 +37,10 @@ def attention_reference(q, k, v, causal=False, sm_scale=None, kv_lens=None, kv_s
         last = rows[None, :, None] + (n_valid[:, None, None] - Nq)  # (B, Nq, 1)
         mask = mask & (cols[None, None, None, :] <= last[:, None])
     if kv_start is not None:
-        mask = mask & (cols[None, None, None, :] >= kv_start.to(q.device, torch.long)[:, None, :, None])
+        after = cols[None, None, None, :] >= kv_start.to(q.device, torch.long)[:, None, :, None]
+        if kv_prefix is not None:
+            after = after | (cols[None, None, None, :] < kv_prefix.to(q.device, torch.long)[:, None, None, None])
+        mask = mask & after
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

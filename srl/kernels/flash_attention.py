@@ -79,7 +79,7 @@ def _prune_big_head(configs, named_args, **kwargs):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-               offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale, start,
+               offs_m, offs_n, lo, hi, n_k, causal_shift, qk_scale, start, prefix,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, LAZY_RESCALE: tl.constexpr,
                WARP_SPEC: tl.constexpr, TMA: tl.constexpr):
@@ -101,8 +101,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
             visible = cols[None, :] < n_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            if HAS_START:
-                visible = visible & (cols[None, :] >= start[:, None])
+            if HAS_START:  # keys before the row's start are hidden, but for a shared prefix
+                visible = visible & ((cols[None, :] >= start[:, None]) | (cols[None, :] < prefix))
             s = tl.where(visible, qk * qk_scale, float("-inf"))
             p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         elif LAZY_RESCALE:
@@ -133,14 +133,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
 
 @autotune(_fwd_configs, key=["HEAD_DIM", "CAUSAL", "N_BUCKET"], prune=_prune_big_head)
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KV_START, qk_scale,
+def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, KV_PREFIX, qk_scale,
               stride_qb, stride_qh, stride_qn,
               stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn,
               stride_ob, stride_oh, stride_on,
               H, GROUP, N_Q, N_K, N_BUCKET,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_START: tl.constexpr, HAS_LENS: tl.constexpr,
+              HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               LAZY_RESCALE: tl.constexpr = False, WARP_SPEC: tl.constexpr = False, TMA: tl.constexpr = False):
     """With TMA, Q, K, V, O are tensor descriptors over (B*H, N_Q, D), (B*H_kv, N_K, D) (blocks
     (1, BLOCK_M or BLOCK_N, D)) and the pointer strides are unused; otherwise plain pointers."""
@@ -171,21 +171,27 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, qk_scale,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, N_K, CAUSAL, BLOCK_M, BLOCK_N)
+    n_k = N_K
+    if HAS_LENS:  # this batch element's valid keys: the causal mask aligns to its end
+        n_k = tl.minimum(tl.load(KV_LENS + off_b), N_K)
+    causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
     start = offs_m  # unused unless HAS_START
+    prefix = 0
     lo = 0
     mid = 0
     if HAS_START:  # keys [lo, mid) under the per-row start mask, [mid, full_hi) unmasked
-        start, lo, mid = start_bounds(KV_START + (off_bh // H).to(tl.int64) * N_Q, offs_m, N_Q, N_K,
-                                      full_hi, BLOCK_N)
+        start, lo, mid = start_bounds(KV_START + off_b * N_Q, offs_m, N_Q, n_k, full_hi, BLOCK_N)
+        if HAS_PREFIX:  # the shared prefix is visible to every row: walk it under the mask too
+            prefix = tl.load(KV_PREFIX + off_b)
+            lo = tl.where(prefix > 0, 0, lo)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-                                   offs_m, offs_n, lo, mid, N_K, causal_shift, qk_scale, start,
+                                   offs_m, offs_n, lo, mid, n_k, causal_shift, qk_scale, start, prefix,
                                    True, False, True, UPCAST, BLOCK_N, HEAD_DIM, False, False, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-                               offs_m, offs_n, mid, full_hi, N_K, causal_shift, qk_scale, start,
+                               offs_m, offs_n, mid, full_hi, n_k, causal_shift, qk_scale, start, prefix,
                                False, CAUSAL, False, UPCAST, BLOCK_N, HEAD_DIM, LAZY_RESCALE, WARP_SPEC, TMA)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
-                               offs_m, offs_n, full_hi, hi, N_K, causal_shift, qk_scale, start,
+                               offs_m, offs_n, full_hi, hi, n_k, causal_shift, qk_scale, start, prefix,
                                True, CAUSAL, HAS_START, UPCAST, BLOCK_N, HEAD_DIM, False, False, TMA)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
@@ -293,17 +299,19 @@ def _fwd_plan(q, k, v, o):
     return (pointer_tiles, (q, k, v, o)) if descriptors is None else (tiles, descriptors)
 
 
-def _forward(q, k, v, causal, sm_scale, kv_start=None):
+def _forward(q, k, v, causal, sm_scale, kv_start=None, kv_lens=None, kv_prefix=None):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tiles, operands = _fwd_plan(q, k, v, o)
-    args = (*operands, lse, lse if kv_start is None else kv_start, sm_scale * _LOG2E,
+    optional = [lse if t is None else t for t in (kv_start, kv_lens, kv_prefix)]  # lse: unused placeholder
+    args = (*operands, lse, *optional, sm_scale * _LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))
-    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_START=kv_start is not None, UPCAST=needs_upcast(q))
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_START=kv_start is not None, HAS_LENS=kv_lens is not None,
+                HAS_PREFIX=kv_prefix is not None, UPCAST=needs_upcast(q))
     launch(_attn_fwd, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, tiles)
     return o, lse
 
@@ -364,18 +372,16 @@ def _use_triton(t):
     return t.is_cuda or INTERPRET
 
 
-def _check_kv_start(kv_start, q):
-    """``kv_start`` as a contiguous int32 (B, Nq) tensor on q's device, or a one-line ValueError."""
-    B, _, Nq, _ = q.shape
-    if not isinstance(kv_start, torch.Tensor) or tuple(kv_start.shape) != (B, Nq) \
-            or kv_start.dtype not in (torch.int32, torch.int64):
-        got = (f"{kv_start.dtype} {tuple(kv_start.shape)}" if isinstance(kv_start, torch.Tensor)
-               else type(kv_start).__name__)
-        raise ValueError(f"kv_start must be an int32/int64 tensor of shape (B, Nq) = ({B}, {Nq}), got {got}")
-    return kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+def _check_index(name: str, t, shape: tuple[int, ...], q) -> torch.Tensor:
+    """``t`` as a contiguous int32 tensor of ``shape`` on q's device, or a one-line ValueError."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        dims = "(B, Nq)" if len(shape) == 2 else "(B,)"
+        raise ValueError(f"{name} must be an int32/int64 tensor of shape {dims} = {shape}, got {got}")
+    return t.to(device=q.device, dtype=torch.int32).contiguous()
 
 
-def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None):
+def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None, kv_lens=None, kv_prefix=None):
     """Scaled dot-product attention on (B, H, N, D) tensors.
 
     Args:
@@ -387,6 +393,12 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None):
         kv_start: optional (B, Nq) integer tensor: query i of batch b sees no key before
             ``kv_start[b, i]`` (episode starts, sliding windows, left padding), on top of
             ``causal``. Shared by every head.
+        kv_lens: optional (B,) integer tensor: batch element b has ``kv_lens[b]`` valid keys (a
+            KV cache filled to different lengths); the causal mask aligns to that end, so query i
+            sees key j iff j <= i + kv_lens[b] - Nq. Forward only.
+        kv_prefix: optional (B,) integer tensor, with ``kv_start``: keys before ``kv_prefix[b]``
+            stay visible to every query whatever its start (k draft blocks verified over a shared
+            prefix: each block's queries start at their block). Forward only.
 
     Returns:
         (B, H, Nq, D) tensor of q's dtype; rows that see no key are zero.
@@ -400,15 +412,22 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None):
     """
     check_kernel_inputs(q, k, v)
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-    if kv_start is not None:
-        kv_start = _check_kv_start(kv_start, q)
-    if not _use_triton(q):
-        return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_start=kv_start)
+    B, Nq = q.shape[0], q.shape[2]
+    kv_start = None if kv_start is None else _check_index("kv_start", kv_start, (B, Nq), q)
+    kv_lens = None if kv_lens is None else _check_index("kv_lens", kv_lens, (B,), q)
+    kv_prefix = None if kv_prefix is None else _check_index("kv_prefix", kv_prefix, (B,), q)
+    if kv_prefix is not None and kv_start is None:
+        raise ValueError("kv_prefix only applies with kv_start (it exempts a prefix from the starts)")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and q.shape[2] <= 16 and q.is_cuda and kv_start is None:
-        return flash_decode(q, k, v, causal=causal, sm_scale=scale)
+    if needs_grad and (kv_lens is not None or kv_prefix is not None):
+        raise ValueError("kv_lens and kv_prefix are forward-only (inference over a KV cache): no gradients")
+    if not _use_triton(q):
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens, kv_start=kv_start,
+                                   kv_prefix=kv_prefix)
+    if not needs_grad and Nq <= 16 and q.is_cuda and kv_start is None:
+        return flash_decode(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens)
     if needs_grad:
         return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, kv_start)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    return _forward(q, k, v, bool(causal), scale, kv_start)[0]
+    return _forward(q, k, v, bool(causal), scale, kv_start, kv_lens, kv_prefix)[0]
 
