@@ -144,6 +144,26 @@ def hf_baseline(batches, new_tokens, repeats):
     return res
 
 
+def auto_rows(policy, draft, rows, prompts, args, params):
+    """The auto table from the grid (fastest mode per batch), then auto's pick timed again."""
+    from srl.generation.auto import pick, table_from_rows
+
+    table = table_from_rows(rows)
+    out = []
+    for b in sorted({r["batch"] for r in rows}):
+        c = pick(table, b)
+        r = bench_config(policy, draft, b, c.mode, c.k, c.draft_len if c.mode != "plain" else 0,
+                         prompts, args.new_tokens, params, args.repeats)
+        best = max((x for x in rows if x["batch"] == b and x["method"] in ("plain", "standard", "spectr")),
+                   key=lambda x: x["tokens_per_s"])
+        r.update(auto_pick=c.describe(), best_fixed=best["tokens_per_s"],
+                 auto_vs_best=r["tokens_per_s"] / best["tokens_per_s"])
+        out.append(r)
+        log(f"  batch {b:3d} auto -> {c.describe()}: {r['tokens_per_s']:.0f} tok/s, "
+            f"{r['auto_vs_best']:.3f}x the best fixed mode in the grid ({best['tokens_per_s']:.0f})")
+    return table, out
+
+
 def profile_iterations(k, L, batch, iterations=20):
     """Device time per kernel over eager iterations (no CUDA graph), to see what an iteration costs."""
     from torch.profiler import ProfilerActivity, profile
@@ -177,6 +197,9 @@ def main():
     ap.add_argument("--align-steps", type=int, default=80)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
+    ap.add_argument("--auto", action="store_true",
+                    help="build the generation.mode auto table from the grid, then time auto's pick "
+                         "at each batch size against the best fixed mode (the output JSON is an auto_table)")
     ap.add_argument("--seq-len", type=int, default=320,
                     help="training window; must cover prompt + new tokens (rotary positions)")
     ap.add_argument("--train-batch", type=int, default=32)
@@ -295,6 +318,8 @@ def main():
                     f"acceptance {r['acceptance_rate']:.3f}, tokens/pass {r['tokens_per_pass']:.2f}, "
                     f"outside vocab {r['outside_task_vocab']:.4f}")
     result["rows"] = rows
+    if args.auto:
+        result["auto_table"], result["auto_rows"] = auto_rows(pol16, d, rows, prompts_all, args, params)
     if args.hf and DEV == "cuda":
         result["transformers_generate"] = hf_baseline([1, 64], args.new_tokens, 1)
 

@@ -396,7 +396,12 @@ class GenerationConfig:
     mode: str = "plain"
     """``plain`` (autoregressive), ``standard`` (speculative, one draft) or ``spectr`` (SpecTr
     K-SEQ, ``k`` drafts). Completions are distributed exactly as the policy's in every mode, and
-    the sample stream carries the policy's log-probabilities."""
+    the sample stream carries the policy's log-probabilities. ``auto`` picks one of them (with
+    its k and draft_len) per batch size from a table measured on the device
+    (``srl.generation.auto``, ``auto_table``) and logs the choice."""
+    auto_table: Optional[str] = None
+    """``auto``: JSON file of the measured table (``benchmarks/generation.py --auto``); null uses
+    the built-in H200 table."""
     k: int = 4
     """``spectr``: draft sequences per step."""
     draft_len: int = 4
@@ -410,8 +415,14 @@ class GenerationConfig:
     """Capture decode steps in CUDA graphs (GPU generation workers)."""
 
     def validate(self) -> None:
-        if self.mode not in ("plain", "standard", "spectr"):
-            raise ConfigError("generation.mode", f"must be plain, standard or spectr, got {self.mode!r}")
+        if self.mode not in ("plain", "standard", "spectr", "auto"):
+            raise ConfigError("generation.mode", f"must be plain, standard, spectr or auto, got {self.mode!r}")
+        if self.auto_table is not None:
+            from srl.generation.auto import load_table
+            try:
+                load_table(self.auto_table)
+            except (OSError, ValueError) as e:
+                raise ConfigError("generation.auto_table", f"cannot be read: {e}") from None
         _at_least("generation.k", self.k, 1)
         _at_least("generation.draft_len", self.draft_len, 1)
         _in_range("generation.temperature", self.temperature, 0.0, 100.0)

@@ -9,6 +9,7 @@ Policy weights come from the trainer, draft weights from the draft worker, both 
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from srl.envs.tokens import build_task, finish_completions, max_new_tokens, prompt_len, sampling_params
 from srl.generation import PlainSampler, SpeculativeSampler
+from srl.generation.auto import load_table, pick
 from srl.plan import DRAFT_PARAMS, PARAMS, PROMPTS, build_policy, has_stream
 from srl.policies.lm import TransformerLM
 from srl.policies.lm_policy import lm_config
@@ -39,11 +41,15 @@ def make_sampler(cfg, policy, draft, batch: int, prompt_len: int, new_tokens: in
     """The sampler ``generation.mode`` names, for ``batch`` rows."""
     g, params = cfg.generation, sampling_params(cfg)
     graphs = g.cuda_graph and next(policy.parameters()).is_cuda
-    if g.mode == "plain":
+    mode, k, draft_len = g.mode, (1 if g.mode == "standard" else g.k), g.draft_len
+    if mode == "auto":
+        choice = pick(load_table(g.auto_table), batch)
+        mode, k, draft_len = choice.mode, choice.k, choice.draft_len
+        logging.getLogger("srl").info("generation.mode auto: batch %d -> %s", batch, choice.describe())
+    if mode == "plain":
         return PlainSampler(policy, batch, prompt_len + new_tokens + 16, params, cuda_graph=graphs)
-    k = 1 if g.mode == "standard" else g.k
-    slack = (k + 2) * g.draft_len + 3
-    return SpeculativeSampler(policy, draft, batch, prompt_len + new_tokens + slack + 1, k=k, draft_len=g.draft_len,
+    slack = (k + 2) * draft_len + 3
+    return SpeculativeSampler(policy, draft, batch, prompt_len + new_tokens + slack + 1, k=k, draft_len=draft_len,
                               params=params, cuda_graph=graphs)
 
 
