@@ -31,7 +31,8 @@ from srl.kernels._flash_bwd import _bwd_preprocess
 from srl.kernels._flash_common import INTERPRET, check_inputs, check_kernel_inputs, last_dim_contiguous, needs_upcast
 from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
 from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
-from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided,
+from srl.kernels._sparse_ranges import _range_bwd_dkdv, _range_bwd_dq, _range_fwd
+from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_S2, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided,
                                           SinkWindow, TileLists, check_pattern, dense_mask, layer_patterns,
                                           tile_classes, tile_lists)
 from srl.kernels.flash_attention import _tma_rows
@@ -131,11 +132,47 @@ def _kv_descriptors(k, v, block_n):
     return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_n, d]) for view in views]
 
 
+def _range_pre(pattern, tiles, key_tiles=False):
+    """Prefix tile width of the range kernels for this pattern and tiles, or None when they do
+    not apply (block layouts; S2 blocks that are not a tile width, or, for dK/dV, not BLOCK_N)."""
+    if not tiles.pop("RANGES", False):
+        return None
+    pre = tiles.pop("PRE_N", min(tiles["BLOCK_N"], 64))
+    kind, p0 = pattern.kernel_params()[:2]
+    if kind == KIND_SINK_WINDOW:
+        return pre
+    ok = kind == KIND_S2 and p0 in (16, 32, 64, 128) and (not key_tiles or p0 == tiles["BLOCK_N"])
+    return p0 if ok else None
+
+
+def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
+    """Forward through the range kernel (``_sparse_ranges.py``)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    kind, p0, p1, p2 = pattern.kernel_params()
+    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    desc = _kv_descriptors(k, v, bn) if tiles.pop("TMA", False) else None
+    m_tiles = triton.cdiv(Nq, bm)
+    _range_fwd[(m_tiles, B * H)](
+        q, k, v, *(desc or (k, v)), o, lse, sm_scale * _LOG2E,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=desc is not None,
+        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, **tiles)
+    return o, lse
+
+
 def _forward(q, k, v, pattern, sm_scale):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("fwd", D, pattern.kernel_params()[0])
+    pre_n = _range_pre(pattern, tiles)
+    if pre_n is not None:
+        return _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n)
+    tiles.pop("PRE_N", None)
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -160,7 +197,6 @@ def _forward(q, k, v, pattern, sm_scale):
 
 def _backward(do, q, k, v, o, lse, pattern, sm_scale):
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -168,33 +204,59 @@ def _backward(do, q, k, v, o, lse, pattern, sm_scale):
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     _bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=64)
-    upcast = needs_upcast(q)
-
-    kv_tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
-    kv_tiles.pop("TMA", None)
-    kv_tiles.pop("RUNS", None)
-    by_key = tile_lists(pattern, H, Nq, Nk, kv_tiles["BLOCK_M"], kv_tiles["BLOCK_N"], q.device, by_key=True)
-    (kind, p0, p1, p2), layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
-    ptrs, list_strides = _list_args(by_key)
-    n_tiles = triton.cdiv(Nk, kv_tiles["BLOCK_N"])
-    _sparse_bwd_dkdv[(n_tiles, B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        *list_strides, *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
-        KIND=kind, HEAD_DIM=D, UPCAST=upcast, **kv_tiles)
-
-    q_tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
-    q_tiles.pop("TMA", None)
-    q_tiles.pop("RUNS", None)
-    by_query = tile_lists(pattern, H, Nq, Nk, q_tiles["BLOCK_M"], q_tiles["BLOCK_N"], q.device)
-    ptrs, list_strides = _list_args(by_query)
-    m_tiles = triton.cdiv(Nq, q_tiles["BLOCK_M"])
-    _sparse_bwd_dq[(m_tiles, B * H)](
-        q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        *list_strides, *lstrides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-        KIND=kind, HEAD_DIM=D, UPCAST=upcast, **q_tiles)
+    _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale)
+    _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale)
     return dq, dk, dv
+
+
+def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
+    tiles.pop("TMA", None)
+    pre_n = _range_pre(pattern, tiles, key_tiles=True)
+    tiles.pop("PRE_N", None)
+    tiles.pop("RUNS", None)
+    n_tiles = triton.cdiv(Nk, tiles["BLOCK_N"])
+    args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv))
+    kind, p0, p1, p2 = pattern.kernel_params()
+    if pre_n is not None:
+        _range_bwd_dkdv[(n_tiles, B * Hkv)](
+            *args, *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
+        return
+    by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
+    _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
+    ptrs, list_strides = _list_args(by_key)
+    _sparse_bwd_dkdv[(n_tiles, B * Hkv)](
+        *args, *ptrs, layout, *strides, *list_strides, *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
+        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
+
+
+def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
+    tiles.pop("TMA", None)
+    pre_n = _range_pre(pattern, tiles)
+    tiles.pop("PRE_N", None)
+    tiles.pop("RUNS", None)
+    m_tiles = triton.cdiv(Nq, tiles["BLOCK_M"])
+    args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
+    kind, p0, p1, p2 = pattern.kernel_params()
+    if pre_n is not None:
+        _range_bwd_dq[(m_tiles, B * H)](
+            *args, *strides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, **tiles)
+        return
+    by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
+    _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
+    ptrs, list_strides = _list_args(by_query)
+    _sparse_bwd_dq[(m_tiles, B * H)](
+        *args, *ptrs, layout, *strides, *list_strides, *lstrides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,335 @@
+"""Triton kernels of srl's sparse attention for SinkWindow and S2Strided without tile lists.
+
+Both patterns visit contiguous key ranges that a program can compute from its own position,
+so these kernels walk them as plain ``tl.range`` loops (software-pipelined like the dense
+kernel's, TMA loads allowed) instead of reading per-tile index lists:
+
+* a prefix: the sink (SinkWindow, keys [0, min(sink, window start)), PRE_N-wide tiles) or the
+  head's strided blocks before the local band (S2Strided, one ``block``-wide tile every
+  ``stride`` blocks; always unmasked);
+* the band (window or local blocks): masked tiles at its lower edge, unmasked tiles, masked
+  tiles on the diagonal. A SinkWindow band starts at the tile's first row's window start, not at
+  a tile boundary, so it spans window + BLOCK_M - 1 keys.
+
+Masked tiles evaluate the pattern per element (``visible``) and are further clipped to their
+segment's end, so segments never count a key twice. dK/dV programs walk query rows the same
+way: the band of rows whose window (local blocks) holds the key tile, then the rows after it
+that still see the tile (the sink, or a strided block of this head).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from srl.kernels._flash_common import load_kv_desc, load_kv_tile, online_softmax_step, online_softmax_step_unmasked
+from srl.kernels._sparse_kernels import visible
+
+
+@triton.jit
+def q_ranges(r0, r1, head, P0, P1, P2, KIND: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr):
+    """Key ranges of the query rows [r0, r1] (absolute positions, r1 < N_K) of one head.
+
+    Returns (pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end): prefix tiles at
+    pre_lo + i * pre_step below pre_hi (unmasked iff pre_full); band keys [band_lo, end), of which
+    [full_lo, full_hi) are visible to every row."""
+    end = r1 + 1
+    if KIND == 1:  # sink (P0), window (P1)
+        band_lo = tl.maximum(r0 - P1 + 1, 0)
+        pre_lo = band_lo * 0
+        pre_hi = tl.minimum(band_lo, P0)
+        pre_step = PRE_N
+        pre_full = (pre_hi == P0) & (P0 % PRE_N == 0) & (P0 <= r0 + 1)
+        full_lo = band_lo + tl.cdiv(tl.maximum(r1 - P1 + 1 - band_lo, 0), BLOCK_N) * BLOCK_N
+    else:  # S2: block (P0), local blocks (P1), stride (P2); PRE_N == P0
+        band_lo = tl.maximum(r0 // P0 - P1 + 1, 0) * P0
+        pre_lo = ((P2 - head % P2) % P2) * P0
+        pre_hi = band_lo
+        pre_step = P2 * P0
+        pre_full = band_lo >= 0
+        full_lo = tl.maximum(r1 // P0 - P1 + 1, 0) * P0
+    full_lo = tl.minimum(full_lo, end)
+    full_hi = full_lo + tl.maximum(r0 + 1 - full_lo, 0) // BLOCK_N * BLOCK_N
+    return pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end
+
+
+@triton.jit
+def k_ranges(c0, c1, head, shift, n_k, P0, P1, P2, KIND: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query-row ranges (absolute) that see the key tile [c0, c1] of one head.
+
+    Returns (band_lo, full_lo, full_hi, band_end, post_on, post_full): band rows [band_lo,
+    band_end), of which [full_lo, full_hi) see every key of the tile; rows [band_end, N_K) see
+    it too iff post_on (unmasked iff post_full). For S2 the tile is one block (BLOCK_N == P0)."""
+    band_lo = tl.maximum(c0, shift)
+    if KIND == 1:
+        full_end = c0 + P1  # rows below see every key of the tile through the window
+        band_end = tl.minimum(c1 + P1, n_k)
+        post_on = c0 < P0
+        post_full = c1 < P0
+    else:
+        full_end = (c0 // P0 + P1) * P0
+        band_end = tl.minimum(full_end, n_k)
+        post_on = (c0 // P0 + head) % P2 == 0
+        post_full = post_on
+    band_end = tl.maximum(band_end, band_lo)
+    full_lo = band_lo + tl.cdiv(tl.maximum(c1 - band_lo, 0), BLOCK_M) * BLOCK_M  # rows >= c1: causal
+    full_lo = tl.minimum(full_lo, band_end)
+    full_hi = full_lo + tl.maximum(tl.minimum(full_end, n_k) - full_lo, 0) // BLOCK_M * BLOCK_M
+    return band_lo, full_lo, full_hi, band_end, post_on, post_full
+
+
+@triton.jit
+def _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+        DESC: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K, V tiles at keys [start_n, start_n + TILE_N): descriptors (zeros past N_K) or pointers."""
+    if DESC:
+        k, v = load_kv_desc(kd, vd, kv_row, start_n, UPCAST, TILE_N, HEAD_DIM)
+    else:
+        cols = start_n + tl.arange(0, TILE_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        k, v = load_kv_tile(K + cols[:, None] * stride_kn + offs_d[None, :],
+                            V + cols[:, None] * stride_vn + offs_d[None, :], cols < n_k, MASKED, UPCAST)
+    return k, v
+
+
+@triton.jit
+def _fwd_seg(acc, l_i, m_i, q, lo, hi, step, K, V, kd, vd, kv_row, stride_kn, stride_vn,
+             rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
+             MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr,
+             TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold the key tiles at lo, lo + step, ... below hi into one query tile's online softmax."""
+    for start_n in tl.range(lo, hi, step):
+        k, v = _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED, UPCAST, DESC, TILE_N,
+                   HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            cols = start_n + tl.arange(0, TILE_N)
+            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
+            p, m_i, l_i, acc = online_softmax_step(tl.where(ok, qk * qk_scale, float("-inf")), m_i, l_i, acc)
+        else:
+            p, m_i, l_i, acc = online_softmax_step_unmasked(qk, qk_scale, m_i, l_i, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
+               stride_qb, stride_qh, stride_qn,
+               stride_kb, stride_kh, stride_kn,
+               stride_vb, stride_vh, stride_vn,
+               stride_ob, stride_oh, stride_on,
+               H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
+               KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+               PRE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr):
+    """Forward over the prefix and band ranges. KD, VD: TMA descriptors over (B*H_kv, N_K, D)
+    with (1, BLOCK_N, D) blocks when TMA (used by the prefix too when PRE_TMA), else K, V."""
+    pid_m = M_TILES - 1 - tl.program_id(0)  # the heaviest (last) query tiles first
+    start_m = pid_m * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    shift = N_K - N_Q
+    rows = offs_m + shift
+    heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP
+    k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
+    v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    r0 = start_m + shift
+    r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
+    pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
+        r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    args = (k_head, v_head, KD, VD, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
+    if pre_full:
+        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
+                                 False, KIND, UPCAST, PRE_TMA, PRE_N, HEAD_DIM)
+    else:
+        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
+                                 True, KIND, UPCAST, False, PRE_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, band_lo, full_lo, BLOCK_N, *args,
+                             True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_lo, full_hi, BLOCK_N, *args,
+                             False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_hi, end, BLOCK_N, *args,
+                             True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+
+    empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------
+@triton.jit
+def _dq_seg(dq, q, do, lse, delta, lo, hi, step, K, V, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale,
+            P0, P1, P2, MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TILE_N: tl.constexpr,
+            HEAD_DIM: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles at lo, lo + step, ... below hi."""
+    for start_n in tl.range(lo, hi, step):
+        k, v = _kv(K, V, K, V, 0, start_n, n_k, stride_kn, stride_vn, MASKED, UPCAST, False, TILE_N, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if MASKED:
+            cols = start_n + tl.arange(0, TILE_N)
+            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
+                  stride_qb, stride_qh, stride_qn,
+                  stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn,
+                  stride_dob, stride_doh, stride_don,
+                  stride_dqb, stride_dqh, stride_dqn,
+                  H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
+                  KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr):
+    pid_m = M_TILES - 1 - tl.program_id(0)
+    start_m = pid_m * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    shift = N_K - N_Q
+    rows = offs_m + shift
+    heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
+    v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    r0 = start_m + shift
+    r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
+    pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
+        r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    args = (k_head, v_head, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
+    if pre_full:
+        dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, False, KIND, UPCAST, PRE_N, HEAD_DIM)
+    else:
+        dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, True, KIND, UPCAST, PRE_N, HEAD_DIM)
+    dq = _dq_seg(dq, q, do, lse, delta, band_lo, full_lo, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+    dq = _dq_seg(dq, q, do, lse, delta, full_lo, full_hi, BLOCK_N, *args, False, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+    dq = _dq_seg(dq, q, do, lse, delta, full_hi, end, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_seg(dk, dv, k, v, lo, hi, Q, DO, LSE_ROW, DELTA_ROW, stride_qn, stride_don, cols, heads, col_ok,
+              n_q, shift, qk_scale, P0, P1, P2, MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query rows [lo, hi) (absolute), BLOCK_M at a time."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in tl.range(lo, hi, BLOCK_M):
+        offs_m = start - shift + tl.arange(0, BLOCK_M)  # query indices
+        q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
+        do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
+        if MASKED:
+            row_ok = (offs_m < n_q) & (offs_m + shift < hi)
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(LSE_ROW + offs_m)
+            delta = tl.load(DELTA_ROW + offs_m)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M): S^T in base 2
+        if MASKED:
+            ok = visible(offs_m + shift, cols, heads, row_ok, col_ok, KIND, P0, P1, P2, LSE_ROW, 0, 0)
+            s_t = tl.where(tl.trans(ok.to(tl.int8)) != 0, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+                    stride_qb, stride_qh, stride_qn,
+                    stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn,
+                    stride_dob, stride_doh, stride_don,
+                    stride_dkb, stride_dkh, stride_dkn,
+                    stride_dvb, stride_dvh, stride_dvn,
+                    H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
+                    KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile (first tiles first: the sink and early strided blocks see the most rows)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bkv = tl.program_id(1)
+    off_b = (off_bkv // H_KV).to(tl.int64)
+    off_kvh = (off_bkv % H_KV).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < N_K
+    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    shift = N_K - N_Q
+    c1 = tl.minimum(start_n + BLOCK_N, N_K) - 1
+    for g in range(0, GROUP):
+        off_h = off_kvh * GROUP + g
+        off_bh = off_b * H + off_h
+        heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
+        band_lo, full_lo, full_hi, band_end, post_on, post_full = k_ranges(
+            start_n, c1, off_h.to(tl.int32), shift, N_K, P0, P1, P2, KIND, BLOCK_M)
+        q_head = Q + off_b * stride_qb + off_h * stride_qh
+        do_head = DO + off_b * stride_dob + off_h * stride_doh
+        args = (q_head, do_head, LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols, heads,
+                col_ok, N_Q, shift, qk_scale, P0, P1, P2)
+        dk, dv = _dkdv_seg(dk, dv, k, v, band_lo, full_lo, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_seg(dk, dv, k, v, full_lo, full_hi, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_seg(dk, dv, k, v, full_hi, band_end, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        post_mid = band_end
+        if post_full:
+            post_mid = band_end + (N_K - band_end) // BLOCK_M * BLOCK_M
+            dk, dv = _dkdv_seg(dk, dv, k, v, band_end, post_mid, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        if post_on:
+            dk, dv = _dkdv_seg(dk, dv, k, v, post_mid, N_K, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+    dk = dk * sm_scale
+    tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_kvh * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

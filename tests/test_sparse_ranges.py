@@ -1,0 +1,76 @@
+"""Range kernels of sparse attention (``_sparse_ranges.py``) against the float64 reference.
+
+SinkWindow and S2Strided through the list-free kernels: forward (pointer and TMA loads, prefix
+tiles narrower than the band's), dQ and dK/dV, at small shapes in the interpreter (ragged N,
+GQA, Nq != Nk, windows and sinks that are not tile multiples, tiny windows). A negative control
+checks that the comparison can fail.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+_CPU = not torch.cuda.is_available()
+_LATE = _CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "triton" in sys.modules
+if _CPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from srl.kernels.sparse_attention import TILE_OVERRIDE, S2Strided, SinkWindow, sparse_attention  # noqa: E402
+from tests.test_sparse_attention import TOL, check_against_reference, make_qkv, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(_LATE, reason="triton was imported before TRITON_INTERPRET was set")
+
+
+def ranges(block_m, block_n, **extra):
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1, RANGES=True, **extra)
+
+
+def use(fwd, dkdv, dq):
+    TILE_OVERRIDE.clear()
+    TILE_OVERRIDE.update(fwd=fwd, dkdv=dkdv, dq=dq)
+
+
+CASES = [  # (pattern, B, H, H_kv, Nq, Nk, D, fwd tiles, dK/dV tiles, dQ tiles)
+    (SinkWindow(8, 40), 1, 4, 2, 200, 200, 32, ranges(32, 32), ranges(16, 32), ranges(32, 16)),
+    (SinkWindow(16, 37), 1, 2, 1, 77, 200, 16, ranges(32, 32, PRE_N=16, TMA=True), ranges(32, 16), ranges(16, 32)),
+    (SinkWindow(0, 33), 2, 2, 2, 50, 150, 32, ranges(16, 32, TMA=True), ranges(32, 32), ranges(32, 32)),
+    (SinkWindow(5, 3), 1, 2, 1, 90, 90, 16, ranges(32, 16), ranges(16, 16), ranges(32, 16)),
+    (S2Strided(16, 2, 4), 1, 4, 4, 200, 200, 32, ranges(32, 16, TMA=True), ranges(32, 16), ranges(32, 16)),
+    (S2Strided(16, 3, 3), 1, 6, 2, 130, 203, 16, ranges(64, 32), ranges(16, 16), ranges(16, 32)),
+    (S2Strided(32, 1, 2), 1, 2, 1, 256, 256, 32, ranges(32, 32, TMA=True), ranges(16, 32), ranges(32, 32)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_range_kernels_match_float64(case):
+    pattern, b, h, h_kv, n_q, n_k, d, fwd, dkdv, dq = CASES[case]
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, torch.float32, seed=10 + case)
+    use(fwd, dkdv, dq)
+    try:
+        check_against_reference(q, k, v, pattern, TOL[torch.float32])
+    finally:
+        TILE_OVERRIDE.clear()
+
+
+def test_s2_blocks_that_are_not_a_tile_width_take_the_list_kernels():
+    """A 24-token block cannot be a strided tile: the lists serve it, with the same result."""
+    q, k, v = make_qkv(1, 3, 1, 77, 120, 16, torch.float32, seed=3)
+    use(ranges(32, 32), ranges(32, 32), ranges(32, 32))
+    try:
+        check_against_reference(q, k, v, S2Strided(24, 1, 3), TOL[torch.float32])
+    finally:
+        TILE_OVERRIDE.clear()
+
+
+def test_negative_control_a_wider_window_is_caught():
+    q, k, v = make_qkv(1, 2, 1, 120, 120, 16, torch.float32, seed=5)
+    use(ranges(32, 32), ranges(32, 32), ranges(32, 32))
+    try:
+        with torch.no_grad():
+            out = sparse_attention(q, k, v, SinkWindow(4, 30))
+            other = sparse_attention(q, k, v, SinkWindow(4, 31))
+    finally:
+        TILE_OVERRIDE.clear()
+    assert rel_err(out, other) > 1e-4
