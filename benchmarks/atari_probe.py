@@ -8,8 +8,8 @@ Each probe times one stage of the dataflow alone, in this process:
   the config's shapes: what every hop costs in CPU time per frame;
 - ``policy``: one forward pass of the config's policy on ``device`` at several batch sizes,
   uint8 observations copied in and actions copied out, fp32 and bf16 / channels-last;
-- ``learner``: ``learner.train`` on a synthetic batch of ``algorithm.batch_size`` steps: frames/s
-  the trainer can learn, fp32 and bf16 / channels-last.
+- ``learner``: ``learner.train`` on synthetic batches of a few shapes (batch size, epochs,
+  minibatches): frames/s the trainer can learn and ms per minibatch step, fp32 and bf16 / channels-last.
 
 Frames are env steps x frame skip 4.
 
@@ -88,11 +88,11 @@ def probe_wire(cfg, info: SpaceInfo, seconds: float) -> list[dict]:
     return out
 
 
-def probe_policy(cfg, data: dict, info: SpaceInfo, device: str, batches: list[int], seconds: float) -> list[dict]:
+def probe_policy(cfg, data: dict, base: list[str], info: SpaceInfo, device: str, batches: list[int], seconds: float) -> list[dict]:
     out = []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for variant, extra in (("fp32", {}), ("bf16_cl", {"autocast": "bf16", "channels_last": True})):
-        pcfg = experiment_from_dict(data, [f"policy.{k}={v}" for k, v in
+        pcfg = experiment_from_dict(data, base + [f"policy.{k}={v}" for k, v in
                                                  {**{"autocast": "none", "channels_last": False}, **extra}.items()])
         policy = build_policy(info, pcfg.policy).to(device)
         for n in batches:
@@ -109,30 +109,34 @@ def probe_policy(cfg, data: dict, info: SpaceInfo, device: str, batches: list[in
     return out
 
 
-def probe_learner(cfg, data: dict, info: SpaceInfo, device: str, seconds: float) -> list[dict]:
-    a = cfg.workers.actors
-    T = a.rollout_len
-    B = -(-cfg.algorithm.batch_size // T)
+def probe_learner(cfg, data: dict, base: list[str], info: SpaceInfo, device: str, seconds: float,
+                  shapes: list[tuple[int, int, int]]) -> list[dict]:
+    """``learner.train`` per (batch_size, epochs, minibatches) in ``shapes``, fp32 and bf16 /
+    channels-last: what one update costs, so the batch shape for learning Pong can be sized."""
+    T = cfg.workers.actors.rollout_len
     rng = np.random.default_rng(0)
-    batch = {"obs": torch.from_numpy(rng.integers(0, 255, (T + 1, B, *info.obs_shape), dtype=np.uint8)),
-             "action": torch.from_numpy(rng.integers(0, info.n_actions, (T, B))),
-             "logp": torch.full((T, B), -np.log(info.n_actions), dtype=torch.float32),
-             "reward": torch.from_numpy(rng.choice([-1.0, 0.0, 1.0], (T, B), p=[.01, .98, .01]).astype(np.float32)),
-             "terminated": torch.zeros((T, B), dtype=torch.bool), "truncated": torch.zeros((T, B), dtype=torch.bool),
-             "valid": torch.ones((T, B), dtype=torch.bool)}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = []
-    for variant, extra in (("fp32", {}), ("bf16_cl", {"autocast": "bf16", "channels_last": True})):
-        pcfg = experiment_from_dict(data, [f"policy.{k}={v}" for k, v in
-                                                 {**{"autocast": "none", "channels_last": False}, **extra}.items()])
-        policy = build_policy(info, pcfg.policy)
-        learner = build_learner(policy, pcfg, device)
-        dev_batch = {k: v.to(device) for k, v in batch.items()}
-        s = _timed(lambda: learner.train(dev_batch), seconds / 2, sync)
-        s_host = _timed(lambda: learner.train(batch), seconds / 4, sync)
-        out.append({"probe": "learner", "variant": variant, "steps": T * B, "epochs": cfg.algorithm.epochs,
-                    "minibatches": cfg.algorithm.minibatches, "train_ms": s * 1e3, "train_from_host_ms": s_host * 1e3,
-                    "learned_frames_per_s": T * B * 4 / s})
+    for batch_size, epochs, minibatches in shapes:
+        B = -(-batch_size // T)
+        batch = {"obs": torch.from_numpy(rng.integers(0, 255, (T + 1, B, *info.obs_shape), dtype=np.uint8)),
+                 "action": torch.from_numpy(rng.integers(0, info.n_actions, (T, B))),
+                 "logp": torch.full((T, B), -float(np.log(info.n_actions)), dtype=torch.float32),
+                 "reward": torch.from_numpy(rng.choice([-1.0, 0.0, 1.0], (T, B), p=[.01, .98, .01]).astype(np.float32)),
+                 "terminated": torch.zeros((T, B), dtype=torch.bool),
+                 "truncated": torch.zeros((T, B), dtype=torch.bool), "valid": torch.ones((T, B), dtype=torch.bool)}
+        for variant, extra in (("fp32", "policy.autocast=none policy.channels_last=false"),
+                               ("bf16_cl", "policy.autocast=bf16 policy.channels_last=true")):
+            over = f"{extra} algorithm.batch_size={batch_size} algorithm.epochs={epochs} " \
+                   f"algorithm.minibatches={minibatches}"
+            pcfg = experiment_from_dict(data, base + over.split())
+            learner = build_learner(build_policy(info, pcfg.policy), pcfg, device)
+            dev_batch = {k: v.to(device) for k, v in batch.items()}
+            s = _timed(lambda: learner.train(dev_batch), seconds, sync)
+            out.append({"probe": "learner", "variant": variant, "steps": T * B, "epochs": epochs,
+                        "minibatches": minibatches, "train_ms": s * 1e3,
+                        "ms_per_minibatch_step": s * 1e3 / (epochs * minibatches),
+                        "learned_frames_per_s": T * B * 4 / s})
     return out
 
 
@@ -143,11 +147,14 @@ def main() -> None:
     p.add_argument("--probes", default="env,wire,policy,learner")
     p.add_argument("--seconds", type=float, default=4.0, help="per probe")
     p.add_argument("--batches", default="16,64,224,448,896")
+    p.add_argument("--learner-shapes", default="8192/2/4,4096/4/16",
+                   help="batch_size/epochs/minibatches of the learner probe, comma separated")
     p.add_argument("--overrides", default="", help="srl overrides, space separated")
     p.add_argument("--out", default="atari_probe.json")
     args = p.parse_args()
     data = yaml.safe_load(open(args.config))
-    cfg = experiment_from_dict(data, args.overrides.split())
+    base = args.overrides.split()
+    cfg = experiment_from_dict(data, base)
     env = make_atari_vector_env(cfg.env.id, cfg.env.kwargs, 1)
     info = SpaceInfo(tuple(env.single_observation_space.shape), True, int(env.single_action_space.n),
                      obs_dtype="uint8")
@@ -169,9 +176,10 @@ def main() -> None:
     if "wire" in probes:
         done(probe_wire(cfg, info, args.seconds))
     if "policy" in probes:
-        done(probe_policy(cfg, data, info, args.device, [int(b) for b in args.batches.split(",")], args.seconds))
+        done(probe_policy(cfg, data, base, info, args.device, [int(b) for b in args.batches.split(",")], args.seconds))
     if "learner" in probes:
-        done(probe_learner(cfg, data, info, args.device, args.seconds))
+        shapes = [tuple(int(x) for x in shape.split("/")) for shape in args.learner_shapes.split(",")]
+        done(probe_learner(cfg, data, base, info, args.device, args.seconds, shapes))
 
 
 if __name__ == "__main__":
