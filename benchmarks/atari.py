@@ -42,7 +42,7 @@ from srl.experiment import controller_for  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PONG = os.path.join(ROOT, "configs", "atari_pong.yaml")
 SF_RUNNER = os.path.join(ROOT, "benchmarks", "peers", "sample_factory_atari.py")
-SF_TARGET = os.path.join(ROOT, "benchmarks", "peers", ".sf-atari")
+SF_TARGET = os.environ.get("SF_TARGET", "/tmp/sf-atari")  # benchmarks/atari_setup.sh install
 
 
 def ceiling(env_id: str, kwargs: dict, threads: int, envs: int, seconds: float) -> dict:

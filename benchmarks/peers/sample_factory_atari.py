@@ -10,7 +10,7 @@ rewards, 84x84 grayscale, 4 stacked frames) plus ``--num_workers``, ``--device``
 Prints one ``stats: {json}`` line: frames/s over the measured window (after ``--warmup`` s of
 collection) and, with ``--target``, when the mean raw return of the last 20 games reached it.
 
-    PYTHONPATH=benchmarks/peers/.sf-atari python benchmarks/peers/sample_factory_atari.py \
+    PYTHONPATH=/tmp/sf-atari:benchmarks/peers python benchmarks/peers/sample_factory_atari.py \
         --game pong --workers 14 --seconds 60 [--target 18 --max-seconds 3600] [--extra "--async_rl=True"]
 """
 
