@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
 
 from srl.generation.cats_calibration import apply_cats, calibrate_cats, measure_sparsity  # noqa: E402
 from srl.generation.decode import PlainSampler  # noqa: E402
+from srl.generation import fused_decode  # noqa: E402
 from srl.generation.fused_decode import FusedDecodeStep  # noqa: E402
 from srl.generation.sampling import SamplingParams  # noqa: E402
 from srl.policies.lm import LMConfig, TransformerLM  # noqa: E402
@@ -84,6 +85,18 @@ def _sampler_without_cast_fusion(model, batch, max_len, steps_per_graph):
     return s
 
 
+def gelu_epilogue_check(model, batch) -> dict:
+    """Which GELU the cuBLASLt epilogue computes: max |diff| against tanh-GELU and erf-GELU."""
+    fc = model.blocks[0].fc.weight
+    h = torch.randn(batch, fc.shape[1], device=DEV, dtype=fc.dtype)
+    a = torch._addmm_activation(torch.zeros(fc.shape[0], device=DEV, dtype=fc.dtype), h, fc.t(), use_gelu=True)
+    ref = torch.nn.functional.linear(h.float(), fc.float())
+    res = {f"max_diff_{k}": float((a.float() - torch.nn.functional.gelu(ref, approximate=k)).abs().max())
+           for k in ("tanh", "none")}
+    log(f"  gelu epilogue check: {res}")
+    return res
+
+
 def plain_section(batches, new_tokens, repeats, graph_steps) -> dict:
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -95,8 +108,18 @@ def plain_section(batches, new_tokens, repeats, graph_steps) -> dict:
             row = {"batch": b, "torch": tokens_per_s(model, b, 9, new_tokens, repeats, False)}
             for n in graph_steps:
                 row[f"fused_g{n}"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, n)
+            fused_decode.GELU_EPILOGUE = True  # candidate: fc + GELU as one cuBLASLt call
+            try:
+                if b == batches[0]:
+                    row["gelu_epilogue_check"] = gelu_epilogue_check(model, b)
+                row["fused_gelu_epilogue"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails is reported, not fatal
+                log(f"  gelu epilogue failed: {type(exc).__name__}: {str(exc)[:200]}")
+            finally:
+                fused_decode.GELU_EPILOGUE = False
             res["rows"].append(row)
-            log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "batch")
+            log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items()
+                                            if isinstance(v, float))
                 + " tok/s")
     del model
     if CUDA:

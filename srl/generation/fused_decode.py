@@ -56,6 +56,11 @@ def fused_cats_mlp(gated, h: Tensor) -> tuple[Tensor, Tensor] | None:
                                  gated.cats_threshold)
 
 
+GELU_EPILOGUE = False
+"""GELU MLPs: fc and its tanh-GELU as one cuBLASLt matmul with a GELU epilogue
+(``torch._addmm_activation``; the GELU then acts on the float32 accumulator before rounding)."""
+
+
 class FusedDecodeStep:
     """Callable ``step(generator)``: one token per unfinished row, written to ``state``."""
 
@@ -76,6 +81,9 @@ class FusedDecodeStep:
         self.noise = torch.zeros(B, cfg.vocab_size, device=dev, dtype=torch.float32)
         self.part = sample_workspace(B, cfg.vocab_size, dev)
         self.freqs = torch.view_as_real(model.rotary.freqs).contiguous()  # (P, HD/2, 2) float32
+        self.gelu_bias = None
+        if GELU_EPILOGUE and model.blocks[0].gated is None and dev.type == "cuda":
+            self.gelu_bias = torch.zeros(cfg.mlp["hidden"], device=dev, dtype=dtype)
         self.torch_sampling = params.top_k is not None or (params.top_p is not None and params.top_p < 1.0)
 
     def __call__(self, generator: torch.Generator | None = None) -> None:
@@ -92,6 +100,9 @@ class FusedDecodeStep:
             part = fused_cats_mlp(blk.gated, h) if self.fuse_cats_cast else None
             if part is not None:
                 residual_norm(x, part[0], nxt.weight, nxt.eps, h, counter=part[1])
+            elif self.gelu_bias is not None:
+                a = torch._addmm_activation(self.gelu_bias, h, blk.fc.weight.t(), use_gelu=True)
+                residual_norm(x, F.linear(a, blk.fc_out.weight), nxt.weight, nxt.eps, h)
             else:
                 residual_norm(x, blk.mlp(h), nxt.weight, nxt.eps, h)
         logits = F.linear(h, m.head.weight)  # (B, V)
