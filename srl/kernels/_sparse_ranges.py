@@ -113,6 +113,34 @@ def _fwd_seg(acc, l_i, m_i, q, lo, hi, step, K, V, kd, vd, kv_row, stride_kn, st
 
 
 @triton.jit
+def _fwd_one_loop(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end,
+                  K, V, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
+                  KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """The prefix and the band in one pipelined loop (prefix tiles BLOCK_N wide): one pipeline
+    fill per program instead of four; each tile picks the masked or the unmasked step."""
+    n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
+    n_all = n_pre + tl.cdiv(end - band_lo, BLOCK_N)
+    for t in tl.range(0, n_all):
+        in_pre = t < n_pre
+        start_n = tl.where(in_pre, pre_lo + t * pre_step, band_lo + (t - n_pre) * BLOCK_N)
+        k, v = _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, True, UPCAST, DESC, BLOCK_N,
+                   HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        lower = start_n < full_lo
+        masked = tl.where(in_pre, pre_full == 0, lower | (start_n >= full_hi))
+        if masked:
+            hi = tl.where(in_pre, pre_hi, tl.where(lower, full_lo, end))
+            cols = start_n + tl.arange(0, BLOCK_N)
+            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
+            p, m_i, l_i, acc = online_softmax_step(tl.where(ok, qk * qk_scale, float("-inf")), m_i, l_i, acc)
+        else:
+            p, m_i, l_i, acc = online_softmax_step_unmasked(qk, qk_scale, m_i, l_i, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                stride_qb, stride_qh, stride_qn,
                stride_kb, stride_kh, stride_kn,
@@ -120,9 +148,11 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                stride_ob, stride_oh, stride_on,
                H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-               PRE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr):
+               PRE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
+               ONE_LOOP: tl.constexpr = False):
     """Forward over the prefix and band ranges. KD, VD: TMA descriptors over (B*H_kv, N_K, D)
-    with (1, BLOCK_N, D) blocks when TMA (used by the prefix too when PRE_TMA), else K, V."""
+    with (1, BLOCK_N, D) blocks when TMA (used by the prefix too when PRE_TMA), else K, V.
+    ONE_LOOP (needs PRE_N == BLOCK_N): every range in one loop (``_fwd_one_loop``)."""
     pid_m = M_TILES - 1 - tl.program_id(0)  # the heaviest (last) query tiles first
     start_m = pid_m * BLOCK_M
     off_bh = tl.program_id(1)
@@ -150,18 +180,22 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     args = (k_head, v_head, KD, VD, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
-    if pre_full:
-        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
-                                 False, KIND, UPCAST, PRE_TMA, PRE_N, HEAD_DIM)
+    if ONE_LOOP:
+        acc, l_i, m_i = _fwd_one_loop(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo,
+                                      full_hi, end, *args, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
     else:
-        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
-                                 True, KIND, UPCAST, False, PRE_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, band_lo, full_lo, BLOCK_N, *args,
-                             True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_lo, full_hi, BLOCK_N, *args,
-                             False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_hi, end, BLOCK_N, *args,
-                             True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+        if pre_full:
+            acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
+                                     False, KIND, UPCAST, PRE_TMA, PRE_N, HEAD_DIM)
+        else:
+            acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
+                                     True, KIND, UPCAST, False, PRE_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, band_lo, full_lo, BLOCK_N, *args,
+                                 True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_lo, full_hi, BLOCK_N, *args,
+                                 False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_hi, end, BLOCK_N, *args,
+                                 True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
     l_safe = tl.where(empty, 1.0, l_i)

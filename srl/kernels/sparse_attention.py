@@ -154,13 +154,14 @@ def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
     kind, p0, p1, p2 = pattern.kernel_params()
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     desc = _kv_descriptors(k, v, bn) if tiles.pop("TMA", False) else None
+    one_loop = tiles.pop("ONE_LOOP", False) and pre_n == bn
     m_tiles = triton.cdiv(Nq, bm)
     _range_fwd[(m_tiles, B * H)](
         q, k, v, *(desc or (k, v)), o, lse, sm_scale * _LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=desc is not None,
-        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, **tiles)
+        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, ONE_LOOP=one_loop, **tiles)
     return o, lse
 
 
@@ -173,6 +174,7 @@ def _forward(q, k, v, pattern, sm_scale):
     if pre_n is not None:
         return _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n)
     tiles.pop("PRE_N", None)
+    tiles.pop("ONE_LOOP", None)
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -215,8 +217,8 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles, key_tiles=True)
-    tiles.pop("PRE_N", None)
-    tiles.pop("RUNS", None)
+    for key in ("PRE_N", "RUNS", "ONE_LOOP"):
+        tiles.pop(key, None)
     n_tiles = triton.cdiv(Nk, tiles["BLOCK_N"])
     args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv))
@@ -240,8 +242,8 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles)
-    tiles.pop("PRE_N", None)
-    tiles.pop("RUNS", None)
+    for key in ("PRE_N", "RUNS", "ONE_LOOP"):
+        tiles.pop(key, None)
     m_tiles = triton.cdiv(Nq, tiles["BLOCK_M"])
     args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
