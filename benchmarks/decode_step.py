@@ -55,8 +55,19 @@ def sync():
         torch.cuda.synchronize()
 
 
-def tokens_per_s(model, batch, prompt_len, new_tokens, repeats, fused, steps_per_graph=8,
-                 fuse_cats_cast=True) -> float:
+def tokens_per_s(*args, **kw) -> float:
+    """``_tokens_per_s``, or NaN (logged) when that configuration fails."""
+    try:
+        return _tokens_per_s(*args, **kw)
+    except Exception as exc:  # noqa: BLE001
+        log(f"  FAILED {kw or ''}: {type(exc).__name__}: {str(exc)[:300]}")
+        if CUDA:
+            torch.cuda.synchronize()
+        return float("nan")
+
+
+def _tokens_per_s(model, batch, prompt_len, new_tokens, repeats, fused, steps_per_graph=8,
+                  fuse_cats_cast=True) -> float:
     s = PlainSampler(model, batch, prompt_len + new_tokens + steps_per_graph + 16,
                      SamplingParams(temperature=1.0), cuda_graph=CUDA, fused=fused,
                      steps_per_graph=steps_per_graph) if fuse_cats_cast else None
@@ -248,22 +259,31 @@ def main(argv=None):
     steps = [int(n) for n in args.graph_steps.split(",")]
     for sec in sections:
         t0 = time.time()
-        if sec == "check":
-            out["check"] = check_section(POLICY)
-        elif sec == "plain":
-            out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
-                                         args.repeats, steps)
-        elif sec == "cats":
-            out["cats"] = []
-            for n in args.cats_layers.split(","):
-                out["cats"].append(cats_section(int(n), [int(b) for b in args.cats_batches.split(",")],
-                                                new_cats, rep_cats, wide, profile=n == "4"))
-                save()
-        elif sec == "profile":
-            out["profile"] = {b: profile_section(b) for b in (1, 64 if CUDA else 2)}
+        try:
+            run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save)
+        except Exception:  # noqa: BLE001 - one failing section must not lose the others
+            import traceback
+            traceback.print_exc()
+            out.setdefault("errors", {})[sec] = traceback.format_exc()[-2000:]
         log(f"section {sec}: {time.time() - t0:.0f} s")
         save()
     log(f"wrote {args.json}")
+
+
+def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save) -> None:
+    if sec == "check":
+        out["check"] = check_section(POLICY)
+    elif sec == "plain":
+        out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
+                                     args.repeats, steps)
+    elif sec == "cats":
+        out["cats"] = []
+        for n in args.cats_layers.split(","):
+            out["cats"].append(cats_section(int(n), [int(b) for b in args.cats_batches.split(",")],
+                                            new_cats, rep_cats, wide, profile=n == "4"))
+            save()
+    elif sec == "profile":
+        out["profile"] = {b: profile_section(b) for b in (1, 64 if CUDA else 2)}
 
 
 if __name__ == "__main__":
