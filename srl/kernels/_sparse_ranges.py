@@ -228,6 +228,31 @@ def _dq_seg(dq, q, do, lse, delta, lo, hi, step, K, V, stride_kn, stride_vn, row
 
 
 @triton.jit
+def _dq_one_loop(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end,
+                 K, V, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
+                 KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``_dq_seg`` over the prefix and the band in one loop, as ``_fwd_one_loop``."""
+    n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
+    n_all = n_pre + tl.cdiv(end - band_lo, BLOCK_N)
+    for t in tl.range(0, n_all):
+        in_pre = t < n_pre
+        start_n = tl.where(in_pre, pre_lo + t * pre_step, band_lo + (t - n_pre) * BLOCK_N)
+        k, v = _kv(K, V, K, V, 0, start_n, n_k, stride_kn, stride_vn, True, UPCAST, False, BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        lower = start_n < full_lo
+        if tl.where(in_pre, pre_full == 0, lower | (start_n >= full_hi)):
+            hi = tl.where(in_pre, pre_hi, tl.where(lower, full_lo, end))
+            cols = start_n + tl.arange(0, BLOCK_N)
+            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
 def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
@@ -236,7 +261,8 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                   stride_dqb, stride_dqh, stride_dqn,
                   H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                   KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
+                  ONE_LOOP: tl.constexpr = False):
     pid_m = M_TILES - 1 - tl.program_id(0)
     start_m = pid_m * BLOCK_M
     off_bh = tl.program_id(1)
@@ -265,13 +291,20 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
         r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     args = (k_head, v_head, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
-    if pre_full:
-        dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, False, KIND, UPCAST, PRE_N, HEAD_DIM)
+    if ONE_LOOP:
+        dq = _dq_one_loop(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
+                          end, *args, KIND, UPCAST, BLOCK_N, HEAD_DIM)
     else:
-        dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, True, KIND, UPCAST, PRE_N, HEAD_DIM)
-    dq = _dq_seg(dq, q, do, lse, delta, band_lo, full_lo, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
-    dq = _dq_seg(dq, q, do, lse, delta, full_lo, full_hi, BLOCK_N, *args, False, KIND, UPCAST, BLOCK_N, HEAD_DIM)
-    dq = _dq_seg(dq, q, do, lse, delta, full_hi, end, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+        if pre_full:
+            dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, False, KIND, UPCAST, PRE_N,
+                         HEAD_DIM)
+        else:
+            dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, True, KIND, UPCAST, PRE_N,
+                         HEAD_DIM)
+        dq = _dq_seg(dq, q, do, lse, delta, band_lo, full_lo, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+        dq = _dq_seg(dq, q, do, lse, delta, full_lo, full_hi, BLOCK_N, *args, False, KIND, UPCAST, BLOCK_N,
+                     HEAD_DIM)
+        dq = _dq_seg(dq, q, do, lse, delta, full_hi, end, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -314,6 +347,43 @@ def _dkdv_seg(dk, dv, k, v, lo, hi, Q, DO, LSE_ROW, DELTA_ROW, stride_qn, stride
 
 
 @triton.jit
+def _dkdv_one_loop(dk, dv, k, v, band_lo, full_lo, full_hi, band_end, post_on, post_full, Q, DO, LSE_ROW,
+                   DELTA_ROW, stride_qn, stride_don, cols, heads, col_ok, n_q, shift, qk_scale, P0, P1, P2,
+                   KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``_dkdv_seg`` over the band rows and the rows after it in one loop; each query tile picks
+    the masked or the unmasked step."""
+    n_k = n_q + shift
+    n_band = tl.cdiv(band_end - band_lo, BLOCK_M)
+    n_post = tl.where(post_on, tl.cdiv(n_k - band_end, BLOCK_M), 0)
+    post_mid = tl.where(post_full, band_end + (n_k - band_end) // BLOCK_M * BLOCK_M, band_end)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in tl.range(0, n_band + n_post):
+        in_band = t < n_band
+        start = tl.where(in_band, band_lo + t * BLOCK_M, band_end + (t - n_band) * BLOCK_M)
+        lower = start < full_lo
+        hi = tl.where(in_band, tl.where(lower, full_lo, band_end), n_k)
+        offs_m = start - shift + tl.arange(0, BLOCK_M)
+        row_ok = (offs_m < n_q) & (offs_m + shift < hi)
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        if tl.where(in_band, lower | (start >= full_hi), start >= post_mid):
+            ok = visible(offs_m + shift, cols, heads, row_ok, col_ok, KIND, P0, P1, P2, LSE_ROW, 0, 0)
+            s_t = tl.where(tl.trans(ok.to(tl.int8)) != 0, s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
 def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
@@ -323,7 +393,7 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_dvb, stride_dvh, stride_dvn,
                     H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
                     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
     """One key tile (first tiles first: the sink and early strided blocks see the most rows)."""
     start_n = tl.program_id(0) * BLOCK_N
     off_bkv = tl.program_id(1)
@@ -353,15 +423,20 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
         do_head = DO + off_b * stride_dob + off_h * stride_doh
         args = (q_head, do_head, LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols, heads,
                 col_ok, N_Q, shift, qk_scale, P0, P1, P2)
-        dk, dv = _dkdv_seg(dk, dv, k, v, band_lo, full_lo, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_seg(dk, dv, k, v, full_lo, full_hi, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_seg(dk, dv, k, v, full_hi, band_end, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-        post_mid = band_end
-        if post_full:
-            post_mid = band_end + (N_K - band_end) // BLOCK_M * BLOCK_M
-            dk, dv = _dkdv_seg(dk, dv, k, v, band_end, post_mid, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-        if post_on:
-            dk, dv = _dkdv_seg(dk, dv, k, v, post_mid, N_K, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        if ONE_LOOP:
+            dk, dv = _dkdv_one_loop(dk, dv, k, v, band_lo, full_lo, full_hi, band_end, post_on, post_full, *args,
+                                    KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        else:
+            dk, dv = _dkdv_seg(dk, dv, k, v, band_lo, full_lo, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_seg(dk, dv, k, v, full_lo, full_hi, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_seg(dk, dv, k, v, full_hi, band_end, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+            post_mid = band_end
+            if post_full:
+                post_mid = band_end + (N_K - band_end) // BLOCK_M * BLOCK_M
+                dk, dv = _dkdv_seg(dk, dv, k, v, band_end, post_mid, *args, False, KIND, UPCAST, BLOCK_M,
+                                   HEAD_DIM)
+            if post_on:
+                dk, dv = _dkdv_seg(dk, dv, k, v, post_mid, N_K, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

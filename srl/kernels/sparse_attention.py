@@ -217,7 +217,8 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles, key_tiles=True)
-    for key in ("PRE_N", "RUNS", "ONE_LOOP"):
+    one_loop = tiles.pop("ONE_LOOP", False)
+    for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
     n_tiles = triton.cdiv(Nk, tiles["BLOCK_N"])
     args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale)
@@ -226,7 +227,7 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     if pre_n is not None:
         _range_bwd_dkdv[(n_tiles, B * Hkv)](
             *args, *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), ONE_LOOP=one_loop, **tiles)
         return
     by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
@@ -242,7 +243,8 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles)
-    for key in ("PRE_N", "RUNS", "ONE_LOOP"):
+    one_loop = tiles.pop("ONE_LOOP", False) and pre_n == tiles["BLOCK_N"]
+    for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
     m_tiles = triton.cdiv(Nq, tiles["BLOCK_M"])
     args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale)
@@ -251,7 +253,7 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     if pre_n is not None:
         _range_bwd_dq[(m_tiles, B * H)](
             *args, *strides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, **tiles)
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, ONE_LOOP=one_loop, **tiles)
         return
     by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
