@@ -53,8 +53,8 @@ VARIANTS = {
         "r128_tma_s2": (_t(128, 128, 8, 2, TMA=True, **R), _t(64, 64, 4, 2, **R), _t(64, 128, 4, 2, **R)),
         "r64x128_tma_w4": (_t(64, 128, 4, 3, TMA=True, **R), _t(32, 128, 4, 3, **R), _t(64, 64, 4, 3, **R)),
         "r256_tma": (_t(256, 64, 16, 3, TMA=True, **R), _t(128, 64, 8, 3, **R), _t(128, 64, 8, 4, **R)),
-        "r64_tma_one": (_t(128, 64, 8, 3, TMA=True, ONE_LOOP=True, **R), _t(64, 128, 8, 3, **R),
-                        _t(128, 64, 8, 3, **R)),
+        "r64_tma_one": (_t(128, 64, 8, 3, TMA=True, ONE_LOOP=True, **R), _t(64, 128, 8, 3, ONE_LOOP=True, **R),
+                        _t(128, 64, 8, 3, ONE_LOOP=True, **R)),
         "r128_tma_one": (_t(128, 128, 8, 3, TMA=True, ONE_LOOP=True, PRE_N=128, **R), _t(64, 128, 8, 3, **R),
                          _t(128, 64, 8, 3, **R)),
     },
@@ -66,8 +66,8 @@ VARIANTS = {
         "r256_tma": (_t(256, 64, 16, 3, TMA=True, **R), _t(32, 64, 4, 3, **R), _t(64, 64, 4, 4, **R)),
         "r128band_tma": (_t(128, 128, 8, 3, TMA=True, PRE_N=64, **R), _t(128, 64, 8, 2, **R),
                          _t(64, 64, 4, 2, **R)),
-        "r64_tma_one": (_t(128, 64, 8, 4, TMA=True, ONE_LOOP=True, **R), _t(64, 64, 4, 3, **R),
-                        _t(64, 64, 4, 3, **R)),
+        "r64_tma_one": (_t(128, 64, 8, 4, TMA=True, ONE_LOOP=True, **R), _t(64, 64, 4, 3, ONE_LOOP=True, **R),
+                        _t(64, 64, 4, 3, ONE_LOOP=True, **R)),
     },
 }
 
