@@ -42,6 +42,7 @@ def _t(bm, bn, warps, stages, **extra):
 
 
 R = {"RANGES": True}
+R1F = {"RANGES": True, "ONE_LOOP": True, "HEADS_FAST": True}
 # name -> (fwd tiles, dK/dV tiles, dQ tiles); "list" rows are the committed list-kernel defaults
 VARIANTS = {
     "sink_window": {
@@ -50,7 +51,8 @@ VARIANTS = {
         "r64_tma": (_t(128, 64, 8, 3, TMA=True, **R), _t(64, 128, 8, 2, **R), _t(128, 64, 8, 2, **R)),
         "r64_tma_s4": (_t(128, 64, 8, 4, TMA=True, **R), _t(64, 64, 4, 3, **R), _t(64, 64, 4, 3, **R)),
         "r128_tma": (_t(128, 128, 8, 3, TMA=True, **R), _t(128, 128, 8, 2, **R), _t(128, 128, 8, 2, **R)),
-        "r128_tma_s2": (_t(128, 128, 8, 2, TMA=True, **R), _t(64, 64, 4, 2, **R), _t(64, 128, 4, 2, **R)),
+        "r64_tma_one_hf": (_t(128, 64, 8, 3, TMA=True, ONE_LOOP=True, **R), _t(64, 128, 8, 3, **R1F),
+                           _t(128, 64, 8, 3, **R1F)),
         "r64x128_tma_w4": (_t(64, 128, 4, 3, TMA=True, **R), _t(32, 128, 4, 3, **R), _t(64, 64, 4, 3, **R)),
         "r256_tma": (_t(256, 64, 16, 3, TMA=True, **R), _t(128, 64, 8, 3, **R), _t(128, 64, 8, 4, **R)),
         "r64_tma_one": (_t(128, 64, 8, 3, TMA=True, ONE_LOOP=True, **R), _t(64, 128, 8, 3, ONE_LOOP=True, **R),
@@ -62,7 +64,7 @@ VARIANTS = {
         "list": (_t(128, 64, 8, 4), _t(64, 64, 4, 3), _t(64, 64, 4, 3)),
         "r64": (_t(128, 64, 8, 4, **R), _t(64, 64, 4, 3, **R), _t(64, 64, 4, 3, **R)),
         "r64_tma": (_t(128, 64, 8, 4, TMA=True, **R), _t(128, 64, 8, 3, **R), _t(128, 64, 8, 3, **R)),
-        "r64_tma_s3": (_t(128, 64, 8, 3, TMA=True, **R), _t(64, 64, 4, 2, **R), _t(128, 64, 8, 2, **R)),
+        "r64_tma_one_hf": (_t(128, 64, 8, 4, TMA=True, **R1F), _t(64, 64, 4, 3, **R1F), _t(64, 64, 4, 3, **R1F)),
         "r256_tma": (_t(256, 64, 16, 3, TMA=True, **R), _t(32, 64, 4, 3, **R), _t(64, 64, 4, 4, **R)),
         "r128band_tma": (_t(128, 128, 8, 3, TMA=True, PRE_N=64, **R), _t(128, 64, 8, 2, **R),
                          _t(64, 64, 4, 2, **R)),

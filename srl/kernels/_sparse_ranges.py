@@ -79,6 +79,16 @@ def k_ranges(c0, c1, head, shift, n_k, P0, P1, P2, KIND: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
+def _tile_and_head(HEADS_FAST: tl.constexpr):
+    """(tile, head) program ids. With HEADS_FAST the grid is (heads, tiles), so the first
+    programs are the first tile of every head (all the heaviest programs launch first), else
+    (tiles, heads): a head's tiles run together (their keys share the L2)."""
+    if HEADS_FAST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED: tl.constexpr, UPCAST: tl.constexpr,
         DESC: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K, V tiles at keys [start_n, start_n + TILE_N): descriptors (zeros past N_K) or pointers."""
@@ -149,13 +159,13 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                PRE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-               ONE_LOOP: tl.constexpr = False):
+               ONE_LOOP: tl.constexpr = False, HEADS_FAST: tl.constexpr = False):
     """Forward over the prefix and band ranges. KD, VD: TMA descriptors over (B*H_kv, N_K, D)
     with (1, BLOCK_N, D) blocks when TMA (used by the prefix too when PRE_TMA), else K, V.
     ONE_LOOP (needs PRE_N == BLOCK_N): every range in one loop (``_fwd_one_loop``)."""
-    pid_m = M_TILES - 1 - tl.program_id(0)  # the heaviest (last) query tiles first
+    pid_t, off_bh = _tile_and_head(HEADS_FAST)
+    pid_m = M_TILES - 1 - pid_t  # the heaviest (last) query tiles first
     start_m = pid_m * BLOCK_M
-    off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -262,10 +272,10 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                   H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                   KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-                  ONE_LOOP: tl.constexpr = False):
-    pid_m = M_TILES - 1 - tl.program_id(0)
+                  ONE_LOOP: tl.constexpr = False, HEADS_FAST: tl.constexpr = False):
+    pid_t, off_bh = _tile_and_head(HEADS_FAST)
+    pid_m = M_TILES - 1 - pid_t
     start_m = pid_m * BLOCK_M
-    off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -393,10 +403,11 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_dvb, stride_dvh, stride_dvn,
                     H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
                     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False,
+                    HEADS_FAST: tl.constexpr = False):
     """One key tile (first tiles first: the sink and early strided blocks see the most rows)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bkv = tl.program_id(1)
+    pid_t, off_bkv = _tile_and_head(HEADS_FAST)
+    start_n = pid_t * BLOCK_N
     off_b = (off_bkv // H_KV).to(tl.int64)
     off_kvh = (off_bkv % H_KV).to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)

@@ -156,12 +156,13 @@ def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
     desc = _kv_descriptors(k, v, bn) if tiles.pop("TMA", False) else None
     one_loop = tiles.pop("ONE_LOOP", False) and pre_n == bn
     m_tiles = triton.cdiv(Nq, bm)
-    _range_fwd[(m_tiles, B * H)](
+    fast = tiles.pop("HEADS_FAST", False)
+    _range_fwd[(B * H, m_tiles) if fast else (m_tiles, B * H)](
         q, k, v, *(desc or (k, v)), o, lse, sm_scale * _LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=desc is not None,
-        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, ONE_LOOP=one_loop, **tiles)
+        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, ONE_LOOP=one_loop, HEADS_FAST=fast, **tiles)
     return o, lse
 
 
@@ -173,8 +174,8 @@ def _forward(q, k, v, pattern, sm_scale):
     pre_n = _range_pre(pattern, tiles)
     if pre_n is not None:
         return _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n)
-    tiles.pop("PRE_N", None)
-    tiles.pop("ONE_LOOP", None)
+    for key in ("PRE_N", "ONE_LOOP", "HEADS_FAST"):
+        tiles.pop(key, None)
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -218,6 +219,7 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles, key_tiles=True)
     one_loop = tiles.pop("ONE_LOOP", False)
+    fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
     n_tiles = triton.cdiv(Nk, tiles["BLOCK_N"])
@@ -225,9 +227,9 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv))
     kind, p0, p1, p2 = pattern.kernel_params()
     if pre_n is not None:
-        _range_bwd_dkdv[(n_tiles, B * Hkv)](
+        _range_bwd_dkdv[(B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)](
             *args, *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), ONE_LOOP=one_loop, **tiles)
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), ONE_LOOP=one_loop, HEADS_FAST=fast, **tiles)
         return
     by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
@@ -244,6 +246,7 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles)
     one_loop = tiles.pop("ONE_LOOP", False) and pre_n == tiles["BLOCK_N"]
+    fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
     m_tiles = triton.cdiv(Nq, tiles["BLOCK_M"])
@@ -251,9 +254,10 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
     kind, p0, p1, p2 = pattern.kernel_params()
     if pre_n is not None:
-        _range_bwd_dq[(m_tiles, B * H)](
+        _range_bwd_dq[(B * H, m_tiles) if fast else (m_tiles, B * H)](
             *args, *strides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, ONE_LOOP=one_loop, **tiles)
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, ONE_LOOP=one_loop, HEADS_FAST=fast,
+            **tiles)
         return
     by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
