@@ -145,6 +145,8 @@ class ActorWorker(RLWorker):
         self.allowance = -(-trajs_per_batch // a.count) + a.max_ahead
         self.credit_epoch = -1
         self.pushed = 0
+        self.unpushed: list[tuple[dict, int]] = []
+        """Trajectories completed by a reply, pushed once that group's next request is out."""
         if a.inline_policy:
             self.params = self.endpoint(ParamClient(self.address(PARAMS, params_server), self.key, interval_s=0.0))
             self._wait_weights(-1)
@@ -174,7 +176,7 @@ class ActorWorker(RLWorker):
         if self.credit_epoch != self.params.epoch:  # first contact, or a restarted trainer
             self.credit_epoch, self.pushed = self.params.epoch, 0
         received = (self.params.status.get("received") or {}).get(f"{self.spec.index}.{self.spec.incarnation}", 0)
-        return received + self.allowance - self.pushed
+        return received + self.allowance - self.pushed - len(self.unpushed)
 
     def _report(self) -> dict:
         returns, lengths = self.episodes
@@ -227,9 +229,12 @@ class ActorWorker(RLWorker):
                     del self.by_req[req]
                     group.pending = None
                     state0 = {k: v for k, v in msg.arrays.items() if k.startswith("state/")} or None
-                    steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version, state0)
+                    steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version, state0,
+                                           defer_push=True)
                     if self._credit() > 0:
                         self._post(group, time.monotonic())
+                    while self.unpushed:  # encoding and sending it overlaps the wait for the actions
+                        self._push(*self.unpushed.pop(0))
             msg = self.client.poll()
         return PollResult(samples=steps, batches=1 if steps else 0)
 
@@ -257,13 +262,17 @@ class ActorWorker(RLWorker):
         else:
             self.client.post(group.obs, req, group.env_ids, group.server)
 
-    def _advance(self, group: EnvGroup, action, logp, version: int, state0: dict | None = None) -> int:
+    def _advance(self, group: EnvGroup, action, logp, version: int, state0: dict | None = None,
+                 defer_push: bool = False) -> int:
         returns, lengths, valid, traj = group.step(action, logp, version, state0)
         self.episodes[0].extend(returns)
         self.episodes[1].extend(lengths)
         self.env_steps += valid
         if traj is not None:
-            self._push(*traj)
+            if defer_push:
+                self.unpushed.append(traj)
+            else:
+                self._push(*traj)
         return valid
 
     def _push(self, arrays: dict, version: int) -> None:

@@ -41,6 +41,8 @@ class PolicyWorker(RLWorker):
         self.max_env_id = cfg.workers.actors.count * cfg.workers.actors.envs_per_actor
         recurrent = getattr(self.policy, "recurrent", False)
         self.graphed = None
+        self._pinned: torch.Tensor | None = None
+        """Pixels of the pending requests, gathered for the GPU (see _gather)."""
         if recurrent and cfg.workers.policies.cuda_graph and torch.device(self.device).type == "cuda":
             self.graphed = GraphedMemoryStep(self.policy, self.max_env_id, cfg.workers.policies.max_batch,
                                              self.info.obs_shape, self.info.obs_dtype, self.device)
@@ -80,10 +82,26 @@ class PolicyWorker(RLWorker):
             if ids is None or first is None or first.shape != (len(obs),) or first.dtype != np.bool_:
                 raise WireError("a memory policy needs env_ids and bool first flags for every observation")
 
+    def _gather(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """The requests' observations as one array. Pixels bound for a GPU are copied once, into a
+        reused pinned buffer, from which the copy to the device needs no staging."""
+        if self.info.obs_dtype != "uint8" or torch.device(self.device).type != "cuda":
+            return np.concatenate(arrays).astype(self.info.obs_dtype, copy=False)  # uint8 stays uint8
+        n = sum(len(a) for a in arrays)
+        if self._pinned is None or len(self._pinned) < n:
+            self._pinned = torch.empty((n, *self.info.obs_shape), dtype=torch.uint8, pin_memory=True)
+        out = self._pinned[:n].numpy()
+        np.concatenate(arrays, out=out)
+        return out
+
+    def _to_device(self, obs: np.ndarray) -> torch.Tensor:
+        pinned = self._pinned is not None and obs.ctypes.data == self._pinned.data_ptr()
+        return (self._pinned[:len(obs)] if pinned else torch.from_numpy(obs)).to(self.device, non_blocking=pinned)
+
     def _act(self, obs: np.ndarray, pending: list) -> tuple[np.ndarray, np.ndarray, dict | None]:
         """(action, logp, the memory state before the step or None) of the pending requests."""
         if self.memory is None:
-            action, logp = self.policy.act(torch.from_numpy(obs).to(self.device))
+            action, logp = self.policy.act(self._to_device(obs))
             return action.cpu().numpy(), logp.cpu().numpy(), None
         ids = np.concatenate([r.env_ids for r in pending])
         first = np.concatenate([r.msg.arrays["first"] for r in pending])
@@ -103,7 +121,7 @@ class PolicyWorker(RLWorker):
         if not pending:
             return PollResult()
         sizes = [len(r.obs) for r in pending]
-        obs = np.concatenate([r.obs for r in pending]).astype(self.info.obs_dtype, copy=False)  # uint8 stays uint8
+        obs = self._gather([r.obs for r in pending])
         action, logp, state = self._act(obs, pending)
         start = 0
         for request, n in zip(pending, sizes):
