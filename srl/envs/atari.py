@@ -94,7 +94,16 @@ class AtariVectorAdapter(gymnasium.vector.VectorWrapper):
         return obs, info
 
     def step(self, actions: np.ndarray):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+        self.send(actions)
+        return self.recv()
+
+    def send(self, actions: np.ndarray) -> None:
+        """Start a step: the emulators run in ale-py's threads until :meth:`recv`."""
+        self.env.send(actions)
+
+    def recv(self):
+        """Finish the step :meth:`send` started: ``step``'s five values, srl's signals in ``info``."""
+        obs, reward, terminated, truncated, info = self.env.recv()
         lives = np.asarray(info["lives"])
         score = np.asarray(reward, np.float32)
         life_lost = terminated & (lives > 0) & (lives < self.lives) if self.episodic_life else False

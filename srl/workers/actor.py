@@ -49,6 +49,9 @@ class EnvGroup:
         """Inline memory policies: the envs' state (a dict of tensors)."""
         self.tracker = EpisodeTracker(self.B)
         self.pending: int | None = None  # request id awaiting actions
+        self._split = callable(getattr(env, "send", None)) and callable(getattr(env, "recv", None))
+        """The env steps in its own threads between ``send`` and ``recv`` (ale-py)."""
+        self._sent: tuple = ()
         self.posted_at = 0.0
         self._new_buffers()
 
@@ -74,6 +77,18 @@ class EnvGroup:
     def step(self, action: np.ndarray, logp: np.ndarray, version: int, state0: dict | None = None):
         """Apply actions; returns (finished returns, lengths, valid steps, full trajectory or None).
         ``state0``: a memory policy's ``state/*`` arrays before this step (first step only)."""
+        self.send(action, logp, version, state0)
+        return self.recv()
+
+    def send(self, action: np.ndarray, logp: np.ndarray, version: int, state0: dict | None = None) -> None:
+        """The first half of :meth:`step`: an env that steps in threads of its own (ale-py's
+        ``send`` / ``recv``) starts now, and the caller's work until :meth:`recv` overlaps it."""
+        env_action = action
+        if not self.info.discrete:
+            env_action = np.clip(action, self.info.action_low, self.info.action_high)
+        self._sent = (env_action, version)
+        if self._split:
+            self.env.send(env_action)
         b, t = self.buf, self.t
         b["obs"][t] = self.obs
         if self.state_spec:
@@ -82,10 +97,11 @@ class EnvGroup:
                 b[name][...] = value
         b["action"][t] = action
         b["logp"][t] = logp
-        env_action = action
-        if not self.info.discrete:
-            env_action = np.clip(action, self.info.action_low, self.info.action_high)
-        obs, reward, terminated, truncated, info = self.env.step(env_action)
+
+    def recv(self):
+        """The second half of :meth:`step` (its return value)."""
+        (env_action, version), b, t = self._sent, self.buf, self.t
+        obs, reward, terminated, truncated, info = self.env.recv() if self._split else self.env.step(env_action)
         valid = ~self.prev_done  # the step after an episode's end only resets (gymnasium next-step autoreset)
         done = terminated | truncated
         b["reward"][t], b["terminated"][t], b["truncated"][t], b["valid"][t] = reward, terminated, truncated, valid
@@ -218,6 +234,7 @@ class ActorWorker(RLWorker):
             elif group.pending is not None and now - group.posted_at > REQUEST_TIMEOUT_S:
                 self._post(group, now)  # its policy worker died: ask again
         steps = 0
+        stepping: list[EnvGroup] = []
         msg = self.client.poll(timeout_ms=50)
         while msg is not None:
             req, version = msg.meta.get("req"), msg.meta.get("version")
@@ -229,13 +246,15 @@ class ActorWorker(RLWorker):
                     del self.by_req[req]
                     group.pending = None
                     state0 = {k: v for k, v in msg.arrays.items() if k.startswith("state/")} or None
-                    steps += self._advance(group, msg.arrays["action"], msg.arrays["logp"], version, state0,
-                                           defer_push=True)
-                    if self._credit() > 0:
-                        self._post(group, time.monotonic())
-                    while self.unpushed:  # encoding and sending it overlaps the wait for the actions
-                        self._push(*self.unpushed.pop(0))
+                    group.send(msg.arrays["action"], msg.arrays["logp"], version, state0)
+                    stepping.append(group)  # its envs step while the other replies are read
             msg = self.client.poll()
+        for group in stepping:
+            steps += self._complete(group, defer_push=True)
+            if self._credit() > 0:
+                self._post(group, time.monotonic())
+            while self.unpushed:  # encoding and sending it overlaps the wait for the actions
+                self._push(*self.unpushed.pop(0))
         return PollResult(samples=steps, batches=1 if steps else 0)
 
     def _reply_fits(self, group: EnvGroup, arrays: dict) -> bool:
@@ -262,9 +281,14 @@ class ActorWorker(RLWorker):
         else:
             self.client.post(group.obs, req, group.env_ids, group.server)
 
-    def _advance(self, group: EnvGroup, action, logp, version: int, state0: dict | None = None,
-                 defer_push: bool = False) -> int:
-        returns, lengths, valid, traj = group.step(action, logp, version, state0)
+    def _advance(self, group: EnvGroup, action, logp, version: int, state0: dict | None = None) -> int:
+        group.send(action, logp, version, state0)
+        return self._complete(group)
+
+    def _complete(self, group: EnvGroup, defer_push: bool = False) -> int:
+        """Finish a group's env step: episode statistics, and its trajectory pushed (or kept for
+        the caller to push once the group's next request is out) when the step completed it."""
+        returns, lengths, valid, traj = group.recv()
         self.episodes[0].extend(returns)
         self.episodes[1].extend(lengths)
         self.env_steps += valid
