@@ -161,11 +161,22 @@ def pong18(config: str, device: str, max_minutes: float, extra: list[str]) -> di
                      *extra]
         cfg = experiment_from_dict(yaml.safe_load(open(config)), overrides)
         result = controller_for(cfg, os.path.join(tmp, "run")).run()
+        rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
     skip = frame_skip(cfg.env.kwargs)
     mean = float("nan") if result.mean_return is None else result.mean_return
-    return {"part": "pong18", "reached": bool(mean >= 18), "mean_return": mean,
+    curve = [{"wall_s": r["wall_s"], "frames": r["env_steps"] * skip, "mean_return_last20": r.get("mean_return"),
+              "episodic_return": r.get("charts/episodic_return"), "frames_per_s": r.get("charts/SPS", 0) * skip,
+              "version": r.get("version"), "policy_lag": r.get("charts/policy_lag"),
+              "trainer_busy": r.get("perf/trainer_busy"), "dropped_stale": r.get("trainer/dropped_stale")}
+             for r in rows]
+    started = [r for r in rows if r["env_steps"] > 0]
+    fps = float("nan")
+    if len(started) >= 2:
+        fps = (started[-1]["env_steps"] - started[0]["env_steps"]) / (started[-1]["wall_s"] - started[0]["wall_s"]) * skip
+    return {"part": "pong18", "reached": bool(mean >= 18), "mean_return": mean, "reason": result.reason,
             "env_steps": result.env_steps, "frames": result.env_steps * skip, "wall_s": result.wall_s,
-            "minutes": result.wall_s / 60, "overrides": overrides}
+            "minutes": result.wall_s / 60, "frames_per_s": fps, "episodes": result.episodes, "overrides": overrides,
+            "curve": curve}
 
 
 def _meta(device: str) -> dict:
