@@ -238,9 +238,18 @@ _INTERP_FWD_TILES = dict(_INTERP_TILES)
 # WARP_SPEC (warp-specialized key loop) were no faster there and stay off.
 
 
-def _bwd_tiles(d, causal):
+# float32 inputs (4-byte tiles) at wide heads: the 2-byte tiles above overflow shared memory
+# (the forward's D=128 TMA tile asked for 459 KB on the H200, which has 227 KB)
+_FP32_FWD_TILES = {128: _tiles(64, 64, 4, 2), 256: _tiles(32, 32, 4, 1)}
+_FP32_DKDV_TILES = {128: _tiles(32, 64, 4, 2), 256: _tiles(16, 32, 4, 1)}
+_FP32_DQ_TILES = {128: _tiles(64, 32, 4, 2), 256: _tiles(32, 16, 4, 1)}
+
+
+def _bwd_tiles(d, causal, dtype=torch.float16):
     if INTERPRET:
         return _INTERP_TILES, _INTERP_TILES
+    if dtype == torch.float32 and d in _FP32_DKDV_TILES:
+        return _FP32_DKDV_TILES[d], _FP32_DQ_TILES[d]
     return _DKDV_TILES[d], _DQ_TILES[d]
 
 
@@ -290,6 +299,8 @@ def _fwd_plan(q, k, v, o):
     they can address the inputs, else the tensors themselves with the pointer tile."""
     D, Nk = q.shape[-1], k.shape[2]
     tiles = _INTERP_FWD_TILES if INTERPRET else _FWD_TILES[D]
+    if not INTERPRET and q.dtype == torch.float32 and D in _FP32_FWD_TILES:
+        tiles = _FP32_FWD_TILES[D]
     if not tiles.get("TMA") or TUNE:  # autotuned configs do not set TMA
         return tiles, (q, k, v, o)
     pointer_tiles = _FWD_POINTER_TILES.get(D, dict(tiles, TMA=False))
@@ -337,7 +348,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start=None):
               *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
               H, H // Hkv, Nq, Nk, bucket)
     meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_START=kv_start is not None, UPCAST=upcast)
-    kv_tiles, q_tiles = _bwd_tiles(D, causal)
+    kv_tiles, q_tiles = _bwd_tiles(D, causal, q.dtype)
     # EVEN_M: every query block is full (all BLOCK_M values tried divide 128)
     even_m = Nq % (128 if TUNE else kv_tiles["BLOCK_M"]) == 0
     launch(_attn_bwd_dkdv, lambda c: (triton.cdiv(Nk, c["BLOCK_N"]), B * Hkv), kv_args,
