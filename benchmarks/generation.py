@@ -24,14 +24,38 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from srl.envs.text import VOCAB, MixedTask
-from srl.generation.decode import PlainSampler, prefill
-from srl.generation.draft import DraftAlignConfig, DraftAligner, measure_acceptance, policy_batches
-from srl.generation.sampling import SamplingParams
-from srl.generation.speculative import SpeculativeSampler
-from srl.policies.lm import LMConfig, TransformerLM
+
+def _bare_packages(*names: str) -> None:
+    """Import ``srl.envs`` / ``srl.policies`` submodules without their package ``__init__``
+    (which imports gymnasium), on machines without gymnasium (the GPU image)."""
+    import importlib.util
+    import pathlib
+    import sys
+    import types
+
+    try:
+        if importlib.util.find_spec("gymnasium") is not None:
+            return
+    except ImportError:
+        pass
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for name in names:
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(root.joinpath(*name.split(".")))]
+            sys.modules[name] = mod
+
+
+_bare_packages("srl.envs", "srl.policies")
+import torch.nn.functional as F  # noqa: E402
+
+from srl.envs.text import VOCAB, MixedTask  # noqa: E402
+from srl.generation.decode import PlainSampler, prefill  # noqa: E402
+from srl.generation.draft import DraftAlignConfig, DraftAligner, measure_acceptance, policy_batches  # noqa: E402
+from srl.generation.sampling import SamplingParams  # noqa: E402
+from srl.generation.speculative import SpeculativeSampler  # noqa: E402
+from srl.policies.lm import LMConfig, TransformerLM  # noqa: E402
 
 POLICY = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)

@@ -101,7 +101,7 @@ def _rope_attend(QKV, FREQS, LENS, KC, VC, O, qk_scale, stride_qkv, stride_kb, s
     pid = tl.program_id(0)
     b = (pid // N_HEADS).to(tl.int64)
     h = (pid % N_HEADS).to(tl.int64)
-    n = tl.load(LENS + b)  # slot and rotary position of the new token
+    n = tl.load(LENS + b).to(tl.int32)  # slot and rotary position of the new token
     i = tl.arange(0, HALF_P2)
     i_ok = i < HALF
     width = N_HEADS * 2 * HALF
