@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
+from srl.policies.lm import SlotMask
 
 
 # --------------------------------------------------------------------------- layouts
@@ -56,6 +57,24 @@ def tree_layout(lens: Tensor, k: int, L: int, S: int) -> tuple[Tensor, Tensor, T
     mask = (s <= torch.minimum(slots, P)[..., None]) | (
         (s >= block[..., None]) & (s <= slots[..., None]))
     return slots, positions, mask
+
+
+def causal_slot_mask(lens: Tensor, T: int, S: int) -> tuple[Tensor, SlotMask]:
+    """``causal_layout`` with its mask also in srl's FlashAttention form (each row's valid slots
+    end at ``lens + T``, causal aligned there): (slots, mask)."""
+    slots, mask = causal_layout(lens, T, S)
+    return slots, SlotMask(mask, lens + T)
+
+
+def tree_slot_mask(lens: Tensor, k: int, L: int, S: int) -> tuple[Tensor, Tensor, SlotMask]:
+    """``tree_layout`` with its mask also in srl's FlashAttention form: the valid slots end after
+    the last draft token, a draft token's keys start at its block, and the prefix and x0 (slots
+    before ``lens + 1``) are seen by all. Returns (slots, positions, mask)."""
+    slots, positions, mask = tree_layout(lens, k, L, S)
+    block = torch.cat([torch.zeros(1, dtype=torch.long, device=lens.device),
+                       1 + torch.arange(k, device=lens.device).repeat_interleave(L) * L])
+    starts = (lens[:, None] + block[None, :]).index_fill(1, torch.zeros(1, dtype=torch.long, device=lens.device), 0)
+    return slots, positions, SlotMask(mask, lens + 1 + k * L, starts, lens + 1)
 
 
 # --------------------------------------------------------------------------- state
@@ -108,7 +127,7 @@ def prefill(model, cache, prompt: Tensor) -> None:
     if T0 < 2:
         raise ValueError(f"prompts need at least 2 tokens, got {T0}")
     cache.lens.zero_()
-    slots, mask = causal_layout(cache.lens, T0 - 1, cache.max_len)
+    slots, mask = causal_slot_mask(cache.lens, T0 - 1, cache.max_len)
     model(prompt[:, :-1], cache, positions=slots, slots=slots, mask=mask)
     cache.lens.fill_(T0 - 1)
 
@@ -117,7 +136,7 @@ def decode_one_token(model, cache, state: GenState, params: SamplingParams,
                      generator: torch.Generator | None = None) -> None:
     """Sample one token per unfinished row with the KV cache; rows past ``end`` stay put."""
     lens = cache.lens
-    slots, mask = causal_layout(lens, 1, cache.max_len)
+    slots, mask = causal_slot_mask(lens, 1, cache.max_len)
     logits = model(state.x0(lens), cache, positions=slots, slots=slots, mask=mask)[:, -1]
     probs = probs_from_params(logits, params)  # (B, V) float32
     y = sample_from_probs(probs, generator)  # (B,)

@@ -31,8 +31,8 @@ import time
 import torch
 from torch import Tensor
 
-from srl.generation.decode import (GenState, Rollout, cache_for, capture, causal_layout,
-                                   cuda_generator, prefill, round_up, tree_layout)
+from srl.generation.decode import (GenState, Rollout, cache_for, capture, causal_slot_mask, cuda_generator,
+                                   prefill, round_up, tree_slot_mask)
 from srl.generation.sampling import SamplingParams, probs_from_params, sample_from_probs
 from srl.kernels.kseq import kseq_step
 
@@ -227,7 +227,7 @@ def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params:
     slots, positions, mask = layout
     P = dcache.lens
     B = P.shape[0]
-    s2, m2 = causal_layout(P - 1, 2, dcache.max_len)
+    s2, m2 = causal_slot_mask(P - 1, 2, dcache.max_len)
     first = draft(state.tokens.gather(1, s2), dcache, positions=s2, slots=s2, mask=m2)[:, -1]
     q_t = probs_from_params(first, params)[:, None].expand(B, k, -1)  # (B, k, V)
     qs, ds = [q_t], [sample_from_probs(q_t, generator)]
@@ -249,9 +249,8 @@ def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: 
     """
     P = tcache.lens
     B = P.shape[0]
-    layout = tree_layout(P, k, L, tcache.max_len)
-    drafts, q = draft_blocks(draft, dcache, state, layout, k, L, params, generator)
-    slots, positions, mask = layout
+    slots, positions, mask = tree_slot_mask(P, k, L, tcache.max_len)
+    drafts, q = draft_blocks(draft, dcache, state, (slots, positions, mask.dense), k, L, params, generator)
     tin = torch.cat([state.x0(P), drafts.reshape(B, k * L)], 1)  # (B, 1 + kL)
     p_flat = probs_from_params(target(tin, tcache, positions=positions, slots=slots, mask=mask),
                                params)  # (B, 1 + kL, V)

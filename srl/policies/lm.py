@@ -60,6 +60,9 @@ class LMConfig:
     """"standard": each sub-block adds its output before the next reads the stream. "ladder"
     (Ladder Residual, arXiv 2501.06589): a sub-block's output is added one sub-block later, so
     under tensor parallelism its all-reduce overlaps the next sub-block's compute."""
+    kernels: bool = True
+    """On CUDA, dense attention runs srl's FlashAttention kernels (causal training and scoring,
+    prefill and speculative verification over the cache); False runs torch's SDPA (comparison)."""
 
     @property
     def head_dim(self) -> int:
@@ -190,18 +193,47 @@ def no_reduce(branch: Tensor):
     return lambda: branch
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-    """Attention on (B, H, N, D) tensors; ``mask`` (B, 1, Nq, Nk) bool marks allowed keys.
+@dataclass
+class SlotMask:
+    """Which cache slots each new token sees: ``dense`` (B, T, S) bool, and the same layout as
+    arguments of srl's FlashAttention where it has that shape (see ``flash_attention``): valid
+    slots per row ``kv_lens`` (B,) with the causal end aligned to them, optional per-token starts
+    ``kv_start`` (B, T) and a prefix ``kv_prefix`` (B,) every token sees. The samplers' layouts
+    (``srl.generation.decode``) build both; a plain bool tensor works too (SDPA only)."""
 
-    KERNEL HOOK: this is the one place attention is computed. ``srl.kernels.flash_attention``'s
-    ``flash_attention(q, k, v, causal=..., sm_scale=None)`` takes the same (B, H, N, D) layout
-    (Nq != Nk with bottom-right causal alignment) and can replace the maskless causal call below
-    (training and prefill). The masked cached call keeps SDPA until a kernel takes masks or
-    per-row lengths.
-    """
+    dense: Tensor
+    kv_lens: Tensor
+    kv_start: Tensor | None = None
+    kv_prefix: Tensor | None = None
+
+
+@dataclass
+class AttnMask:
+    """A cached forward's mask as every layer takes it: additive (B, 1, T, S) for SDPA and the
+    kernel's form (a :class:`SlotMask`) when the layout has one."""
+
+    additive: Tensor
+    slots: SlotMask | None = None
+
+
+def _kernels_apply(q: Tensor) -> bool:
+    """srl's FlashAttention runs this call: CUDA, and a head width and dtype the kernels take."""
+    from srl.kernels._flash_common import SUPPORTED_HEAD_DIMS
+    return q.is_cuda and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask | None, causal: bool, kernels: bool = True) -> Tensor:
+    """Attention on (B, H, N, D) tensors: srl's FlashAttention on CUDA (the causal forward of
+    training and scoring, and cached calls whose mask has the kernel's form), else SDPA."""
+    if kernels and _kernels_apply(q) and (mask is None or mask.slots is not None):
+        from srl.kernels import flash_attention
+        if mask is None:
+            return flash_attention(q, k, v, causal=causal)
+        m = mask.slots
+        return flash_attention(q, k, v, causal=True, kv_lens=m.kv_lens, kv_start=m.kv_start, kv_prefix=m.kv_prefix)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.additive)
 
 
 def attend_pattern(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pattern,
@@ -215,7 +247,7 @@ def attend_pattern(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pattern
     qpos = cache.slot_pos.gather(1, slots)[:, None, :, None]  # (B, 1, T, 1)
     heads = torch.arange(q.shape[1], device=q.device)[None, :, None, None]  # (1, H, 1, 1)
     allowed = pattern.visible(qpos, kpos, heads) & (kpos >= 0)  # (B, H, T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(allowed, mask, float("-inf")))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(allowed, mask.additive, float("-inf")))
 
 
 class GatedMLP(nn.Module):
@@ -247,6 +279,7 @@ class GatedMLP(nn.Module):
 
 class Block(nn.Module):
     pattern = None  # sparse attention pattern of this layer (LMConfig.attention); None: dense
+    kernels = True  # dense attention on srl's kernels where they apply (LMConfig.kernels)
 
     def __init__(self, cfg: LMConfig, index: int):
         super().__init__()
@@ -281,7 +314,7 @@ class Block(nn.Module):
         if cache is not None:
             k, v = cache.write(self.index, slots, k, v)  # (B, H, S, D)
         if self.pattern is None:
-            y = attend(q, k, v, mask, causal=cache is None)
+            y = attend(q, k, v, mask, causal=cache is None, kernels=self.kernels)
         else:
             y = attend_pattern(q, k, v, mask, self.pattern, cache, slots)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
@@ -307,6 +340,8 @@ class TransformerLM(nn.Module):
             self.head.weight = self.embed.weight
         self.value = nn.Linear(config.d_model, 1) if config.value_head else None
         self.rotary = RotaryTable(config.head_dim, config.max_seq_len, config.rope_base)
+        for block in self.blocks:
+            block.kernels = config.kernels
         if config.attention:
             from srl.kernels._sparse_patterns import layer_patterns
             for block, pattern in zip(self.blocks, layer_patterns(config.attention, config.n_layers)):
@@ -334,6 +369,8 @@ class TransformerLM(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if cache is not None and (slots is None or mask is None):
             raise ValueError("a cached forward needs slots (B, T) and mask (B, T, S)")
+        slot_mask = mask if isinstance(mask, SlotMask) else None
+        mask = mask.dense if slot_mask is not None else mask
         x = self.embed(tokens)
         freqs = self.rotary(positions)
         if cache is not None and any(block.pattern is not None for block in self.blocks):
@@ -341,7 +378,7 @@ class TransformerLM(nn.Module):
         attn_mask = None
         if mask is not None:  # additive, built once for all layers: (B, 1, T, S) over heads
             attn_mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-            attn_mask = attn_mask.masked_fill_(~mask, float("-inf"))[:, None]
+            attn_mask = AttnMask(attn_mask.masked_fill_(~mask, float("-inf"))[:, None], slot_mask)
         if self.config.residual == "ladder":
             x = self._ladder(x, freqs, cache, slots, attn_mask)
         else:
@@ -375,7 +412,8 @@ class TransformerLM(nn.Module):
         Without a cache: plain causal forward over positions 0..T-1 (training, scoring).
         With a cache: token t of row b gets rotary position ``positions[b, t]``, writes its keys
         and values to slot ``slots[b, t]`` and attends to the slots where ``mask[b, t]`` (S,) is
-        true (its own slot included). The cache's ``lens`` are left to the caller.
+        true (its own slot included). The cache's ``lens`` are left to the caller. A
+        :class:`SlotMask` (the samplers' layouts) lets that attention run on srl's kernels.
         """
         return self.head(self.hidden(tokens, cache, positions, slots, mask))
 
