@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+from srl.envs.frames import DELTA, FULL, FULL_ROWS, stack_delta, stacked_pixels
 from srl.envs.vector import EpisodeTracker, SpaceInfo, make_vector_env, step_signals
 from srl import registry
 from srl.plan import INFERENCE, PARAMS, SAMPLES, build_policy, env_group_key
@@ -49,6 +50,8 @@ class EnvGroup:
         """Inline memory policies: the envs' state (a dict of tensors)."""
         self.tracker = EpisodeTracker(self.B)
         self.pending: int | None = None  # request id awaiting actions
+        self.sent: np.ndarray | None = None
+        """The stacks of the last request (frame deltas: the next one sends what changed)."""
         self._split = callable(getattr(env, "send", None)) and callable(getattr(env, "recv", None))
         """The env steps in its own threads between ``send`` and ``recv`` (ale-py)."""
         self._sent: tuple = ()
@@ -174,6 +177,9 @@ class ActorWorker(RLWorker):
                                                     interval_s=0.005, weights=False))
             self.next_req = 0
             self.by_req: dict[int, EnvGroup] = {}
+            self.deltas = (inference.routing == Routing.STICKY and not memory
+                           and stacked_pixels(self.info.obs_shape, self.info.obs_dtype))
+            """Send only each env's newest frame where the stack slid (srl.envs.frames)."""
 
     def _wait_weights(self, than: int) -> bool:
         got = self.params.wait_newer(than, timeout_s=600.0, should_stop=self.should_stop)
@@ -269,7 +275,8 @@ class ActorWorker(RLWorker):
                 and action.dtype.kind == ("i" if self.info.discrete else "f") and logp.dtype.kind == "f")
 
     def _post(self, group: EnvGroup, now: float) -> None:
-        if group.pending is not None:
+        resend = group.pending is not None  # asked again: its policy worker may not hold the last stacks
+        if resend:
             self.by_req.pop(group.pending, None)
         req = self.next_req
         self.next_req += 1
@@ -278,6 +285,10 @@ class ActorWorker(RLWorker):
         if group.state_spec:
             self.client.post(group.obs, req, group.env_ids, group.server, {"first": group.first},
                              {"want_state": group.t == 0})
+        elif self.deltas:
+            newest, rows, full = stack_delta(None if resend else group.sent, group.obs)
+            group.sent = group.obs
+            self.client.post(newest, req, group.env_ids, group.server, {FULL_ROWS: rows, FULL: full}, {DELTA: True})
         else:
             self.client.post(group.obs, req, group.env_ids, group.server)
 

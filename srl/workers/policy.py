@@ -8,12 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from srl.envs.frames import DELTA, FULL, FULL_ROWS, StackTable, stacked_pixels
 from srl.plan import INFERENCE, PARAMS, build_policy
 from srl.policies.graphed import GraphedMemoryStep
 from srl.policies.state import StateTable, state_to_numpy
 from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceServer
 from srl.streams.params import ParamClient
+from srl.system.topology import Routing
 from srl.system.wire import Message, WireError
 from srl.system.worker import PollResult
 from srl.workers.base import RLWorker
@@ -49,6 +51,10 @@ class PolicyWorker(RLWorker):
         self.memory = (self.graphed.table if self.graphed else StateTable(self.policy, self.max_env_id, self.device)
                        ) if recurrent else None
         """A memory policy's per-env state; a restarted worker starts its envs' memories afresh."""
+        sticky = self.plan.stream(INFERENCE).routing == Routing.STICKY
+        self.stacks = (StackTable(self.max_env_id, self.info.obs_shape, self.device)
+                       if sticky and not recurrent and stacked_pixels(self.info.obs_shape, self.info.obs_dtype) else None)
+        """Each env's last frame stack, so that actors can send only the newest frame (srl.envs.frames)."""
 
     def _load(self, got) -> int:
         version, arrays = got
@@ -66,8 +72,13 @@ class PolicyWorker(RLWorker):
     def _check(self, msg: Message) -> None:
         """Refuse a request this policy cannot answer: it is dropped and counted."""
         obs, ids = msg.arrays.get("obs"), msg.arrays.get("env_ids")
-        if obs is None or obs.ndim < 1 or tuple(obs.shape[1:]) != tuple(self.info.obs_shape):
+        delta = msg.meta.get(DELTA) is True
+        if delta:
+            self._check_delta(msg)
+        elif obs is None or obs.ndim < 1 or tuple(obs.shape[1:]) != tuple(self.info.obs_shape):
             raise WireError(f"obs shape {None if obs is None else obs.shape}, expected (n, {self.info.obs_shape})")
+        if self.stacks is not None and ids is None:
+            raise WireError("frame stacks are kept per env: requests need env_ids")
         uint8 = self.info.obs_dtype == "uint8"  # pixels: exactly uint8, nothing to cast or wrap
         bad_dtype = obs.dtype != np.uint8 if uint8 else obs.dtype.kind not in "fiub"
         if bad_dtype or len(obs) > self.cfg.workers.policies.max_batch:
@@ -81,6 +92,38 @@ class PolicyWorker(RLWorker):
             first = msg.arrays.get("first")
             if ids is None or first is None or first.shape != (len(obs),) or first.dtype != np.bool_:
                 raise WireError("a memory policy needs env_ids and bool first flags for every observation")
+
+    def _check_delta(self, msg: Message) -> None:
+        """A request whose ``obs`` holds newest frames [n, 1, H, W], plus whole stacks for some rows."""
+        obs, rows, full = msg.arrays.get("obs"), msg.arrays.get(FULL_ROWS), msg.arrays.get(FULL)
+        c, h, w = self.info.obs_shape
+        if self.stacks is None or obs is None or obs.ndim != 4 or tuple(obs.shape[1:]) != (1, h, w):
+            raise WireError("a frame-delta request this worker keeps no stacks for, or of the wrong shape")
+        if (rows is None or full is None or rows.dtype != np.int64 or rows.ndim != 1 or full.dtype != np.uint8
+                or tuple(full.shape) != (len(rows), c, h, w)):
+            raise WireError("a frame-delta request needs int64 rows and their uint8 stacks")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(obs) or len(np.unique(rows)) != len(rows)):
+            raise WireError("frame-delta rows out of range or repeated")
+
+    def _stacked(self, pending: list) -> torch.Tensor:
+        """The pending requests' whole stacks on the device, from newest frames and the stacks kept."""
+        newest, rows, full, at = [], [], [], 0
+        for r in pending:
+            n = len(r.obs)
+            if r.msg.meta.get(DELTA) is True:
+                newest.append(r.obs)
+                rows.append(r.msg.arrays[FULL_ROWS] + at)
+                full.append(r.msg.arrays[FULL])
+            else:  # a whole request: every row replaces its env's stack
+                newest.append(r.obs[:, -1:])
+                rows.append(np.arange(at, at + n, dtype=np.int64))
+                full.append(r.obs)
+            at += n
+        dev = self.device
+        ids = torch.from_numpy(np.concatenate([r.env_ids for r in pending])).to(dev)
+        return self.stacks.apply(ids, torch.from_numpy(np.concatenate(newest)).to(dev),
+                                 torch.from_numpy(np.concatenate(rows)).to(dev),
+                                 torch.from_numpy(np.concatenate(full)).to(dev))
 
     def _gather(self, arrays: list[np.ndarray]) -> np.ndarray:
         """The requests' observations as one array. Pixels bound for a GPU are copied once, into a
@@ -121,8 +164,12 @@ class PolicyWorker(RLWorker):
         if not pending:
             return PollResult()
         sizes = [len(r.obs) for r in pending]
-        obs = self._gather([r.obs for r in pending])
-        action, logp, state = self._act(obs, pending)
+        if self.stacks is not None:
+            action, logp = self.policy.act(self._stacked(pending))
+            action, logp, state = action.cpu().numpy(), logp.cpu().numpy(), None
+        else:
+            obs = self._gather([r.obs for r in pending])
+            action, logp, state = self._act(obs, pending)
         start = 0
         for request, n in zip(pending, sizes):
             if request.env_ids is not None:
