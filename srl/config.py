@@ -550,8 +550,10 @@ def _check_token_run(cfg: "ExperimentConfig") -> None:
         return
     if cfg.policy.type != "lm":
         raise ConfigError("policy.type", f"must be lm for the token task {cfg.env.id}, got {cfg.policy.type!r}")
-    if cfg.algorithm.type == "ppo":
-        raise ConfigError("algorithm.type", "token tasks train with grpo (ppo is for env steps)")
+    if cfg.algorithm.type in ("appo", "token_ppo"):
+        raise ConfigError("algorithm.type", f"token tasks train with grpo or ppo, got {cfg.algorithm.type!r}")
+    if cfg.algorithm.type == "ppo" and not cfg.policy.lm.get("value_head"):
+        raise ConfigError("policy.lm.value_head", "must be true for algorithm.type ppo on a token task (the critic)")
     if cfg.workers.policies.count < 1:
         raise ConfigError("workers.policies.count", "must be >= 1: token tasks generate on policy workers")
     if cfg.workers.sync:

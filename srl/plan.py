@@ -154,12 +154,20 @@ def build_policy(info, policy_cfg) -> Any:
     return registry.resolve("policy", policy_cfg.type)(info, policy_cfg)
 
 
+TOKEN_LEARNERS = {"ppo": "token_ppo"}
+"""``algorithm.type`` on a token task -> the learner that runs it (PPO over tokens has a critic)."""
+
+
 def build_learner(policy, cfg: ExperimentConfig, device: str, sync=None) -> Any:
     """The learner named by ``algorithm.type``; ``sync`` all-reduces across data-parallel ranks."""
     from srl.envs.tokens import build_task, is_token_task, sampling_params
 
-    cls = registry.resolve("learner", cfg.algorithm.type)
-    extra = {"sampling": sampling_params(cfg), "task": build_task(cfg)} if is_token_task(cfg) else {}
+    name = cfg.algorithm.type
+    extra = {}
+    if is_token_task(cfg):
+        name = TOKEN_LEARNERS.get(name, name)
+        extra = {"sampling": sampling_params(cfg), "task": build_task(cfg)}
+    cls = registry.resolve("learner", name)
     return cls(policy, cfg.algorithm, cfg.optimizer, device, total_env_steps=cfg.stop.env_steps, seed=cfg.seed,
                sync=sync, **extra)
 

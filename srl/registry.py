@@ -24,7 +24,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
                "transformer": "srl.policies.memory:TransformerActorCritic", "cnn": "srl.policies.cnn:CNNActorCritic",
                "lm": "srl.policies.lm_policy:LMPolicy"},
     "learner": {"ppo": "srl.algorithms.ppo:PPOLearner", "appo": "srl.algorithms.appo:APPOLearner",
-                "grpo": "srl.algorithms.grpo:GRPOLearner"},
+                "grpo": "srl.algorithms.grpo:GRPOLearner", "token_ppo": "srl.algorithms.token_ppo:TokenPPOLearner"},
     "optimizer": {"adam": "torch.optim:Adam", "adamw": "torch.optim:AdamW", "sgd": "torch.optim:SGD",
                   "sophia": "srl.optim.sophia:Sophia"},
     "role": {"actor": "srl.workers.actor:ActorWorker", "policy": "srl.workers.policy:PolicyWorker",

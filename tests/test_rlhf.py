@@ -92,7 +92,8 @@ def test_completions_are_padded_after_the_first_eos():
 def test_token_config_errors_name_the_field():
     cases = [({"generation.mode": "specter"}, "generation.mode"), ({"policy.type": "mlp"}, "policy.type"),
              ({"policy.lm.d_modle": 8}, "policy.lm.d_modle"), ({"draft.lm.n_heads": 3}, "draft.lm"),
-             ({"algorithm.type": "ppo"}, "algorithm.type"), ({"workers.policies.count": 0}, "workers.policies.count"),
+             ({"algorithm.type": "appo"}, "algorithm.type"), ({"algorithm.type": "ppo"}, "policy.lm.value_head"),
+             ({"workers.policies.count": 0}, "workers.policies.count"),
              ({"generation.temperature": 0}, "generation.temperature"),
              ({"algorithm.group_size": 0}, "algorithm.group_size")]
     for over, field in cases:

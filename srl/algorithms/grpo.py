@@ -46,10 +46,12 @@ def masked_sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def clipped_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
                        clip: float) -> torch.Tensor:
-    """Per-token clipped surrogate, negated: logp, old_logp (B, N), adv (B,) -> (B, N)."""
+    """Per-token clipped surrogate, negated: logp, old_logp (B, N), adv (B,) per completion or
+    (B, N) per token -> (B, N)."""
     ratio = torch.exp(logp - old_logp)
-    pg_loss1 = -adv[:, None] * ratio
-    pg_loss2 = -adv[:, None] * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    pg_loss1 = -adv * ratio
+    pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     return torch.max(pg_loss1, pg_loss2)
 
 
@@ -135,7 +137,7 @@ class GRPOLearner:
         flat = {"prompt": b["prompt"].T.long(), "completion": b["completion"].T.long(),
                 "logp": b["logp"].T, "mask": b["mask"].T.bool()}  # float32 from the stream
         reward = b["reward"][0]
-        flat["adv"] = group_advantages(reward, self.algo.group_size)
+        self._advantages(flat, reward)
         fresh = b["version"][0] == self.batches
         if bool(fresh.any()):
             self.logp_gap = self._logp_gap(flat, fresh)
@@ -150,6 +152,10 @@ class GRPOLearner:
         stats["charts/flat_groups"] = float((groups.max(1).values == groups.min(1).values).float().mean())
         stats["perf/train_s"] = time.perf_counter() - t0
         return stats
+
+    def _advantages(self, flat: dict[str, torch.Tensor], reward: torch.Tensor) -> None:
+        """Put the batch's advantages in ``flat["adv"]``: GRPO's group-normalized reward."""
+        flat["adv"] = group_advantages(reward, self.algo.group_size)
 
     @torch.no_grad()
     def _logp_gap(self, flat: dict, fresh: torch.Tensor) -> float:
@@ -176,11 +182,17 @@ class GRPOLearner:
                     count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, log-probs of the completion tokens, loss terms to report) of one minibatch."""
         algo = self.algo
         logits = self.policy.completion_logits(mb["prompt"], mb["completion"])
         logp = token_log_probs(logits, mb["completion"], self.sampling)
         loss, pg, kl = grpo_loss(logp, mb["logp"], mb["adv"], mb["mask"], algo.clip, mb.get("ref"), algo.kl_coef)
+        return loss, logp, {"losses/policy_loss": pg, "losses/kl": kl}
+
+    def _minibatch_step(self, mb: dict[str, torch.Tensor]) -> dict[str, float]:
+        algo = self.algo
+        loss, logp, terms = self._loss(mb)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sync is not None:
@@ -199,7 +211,7 @@ class GRPOLearner:
             approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean() if log_ratio.numel() else log_ratio.sum()
             clipfrac = ((log_ratio.exp() - 1.0).abs() > algo.clip).float().mean() if log_ratio.numel() else approx_kl
         stats = {"losses/sophia_win_rate": self.optimizer.win_rate()} if self.sophia else {}
-        return {**stats, "losses/policy_loss": pg.item(), "losses/kl": kl.item(),
+        return {**stats, **{k: float(v.detach()) for k, v in terms.items()},
                 "losses/approx_kl": float(approx_kl), "losses/clipfrac": float(clipfrac),
                 "losses/grad_norm": float(grad_norm)}
 
