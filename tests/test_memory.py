@@ -207,6 +207,19 @@ def test_the_memory_configs_load():
         assert cfg.env.id == "srl/RepeatFirst-v0" and cfg.env.kwargs["delay"] == 64
 
 
+@pytest.mark.parametrize("name", ["memory_popgym.yaml", "memory_minigrid.yaml"])
+def test_the_package_memory_tasks_run_through_the_dataflow(tmp_path, name):
+    """POPGym and MiniGrid configs: their envs build, the transformer steps them through actors
+    and trainer, and the run stops at its env-step budget with episodes counted."""
+    pytest.importorskip("popgym" if "popgym" in name else "minigrid")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_experiment(os.path.join(root, "configs", name),
+                          ["stop.env_steps=6000", "algorithm.batch_size=2048", "workers.actors.rollout_len=32",
+                           f"log.dir={tmp_path}", "log.tensorboard=false", "log.console=false"])
+    result = controller_for(cfg, str(tmp_path / "run")).run()
+    assert result.reason == "env_steps" and result.env_steps >= 6000 and result.episodes > 0, result
+
+
 def test_srl_kernels_exports_the_attention_functions():
     from srl.kernels import flash_attention, flash_decode
 

@@ -117,7 +117,7 @@ def test_sample_producer_reports_back_pressure_instead_of_blocking():
 def test_params_are_pulled_only_when_newer():
     server = ParamServer()
     client = ParamClient(server.address, interval_s=0.0)
-    w0 = {"w": np.arange(4, dtype=np.float32)}
+    w0 = {"w": np.arange(4, dtype=np.float32), "count": np.array(3.5), "t": np.arange(6.0).reshape(2, 3).T}
     server.publish(0, w0)
 
     def pump():
@@ -126,6 +126,8 @@ def test_params_are_pulled_only_when_newer():
 
     version, arrays = _wait(pump)
     assert version == 0 and np.array_equal(arrays["w"], w0["w"])
+    # shapes travel as they are: a 0-d buffer (a running count) stays 0-d, a transposed view arrives equal
+    assert arrays["count"].shape == () and arrays["count"] == 3.5 and np.array_equal(arrays["t"], w0["t"])
     for _ in range(20):  # same version: answered "same", never resent
         assert pump() is None
     server.publish(1, {"w": w0["w"] + 1})

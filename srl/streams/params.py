@@ -29,7 +29,9 @@ class ParamServer(Endpoint):
         if version <= self.version:
             raise ValueError(f"parameter version must increase: {version} after {self.version}")
         self.version = version
-        self._arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray makes them (1,): a
+        # running count buffer then no longer matched the policy's shape on the other side)
+        self._arrays = {k: np.asarray(v, order="C") for k, v in arrays.items()}
 
     def serve(self) -> int:
         """Answer every waiting request; returns how many weight copies were sent."""
