@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,37 @@ def ceiling(env_id: str, kwargs: dict, threads: int, envs: int, seconds: float) 
     env.close()
     fps = steps * envs * frame_skip(kwargs) / elapsed
     return {"part": "ceiling", "env": env_id, "threads": threads, "envs": envs, "frames_per_s": fps}
+
+
+def _ceiling_worker(args: tuple) -> tuple[int, float]:
+    env_id, kwargs, envs, seconds, barrier, seed = args
+    env = make_atari_vector_env(env_id, {**kwargs, "num_threads": 1}, envs)
+    env.reset(seed=seed)
+    actions = np.random.default_rng(seed).integers(0, env.single_action_space.n, (256, envs))
+    for i in range(20):
+        env.step(actions[i])
+    barrier.wait()  # every process steps over the same interval
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        env.step(actions[steps % 256])
+        steps += 1
+    return steps * envs, time.perf_counter() - t0
+
+
+def ceiling_processes(env_id: str, kwargs: dict, processes: int, envs: int, seconds: float) -> dict:
+    """Frames/s of ``processes`` processes, each one vector env of ``envs`` games on one ALE
+    thread, random actions: srl's actor layout with nothing but the envs (built in parallel; one
+    vector env of hundreds of games takes about 0.1 s per game to build, one after another)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier = ctx.Manager().Barrier(processes)
+    with ctx.Pool(processes) as pool:
+        out = pool.map(_ceiling_worker, [(env_id, kwargs, envs, seconds, barrier, i) for i in range(processes)])
+    fps = sum(steps / elapsed for steps, elapsed in out) * frame_skip(kwargs)
+    return {"part": "ceiling", "mode": "processes", "env": env_id, "threads": processes, "processes": processes,
+            "envs": envs * processes, "envs_per_process": envs, "frames_per_s": fps,
+            "per_process_frames_per_s": [s / e * frame_skip(kwargs) for s, e in out]}
 
 
 def srl_point(config: str, actors: int, device: str, seconds: float, warmup: float, extra: list[str]) -> dict:
@@ -144,13 +176,35 @@ def sample_factory(game: str, workers: int, device: str, seconds: float, warmup:
         cmd += ["--target", str(target)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([sf_target, os.path.dirname(SF_RUNNER)])}
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max_seconds + seconds + 600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("stats: ")]
+    limit = (max_seconds if target is not None else warmup + seconds) + grace + 30
+    returncode, stdout, stderr = _run_group(cmd, env, limit)
+    lines = [line for line in stdout.splitlines() if line.startswith("stats: ")]
+    tail = {"stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:]}
     if not lines:
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        return {"part": "sf", "error": f"exit {proc.returncode}: {tail}", "cmd": cmd}
+        return {"part": "sf", "error": f"exit {returncode}", "cmd": cmd, **tail}
     stats = json.loads(lines[-1][len("stats: "):])
-    return {"part": "sf", "workers": workers, "device": device, "shell_wall_s": time.time() - t0, **stats}
+    return {"part": "sf", "workers": workers, "device": device, "shell_wall_s": time.time() - t0, **stats, **tail}
+
+
+def _run_group(cmd: list[str], env: dict, limit_s: float) -> tuple[int | None, str, str]:
+    """Run ``cmd`` in a process group of its own, output to files (Sample Factory's worker
+    processes can outlive its main process and would hold pipes open); the whole group is killed
+    when the main process ends or after ``limit_s``."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read()
 
 
 def pong18(config: str, device: str, max_minutes: float, extra: list[str]) -> dict:
@@ -160,7 +214,8 @@ def pong18(config: str, device: str, max_minutes: float, extra: list[str]) -> di
                      f"stop.wall_s={max_minutes * 60}", f"log.dir={tmp}", "log.tensorboard=false", "log.console=false",
                      *extra]
         cfg = experiment_from_dict(yaml.safe_load(open(config)), overrides)
-        result = controller_for(cfg, os.path.join(tmp, "run")).run()
+        with _WorkerTally() as tally:
+            result = controller_for(cfg, os.path.join(tmp, "run")).run()
         rows = [json.loads(line) for line in open(os.path.join(result.run_dir, "metrics.jsonl"))]
     skip = frame_skip(cfg.env.kwargs)
     mean = float("nan") if result.mean_return is None else result.mean_return
@@ -170,13 +225,17 @@ def pong18(config: str, device: str, max_minutes: float, extra: list[str]) -> di
               "trainer_busy": r.get("perf/trainer_busy"), "dropped_stale": r.get("trainer/dropped_stale")}
              for r in rows]
     started = [r for r in rows if r["env_steps"] > 0]
-    fps = float("nan")
+    fps = steady_fps = float("nan")
     if len(started) >= 2:
         fps = (started[-1]["env_steps"] - started[0]["env_steps"]) / (started[-1]["wall_s"] - started[0]["wall_s"]) * skip
+        steady = [r for r in started if r["wall_s"] >= started[0]["wall_s"] + 20.0]
+        if len(steady) >= 2:
+            steady_fps = ((steady[-1]["env_steps"] - steady[0]["env_steps"])
+                          / (steady[-1]["wall_s"] - steady[0]["wall_s"]) * skip)
     return {"part": "pong18", "reached": bool(mean >= 18), "mean_return": mean, "reason": result.reason,
             "env_steps": result.env_steps, "frames": result.env_steps * skip, "wall_s": result.wall_s,
-            "minutes": result.wall_s / 60, "frames_per_s": fps, "episodes": result.episodes, "overrides": overrides,
-            "curve": curve}
+            "minutes": result.wall_s / 60, "frames_per_s": fps, "frames_per_s_after_20s": steady_fps, "episodes": result.episodes, "overrides": overrides,
+            "workers": tally.summary(), "curve": curve}
 
 
 def _meta(device: str) -> dict:
@@ -202,6 +261,8 @@ def _row(r: dict) -> str:
         return f"{r['part']:8} error: {r['error'][:200]}"
     what = {"ceiling": f"{r.get('threads')} threads x {r.get('envs')} envs", "srl": f"{r.get('actors')} actors",
             "sf": f"{r.get('workers')} workers", "pong18": f"reached={r.get('reached')}"}[r["part"]]
+    if r.get("mode") == "processes":
+        what = f"{r['processes']} processes x {r['envs_per_process']} envs"
     fps = r.get("frames_per_s", float("nan"))
     extra = (f"learned {r['learned_frames_per_s']:>10,.0f}  lag {r['policy_lag']:.2f}  busy {r['trainer_busy']:.2f}"
              if r["part"] == "srl" else
@@ -212,12 +273,13 @@ def _row(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--parts", default="ceiling,srl,sf,pong18")
+    p.add_argument("--parts", default="ceiling_processes,srl,sf,pong18",
+                   help="ceiling (one vector env, --threads ALE threads), ceiling_processes (--threads "
+                   "processes of envs_per_actor games, one thread each), srl, sf, pong18")
     p.add_argument("--config", default=PONG)
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=14, help="ceiling threads; Sample Factory rollout workers")
-    p.add_argument("--ceiling-envs", type=int, default=0, help="envs of the ceiling's vector env (0: the srl "
-                   "config's total, actors x envs_per_actor at 14 actors)")
+    p.add_argument("--ceiling-envs", type=int, default=0, help="envs of the ceiling's vector env (0: 8 per thread)")
     p.add_argument("--actors", default="1,2,4,8,14")
     p.add_argument("--seconds", type=float, default=60.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=20.0)
@@ -243,8 +305,11 @@ def main() -> None:
 
     print(f"{'part':8} {'setting':24} {'frames/s':>12}")
     if "ceiling" in parts:
-        envs = args.ceiling_envs or 14 * cfg.workers.actors.envs_per_actor
+        envs = args.ceiling_envs or args.threads * 8
         done(ceiling(cfg.env.id, cfg.env.kwargs, args.threads, envs, args.seconds))
+    if "ceiling_processes" in parts:
+        done(ceiling_processes(cfg.env.id, cfg.env.kwargs, args.threads, cfg.workers.actors.envs_per_actor,
+                               args.seconds))
     if "srl" in parts:
         for n in (int(x) for x in args.actors.split(",")):
             done(srl_point(args.config, n, args.device, args.seconds, args.warmup, extra))

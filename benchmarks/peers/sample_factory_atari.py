@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -47,7 +48,8 @@ def main() -> int:
     p.add_argument("--target", type=float, default=None, help="stop once the last 20 games average this")
     p.add_argument("--max-seconds", type=float, default=3600.0)
     p.add_argument("--extra", default="", help="more Sample Factory flags, one string")
-    p.add_argument("--grace", type=float, default=60.0, help="start-up allowance before the watchdog reports")
+    p.add_argument("--grace", type=float, default=60.0, help="start-up allowance (s from launch) before the "
+                   "watchdog reports whatever it has")
     args = p.parse_args()
     train_dir = tempfile.mkdtemp(prefix="sf_atari_")
     argv = [f"--env=atari_{args.game}", f"--experiment=atari_{args.game}_seed{args.seed}", f"--train_dir={train_dir}",
@@ -69,6 +71,8 @@ def main() -> int:
         first = next((t for t, c in samples if c > 0), None)
         budget = args.max_seconds if args.target is not None else args.warmup + args.seconds + 1.0
         if first is not None and now - first > budget:
+            if args.target is None:  # throughput: report now; Sample Factory's shutdown can take 10 s
+                finish("window done")
             runner._stop_training()
 
     class Clock(AlgoObserver):
@@ -87,11 +91,13 @@ def main() -> int:
         print("stats: " + json.dumps(stats), flush=True)
         shutil.rmtree(train_dir, ignore_errors=True)
         sys.stdout.flush()
+        if os.getpgrp() == os.getpid():  # a group of our own: its worker processes go with us
+            os.killpg(0, signal.SIGKILL)
         os._exit(0)
 
     def watchdog() -> None:  # a run whose workers died never reaches a training step: report anyway
         budget = args.max_seconds if args.target is not None else args.warmup + args.seconds
-        time.sleep(budget + args.grace)
+        time.sleep(max(0.0, peer_common.T_LAUNCH + budget + args.grace - time.time()))
         finish("watchdog: no clean stop")
 
     threading.Thread(target=watchdog, daemon=True).start()
