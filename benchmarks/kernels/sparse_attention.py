@@ -244,8 +244,10 @@ def bench_decode(n, results, h=16, d=128, dtype=torch.bfloat16):
     log("decode: " + ", ".join(f"{k_}={v_:.4g}" for k_, v_ in row.items()))
 
 
-def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
-    """Tokens/s of LongGen hybrid vs dense TransformerLM training on the text task at N tokens."""
+def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8, tiles=None):
+    """Tokens/s of LongGen hybrid vs dense TransformerLM training on the text task at N tokens.
+
+    ``tiles``: model name -> sparse kernel tiles (``TILE_OVERRIDE``) for that model, if given."""
     import importlib.util
     import os
 
@@ -267,6 +269,8 @@ def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
                             ("longgen_s2", {"pattern": "s2", "block": 64, "local_blocks": 16, "stride": 8,
                                             "hybrid": True})):
         torch.manual_seed(0)
+        SA.TILE_OVERRIDE.clear()
+        SA.TILE_OVERRIDE.update((tiles or {}).get(name, {}))
         cfg = LMConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_seq_len=n,
                        attention=attention)
         model = TransformerLM(cfg).to(DEV)
@@ -285,7 +289,9 @@ def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8):
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
         step_s = statistics.median(times[2:] or times)
+        SA.TILE_OVERRIDE.clear()
         row = {"model": name, "N": n, "layers": layers, "d_model": d_model, "heads": heads, "steps": steps,
+               "tiles": (tiles or {}).get(name),
                "step_s": step_s, "tokens_per_s": n / step_s, "loss_first": losses[0], "loss_last": losses[-1]}
         results["lm"].append(row)
         save()

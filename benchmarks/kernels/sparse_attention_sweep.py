@@ -42,34 +42,25 @@ def _t(bm, bn, warps, stages, **extra):
 
 
 R = {"RANGES": True}
-R1F = {"RANGES": True, "ONE_LOOP": True, "HEADS_FAST": True}
-# name -> (fwd tiles, dK/dV tiles, dQ tiles); "list" rows are the committed list-kernel defaults
+HF = {"RANGES": True, "HEADS_FAST": True}
+# name -> (fwd tiles, dK/dV tiles, dQ tiles); "list" rows are the committed list-kernel defaults.
+# Round A (H200) ruled out 4-stage range tiles (shared memory), BLOCK_M 256 and 64-row forward tiles.
 VARIANTS = {
     "sink_window": {
         "list": (_t(128, 64, 8, 3), _t(64, 128, 8, 3), _t(128, 64, 8, 3)),
-        "r64": (_t(128, 64, 8, 3, **R), _t(64, 128, 8, 3, **R), _t(128, 64, 8, 3, **R)),
-        "r64_tma": (_t(128, 64, 8, 3, TMA=True, **R), _t(64, 128, 8, 2, **R), _t(128, 64, 8, 2, **R)),
-        "r64_tma_s4": (_t(128, 64, 8, 4, TMA=True, **R), _t(64, 64, 4, 3, **R), _t(64, 64, 4, 3, **R)),
-        "r128_tma": (_t(128, 128, 8, 3, TMA=True, **R), _t(128, 128, 8, 2, **R), _t(128, 128, 8, 2, **R)),
-        "r64_tma_one_hf": (_t(128, 64, 8, 3, TMA=True, ONE_LOOP=True, **R), _t(64, 128, 8, 3, **R1F),
-                           _t(128, 64, 8, 3, **R1F)),
-        "r64x128_tma_w4": (_t(64, 128, 4, 3, TMA=True, **R), _t(32, 128, 4, 3, **R), _t(64, 64, 4, 3, **R)),
-        "r256_tma": (_t(256, 64, 16, 3, TMA=True, **R), _t(128, 64, 8, 3, **R), _t(128, 64, 8, 4, **R)),
-        "r64_tma_one": (_t(128, 64, 8, 3, TMA=True, ONE_LOOP=True, **R), _t(64, 128, 8, 3, ONE_LOOP=True, **R),
-                        _t(128, 64, 8, 3, ONE_LOOP=True, **R)),
-        "r128_tma_one": (_t(128, 128, 8, 3, TMA=True, ONE_LOOP=True, PRE_N=128, **R), _t(64, 128, 8, 3, **R),
-                         _t(128, 64, 8, 3, **R)),
+        "r128_tma": (_t(128, 128, 8, 3, TMA=True, PRE_N=64, **R), _t(64, 128, 8, 3, **R), _t(128, 64, 8, 3, **R)),
+        "r128_tma_s2": (_t(128, 128, 8, 2, TMA=True, PRE_N=64, **R), _t(64, 128, 8, 3, **HF),
+                        _t(128, 64, 8, 3, **HF)),
+        "r64_tma": (_t(128, 64, 8, 3, TMA=True, **R), _t(64, 64, 4, 3, **R), _t(128, 64, 8, 2, **R)),
+        "r64_tma_s4": (_t(128, 64, 8, 4, TMA=True, **R), _t(64, 128, 8, 2, **HF), _t(64, 64, 4, 3, **R)),
     },
     "s2": {
         "list": (_t(128, 64, 8, 4), _t(64, 64, 4, 3), _t(64, 64, 4, 3)),
-        "r64": (_t(128, 64, 8, 4, **R), _t(64, 64, 4, 3, **R), _t(64, 64, 4, 3, **R)),
-        "r64_tma": (_t(128, 64, 8, 4, TMA=True, **R), _t(128, 64, 8, 3, **R), _t(128, 64, 8, 3, **R)),
-        "r64_tma_one_hf": (_t(128, 64, 8, 4, TMA=True, **R1F), _t(64, 64, 4, 3, **R1F), _t(64, 64, 4, 3, **R1F)),
-        "r256_tma": (_t(256, 64, 16, 3, TMA=True, **R), _t(32, 64, 4, 3, **R), _t(64, 64, 4, 4, **R)),
-        "r128band_tma": (_t(128, 128, 8, 3, TMA=True, PRE_N=64, **R), _t(128, 64, 8, 2, **R),
-                         _t(64, 64, 4, 2, **R)),
-        "r64_tma_one": (_t(128, 64, 8, 4, TMA=True, ONE_LOOP=True, **R), _t(64, 64, 4, 3, ONE_LOOP=True, **R),
-                        _t(64, 64, 4, 3, ONE_LOOP=True, **R)),
+        "r64_tma": (_t(128, 64, 8, 3, TMA=True, **R), _t(64, 64, 4, 3, **R), _t(64, 64, 4, 3, **R)),
+        "r64_tma_s4": (_t(128, 64, 8, 4, TMA=True, **R), _t(64, 64, 4, 3, **HF), _t(128, 64, 8, 3, **R)),
+        "r64_s4": (_t(128, 64, 8, 4, **R), _t(128, 64, 8, 3, **R), _t(64, 64, 4, 2, **R)),
+        "r128band_tma": (_t(128, 128, 8, 3, TMA=True, PRE_N=64, **R), _t(64, 64, 4, 2, **HF),
+                         _t(128, 64, 8, 2, **HF)),
     },
 }
 
@@ -91,7 +82,8 @@ def inputs(n, h, d, seed):
 
 
 def warm(share, shares, n, h, d):
-    """Compile this process's share of the variants (the last shares: dense kernels, the LM's tiles)."""
+    """Compile this process's share of the variants (the last share: the dense kernels too). The
+    kernels do not specialize on the head count, so the LM (8 heads) reuses these binaries."""
     q, k, v, do = inputs(n, h, d, 0)
     jobs = [(name, var) for name in VARIANTS for var in VARIANTS[name]]
     for i, (name, var) in enumerate(jobs):
@@ -106,10 +98,6 @@ def warm(share, shares, n, h, d):
     SA.TILE_OVERRIDE.clear()
     if share == shares - 1:
         bench.timed_pair(lambda a, b, c: flash_attention(a, b, c, causal=True), q, k, v, do)
-    q, k, v, do = inputs(n, 8, d, 0)
-    for i, pattern in enumerate(bench.PATTERNS.values()):  # the LM's default tiles at its head count
-        if share == (shares // 2 - 1 + i) % shares:
-            bench.timed_pair(lambda a, b, c: sparse_attention(a, b, c, pattern), q, k, v, do)
     log("warm done")
 
 
@@ -127,36 +115,60 @@ def check(name, pattern, q, k, v, do, ref):
     return ref, {f"err_{x}": bench.rel_err(a, b) for x, a, b in zip(("o", "dq", "dk", "dv"), got, ref)}
 
 
+def time_variant(n, name, var, tiles, qkvd, dense, frac, ref):
+    """Row of one variant (errors against ``ref``, the list kernels' results), or None if it fails."""
+    pattern = bench.PATTERNS[name]
+    use(tiles)
+    try:
+        ref, errs = check(name, pattern, *qkvd, ref)
+        t = bench.timed_pair(lambda a, b, c: sparse_attention(a, b, c, pattern), *qkvd)
+    except Exception as err:
+        log(f"N={n} {name} {var} failed: {str(err).splitlines()[0][:160]}")
+        return None, ref
+    row = {"N": n, "pattern": name, "variant": var, "tiles": tiles, "fwd_ms": t[0], "fwd_bwd_ms": t[1],
+           "block_fraction": frac, "ideal_fwd": dense[0] * frac / t[0], "ideal_fwd_bwd": dense[1] * frac / t[1],
+           **errs}
+    log(f"N={n} {name:11s} {var:15s} fwd {t[0]:8.3f} fwd+bwd {t[1]:8.3f} ideal {row['ideal_fwd']:.3f} / "
+        f"{row['ideal_fwd_bwd']:.3f} " + " ".join(f"{a}={b:.1e}" for a, b in errs.items()))
+    return row, ref
+
+
 def run_n(n, h, d, results, save, only):
-    q, k, v, do = inputs(n, h, d, n)
+    """Dense causal, every variant of both patterns, then the best forward with the best backward."""
+    qkvd = inputs(n, h, d, n)
     SA.TILE_OVERRIDE.clear()
-    dense = bench.timed_pair(lambda a, b, c: flash_attention(a, b, c, causal=True), q, k, v, do)
+    dense = bench.timed_pair(lambda a, b, c: flash_attention(a, b, c, causal=True), *qkvd)
     results["dense"].append({"N": n, "fwd_ms": dense[0], "fwd_bwd_ms": dense[1]})
     log(f"N={n} dense causal {dense[0]:.3f} / {dense[1]:.3f} ms")
     for name, pattern in bench.PATTERNS.items():
         frac = bench.block_fraction(pattern, h, n)
         ref = None
         for var, tiles in VARIANTS[name].items():
-            if only and var not in only and var != "list":
-                continue
-            use(tiles)
-            try:
-                ref, errs = check(name, pattern, q, k, v, do, ref)
-                t = bench.timed_pair(lambda a, b, c: sparse_attention(a, b, c, pattern), q, k, v, do)
-            except Exception as err:
-                log(f"N={n} {name} {var} failed: {str(err).splitlines()[0][:160]}")
-                continue
-            row = {"N": n, "pattern": name, "variant": var, "tiles": tiles, "fwd_ms": t[0], "fwd_bwd_ms": t[1],
-                   "block_fraction": frac, "ideal_fwd": dense[0] * frac / t[0],
-                   "ideal_fwd_bwd": dense[1] * frac / t[1], **errs}
-            results["variants"].append(row)
-            save()
-            log(f"N={n} {name:11s} {var:15s} fwd {t[0]:8.3f} fwd+bwd {t[1]:8.3f} ideal {row['ideal_fwd']:.3f} / "
-                f"{row['ideal_fwd_bwd']:.3f} " + " ".join(f"{a}={b:.1e}" for a, b in errs.items()))
+            if not only or var in only or var == "list":
+                row, ref = time_variant(n, name, var, tiles, qkvd, dense, frac, ref)
+                if row:
+                    results["variants"].append(row)
+                    save()
+        best = best_tiles(results, name, n)
+        if best:
+            row, _ = time_variant(n, name, "best", best[0], qkvd, dense, frac, ref)
+            if row:
+                results["variants"].append(dict(row, best_of=best[1]))
+                save()
     SA.TILE_OVERRIDE.clear()
 
 
-def run_flex(n, h, d, results, save, go_file=""):
+def best_tiles(results, name, n):
+    """Fastest forward tiles and fastest backward tiles (fwd+bwd - fwd) of a pattern at N."""
+    rows = [r for r in results["variants"] if r["pattern"] == name and r["N"] == n and r["variant"] != "best"]
+    if not rows:
+        return None
+    fwd = min(rows, key=lambda r: r["fwd_ms"])
+    bwd = min(rows, key=lambda r: r["fwd_bwd_ms"] - r["fwd_ms"])
+    return (fwd["tiles"][0], bwd["tiles"][1], bwd["tiles"][2]), f"{fwd['variant']}+{bwd['variant']}"
+
+
+def run_flex(n, h, d, results, save, go_file="", patterns=()):
     """FlexAttention on both masks at N: compile (one call each), wait for ``go_file`` if given (so
     that compiling here can overlap other work and timing cannot), then time."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -164,6 +176,8 @@ def run_flex(n, h, d, results, save, go_file=""):
     q, k, v, do = inputs(n, h, d, n)
     masks = {}
     for name, pattern in bench.PATTERNS.items():
+        if patterns and name not in patterns:
+            continue
         masks[name] = create_block_mask(bench.flex_mask_mod(pattern), None, h, n, n, device=DEV, _compile=True)
         flex(q, k, v, block_mask=masks[name]).backward(do)
         log(f"flex compiled {name} N={n}")
@@ -176,6 +190,17 @@ def run_flex(n, h, d, results, save, go_file=""):
         log(f"N={n} {name} flex {t[0]:.3f} / {t[1]:.3f} ms")
 
 
+def lm_tiles(results, n):
+    """Tiles of the fastest forward+backward row of each pattern at N (none measured: defaults)."""
+    tiles = {}
+    for name in VARIANTS:
+        rows = [r for r in results.get("variants", []) if r["pattern"] == name and r["N"] == n]
+        if rows:
+            fwd, dkdv, dq = min(rows, key=lambda r: r["fwd_bwd_ms"])["tiles"]
+            tiles[f"longgen_{name}"] = {"fwd": fwd, "dkdv": dkdv, "dq": dq}
+    return tiles
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
@@ -184,6 +209,7 @@ def main(argv=None):
     parser.add_argument("--flex-only", action="store_true", help="FlexAttention rows only")
     parser.add_argument("--go-file", default="", help="with --flex-only: compile, then time once this file exists")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--patterns", nargs="*", default=[], help="FlexAttention: only these patterns")
     parser.add_argument("--only", nargs="*", default=[], help="variant names to time (besides the list kernels)")
     parser.add_argument("--lm", action="store_true")
     parser.add_argument("--lm-only", action="store_true")
@@ -212,10 +238,10 @@ def main(argv=None):
         for n in args.seq:
             run_n(n, h, d, results, save, set(args.only))
     if args.lm or args.lm_only:
-        bench.bench_lm(args.lm_seq, args.lm_steps, results, save)
+        bench.bench_lm(args.lm_seq, args.lm_steps, results, save, tiles=lm_tiles(results, args.lm_seq))
     if not (args.no_flex or args.lm_only):
         for n in args.seq:
-            run_flex(n, h, d, results, save, args.go_file)
+            run_flex(n, h, d, results, save, args.go_file, args.patterns)
 
 
 if __name__ == "__main__":

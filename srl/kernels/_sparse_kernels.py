@@ -84,7 +84,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, kv_row, stride_kn, stride_vn, C
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one binary for every head count
 def _sparse_fwd(Q, K, V, O, LSE, qk_scale,
                 FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, LAYOUT, RUN_LEN,
                 stride_qb, stride_qh, stride_qn,
@@ -189,7 +189,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE_ROW, DELTA_ROW, stride_qn, st
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "H_KV"])  # one binary for every head count
 def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                      FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, LAYOUT,
                      stride_qb, stride_qh, stride_qn,
@@ -268,7 +268,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, CNT_P
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one binary for every head count
 def _sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX, LAYOUT,
                    stride_qb, stride_qh, stride_qn,

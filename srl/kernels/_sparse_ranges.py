@@ -11,10 +11,13 @@ kernel's, TMA loads allowed) instead of reading per-tile index lists:
   tiles on the diagonal. A SinkWindow band starts at the tile's first row's window start, not at
   a tile boundary, so it spans window + BLOCK_M - 1 keys.
 
-Masked tiles evaluate the pattern per element (``visible``) and are further clipped to their
-segment's end, so segments never count a key twice. dK/dV programs walk query rows the same
-way: the band of rows whose window (local blocks) holds the key tile, then the rows after it
-that still see the tile (the sink, or a strided block of this head).
+A program runs two loops, one over the unmasked tiles and one over the masked ones, each
+walking up to three of these segments through a virtual tile index (every extra pipelined loop
+costs a pipeline fill and its own shared-memory buffers). Masked tiles evaluate the pattern per
+element (``visible``) and are clipped to their segment's end, so segments never count a key
+twice. dK/dV programs walk query rows the same way: the band of rows whose window (local
+blocks) holds the key tile, then the rows after it that still see the tile (the sink, or a
+strided block of this head).
 """
 
 from __future__ import annotations
@@ -103,18 +106,33 @@ def _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED: tl.con
 
 
 @triton.jit
-def _fwd_seg(acc, l_i, m_i, q, lo, hi, step, K, V, kd, vd, kv_row, stride_kn, stride_vn,
-             rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
-             MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr,
-             TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Fold the key tiles at lo, lo + step, ... below hi into one query tile's online softmax."""
-    for start_n in tl.range(lo, hi, step):
+def _seg(t, n0, n1, a0, a1, a2):
+    """Segment value of virtual tile t: a0 for t < n0, a1 for the next n1 tiles, then a2."""
+    return tl.where(t < n0, a0, tl.where(t < n0 + n1, a1, a2))
+
+
+@triton.jit
+def _start(t, n0, n1, lo0, s0, lo1, s1, lo2, s2):
+    """First key (row) of virtual tile t over three segments of n0, n1 and the rest tiles."""
+    return _seg(t, n0, n1, lo0 + t * s0, lo1 + (t - n0) * s1, lo2 + (t - n0 - n1) * s2)
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, n, n0, n1, lo0, s0, lo1, s1, lo2, s2, hi0, hi1, hi2,
+              K, V, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
+              MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr,
+              TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Fold n key tiles (three segments: first keys lo*, steps s*, ends hi*) into one query
+    tile's online softmax."""
+    for t in tl.range(0, n):
+        start_n = _start(t, n0, n1, lo0, s0, lo1, s1, lo2, s2)
         k, v = _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED, UPCAST, DESC, TILE_N,
                    HEAD_DIM)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             cols = start_n + tl.arange(0, TILE_N)
-            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
+            col_ok = (cols < n_k) & (cols < _seg(t, n0, n1, hi0, hi1, hi2))
+            ok = visible(rows, cols, heads, row_ok, col_ok, KIND, P0, P1, P2, K, 0, 0)
             p, m_i, l_i, acc = online_softmax_step(tl.where(ok, qk * qk_scale, float("-inf")), m_i, l_i, acc)
         else:
             p, m_i, l_i, acc = online_softmax_step_unmasked(qk, qk_scale, m_i, l_i, acc)
@@ -123,34 +141,21 @@ def _fwd_seg(acc, l_i, m_i, q, lo, hi, step, K, V, kd, vd, kv_row, stride_kn, st
 
 
 @triton.jit
-def _fwd_one_loop(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end,
-                  K, V, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
-                  KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    """The prefix and the band in one pipelined loop (prefix tiles BLOCK_N wide): one pipeline
-    fill per program instead of four; each tile picks the masked or the unmasked step."""
+def _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end, BLOCK_N: tl.constexpr,
+                 MERGE_PRE: tl.constexpr):
+    """Tiles of each segment: (prefix in the unmasked loop, prefix in the masked loop, lower edge,
+    full band, diagonal). Without MERGE_PRE the prefix has a loop of its own (both counts 0)."""
     n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
-    n_all = n_pre + tl.cdiv(end - band_lo, BLOCK_N)
-    for t in tl.range(0, n_all):
-        in_pre = t < n_pre
-        start_n = tl.where(in_pre, pre_lo + t * pre_step, band_lo + (t - n_pre) * BLOCK_N)
-        k, v = _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, True, UPCAST, DESC, BLOCK_N,
-                   HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
-        lower = start_n < full_lo
-        masked = tl.where(in_pre, pre_full == 0, lower | (start_n >= full_hi))
-        if masked:
-            hi = tl.where(in_pre, pre_hi, tl.where(lower, full_lo, end))
-            cols = start_n + tl.arange(0, BLOCK_N)
-            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
-            p, m_i, l_i, acc = online_softmax_step(tl.where(ok, qk * qk_scale, float("-inf")), m_i, l_i, acc)
-        else:
-            p, m_i, l_i, acc = online_softmax_step_unmasked(qk, qk_scale, m_i, l_i, acc)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_i
+    n_pf = tl.where(pre_full, n_pre, 0)
+    if not MERGE_PRE:
+        n_pf = 0
+        n_pre = 0
+    n_low = tl.cdiv(tl.maximum(full_lo - band_lo, 0), BLOCK_N)
+    n_up = tl.cdiv(tl.maximum(end - full_hi, 0), BLOCK_N)
+    return n_pf, n_pre - n_pf, n_low, (full_hi - full_lo) // BLOCK_N, n_up
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one binary for every head count
 def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                stride_qb, stride_qh, stride_qn,
                stride_kb, stride_kh, stride_kn,
@@ -159,10 +164,10 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                PRE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-               ONE_LOOP: tl.constexpr = False, HEADS_FAST: tl.constexpr = False):
+               HEADS_FAST: tl.constexpr = False):
     """Forward over the prefix and band ranges. KD, VD: TMA descriptors over (B*H_kv, N_K, D)
-    with (1, BLOCK_N, D) blocks when TMA (used by the prefix too when PRE_TMA), else K, V.
-    ONE_LOOP (needs PRE_N == BLOCK_N): every range in one loop (``_fwd_one_loop``)."""
+    with (1, BLOCK_N, D) blocks when TMA (used by a PRE_N-wide prefix too when PRE_TMA), else
+    K, V. A prefix of BLOCK_N-wide tiles joins the two loops; a narrower one has its own."""
     pid_t, off_bh = _tile_and_head(HEADS_FAST)
     pid_m = M_TILES - 1 - pid_t  # the heaviest (last) query tiles first
     start_m = pid_m * BLOCK_M
@@ -185,27 +190,23 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
     r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
     pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
         r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
+    MERGE: tl.constexpr = PRE_N == BLOCK_N
+    n_pf, n_pm, n_low, n_full, n_up = _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
+                                                   end, BLOCK_N, MERGE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     args = (k_head, v_head, KD, VD, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
-    if ONE_LOOP:
-        acc, l_i, m_i = _fwd_one_loop(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo,
-                                      full_hi, end, *args, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
-    else:
-        if pre_full:
-            acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
-                                     False, KIND, UPCAST, PRE_TMA, PRE_N, HEAD_DIM)
-        else:
-            acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, pre_lo, pre_hi, pre_step, *args,
-                                     True, KIND, UPCAST, False, PRE_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, band_lo, full_lo, BLOCK_N, *args,
-                                 True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_lo, full_hi, BLOCK_N, *args,
-                                 False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_seg(acc, l_i, m_i, q, full_hi, end, BLOCK_N, *args,
-                                 True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+    if not MERGE:  # the prefix in PRE_N-wide tiles of its own
+        n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, n_pre, n_pre, 0, pre_lo, pre_step, 0, 0, 0, 0,
+                                  pre_hi, pre_hi, pre_hi, *args, KIND == 1, KIND, UPCAST, PRE_TMA, PRE_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, n_pf + n_full, n_pf, n_full, pre_lo, pre_step, full_lo, BLOCK_N,
+                              0, 0, 0, 0, 0, *args, False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, n_pm + n_low + n_up, n_pm, n_low, pre_lo, pre_step, band_lo,
+                              BLOCK_N, full_hi, BLOCK_N, pre_hi, full_lo, end, *args, True, KIND, UPCAST, TMA,
+                              BLOCK_N, HEAD_DIM)
 
     empty = l_i == 0.0  # rows that saw no key: output 0, L = +inf (so P = 0 in backward)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -219,17 +220,19 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
 # Backward
 # --------------------------------------------------------------------------
 @triton.jit
-def _dq_seg(dq, q, do, lse, delta, lo, hi, step, K, V, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale,
-            P0, P1, P2, MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TILE_N: tl.constexpr,
-            HEAD_DIM: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles at lo, lo + step, ... below hi."""
-    for start_n in tl.range(lo, hi, step):
+def _dq_loop(dq, q, do, lse, delta, n, n0, n1, lo0, s0, lo1, s1, lo2, s2, hi0, hi1, hi2,
+             K, V, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
+             MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TILE_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr):
+    """Accumulate dQ of one query tile over n key tiles in three segments (as ``_fwd_loop``)."""
+    for t in tl.range(0, n):
+        start_n = _start(t, n0, n1, lo0, s0, lo1, s1, lo2, s2)
         k, v = _kv(K, V, K, V, 0, start_n, n_k, stride_kn, stride_vn, MASKED, UPCAST, False, TILE_N, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             cols = start_n + tl.arange(0, TILE_N)
-            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
-            s = tl.where(ok, s, float("-inf"))
+            col_ok = (cols < n_k) & (cols < _seg(t, n0, n1, hi0, hi1, hi2))
+            s = tl.where(visible(rows, cols, heads, row_ok, col_ok, KIND, P0, P1, P2, K, 0, 0), s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -237,32 +240,7 @@ def _dq_seg(dq, q, do, lse, delta, lo, hi, step, K, V, stride_kn, stride_vn, row
     return dq
 
 
-@triton.jit
-def _dq_one_loop(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end,
-                 K, V, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
-                 KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``_dq_seg`` over the prefix and the band in one loop, as ``_fwd_one_loop``."""
-    n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
-    n_all = n_pre + tl.cdiv(end - band_lo, BLOCK_N)
-    for t in tl.range(0, n_all):
-        in_pre = t < n_pre
-        start_n = tl.where(in_pre, pre_lo + t * pre_step, band_lo + (t - n_pre) * BLOCK_N)
-        k, v = _kv(K, V, K, V, 0, start_n, n_k, stride_kn, stride_vn, True, UPCAST, False, BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        lower = start_n < full_lo
-        if tl.where(in_pre, pre_full == 0, lower | (start_n >= full_hi)):
-            hi = tl.where(in_pre, pre_hi, tl.where(lower, full_lo, end))
-            cols = start_n + tl.arange(0, BLOCK_N)
-            ok = visible(rows, cols, heads, row_ok, (cols < n_k) & (cols < hi), KIND, P0, P1, P2, K, 0, 0)
-            s = tl.where(ok, s, float("-inf"))
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
-    return dq
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one binary for every head count
 def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
@@ -272,7 +250,7 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                   H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                   KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-                  ONE_LOOP: tl.constexpr = False, HEADS_FAST: tl.constexpr = False):
+                  HEADS_FAST: tl.constexpr = False):
     pid_t, off_bh = _tile_and_head(HEADS_FAST)
     pid_m = M_TILES - 1 - pid_t
     start_m = pid_m * BLOCK_M
@@ -299,39 +277,38 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
     pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
         r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
+    MERGE: tl.constexpr = PRE_N == BLOCK_N
+    n_pf, n_pm, n_low, n_full, n_up = _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
+                                                   end, BLOCK_N, MERGE)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     args = (k_head, v_head, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
-    if ONE_LOOP:
-        dq = _dq_one_loop(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
-                          end, *args, KIND, UPCAST, BLOCK_N, HEAD_DIM)
-    else:
-        if pre_full:
-            dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, False, KIND, UPCAST, PRE_N,
-                         HEAD_DIM)
-        else:
-            dq = _dq_seg(dq, q, do, lse, delta, pre_lo, pre_hi, pre_step, *args, True, KIND, UPCAST, PRE_N,
-                         HEAD_DIM)
-        dq = _dq_seg(dq, q, do, lse, delta, band_lo, full_lo, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
-        dq = _dq_seg(dq, q, do, lse, delta, full_lo, full_hi, BLOCK_N, *args, False, KIND, UPCAST, BLOCK_N,
-                     HEAD_DIM)
-        dq = _dq_seg(dq, q, do, lse, delta, full_hi, end, BLOCK_N, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+    if not MERGE:
+        n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
+        dq = _dq_loop(dq, q, do, lse, delta, n_pre, n_pre, 0, pre_lo, pre_step, 0, 0, 0, 0, pre_hi, pre_hi, pre_hi,
+                      *args, KIND == 1, KIND, UPCAST, PRE_N, HEAD_DIM)
+    dq = _dq_loop(dq, q, do, lse, delta, n_pf + n_full, n_pf, n_full, pre_lo, pre_step, full_lo, BLOCK_N, 0, 0,
+                  0, 0, 0, *args, False, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+    dq = _dq_loop(dq, q, do, lse, delta, n_pm + n_low + n_up, n_pm, n_low, pre_lo, pre_step, band_lo, BLOCK_N,
+                  full_hi, BLOCK_N, pre_hi, full_lo, end, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_seg(dk, dv, k, v, lo, hi, Q, DO, LSE_ROW, DELTA_ROW, stride_qn, stride_don, cols, heads, col_ok,
-              n_q, shift, qk_scale, P0, P1, P2, MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr,
-              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query rows [lo, hi) (absolute), BLOCK_M at a time."""
+def _dkdv_loop(dk, dv, k, v, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, Q, DO, LSE_ROW, DELTA_ROW, stride_qn,
+               stride_don, cols, heads, col_ok, n_q, shift, qk_scale, P0, P1, P2, MASKED: tl.constexpr,
+               KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Accumulate dK, dV of one key tile over n query tiles of BLOCK_M rows in three segments
+    (first absolute rows lo*, ends hi*)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in tl.range(lo, hi, BLOCK_M):
+    for t in tl.range(0, n):
+        start = _start(t, n0, n1, lo0, BLOCK_M, lo1, BLOCK_M, lo2, BLOCK_M)
         offs_m = start - shift + tl.arange(0, BLOCK_M)  # query indices
         q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
         do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
         if MASKED:
-            row_ok = (offs_m < n_q) & (offs_m + shift < hi)
+            row_ok = (offs_m < n_q) & (offs_m + shift < _seg(t, n0, n1, hi0, hi1, hi2))
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
@@ -356,44 +333,7 @@ def _dkdv_seg(dk, dv, k, v, lo, hi, Q, DO, LSE_ROW, DELTA_ROW, stride_qn, stride
     return dk, dv
 
 
-@triton.jit
-def _dkdv_one_loop(dk, dv, k, v, band_lo, full_lo, full_hi, band_end, post_on, post_full, Q, DO, LSE_ROW,
-                   DELTA_ROW, stride_qn, stride_don, cols, heads, col_ok, n_q, shift, qk_scale, P0, P1, P2,
-                   KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``_dkdv_seg`` over the band rows and the rows after it in one loop; each query tile picks
-    the masked or the unmasked step."""
-    n_k = n_q + shift
-    n_band = tl.cdiv(band_end - band_lo, BLOCK_M)
-    n_post = tl.where(post_on, tl.cdiv(n_k - band_end, BLOCK_M), 0)
-    post_mid = tl.where(post_full, band_end + (n_k - band_end) // BLOCK_M * BLOCK_M, band_end)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for t in tl.range(0, n_band + n_post):
-        in_band = t < n_band
-        start = tl.where(in_band, band_lo + t * BLOCK_M, band_end + (t - n_band) * BLOCK_M)
-        lower = start < full_lo
-        hi = tl.where(in_band, tl.where(lower, full_lo, band_end), n_k)
-        offs_m = start - shift + tl.arange(0, BLOCK_M)
-        row_ok = (offs_m < n_q) & (offs_m + shift < hi)
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale
-        if tl.where(in_band, lower | (start >= full_hi), start >= post_mid):
-            ok = visible(offs_m + shift, cols, heads, row_ok, col_ok, KIND, P0, P1, P2, LSE_ROW, 0, 0)
-            s_t = tl.where(tl.trans(ok.to(tl.int8)) != 0, s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
-    return dk, dv
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["H", "H_KV"])  # one binary for every head count
 def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
@@ -403,9 +343,10 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_dvb, stride_dvh, stride_dvn,
                     H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
                     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_LOOP: tl.constexpr = False,
-                    HEADS_FAST: tl.constexpr = False):
-    """One key tile (first tiles first: the sink and early strided blocks see the most rows)."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr = False):
+    """One key tile (first tiles first: the sink and early strided blocks see the most rows).
+    Unmasked loop: full band rows, then the rows after the band if they see the whole tile;
+    masked loop: the band's lower and upper edges, then the rows after it otherwise."""
     pid_t, off_bkv = _tile_and_head(HEADS_FAST)
     start_n = pid_t * BLOCK_N
     off_b = (off_bkv // H_KV).to(tl.int64)
@@ -430,24 +371,19 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
         heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
         band_lo, full_lo, full_hi, band_end, post_on, post_full = k_ranges(
             start_n, c1, off_h.to(tl.int32), shift, N_K, P0, P1, P2, KIND, BLOCK_M)
-        q_head = Q + off_b * stride_qb + off_h * stride_qh
-        do_head = DO + off_b * stride_dob + off_h * stride_doh
-        args = (q_head, do_head, LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols, heads,
-                col_ok, N_Q, shift, qk_scale, P0, P1, P2)
-        if ONE_LOOP:
-            dk, dv = _dkdv_one_loop(dk, dv, k, v, band_lo, full_lo, full_hi, band_end, post_on, post_full, *args,
-                                    KIND, UPCAST, BLOCK_M, HEAD_DIM)
-        else:
-            dk, dv = _dkdv_seg(dk, dv, k, v, band_lo, full_lo, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-            dk, dv = _dkdv_seg(dk, dv, k, v, full_lo, full_hi, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-            dk, dv = _dkdv_seg(dk, dv, k, v, full_hi, band_end, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
-            post_mid = band_end
-            if post_full:
-                post_mid = band_end + (N_K - band_end) // BLOCK_M * BLOCK_M
-                dk, dv = _dkdv_seg(dk, dv, k, v, band_end, post_mid, *args, False, KIND, UPCAST, BLOCK_M,
-                                   HEAD_DIM)
-            if post_on:
-                dk, dv = _dkdv_seg(dk, dv, k, v, post_mid, N_K, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        n_full = (full_hi - full_lo) // BLOCK_M
+        n_post = tl.where(post_on, tl.cdiv(N_K - band_end, BLOCK_M), 0)
+        n_post_full = tl.where(post_full, (N_K - band_end) // BLOCK_M, 0)
+        post_mid = band_end + n_post_full * BLOCK_M
+        n_low = tl.cdiv(full_lo - band_lo, BLOCK_M)
+        n_up = tl.cdiv(band_end - full_hi, BLOCK_M)
+        args = (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
+                LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols, heads, col_ok, N_Q, shift,
+                qk_scale, P0, P1, P2)
+        dk, dv = _dkdv_loop(dk, dv, k, v, n_full + n_post_full, n_full, n_post_full, full_lo, band_end, 0,
+                            0, 0, 0, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_loop(dk, dv, k, v, n_low + n_up + n_post - n_post_full, n_low, n_up, band_lo, full_hi,
+                            post_mid, full_lo, band_end, N_K, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

@@ -154,7 +154,6 @@ def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
     kind, p0, p1, p2 = pattern.kernel_params()
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     desc = _kv_descriptors(k, v, bn) if tiles.pop("TMA", False) else None
-    one_loop = tiles.pop("ONE_LOOP", False) and pre_n == bn
     m_tiles = triton.cdiv(Nq, bm)
     fast = tiles.pop("HEADS_FAST", False)
     _range_fwd[(B * H, m_tiles) if fast else (m_tiles, B * H)](
@@ -162,7 +161,7 @@ def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=desc is not None,
-        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, ONE_LOOP=one_loop, HEADS_FAST=fast, **tiles)
+        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, HEADS_FAST=fast, **tiles)
     return o, lse
 
 
@@ -174,7 +173,7 @@ def _forward(q, k, v, pattern, sm_scale):
     pre_n = _range_pre(pattern, tiles)
     if pre_n is not None:
         return _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n)
-    for key in ("PRE_N", "ONE_LOOP", "HEADS_FAST"):
+    for key in ("PRE_N", "HEADS_FAST"):
         tiles.pop(key, None)
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
@@ -218,7 +217,6 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles, key_tiles=True)
-    one_loop = tiles.pop("ONE_LOOP", False)
     fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
@@ -229,7 +227,7 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     if pre_n is not None:
         _range_bwd_dkdv[(B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)](
             *args, *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), ONE_LOOP=one_loop, HEADS_FAST=fast, **tiles)
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, **tiles)
         return
     by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
@@ -245,7 +243,6 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles)
-    one_loop = tiles.pop("ONE_LOOP", False) and pre_n == tiles["BLOCK_N"]
     fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
@@ -256,8 +253,7 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     if pre_n is not None:
         _range_bwd_dq[(B * H, m_tiles) if fast else (m_tiles, B * H)](
             *args, *strides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, ONE_LOOP=one_loop, HEADS_FAST=fast,
-            **tiles)
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, HEADS_FAST=fast, **tiles)
         return
     by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
