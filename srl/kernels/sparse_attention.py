@@ -91,11 +91,12 @@ TILE_OVERRIDE: dict = {}  # stage -> tiles, for sweeps
 def _stage_tiles(stage, d, kind):
     if stage in TILE_OVERRIDE:
         return dict(TILE_OVERRIDE[stage])
-    if INTERPRET:
-        return dict(_INTERP_TILES)
+    gpu = _KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage])
+    if INTERPRET:  # small tiles, the GPU default's kernel choice (so that tests run the shipped path)
+        return dict(_INTERP_TILES, **{f: gpu[f] for f in ("RANGES", "TMA", "HEADS_FAST") if f in gpu})
     if d > 128:
         return dict(_BIG_HEAD_TILES[stage])
-    return dict(_KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage]))
+    return dict(gpu)
 
 
 def _strides(t):  # (b, h, n) strides; the last dim is contiguous
