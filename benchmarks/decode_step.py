@@ -261,6 +261,7 @@ def main(argv=None):
     ap.add_argument("--cats-layers", default="4,8")
     ap.add_argument("--cats-batches", default="1")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile-batches", default="1,64")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (code check)")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
@@ -271,6 +272,7 @@ def main(argv=None):
         wide = dict(WIDE, vocab_size=64, d_model=64, n_heads=2, mlp={"type": "swiglu", "hidden": 96})
         new_plain, new_cats, rep_cats, args.repeats = 8, 8, 1, 1
         args.batches, args.cats_layers, args.graph_steps = "1,2", "2", "8"
+        args.profile_batches = "1"
     out = {"meta": {"device": torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)",
                     "torch": torch.__version__, "triton": __import__("triton").__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
@@ -307,7 +309,7 @@ def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save
                                             new_cats, rep_cats, wide, profile=n == "4"))
             save()
     elif sec == "profile":
-        out["profile"] = {b: profile_section(b) for b in (1, 64 if CUDA else 2)}
+        out["profile"] = {b: profile_section(b) for b in [int(x) for x in args.profile_batches.split(",")]}
 
 
 if __name__ == "__main__":

@@ -321,6 +321,8 @@ def main():
     d = drafts["aligned"]
     t_grid = time.time()
     for b in batches:
+        with open(args.out, "w") as f:  # what is measured so far, in case the run is cut short
+            json.dump({**result, "rows": rows}, f, indent=1, default=str)
         if time.time() - t_grid > args.grid_budget:
             log(f"  grid budget spent: batch {b} and above skipped")
             break
