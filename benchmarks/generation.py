@@ -344,6 +344,8 @@ def main():
                     f"acceptance {r['acceptance_rate']:.3f}, tokens/pass {r['tokens_per_pass']:.2f}, "
                     f"outside vocab {r['outside_task_vocab']:.4f}")
     result["rows"] = rows
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
     if args.auto:
         result["auto_table"], result["auto_rows"] = auto_rows(pol16, d, rows, prompts_all, args, params)
     if args.hf and DEV == "cuda":
