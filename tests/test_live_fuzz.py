@@ -81,4 +81,5 @@ def _policy_check(run):
     worker.cfg = run.ctl.payload.config
     worker.max_env_id = 16
     worker.memory = None  # a feed-forward policy: no per-env state to check requests against
+    worker.stacks = None  # and no frame stacks (vector observations)
     return worker._check
