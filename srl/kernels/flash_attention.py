@@ -228,6 +228,11 @@ _DKDV_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64
                128: _tiles(64, 128, 8, 3), 256: _tiles(32, 64, 4, 2)}
 _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 64, 4, 3),
              128: _tiles(128, 64, 8, 3), 256: _tiles(64, 32, 4, 2)}
+# few query rows (speculative verification: 1 + k*L of them, a short prefill): 128-row query tiles
+# would mostly compute padding, so calls with at most _SHORT_Q rows take narrower ones
+_SHORT_Q = 64
+_SHORT_Q_TILES = {16: _tiles(32, 64, 4, 2), 32: _tiles(32, 64, 4, 2), 64: _tiles(32, 64, 4, 3),
+                  128: _tiles(32, 64, 4, 3), 256: _tiles(16, 32, 4, 2)}
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 _INTERP_FWD_TILES = dict(_INTERP_TILES)
 # The forward also takes LAZY_RESCALE / WARP_SPEC / TMA flags (`--sweep` candidates).
@@ -301,6 +306,8 @@ def _fwd_plan(q, k, v, o):
     tiles = _INTERP_FWD_TILES if INTERPRET else _FWD_TILES[D]
     if not INTERPRET and q.dtype == torch.float32 and D in _FP32_FWD_TILES:
         tiles = _FP32_FWD_TILES[D]
+    if not INTERPRET and not TUNE and q.shape[2] <= _SHORT_Q:
+        tiles = _SHORT_Q_TILES[D]
     if not tiles.get("TMA") or TUNE:  # autotuned configs do not set TMA
         return tiles, (q, k, v, o)
     pointer_tiles = _FWD_POINTER_TILES.get(D, dict(tiles, TMA=False))
