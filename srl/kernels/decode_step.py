@@ -96,60 +96,57 @@ def embed_norm(tokens: Tensor, lens: Tensor, embedding: Tensor, weight: Tensor, 
 
 @triton.jit
 def _rope_attend(QKV, FREQS, LENS, KC, VC, O, qk_scale, stride_qkv, stride_kb, stride_kh, stride_ks,
-                 stride_ob, N_HEADS, HALF, HALF_P2: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (row b, head h); pairs (2i, 2i+1) of the head dim are held as two halves."""
+                 stride_ob, N_HEADS, HD: tl.constexpr, HD_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (row b, head h). Rotary pairs (2i, 2i+1): out[d] = x[d] cos - x[d+1] sin
+    for even d and x[d] cos + x[d-1] sin for odd d, with the pair's partner read as x[d ^ 1], so
+    every tile is a contiguous row of the head dim (cached keys are stored rotated)."""
     pid = tl.program_id(0)
     b = (pid // N_HEADS).to(tl.int64)
     h = (pid % N_HEADS).to(tl.int64)
+    d = tl.arange(0, HD_P2)
+    d_ok = d < HD
+    width = N_HEADS * HD
+    base = QKV + b * stride_qkv + h * HD
+    # loads that do not need the position first, so they are in flight together
+    q = tl.load(base + d, mask=d_ok, other=0.0).to(tl.float32)
+    q_p = tl.load(base + (d ^ 1), mask=d_ok, other=0.0).to(tl.float32)
+    k = tl.load(base + width + d, mask=d_ok, other=0.0).to(tl.float32)
+    k_p = tl.load(base + width + (d ^ 1), mask=d_ok, other=0.0).to(tl.float32)
+    v = tl.load(base + 2 * width + d, mask=d_ok, other=0.0)
     n = tl.load(LENS + b).to(tl.int32)  # slot and rotary position of the new token
-    i = tl.arange(0, HALF_P2)
-    i_ok = i < HALF
-    width = N_HEADS * 2 * HALF
-    base = QKV + b * stride_qkv + h * 2 * HALF + 2 * i
+    half = d // 2
+    c = tl.load(FREQS + n * HD + 2 * half, mask=d_ok, other=0.0)
+    s = tl.load(FREQS + n * HD + 2 * half + 1, mask=d_ok, other=0.0)
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)
     dt = KC.dtype.element_ty
-    c = tl.load(FREQS + n * 2 * HALF + 2 * i, mask=i_ok, other=0.0)
-    s = tl.load(FREQS + n * 2 * HALF + 2 * i + 1, mask=i_ok, other=0.0)
-    qe = tl.load(base, mask=i_ok, other=0.0).to(tl.float32)
-    qo = tl.load(base + 1, mask=i_ok, other=0.0).to(tl.float32)
-    ke = tl.load(base + width, mask=i_ok, other=0.0).to(tl.float32)
-    ko = tl.load(base + width + 1, mask=i_ok, other=0.0).to(tl.float32)
-    ve = tl.load(base + 2 * width, mask=i_ok, other=0.0)
-    vo = tl.load(base + 2 * width + 1, mask=i_ok, other=0.0)
-    # rotate, rounded to the cache dtype as the torch path does before attention
-    qe, qo = (qe * c - qo * s).to(dt).to(tl.float32), (qe * s + qo * c).to(dt).to(tl.float32)
-    ke, ko = (ke * c - ko * s).to(dt), (ke * s + ko * c).to(dt)
+    # rotated and rounded to the cache dtype, as the torch path does before attention
+    q = (q * c + sign * q_p * s).to(dt).to(tl.float32)
+    k = (k * c + sign * k_p * s).to(dt)
+    v = v.to(dt)
     kv_off = b * stride_kb + h * stride_kh
-    tl.store(KC + kv_off + n * stride_ks + 2 * i, ke, mask=i_ok)
-    tl.store(KC + kv_off + n * stride_ks + 2 * i + 1, ko, mask=i_ok)
-    tl.store(VC + kv_off + n * stride_ks + 2 * i, ve.to(dt), mask=i_ok)
-    tl.store(VC + kv_off + n * stride_ks + 2 * i + 1, vo.to(dt), mask=i_ok)
+    tl.store(KC + kv_off + n * stride_ks + d, k, mask=d_ok)
+    tl.store(VC + kv_off + n * stride_ks + d, v, mask=d_ok)
     # the new token's own key first, then the cached slots 0..n-1 (online softmax, base 2)
-    m = tl.sum(qe * ke.to(tl.float32) + qo * ko.to(tl.float32), 0) * qk_scale
+    m = tl.sum(q * k.to(tl.float32), 0) * qk_scale
     l_sum = m * 0.0 + 1.0
-    acc_e = ve.to(dt).to(tl.float32)
-    acc_o = vo.to(dt).to(tl.float32)
+    acc = v.to(tl.float32)
     js0 = tl.arange(0, BLOCK_N)
     for start in range(0, n, BLOCK_N):
         js = start + js0
         j_ok = js < n
-        ptr = kv_off + js[:, None].to(tl.int64) * stride_ks + 2 * i[None, :]
-        tile_ok = j_ok[:, None] & i_ok[None, :]
-        k_e = tl.load(KC + ptr, mask=tile_ok, other=0.0).to(tl.float32)
-        k_o = tl.load(KC + ptr + 1, mask=tile_ok, other=0.0).to(tl.float32)
-        sc = tl.sum(k_e * qe[None, :] + k_o * qo[None, :], 1) * qk_scale
+        ptr = kv_off + js[:, None].to(tl.int64) * stride_ks + d[None, :]
+        tile_ok = j_ok[:, None] & d_ok[None, :]
+        kt = tl.load(KC + ptr, mask=tile_ok, other=0.0)
+        vt = tl.load(VC + ptr, mask=tile_ok, other=0.0)
+        sc = tl.sum(kt.to(tl.float32) * q[None, :], 1) * qk_scale
         sc = tl.where(j_ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(sc - m_new)
-        v_e = tl.load(VC + ptr, mask=tile_ok, other=0.0).to(tl.float32)
-        v_o = tl.load(VC + ptr + 1, mask=tile_ok, other=0.0).to(tl.float32)
         l_sum = l_sum * alpha + tl.sum(p, 0)
-        acc_e = acc_e * alpha + tl.sum(p[:, None] * v_e, 0)
-        acc_o = acc_o * alpha + tl.sum(p[:, None] * v_o, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), 0)
         m = m_new
-    out = O + b * stride_ob + h * 2 * HALF + 2 * i
-    tl.store(out, (acc_e / l_sum).to(O.dtype.element_ty), mask=i_ok)
-    tl.store(out + 1, (acc_o / l_sum).to(O.dtype.element_ty), mask=i_ok)
+    tl.store(O + b * stride_ob + h * HD + d, (acc / l_sum).to(O.dtype.element_ty), mask=d_ok)
 
 
 def rope_attend(qkv: Tensor, freqs: Tensor, lens: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -167,12 +164,14 @@ def rope_attend(qkv: Tensor, freqs: Tensor, lens: Tensor, k_cache: Tensor, v_cac
     hd = k_cache.shape[-1]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or qkv.stride(-1) != 1:
         raise ValueError("rope_attend needs k and v caches with equal strides and contiguous rows")
-    half = hd // 2
-    block_n = 16 if INTERPRET else max(16, min(128, 4096 // hd))
+    if hd % 2:
+        raise ValueError(f"rotary needs an even head dim, got {hd}")
+    block_n = 16 if INTERPRET else max(16, min(64, 8192 // hd))
     _rope_attend[(B * n_heads,)](
         qkv, freqs, lens, k_cache, v_cache, out, float(hd ** -0.5) * 1.4426950408889634,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        n_heads, half, HALF_P2=max(triton.next_power_of_2(half), 2), BLOCK_N=block_n, num_warps=4)
+        n_heads, HD=hd, HD_P2=max(triton.next_power_of_2(hd), 2), BLOCK_N=block_n,
+        num_warps=4 if hd <= 64 else 8)
 
 
 # --------------------------------------------------------------------------- sampling + state write
