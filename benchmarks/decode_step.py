@@ -143,6 +143,13 @@ def plain_section(batches, new_tokens, repeats, graph_steps) -> dict:
             row = {"batch": b, "torch": tokens_per_s(model, b, 9, new_tokens, repeats, False)}
             for n in graph_steps:
                 row[f"fused_g{n}"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, n)
+            if b <= 16:  # candidate: the small-batch Triton matmul for the policy's projections
+                fused_decode.TRITON_GEMV = True
+                try:
+                    row["fused_triton_gemv"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
+                    row["fused_triton_gemv_g32"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, 32)
+                finally:
+                    fused_decode.TRITON_GEMV = False
             fused_decode.GELU_EPILOGUE = True  # candidate: fc + GELU as one cuBLASLt call
             try:
                 if b == batches[0]:
@@ -299,6 +306,11 @@ def main(argv=None):
 def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save) -> None:
     if sec == "check":
         out["check"] = check_section(POLICY)
+        fused_decode.TRITON_GEMV = True
+        try:
+            out["check_triton_gemv"] = check_section(POLICY)
+        finally:
+            fused_decode.TRITON_GEMV = False
     elif sec == "plain":
         out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
                                      args.repeats, steps)

@@ -147,3 +147,28 @@ def test_fused_step_on_cuda_in_a_graph(batch):
     first = outs[0].tokens[:, :8] == outs[1].tokens[:, :8]
     assert first.all()
     torch.testing.assert_close(outs[0].logp[:, :8], outs[1].logp[:, :8], rtol=1e-3, atol=1e-3)
+
+
+def test_fused_step_with_triton_gemv_matches_torch_step(monkeypatch):
+    from srl.generation import fused_decode
+
+    monkeypatch.setattr(fused_decode, "TRITON_GEMV", True)
+    model = _model(5)
+    prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(6))
+    ref, _ = _run(model, prompt, SamplingParams(1.0), 5, False, seed=2)
+    out, _ = _run(model, prompt, SamplingParams(1.0), 5, True, seed=2)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
+
+
+def test_gemv_against_float64():
+    from srl.kernels.decode_step import gemv
+
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in ((1, 40, 70), (5, 33, 64), (16, 17, 100)):
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+        ref = x.double() @ w.double().T
+        torch.testing.assert_close(gemv(x, w).double(), ref, rtol=1e-5, atol=1e-4)
+        ref_gelu = torch.nn.functional.gelu(ref.float(), approximate="tanh").double()
+        torch.testing.assert_close(gemv(x, w, gelu=True).double(), ref_gelu, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(gemv(x, w * 1.01).double(), ref, rtol=1e-5, atol=1e-4)

@@ -61,6 +61,12 @@ GELU_EPILOGUE = False
 (``torch._addmm_activation``; the GELU then acts on the float32 accumulator before rounding)."""
 
 
+TRITON_GEMV = False
+"""Batches up to 16 rows: the projections of matrices up to ``GEMV_MAX_NUMEL`` elements (and a
+GELU MLP's fc with its GELU) through ``srl.kernels.decode_step.gemv`` instead of cuBLAS."""
+GEMV_MAX_NUMEL = 16 * 2**20
+
+
 class FusedDecodeStep:
     """Callable ``step(generator)``: one token per unfinished row, written to ``state``."""
 
@@ -81,6 +87,9 @@ class FusedDecodeStep:
         self.noise = torch.zeros(B, cfg.vocab_size, device=dev, dtype=torch.float32)
         self.part = sample_workspace(B, cfg.vocab_size, dev)
         self.freqs = torch.view_as_real(model.rotary.freqs).contiguous()  # (P, HD/2, 2) float32
+        from srl.kernels.decode_step import GEMV_MAX_ROWS, INTERPRET
+
+        self.use_gemv = TRITON_GEMV and B <= GEMV_MAX_ROWS and (dev.type == "cuda" or INTERPRET)
         self.gelu_bias = None
         if GELU_EPILOGUE and model.blocks[0].gated is None and dev.type == "cuda":
             self.gelu_bias = torch.zeros(cfg.mlp["hidden"], device=dev, dtype=dtype)
@@ -93,13 +102,16 @@ class FusedDecodeStep:
         lens, blocks, x, h = cache.lens, m.blocks, self.x, self.h
         embed_norm(st.tokens, lens, m.embed.weight, blocks[0].norm1.weight, blocks[0].norm1.eps, x, h)
         for i, blk in enumerate(blocks):
-            rope_attend(F.linear(h, blk.qkv.weight), self.freqs, lens, cache.k[i], cache.v[i],
+            rope_attend(self._linear(h, blk.qkv.weight), self.freqs, lens, cache.k[i], cache.v[i],
                         self.attn, blk.n_heads)
-            residual_norm(x, F.linear(self.attn, blk.proj.weight), blk.norm2.weight, blk.norm2.eps, h)
+            residual_norm(x, self._linear(self.attn, blk.proj.weight), blk.norm2.weight, blk.norm2.eps, h)
             nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else m.norm
             part = fused_cats_mlp(blk.gated, h) if self.fuse_cats_cast else None
             if part is not None:
                 residual_norm(x, part[0], nxt.weight, nxt.eps, h, counter=part[1])
+            elif self.use_gemv and blk.gated is None:
+                a = self._linear(h, blk.fc.weight, gelu=True)
+                residual_norm(x, self._linear(a, blk.fc_out.weight), nxt.weight, nxt.eps, h)
             elif self.gelu_bias is not None:
                 a = torch._addmm_activation(self.gelu_bias, h, blk.fc.weight.t(), use_gelu=True)
                 residual_norm(x, F.linear(a, blk.fc_out.weight), nxt.weight, nxt.eps, h)
@@ -111,6 +123,15 @@ class FusedDecodeStep:
         self.noise.exponential_(1.0, generator=generator)
         sample_write(logits, self.noise, st.tokens, st.logp, lens, st.end, self.params.temperature,
                      self.part)
+
+    def _linear(self, h: Tensor, weight: Tensor, gelu: bool = False) -> Tensor:
+        """h @ weight^T (then tanh-GELU): the small-batch kernel for small matrices, else cuBLAS."""
+        if self.use_gemv and weight.numel() <= GEMV_MAX_NUMEL and weight.is_contiguous():
+            from srl.kernels.decode_step import gemv
+
+            return gemv(h, weight, gelu)
+        y = F.linear(h, weight)
+        return F.gelu(y, approximate="tanh") if gelu else y
 
     def _torch_sample(self, logits: Tensor, generator) -> None:
         """top-k / top-p: the torch sampling of ``decode_one_token`` on the fused model output."""

@@ -272,3 +272,52 @@ def sample_write(logits: Tensor, noise: Tensor, tokens: Tensor, logp: Tensor, le
 def sample_workspace(B: int, V: int, device) -> Tensor:
     block = 64 if INTERPRET else SAMPLE_BLOCK
     return torch.empty(B, triton.cdiv(V, block), 4, device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- small-batch matmul
+
+@triton.jit
+def _gemv(X, W, Y, M, N, K, stride_x, stride_y, GELU: tl.constexpr, PREC: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[:M, cols] = X[:M] @ W[cols]^T for one tile of BLOCK_N rows of W (nn.Linear layout), rows
+    of X padded to BLOCK_M; with GELU, tanh-GELU of the result rounded to Y's dtype first."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.arange(0, BLOCK_M)
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w = tl.load(W + cols[:, None].to(tl.int64) * K + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+        x = tl.load(X + ms[:, None] * stride_x + ks[None, :], mask=(ms < M)[:, None] & k_ok[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+    y = acc.to(Y.dtype.element_ty)
+    if GELU:  # as F.gelu(approximate="tanh") on the rounded matmul output
+        yf = y.to(tl.float32)
+        inner = 0.7978845608028654 * (yf + 0.044715 * yf * yf * yf)
+        th = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+        y = (0.5 * yf * (1.0 + th)).to(Y.dtype.element_ty)
+    tl.store(Y + ms[:, None] * stride_y + cols[None, :], y, mask=(ms < M)[:, None] & col_ok[None, :])
+
+
+GEMV_MAX_ROWS = 16
+
+
+def gemv(x: Tensor, weight: Tensor, gelu: bool = False) -> Tensor:
+    """x (M, K) @ weight (N, K)^T for M <= 16 rows, optionally with tanh-GELU (``_gemv``)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > GEMV_MAX_ROWS or weight.shape[1] != K or x.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"gemv takes x (<= {GEMV_MAX_ROWS}, K) and a contiguous (N, K) weight")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    upcast = INTERPRET and x.dtype != torch.float32
+    if upcast:  # the interpreter's dot takes float32
+        x, weight = x.float(), weight.float()
+    block_n, block_k = (16, 32) if INTERPRET else (16, 256)
+    _gemv[(triton.cdiv(N, block_n),)](
+        x, weight, y, M, N, K, x.stride(0), y.stride(0), GELU=gelu,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=16, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return y
