@@ -196,13 +196,34 @@ def cats_section(layers, batches, new_tokens, repeats, wide=None, profile=False)
             log(f"  {layers} layers batch {b}: " + ", ".join(
                 f"{k} {v:.0f}" if "speedup" not in k else f"{k} {v:.3f}x"
                 for k, v in row.items() if k != "batch"))
-    if profile:
+    if profile:  # in-model candidates for the CATS down kernel's tiles (the table's came from the MLP alone)
+        res["down_candidates"] = down_candidates(cats, new_tokens, repeats)
         res["profile"] = {name: profile_sampler(m, 1, True, label=f"{layers}-layer {name}")
                           for name, m in (("dense", dense), ("cats", cats))}
     del dense, cats
     if CUDA:
         torch.cuda.empty_cache()
     return res
+
+
+DOWN_CANDIDATES = [dict(BLOCK_N=256, BLOCK_K=16, SPLIT=64, num_warps=4, num_stages=4),
+                   dict(BLOCK_N=128, BLOCK_K=16, SPLIT=32, num_warps=4, num_stages=4),
+                   dict(BLOCK_N=256, BLOCK_K=32, SPLIT=32, num_warps=4, num_stages=3)]
+
+
+def down_candidates(cats_model, new_tokens, repeats) -> list:
+    from srl.kernels import cats as cats_kernels
+
+    default, rows = cats_kernels.DOWN_CONFIG, []
+    try:
+        for cfg in DOWN_CANDIDATES:
+            cats_kernels.DOWN_CONFIG = cfg
+            rows.append({"down_config": cfg,
+                         "cats_fused": tokens_per_s(cats_model, 1, 16, new_tokens, repeats, True)})
+            log(f"  CATS down {cfg}: {rows[-1]['cats_fused']:.0f} tok/s")
+    finally:
+        cats_kernels.DOWN_CONFIG = default
+    return rows
 
 
 def check_section(cfg_dict, batch=4, new_tokens=24) -> dict:
