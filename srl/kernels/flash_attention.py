@@ -231,7 +231,7 @@ _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 
 # few query rows (speculative verification: 1 + k*L of them, a short prefill): 128-row query tiles
 # would mostly compute padding, so calls with at most _SHORT_Q rows take narrower ones
 _SHORT_Q = 64
-_SHORT_Q_TILES = {16: _tiles(32, 64, 4, 2), 32: _tiles(32, 64, 4, 2), 64: _tiles(32, 64, 4, 3),
+_SHORT_Q_TILES = {16: _tiles(32, 64, 4, 2), 32: _tiles(32, 64, 4, 2), 64: _tiles(32, 64, 4, 2),
                   128: _tiles(32, 64, 4, 3), 256: _tiles(16, 32, 4, 2)}
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 _INTERP_FWD_TILES = dict(_INTERP_TILES)
