@@ -53,7 +53,13 @@ def fused_cats_mlp(gated, h: Tensor) -> tuple[Tensor, Tensor] | None:
     if not (h.is_cuda or cats.INTERPRET) or (torch.is_grad_enabled() and h.requires_grad):
         return None
     return cats.cats_mlp_partial(h, gated.gate.weight, gated.up.weight, gated.down.weight,
-                                 gated.cats_threshold)
+                                 gated.cats_threshold, CATS_DOWN_CONFIG)
+
+
+CATS_DOWN_CONFIG = dict(BLOCK_N=256, BLOCK_K=32, SPLIT=32, num_warps=4, num_stages=3)
+"""Tiles of the CATS down kernel inside the fused step: the best of three candidates timed in the
+model on the H200 (4 layers, d_model 4096, batch 1: 1,786 tok/s against 1,746 with the tiles that
+won when the MLP was timed alone, ``srl.kernels.cats.DOWN_CONFIG``; docs/benchmarks.md)."""
 
 
 GELU_EPILOGUE = False

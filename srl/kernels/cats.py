@@ -240,7 +240,7 @@ def _check_kernel_rows(x: Tensor) -> None:
 
 
 def cats_mlp_partial(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_weight: Tensor,
-                     threshold: float) -> tuple[Tensor, Tensor]:
+                     threshold: float, down_config: dict | None = None) -> tuple[Tensor, Tensor]:
     """The decode path without its final cast, for a caller that fuses it into its next kernel.
 
     Returns (acc, counter): the float32 sum (M, D), a view of the shared workspace, and the int32
@@ -250,7 +250,7 @@ def cats_mlp_partial(x: Tensor, gate_weight: Tensor, up_weight: Tensor, down_wei
     x = x.contiguous()
     ws = _workspace(gate_weight.shape[0], x.shape[1], x.device)
     try:
-        _launch_gate_down(x, gate_weight, up_weight, down_weight, threshold, ws, None, None)
+        _launch_gate_down(x, gate_weight, up_weight, down_weight, threshold, ws, None, down_config)
     except Exception:
         ws.count.zero_()
         ws.out.zero_()
