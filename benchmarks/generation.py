@@ -26,28 +26,9 @@ import numpy as np
 import torch
 
 
-def _bare_packages(*names: str) -> None:
-    """Import ``srl.envs`` / ``srl.policies`` submodules without their package ``__init__``
-    (which imports gymnasium), on machines without gymnasium (the GPU image)."""
-    import importlib.util
-    import pathlib
-    import sys
-    import types
+from bare_imports import bare_packages  # noqa: E402 - benchmarks/ is on sys.path when run
 
-    try:
-        if importlib.util.find_spec("gymnasium") is not None:
-            return
-    except ImportError:
-        pass
-    root = pathlib.Path(__file__).resolve().parents[1]
-    for name in names:
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(root.joinpath(*name.split(".")))]
-            sys.modules[name] = mod
-
-
-_bare_packages("srl.envs", "srl.policies")
+bare_packages("srl.envs", "srl.policies")
 import torch.nn.functional as F  # noqa: E402
 
 from srl.envs.text import VOCAB, MixedTask  # noqa: E402
