@@ -11,7 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import autotune, causal_bounds, constexpr_arg, load_kv_tile, start_bounds
+from srl.kernels._flash_common import (autotune, causal_bounds, constexpr_arg, load_dq_rows, load_kv_tile,
+                                       start_bounds)
 
 
 @triton.jit
@@ -212,15 +213,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, KV_START, qk_scale, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do, lse, delta = load_dq_rows(Q, DO, LSE, DELTA, off_b, off_h, off_bh, offs_m, offs_d, row_ok,
+                                     stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                     N_Q, UPCAST)
     k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

@@ -178,3 +178,21 @@ def start_bounds(START_ROW, offs_m, N_Q, N_K, full_hi, BLOCK_N: tl.constexpr):
     mid = tl.cdiv(tl.max(start, 0), BLOCK_N) * BLOCK_N
     mid = tl.minimum(tl.maximum(mid, lo), full_hi)
     return start, lo, mid
+
+
+@triton.jit
+def load_dq_rows(Q, DO, LSE, DELTA, off_b, off_h, off_bh, offs_m, offs_d, row_ok,
+                 stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, N_Q,
+                 UPCAST: tl.constexpr):
+    """A dQ program's query rows: q and dO (BLOCK_M, D), the base-2 logsumexp L and
+    D = rowsum(dO * O); rows past N_Q load zeros (L = +inf, so their P is 0)."""
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    return q, do, lse, delta
