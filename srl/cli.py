@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         # with SIGINT ignored (a background job of a non-interactive shell): the controller installs
         # its own handler once the workers start, and until then KeyboardInterrupt ends with 130.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # anywhere, argument parsing included: status 130, no traceback
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (`srl run exp.yaml --ray auto seed=3`) are overrides too
@@ -56,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     except SrlError as exc:
         print(f"srl: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
     except Exception as exc:  # noqa: BLE001 - a failure of the run itself: one line, status 1
         print(f"srl: error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}", file=sys.stderr)
         return 1

@@ -241,7 +241,9 @@ def test_interrupt_during_startup_is_clean(tmp_path, inherited):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 30, "the run went on after the signal"
-    assert proc.returncode in (0, 130) and "Traceback" not in err and err.count("\n") <= 2, err
+    # 130: KeyboardInterrupt in the CLI; -SIGINT: the signal landed before Python's handler ran (a
+    # stop all the same); 0: the controller was already running and stopped on it (checked below)
+    assert proc.returncode in (0, 130, -signal.SIGINT) and "Traceback" not in err and err.count("\n") <= 2, err
     if proc.returncode == 0:  # the controller was already running: it stopped on the signal
         results = [os.path.join(tmp_path, d, "result.json") for d in os.listdir(tmp_path)]
         assert [json.load(open(r))["reason"] for r in results if os.path.exists(r)] == ["SIGINT"]
