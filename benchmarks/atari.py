@@ -171,7 +171,7 @@ def sample_factory(game: str, workers: int, device: str, seconds: float, warmup:
     """Sample Factory in a subprocess with its own packages first on the path."""
     cmd = [sys.executable, SF_RUNNER, "--game", game, "--workers", str(workers), "--device",
            "gpu" if device.startswith("cuda") else "cpu", "--seconds", str(seconds), "--warmup", str(warmup),
-           "--max-seconds", str(max_seconds), "--grace", str(grace), "--extra", extra]
+           "--max-seconds", str(max_seconds), "--grace", str(grace), f"--extra={extra}"]
     if target is not None:
         cmd += ["--target", str(target)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([sf_target, os.path.dirname(SF_RUNNER)])}

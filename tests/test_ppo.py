@@ -116,3 +116,21 @@ def test_invalid_autoreset_steps_are_ignored():
     control["valid"][:] = True  # negative control: counted as transitions, the garbage does matter
     _, params_control = _train_once(control)
     assert not torch.allclose(params, params_control)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])  # fused Adam skips on the device; SGD on the host
+def test_a_non_finite_minibatch_is_skipped_and_a_finite_one_is_not(optimizer):
+    torch.manual_seed(0)
+    policy = ActorCritic(SpaceInfo((2,), True, 2), PolicyConfig(hidden=[16]))
+    learner = PPOLearner(policy, AlgorithmConfig(epochs=1, minibatches=2), OptimizerConfig(type=optimizer, lr=0.01))
+    assert learner.skip_on_device == (optimizer == "adam")
+    before = [p.detach().clone() for p in policy.parameters()]
+    poisoned = _bandit_batch(policy, seed=1)
+    poisoned["reward"] = np.full_like(poisoned["reward"], np.nan)  # every advantage and loss is NaN
+    stats = learner.train(poisoned)
+    assert stats["losses/skipped_steps"] == 2 and learner.skipped_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))  # not a single weight moved
+    stats = learner.train(_bandit_batch(policy, seed=2))
+    assert learner.skipped_steps == 2 and np.isfinite(stats["losses/policy_loss"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert all(torch.isfinite(p).all() for p in policy.parameters())

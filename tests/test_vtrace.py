@@ -138,6 +138,8 @@ def test_appo_learner_without_lag_takes_ppo_targets():
         flat = b["obs"][:T].reshape(T * B, -1)
         b["logp"] = appo.policy.evaluate(flat, b["action"].reshape(-1))[0].reshape(T, B)
         values = appo.policy.value(b["obs"].reshape((T + 1) * B, -1)).reshape(T + 1, B)
+        # APPO's one forward pass gives the critic's values and the log-probs V-trace needs
+        torch.testing.assert_close(appo._values(b, T, B), values)
     term, done = b["terminated"].float(), b["terminated"].float()
     reward = b["reward"] * b["valid"].float()
     adv, ret = appo._advantages(b, reward, values, term, done)
@@ -147,6 +149,8 @@ def test_appo_learner_without_lag_takes_ppo_targets():
     torch.testing.assert_close(ret[m], want_ret[m], rtol=1e-5, atol=1e-5)
     b["logp"] = b["logp"] - 0.7  # an older behaviour policy: pi / mu = e^0.7, clipped to 1 by rho_bar
     b["logp"][0] += 1.4  # ... except at t = 0, where pi / mu = e^-0.7
+    with torch.no_grad():
+        appo._values(b, T, B)
     adv_lag, _ = appo._advantages(b, reward, values, term, done)
     assert not torch.allclose(adv_lag[m], want_adv[m])
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from srl.algorithms.ppo import PPOLearner
+from srl.algorithms.ppo import PPOLearner, averages
 from srl.errors import ConfigError
 
 
@@ -68,16 +68,23 @@ class APPOLearner(PPOLearner):
                               "appo takes feed-forward policies (mlp, cnn); use ppo for memory policies")
         super().__init__(policy, *args, **kwargs)
         self._vtrace_stats: dict[str, float] = {}
+        self._logp: torch.Tensor | None = None
+
+    def _values(self, b: dict[str, torch.Tensor], T: int, B: int) -> torch.Tensor:
+        """The critic's values [T + 1, B] and, from the same forward pass, the current policy's
+        log-probabilities of the actions taken (kept for :meth:`_advantages`)."""
+        obs, action = b["obs"], b["action"]
+        logp, _, value, _ = self.policy.evaluate(obs[:T].reshape(T * B, *obs.shape[2:]),
+                                                 action.reshape(T * B, *action.shape[2:]))
+        self._logp = logp.reshape(T, B).float()
+        return torch.cat([value.reshape(T, B), self.policy.value(obs[T]).reshape(1, B)])
 
     def _advantages(self, b: dict[str, torch.Tensor], reward: torch.Tensor, values: torch.Tensor,
                     terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """V-trace from the current critic's ``values`` [T + 1, B] and the current policy's
-        log-probabilities of the actions taken."""
+        log-probabilities of the actions taken (both from :meth:`_values`)."""
         T, B = reward.shape
-        obs, action = b["obs"][:T], b["action"]
-        with torch.no_grad():
-            logp = self.policy.evaluate(obs.reshape(T * B, *obs.shape[2:]),
-                                        action.reshape(T * B, *action.shape[2:]))[0].reshape(T, B).float()
+        logp, self._logp = self._logp, None
         valid = b["valid"].float()
         log_rho = (logp - b["logp"].float()) * valid  # resets carry no transition: ratio 1 there
         a = self.algo
@@ -85,11 +92,11 @@ class APPOLearner(PPOLearner):
                             a.rho_bar, a.c_bar)
         n = valid.sum().clamp_min(1.0)
         ratio = torch.exp(log_rho)
-        self._vtrace_stats = {"losses/vtrace_rho_mean": float((ratio * valid).sum() / n),
-                              "losses/vtrace_rho_clipped": float(((ratio > a.rho_bar).float() * valid).sum() / n)}
+        self._vtrace_stats = {"losses/vtrace_rho_mean": (ratio * valid).sum() / n,
+                              "losses/vtrace_rho_clipped": ((ratio > a.rho_bar).float() * valid).sum() / n}
         return pg_adv, vs
 
     def train(self, batch: dict) -> dict[str, float]:
         stats = super().train(batch)
-        stats.update(self._vtrace_stats)
+        stats.update(averages(self._vtrace_stats, 1))
         return stats

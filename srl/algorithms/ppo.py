@@ -77,6 +77,9 @@ class PPOLearner:
             kwargs.setdefault("fused", True)  # one kernel per step instead of one per tensor and op
         self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **kwargs)
         self.sophia = hasattr(self.optimizer, "hessian_due")
+        self.skip_on_device = bool(kwargs.get("fused")) and opt.type in ("adam", "adamw")
+        """Fused Adam skips a non-finite step itself (``found_inf``): no host sync per minibatch."""
+        self._skipped = torch.zeros((), device=device)
         self.total_env_steps = total_env_steps
         self.env_steps = 0
         self.updates = 0
@@ -100,10 +103,7 @@ class PPOLearner:
             valid_obs = b["obs"][:T][b["valid"].bool()]
             policy.obs_norm.update(valid_obs, self.sync)
         with torch.no_grad():
-            if recurrent:
-                all_values = policy.evaluate_sequence(b["obs"], b["action"], b["first"], _state_of(b))[2].float()
-            else:
-                all_values = policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
+            all_values = self._values(b, T, B)
         terminated, truncated = b["terminated"].float(), b["truncated"].float()
         done = torch.clamp(terminated + truncated, max=1.0)
         reward = b["reward"].float() * b["valid"].float()
@@ -134,6 +134,13 @@ class PPOLearner:
         stats["perf/train_s"] = time.perf_counter() - t0
         return stats
 
+    def _values(self, b: dict[str, torch.Tensor], T: int, B: int) -> torch.Tensor:
+        """The current critic's values of every observation, [T + 1, B] (no gradient)."""
+        policy = self.policy
+        if getattr(policy, "recurrent", False):
+            return policy.evaluate_sequence(b["obs"], b["action"], b["first"], _state_of(b))[2].float()
+        return policy.value(b["obs"].reshape((T + 1) * B, *b["obs"].shape[2:])).reshape(T + 1, B)
+
     def _advantages(self, b: dict[str, torch.Tensor], reward: torch.Tensor, values: torch.Tensor,
                     terminated: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(advantages, value targets)`` [T, B] from the current critic's ``values`` [T + 1, B]:
@@ -148,7 +155,7 @@ class PPOLearner:
         algo = self.algo
         # exactly `minibatches` steps per epoch whatever n is: data-parallel ranks step together
         bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
         for epoch in range(algo.epochs):
             last = epoch == algo.epochs - 1
@@ -159,11 +166,18 @@ class PPOLearner:
                 batches = (take(data, perm[lo:max(hi, lo + 1)]) for lo, hi in zip(bounds[:-1], bounds[1:]))
             for mb in batches:
                 stats = self._minibatch_step(mb, diagnostics=last)
-                if last:
+                if last and stats:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        if self.skip_on_device:
+            sums["losses/skipped_steps"] = self._skipped * max(count, 1)
+        stats = averages(sums, count)
+        if self.skip_on_device:
+            self.skipped_steps = int(stats.pop("losses/skipped_steps"))
+        if self.skipped_steps:  # the run's total so far
+            stats["losses/skipped_steps"] = float(self.skipped_steps)
+        return stats
 
     def _evaluate(self, mb: dict[str, torch.Tensor]):
         """``(logp, entropy, value, head, recorded)`` of the current policy on a minibatch, with
@@ -190,10 +204,15 @@ class PPOLearner:
         if self.sync is not None:
             self.sync.average_grads(self.policy.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
-        if not torch.isfinite(grad_norm):  # a poisoned or overflowing minibatch: skip it, on every rank alike
+        # a poisoned or overflowing minibatch is skipped, on every rank alike
+        if self.skip_on_device:
+            bad = (~torch.isfinite(grad_norm)).float()
+            self.optimizer.found_inf = bad
+            self._skipped += bad
+        elif not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            return {"losses/skipped_steps": float(self.skipped_steps)} if diagnostics else {}
+            return {}
         self.optimizer.step()
         self.updates += 1
         if self.sophia and self.optimizer.hessian_due():
@@ -205,14 +224,14 @@ class PPOLearner:
             approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean()
             clipfrac = ((log_ratio.exp() - 1.0).abs() > algo.clip).float().mean()
         stats = {"losses/sophia_win_rate": self.optimizer.win_rate()} if self.sophia else {}
-        return {
+        return {  # device tensors, read back once per batch by averages()
             **stats,
-            "losses/policy_loss": pg_loss.item(),
-            "losses/value_loss": v_loss.item(),
-            "losses/entropy": entropy_loss.item(),
-            "losses/approx_kl": approx_kl.item(),
-            "losses/clipfrac": clipfrac.item(),
-            "losses/grad_norm": float(grad_norm),
+            "losses/policy_loss": pg_loss.detach(),
+            "losses/value_loss": v_loss.detach(),
+            "losses/entropy": entropy_loss.detach(),
+            "losses/approx_kl": approx_kl,
+            "losses/clipfrac": clipfrac,
+            "losses/grad_norm": grad_norm,
         }
 
     def _refresh_hessian(self, mb: dict[str, torch.Tensor]) -> None:
@@ -273,6 +292,14 @@ class RunningVar:
 
     def load(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def averages(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
+    """``sums / count`` as floats; the tensors among them (on one device) are read back in one
+    transfer: one host sync instead of one per statistic and minibatch."""
+    tensors = [v.detach().float().reshape(()) for v in sums.values() if torch.is_tensor(v)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return {k: (next(read) if torch.is_tensor(v) else float(v)) / max(count, 1) for k, v in sums.items()}
 
 
 def _state_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
