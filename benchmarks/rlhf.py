@@ -1,21 +1,30 @@
 """RL with a language-model policy through the whole dataflow: plain vs speculative generation.
 
-GPU (one H200; not run yet): ``configs/rlhf_addition.yaml`` (a ~100M policy warmed up by supervised
-steps, GRPO, SpecTr K-SEQ with a ~10M draft kept aligned by the draft worker) in variants that
-differ in one field each:
+GPU (one H200): ``configs/rlhf_addition.yaml`` (a policy warmed up by supervised steps, GRPO,
+SpecTr K-SEQ with a small draft kept aligned by the draft worker) in variants that differ in one
+field each:
 
 - ``spectr``: the config as it is;
 - ``plain``: ``generation.mode=plain`` (no draft);
-- ``spectr_stale_draft``: ``draft.align=false`` (the draft never follows the policy: acceptance
-  should fall as the policy moves);
+- ``spectr_stale_draft``: ``draft.align=false`` (the draft, warmed up like the policy, never follows
+  it: acceptance should fall as the policy moves);
 - ``sophia``: ``optimizer.type=sophia``.
 
-Per variant it reports the time per RL step (median interval between weight versions), the
-generation worker's busy share of the wall time, acceptance over training, the mean reward per
-version, and exact-match accuracy (greedy) on held-out prompts for the warmed-up policy and for
-the final checkpoint.
+Every variant runs as its own ``srl run``-like child process (``--run-one``), so this process may
+use the GPU while they run. Two phases:
 
-    PYTHONPATH=. python3 benchmarks/rlhf.py [--variants spectr,plain] [--wall-s 1800] [--out rlhf.json]
+- ``--phase time``: the variants one after another, alone on the GPU, with no checkpoints until
+  the stop: time per RL step (median interval between weight versions), the generation worker's
+  busy share of the wall time, acceptance and the sampled reward per log row;
+- ``--phase learn``: the variants at once (learning curves need no clean timing); this process
+  scores every checkpoint as it appears: greedy exact-match accuracy on held-out prompts (a seed
+  no actor draws from) against RL steps. The first checkpoint is written right after the first
+  RL step, so it stands for the warmed-up policy.
+
+``--probe-warmup STEPS`` measures the supervised warm-up alone: accuracy every ``--every`` steps
+and seconds per step, to size ``algorithm.warmup_steps``.
+
+    PYTHONPATH=. python3 benchmarks/rlhf.py --phase time --variants spectr,plain --wall-s 120
     PYTHONPATH=. python3 benchmarks/rlhf.py --smoke      # CPU, configs/rlhf_tiny.yaml, seconds
 """
 from __future__ import annotations
@@ -24,97 +33,215 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
 
-from srl.algorithms.grpo import warm_up
-from srl.config import load_experiment
-from srl.envs.tokens import build_task, max_new_tokens, task_space
-from srl.experiment import Experiment
-from srl.generation import PlainSampler, SamplingParams
-from srl.plan import build_policy
-from srl.system.checkpoint import load_latest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from srl.algorithms.grpo import warm_up  # noqa: E402
+from srl.config import load_experiment  # noqa: E402
+from srl.envs.tokens import build_task, finish_completions, max_new_tokens, task_space  # noqa: E402
+from srl.generation import PlainSampler, SamplingParams  # noqa: E402
+from srl.plan import build_policy  # noqa: E402
+
 VARIANTS = {"spectr": [], "plain": ["generation.mode=plain"], "spectr_stale_draft": ["draft.align=false"],
-            "sophia": ["optimizer.type=sophia", "optimizer.lr=1.0e-5"]}
+            "sophia": ["optimizer.type=sophia"]}
+CURVE_KEYS = ("wall_s", "version", "env_steps", "mean_return", "charts/reward", "generation/acceptance_rate",
+              "generation/tokens_per_pass", "generation/batch", "generation/batch_s", "generation/busy_s", "draft/acceptance_rate",
+              "generation/draft_version", "losses/kl", "losses/approx_kl", "losses/logp_gap", "perf/train_s",
+              "charts/policy_lag", "rates/generation/0/batches_per_s", "rates/trainer/0/batches_per_s")
 
 
-@torch.no_grad()
-def accuracy(cfg, weights: dict | None, n: int = 1024, seed: int = 10**6) -> float:
-    """Exact-match accuracy of greedy completions on n held-out prompts (a seed no actor uses)."""
-    task = build_task(cfg)
-    exact = type(task)(**{**cfg.env.kwargs, "partial": False}) if "partial" in cfg.env.kwargs else task
-    info = task_space(cfg, task)
-    device = cfg.workers.policies.device
+class Evaluator:
+    """Greedy exact-match accuracy of a policy on ``n`` held-out prompts."""
+
+    def __init__(self, cfg, n: int = 1024, seed: int = 10**6):
+        task = build_task(cfg)
+        self.task = type(task)(**{**cfg.env.kwargs, "partial": False}) if "partial" in cfg.env.kwargs else task
+        self.device = cfg.workers.trainers.device
+        torch.manual_seed(cfg.seed)
+        self.policy = build_policy(task_space(cfg, task), cfg.policy).to(self.device).eval()
+        self.prompts = np.asarray(task.sample_prompts(n, np.random.default_rng(seed)), np.int64)
+        self.N = max_new_tokens(cfg, task)
+        self.sampler = PlainSampler(self.policy, n, self.prompts.shape[1] + self.N + 16,
+                                    SamplingParams(temperature=0.0), cuda_graph=False)
+
+    @torch.no_grad()
+    def __call__(self, weights: dict | None = None) -> float:
+        if weights is not None:
+            self.policy.load_state_dict(weights)
+        self.policy.eval()
+        out = self.sampler.generate(torch.from_numpy(self.prompts).to(self.device), self.N).tokens.cpu().numpy()
+        tokens, _, _ = finish_completions(out, np.zeros(out.shape, np.float32), self.task.eos_id, self.task.pad_id)
+        return float(np.mean(self.task.reward(self.prompts, tokens)))
+
+
+def probe_warmup(cfg, steps: int, every: int) -> dict:
+    """Accuracy of the supervised warm-up every ``every`` steps, and its seconds per step."""
+    ev = Evaluator(cfg)
     torch.manual_seed(cfg.seed)
-    policy = build_policy(info, cfg.policy).to(device)
-    if weights is None:
-        if cfg.algorithm.warmup_steps:
-            with torch.enable_grad():
-                warm_up(policy, task, cfg.algorithm.warmup_steps, cfg.algorithm.warmup_lr, device, cfg.seed)
-    else:
-        policy.load_state_dict(weights)
-    policy.eval()
-    prompts = task.sample_prompts(n, np.random.default_rng(seed))
-    N = max_new_tokens(cfg, task)
-    sampler = PlainSampler(policy, n, prompts.shape[1] + N + 16, SamplingParams(temperature=0.0),
-                           cuda_graph=device != "cpu")
-    out = sampler.generate(torch.from_numpy(prompts).to(device), N).tokens.cpu().numpy()
-    from srl.envs.tokens import finish_completions
+    policy = ev.policy.train()
+    rows, t_train, t0 = [], 0.0, time.perf_counter()
 
-    tokens, _, _ = finish_completions(out, np.zeros(out.shape, np.float32), task.eos_id, task.pad_id)
-    return float(np.mean(exact.reward(prompts, tokens)))
+    def note(step: int, loss) -> None:
+        nonlocal t_train, t0
+        if step % every == 0 or step == steps:
+            if ev.device != "cpu":
+                torch.cuda.synchronize()
+            t_train += time.perf_counter() - t0
+            rows.append({"step": step, "loss": float(loss), "accuracy": ev(), "train_s": t_train})
+            policy.train()
+            print("warmup", json.dumps(rows[-1]), flush=True)
+            t0 = time.perf_counter()
+
+    warm_up(policy, build_task(cfg), steps, cfg.algorithm.warmup_lr, ev.device, cfg.seed, callback=note)
+    return {"curve": rows, "s_per_step": t_train / max(steps, 1),
+            "params": sum(p.numel() for p in policy.parameters())}
 
 
 def summarize(run_dir: str) -> dict:
+    """Time per RL step, the generation worker's busy share, and the logged curve of one run."""
     rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     steps = [(r["wall_s"], r["version"]) for r in rows if r.get("version")]
     per_step = [(t1 - t0) / (v1 - v0) for (t0, v0), (t1, v1) in zip(steps, steps[1:]) if v1 > v0]
-    gen_busy = [r.get("rates/generation/0/batches_per_s", 0.0) * r.get("generation/batch_s", 0.0) for r in rows]
+    # skip the first intervals: samplers are captured (CUDA graphs) for each new batch size there
+    steady = per_step[len(per_step) // 4:] if len(per_step) >= 4 else per_step
+    busy = [(r["wall_s"], r["generation/busy_s"]) for r in rows if "generation/busy_s" in r]
+    busy = busy[len(busy) // 4:]  # the steady part, as for the step time
+    train_s = [r["perf/train_s"] for r in rows[len(rows) // 4:] if "perf/train_s" in r]
     return {
-        "rl_step_s": statistics.median(per_step) if per_step else None,
-        "generation_busy_share": statistics.mean(gen_busy) if gen_busy else None,
-        "trainer_busy_share": statistics.mean(r.get("perf/trainer_busy", 0.0) for r in rows),
-        "versions": rows[-1]["version"],
-        "curve": [{k: r.get(k) for k in ("wall_s", "version", "charts/reward", "generation/acceptance_rate",
-                                          "generation/tokens_per_pass", "draft/acceptance_rate")} for r in rows],
+        "rl_step_s": statistics.median(steady) if steady else None,
+        "rl_step_s_all": per_step,
+        "generation_busy_share": ((busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0])
+                                  if len(busy) >= 2 and busy[-1][0] > busy[0][0] else None),
+        "train_s": statistics.median(train_s) if train_s else None,
+        "versions": rows[-1].get("version") if rows else None,
+        "curve": [{k: r.get(k) for k in CURVE_KEYS if k in r} for r in rows],
     }
 
 
-def run_variant(config: str, name: str, overrides: list[str], out_dir: str) -> dict:
+def run_one(config: str, run_dir: str, overrides: list[str]) -> None:
+    """Child process: one run of the dataflow (no CUDA here: the workers are forked from it)."""
+    from srl.experiment import Experiment
+
     cfg = load_experiment(config, overrides)
-    run_dir = os.path.join(out_dir, name)
     result = Experiment(cfg, run_dir=run_dir).run()
-    ckpt = load_latest(run_dir)
-    summary = summarize(run_dir)
-    summary.update(final=result.final_line(), reason=result.reason,
-                   accuracy_start=accuracy(cfg, None), accuracy_end=accuracy(cfg, ckpt.weights if ckpt else None))
-    print(name, json.dumps({k: v for k, v in summary.items() if k != "curve"}), flush=True)
-    return summary
+    summary = {"final": result.final_line(), "reason": result.reason, **summarize(run_dir)}
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh)
+    print(os.path.basename(run_dir), json.dumps({k: v for k, v in summary.items()
+                                                  if k not in ("curve", "rl_step_s_all")}), flush=True)
+
+
+def launch(args, name: str, run_dir: str, extra: list[str]) -> subprocess.Popen:
+    overrides = VARIANTS[name] + extra + list(args.set)
+    cmd = [sys.executable, os.path.abspath(__file__), "--run-one", run_dir, "--config", args.config,
+           *[f"--set={o}" for o in overrides]]
+    print("launch", name, " ".join(overrides), flush=True)
+    return subprocess.Popen(cmd)
+
+
+def score_checkpoints(ev: Evaluator, run_dir: str, seen: dict) -> None:
+    """Accuracy of every checkpoint of ``run_dir`` not scored yet (``seen``: version -> row)."""
+    from safetensors.torch import load_file
+
+    from srl.system.checkpoint import FILES, checkpoint_root, list_checkpoints
+
+    for version, name in list_checkpoints(run_dir):
+        if version in seen:
+            continue
+        path = os.path.join(checkpoint_root(run_dir), name)
+        try:
+            weights = load_file(os.path.join(path, FILES[0]))
+            counters = json.load(open(os.path.join(path, FILES[2])))
+        except (OSError, ValueError, RuntimeError) as exc:  # pruned under us, or not complete
+            print("skip checkpoint", path, exc, flush=True)
+            continue
+        seen[version] = {"version": version, "env_steps": counters.get("env_steps"), "accuracy": ev(weights)}
+        print("accuracy", os.path.basename(run_dir), json.dumps(seen[version]), flush=True)
+
+
+def run_phase(args, phase: str, tmp: str) -> dict:
+    names = args.variants.split(",")
+    extra = [f"stop.wall_s={args.wall_s}", "stop.mean_return=null", "log.console=false",
+             f"log.every_s={args.log_every}", "log.tensorboard=false"]
+    if phase == "time":  # no checkpoint I/O inside the timed window: only the final one
+        extra += ["checkpoint.every_seconds=100000", "checkpoint.keep=1"]
+    else:
+        extra += [f"checkpoint.every_seconds={args.ckpt_every}", "checkpoint.keep=3"]
+    dirs = {n: os.path.join(tmp, f"{phase}-{n}") for n in names}
+    results: dict = {n: {} for n in names}
+    seen: dict = {n: {} for n in names}
+    ev = None
+    if phase == "time":
+        for n in names:
+            launch(args, n, dirs[n], extra).wait()
+            path = os.path.join(dirs[n], "summary.json")
+            results[n] = json.load(open(path)) if os.path.exists(path) else {"error": "no summary (run failed)"}
+            save(args.out, {"phase": phase, "partial": True, "variants": results})
+    else:
+        procs = {n: launch(args, n, dirs[n], extra) for n in names}
+        ev = Evaluator(load_experiment(args.config, list(args.set)))
+        while any(p.poll() is None for p in procs.values()):
+            for n in names:
+                score_checkpoints(ev, dirs[n], seen[n])
+            time.sleep(1.0)
+    ev = ev or Evaluator(load_experiment(args.config, list(args.set)))
+    for n in names:
+        score_checkpoints(ev, dirs[n], seen[n])
+        path = os.path.join(dirs[n], "summary.json")
+        results[n] = json.load(open(path)) if os.path.exists(path) else {"error": "no summary (run failed)"}
+        acc = [seen[n][v] for v in sorted(seen[n])]
+        results[n]["accuracy"] = acc
+        if acc:
+            results[n]["accuracy_first"], results[n]["accuracy_last"] = acc[0]["accuracy"], acc[-1]["accuracy"]
+        print(phase, n, json.dumps({k: v for k, v in results[n].items()
+                                    if k not in ("curve", "rl_step_s_all", "accuracy")}), flush=True)
+    return results
+
+
+def save(path: str, results: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "rlhf_addition.yaml"))
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--wall-s", type=float, default=1800.0)
+    ap.add_argument("--phase", choices=("time", "learn"), default="time")
+    ap.add_argument("--wall-s", type=float, default=300.0)
+    ap.add_argument("--log-every", type=float, default=2.0)
+    ap.add_argument("--ckpt-every", type=float, default=20.0)
+    ap.add_argument("--set", action="append", default=[], help="a config override for every variant")
+    ap.add_argument("--probe-warmup", type=int, default=0, help="only the supervised warm-up, this many steps")
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--run-one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU: configs/rlhf_tiny.yaml for a few seconds")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    config, extra = args.config, [f"stop.wall_s={args.wall_s}", "log.console=false"]
+    if args.run_one:
+        return run_one(args.config, args.run_one, list(args.set))
     if args.smoke:
-        config = os.path.join(ROOT, "configs", "rlhf_tiny.yaml")
-        extra = ["stop.wall_s=20", "stop.mean_return=null", "log.console=false", "log.every_s=1.0"]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants.split(","):
-            results[name] = run_variant(config, name, VARIANTS[name] + extra, tmp)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=1)
+        args.config = os.path.join(ROOT, "configs", "rlhf_tiny.yaml")
+        args.wall_s, args.log_every, args.ckpt_every = 15.0, 1.0, 4.0
+    if args.probe_warmup:
+        results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = {"phase": args.phase, "settings": vars(args), "variants": run_phase(args, args.phase, tmp)}
+    results["torch"], results["date"] = torch.__version__, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    if torch.cuda.is_available():
+        results["device"] = torch.cuda.get_device_name()
+    save(args.out, results)
 
 
 if __name__ == "__main__":

@@ -402,3 +402,24 @@ def test_published_weights_are_a_snapshot_not_the_live_parameters():
     with torch.no_grad():
         layer.weight.add_(1.0)
     assert not np.allclose(arrays["weight"], layer.weight.detach().numpy())
+
+
+def test_the_draft_is_warmed_up_like_the_policy_and_alike_in_every_worker():
+    """With algorithm.warmup_steps the draft starts from the task (so a draft never aligned,
+    draft.align: false, starts near the policy and then falls behind it), and the generation and
+    draft workers, each building its own, get the same weights."""
+    import torch.nn.functional as F
+
+    cold = build_draft(_tiny(), VOCAB.__len__())
+    warm_a = build_draft(_tiny(**{"algorithm.warmup_steps": 30, "algorithm.warmup_lr": 3e-3}), len(VOCAB))
+    warm_b = build_draft(_tiny(**{"algorithm.warmup_steps": 30, "algorithm.warmup_lr": 3e-3}), len(VOCAB))
+    for (name, a), b in zip(warm_a.state_dict().items(), warm_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.as_tensor(build_task(_tiny()).stream(32, 33, np.random.default_rng(5)))
+
+    def loss(model):
+        with torch.no_grad():
+            logits = model(ids[:, :-1])
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+    assert loss(warm_a) < 0.7 * loss(cold)

@@ -72,9 +72,10 @@ def grpo_loss(logp, old_logp, adv, mask, clip: float, ref_logp=None, kl_coef: fl
 
 
 def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, seed: int,
-            batch: int = 64) -> float:
+            batch: int = 64, callback=None) -> float:
     """Supervised next-token steps on the task's solved problems; returns the last loss.
-    Deterministic given ``seed``, so a restarted trainer warms up to the same reference."""
+    Deterministic given ``seed``, so a restarted trainer warms up to the same reference.
+    ``callback(step, loss)``, if given, runs after every step (benchmarks probe accuracy with it)."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -84,13 +85,15 @@ def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, s
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
     seq_len = min(policy.config.max_seq_len, 64)
     loss = torch.zeros(())
-    for _ in range(steps):
+    for step in range(steps):
         ids = torch.as_tensor(task.stream(batch, seq_len + 1, rng), device=device)
         logits = policy(ids[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            callback(step + 1, loss)
     return float(loss.detach())
 
 

@@ -71,7 +71,7 @@ class DraftWorker(RLWorker):
         self.layout = token_layout(cfg, self.info)
         torch.manual_seed(cfg.seed)
         self.policy = build_policy(self.info, cfg.policy).to(self.device).eval()
-        self.draft = build_draft(cfg, self.info.n_actions).to(self.device)
+        self.draft = build_draft(cfg, self.info.n_actions, self.device)
         align = DraftAlignConfig(lr=cfg.draft.lr, loss=cfg.draft.loss, gamma=cfg.generation.draft_len,
                                  params=sampling_params(cfg))
         self.distiller = DraftDistiller(DraftAligner(self.draft, self.policy, align), self.device)

@@ -30,11 +30,18 @@ from srl.workers.base import RLWorker
 from srl.workers.reports import GenerationReport, to_meta
 
 
-def build_draft(cfg, vocab_size: int) -> TransformerLM:
-    """The draft model; seeded alike in the draft worker and the generation workers, so both
-    start from the same weights."""
+def build_draft(cfg, vocab_size: int, device: str = "cpu") -> TransformerLM:
+    """The draft model on ``device``; seeded alike in the draft worker and the generation
+    workers, so both start from the same weights. With ``algorithm.warmup_steps`` the draft is
+    warmed up on the task like the policy, so it starts close to the warmed-up policy (and a draft
+    that is never aligned, ``draft.align: false``, starts there too and then falls behind)."""
     torch.manual_seed(cfg.seed * 977 + 13)
-    return TransformerLM(lm_config(vocab_size, cfg.draft.lm))
+    draft = TransformerLM(lm_config(vocab_size, cfg.draft.lm)).to(device)
+    if cfg.algorithm.warmup_steps:
+        from srl.algorithms.grpo import warm_up
+
+        warm_up(draft, build_task(cfg), cfg.algorithm.warmup_steps, cfg.algorithm.warmup_lr, device, cfg.seed + 1)
+    return draft
 
 
 def make_sampler(cfg, policy, draft, batch: int, prompt_len: int, new_tokens: int):
@@ -75,7 +82,7 @@ class GenerationWorker(RLWorker):
         self.eos, self.pad, self.vocab = task.eos_id, task.pad_id, task.vocab_size
         self.P, self.N = prompt_len(task), max_new_tokens(cfg, task)
         self.policy = build_policy(self.info, cfg.policy).to(self.device).eval()
-        self.draft = build_draft(cfg, self.vocab).to(self.device).eval() if cfg.generation.mode != "plain" else None
+        self.draft = build_draft(cfg, self.vocab, self.device).eval() if cfg.generation.mode != "plain" else None
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
         self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
@@ -90,6 +97,8 @@ class GenerationWorker(RLWorker):
         self.server = self.endpoint(InferenceServer(self.spec.host, self.key, prefer=self.published(PROMPTS)))
         self.publish(PROMPTS, self.server.address)
         self.requests = self.completions = 0
+        self.busy_s = 0.0
+        """Seconds spent generating since the worker started (its busy share is the slope)."""
         self.stats: dict[str, float] = {}
 
     @staticmethod
@@ -148,6 +157,8 @@ class GenerationWorker(RLWorker):
 
     def _note(self, stats: dict, seconds: float, n: int) -> None:
         self.stats["generation/batch_s"] = seconds
+        self.busy_s += seconds
+        self.stats["generation/busy_s"] = self.busy_s
         self.stats["generation/batch"] = float(n)
         self.stats["generation/tokens_per_pass"] = float(stats.get("tokens_per_pass", 1.0))
         if "acceptance_rate" in stats:
