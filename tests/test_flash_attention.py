@@ -231,10 +231,15 @@ def _tree_layout_bounds(lens, k, L):
     return P + 1 + k * L, starts, P + 1
 
 
-def test_tree_verification_mask_matches_the_dense_tree_layout():
+@pytest.mark.parametrize("route", ["decode", "forward"])
+def test_tree_verification_mask_matches_the_dense_tree_layout(route, monkeypatch):
     """k drafts x L tokens over a shared prefix (speculative verification): kv_lens + kv_start +
-    kv_prefix give the same attention as the dense tree mask of the samplers."""
+    kv_prefix give the same attention as the dense tree mask of the samplers, on the split-KV
+    decode kernel (short queries) and on the forward kernel (longer ones)."""
     from srl.generation.decode import tree_layout
+
+    if route == "forward":
+        monkeypatch.setattr(fa_module(), "_DECODE_Q", 0)
 
     b, h, d, S, k, L = 3, 2, 32, 96, 3, 4
     lens = torch.tensor([10, 40, 63])
@@ -249,6 +254,62 @@ def test_tree_verification_mask_matches_the_dense_tree_layout():
         no_prefix = flash_attention(q, kk, v, causal=True, kv_lens=kv_lens, kv_start=starts)
     assert rel_err(got, want) <= TOL[torch.float32]
     assert rel_err(no_prefix, want) > 0.1  # negative control: drafts must see the prefix
+
+
+def fa_module():
+    return importlib.import_module("srl.kernels.flash_attention")  # the module: the package exports the function
+
+
+# (B, H, H_kv, Nq, Nk, D, splits): the decode kernel with per-row lengths, starts and a shared prefix
+DECODE_TREE_CASES = {
+    "mha_one_split_bf16": (3, 2, 2, 13, 96, 32, 1, torch.bfloat16),
+    "gqa_three_splits_fp16": (2, 4, 2, 9, 150, 64, 3, torch.float16),
+    "gqa_rows_past_one_tile_fp32": (2, 4, 1, 17, 64, 16, 2, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODE_TREE_CASES), ids=list(DECODE_TREE_CASES))
+def test_decode_with_starts_and_prefix_matches_float64_reference(case):
+    """Random starts (some rows blind, some with starts past their causal end), a random shared
+    prefix and ragged lengths, int64 and int32 indices: the decode kernel against float64, and
+    negative controls without the prefix and without the starts."""
+    b, h, h_kv, n_q, n_k, d, splits, dtype = DECODE_TREE_CASES[case]
+    seed = 80 + list(DECODE_TREE_CASES).index(case)
+    q, k, v = (t.detach() for t in make_qkv(b, h, h_kv, n_q, n_k, d, dtype, seed=seed))
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(n_q, n_k + 1, (b,), generator=gen)
+    lens[0] = n_k
+    start = torch.randint(0, n_k, (b, n_q), generator=gen)
+    start[:, -1] = n_k + 5  # the last row sees the prefix only
+    prefix = torch.randint(0, n_k // 2, (b,), generator=gen)
+    prefix[-1] = 0  # no prefix: the last row of that batch element sees no key
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=True, kv_lens=lens, kv_start=start,
+                              kv_prefix=prefix)
+    out = flash_decode(q, k, v, kv_lens=lens, kv_start=start, kv_prefix=prefix, num_splits=splits)
+    out32 = flash_decode(q, k, v, kv_lens=lens.int(), kv_start=start.int(), kv_prefix=prefix.int(),
+                         num_splits=splits)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= TOL[dtype]
+    assert torch.equal(out, out32)
+    assert torch.equal(out[-1, :, -1], torch.zeros_like(out[-1, :, -1]))
+    no_prefix = flash_decode(q, k, v, kv_lens=lens, kv_start=start, num_splits=splits)
+    no_start = flash_decode(q, k, v, kv_lens=lens, num_splits=splits)
+    assert rel_err(no_prefix, ref) > 10 * TOL[dtype] and rel_err(no_start, ref) > 10 * TOL[dtype]
+
+
+def test_outputs_and_gradients_keep_the_callers_head_layout():
+    """q seen through a transpose of (B, N, H, D) storage (an LM's layout): the output and the
+    gradients come back in that storage order, so transposing back to (B, N, H*D) is a view."""
+    q, k, v = make_qkv(2, 3, 3, 40, 40, 16, torch.float32, seed=90, layout="bnhd")
+    out, dq, dk, dv, do = run_kernel(q, k, v, causal=True)
+    for t in (out, dq, dk, dv):
+        assert t.transpose(1, 2).is_contiguous()
+    ref = reference_with_grads(q, k, v, do, causal=True)
+    for got, want in zip((out, dq, dk, dv), ref):
+        assert rel_err(got, want) <= TOL[torch.float32]
+    with torch.no_grad():
+        short = flash_attention(q[:, :, :5], k, v, causal=True)  # the decode kernel
+    assert short.transpose(1, 2).is_contiguous()
+    assert rel_err(short, attention_reference(q[:, :, :5].double(), k.double(), v.double(), causal=True)) <= 1e-5
 
 
 def test_forward_only_options_refuse_gradients_and_need_their_partner():
@@ -380,9 +441,9 @@ def test_bad_inputs_raise_value_error(shapes, dtype, match):
 
 
 def test_bad_decode_inputs_raise_value_error():
-    q = torch.zeros(1, 2, 17, 32, dtype=torch.float16)
+    q = torch.zeros(1, 2, 65, 32, dtype=torch.float16)
     k = torch.zeros(1, 2, 64, 32, dtype=torch.float16)
-    with pytest.raises(ValueError, match="at most 16 query rows"):
+    with pytest.raises(ValueError, match="at most 64 query rows"):
         flash_decode(q, k, k)
     with pytest.raises(ValueError, match="kv_lens"):
         flash_decode(q[:, :, :1], k, k, kv_lens=torch.tensor([1, 2]))

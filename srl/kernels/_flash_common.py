@@ -196,3 +196,25 @@ def load_dq_rows(Q, DO, LSE, DELTA, off_b, off_h, off_bh, offs_m, offs_d, row_ok
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     return q, do, lse, delta
+
+
+def check_index(name: str, t, shape: tuple[int, ...], q: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous int32/int64 tensor of ``shape`` on q's device, or a one-line ValueError.
+
+    The dtype is kept: kernels cast index values after loading them, so an int64 tensor (the
+    samplers' lengths) costs no conversion launch per call (one per layer inside a CUDA graph)."""
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        dims = "(B, Nq)" if len(shape) == 2 else "(B,)"
+        raise ValueError(f"{name} must be an int32/int64 tensor of shape {dims} = {shape}, got {got}")
+    return t.to(device=q.device).contiguous()
+
+
+def empty_like_heads(t: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, N, D) tensor in t's storage order: (B, N, H, D) storage when t is a (B, N, H, D)
+    tensor seen through a transpose (an LM's q, k, v), so that the caller's transpose back to
+    (B, N, H * D) is a view rather than a copy; otherwise contiguous (B, H, N, D)."""
+    B, H, N, D = t.shape
+    if H > 1 and N > 1 and t.stride(1) < t.stride(2):
+        return torch.empty((B, N, H, D), device=t.device, dtype=t.dtype).transpose(1, 2)
+    return torch.empty((B, H, N, D), device=t.device, dtype=t.dtype)

@@ -7,6 +7,10 @@ M dimension of one tile, so a KV tile is read once per group) and one contiguous
 split of the keys. With more than one split each program writes a normalized
 partial output and its base-2 logsumexp; a second kernel merges the splits:
 ``O = sum_s 2^(L_s - L) O_s`` with ``L = log2 sum_s 2^L_s``.
+
+Per-row starts and a shared prefix (``kv_start``, ``kv_prefix``, as in ``flash_attention``) make
+it the kernel of the speculative tree pass too: 1 + k*L query rows over a short cache, where
+the forward kernel would run one program per (batch, head) with mostly padded tiles.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from srl.kernels._flash_common import (INTERPRET, autotune, check_kernel_inputs, last_dim_contiguous, launch,
-                                       load_kv_tile, needs_upcast, online_softmax_step)
+from srl.kernels._flash_common import (INTERPRET, autotune, check_index, check_kernel_inputs, empty_like_heads,
+                                       last_dim_contiguous, launch, load_kv_tile, needs_upcast, online_softmax_step)
 from srl.kernels._reference import attention_reference
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
-MAX_DECODE_QUERIES = 16
+MAX_DECODE_QUERIES = 64  # query rows per call: decode, or 1 + k*L rows of a speculative tree
 _INTERP_DECODE = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 # H100 tiles by head dim (see flash_attention.py for how they were picked)
 _DECODE_TILES = {16: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
@@ -45,7 +49,7 @@ def _decode_configs():
 
 @autotune(_decode_configs, key=["HEAD_DIM", "BLOCK_M", "SPLIT", "LEN_BUCKET", "CAUSAL"])
 @triton.jit
-def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
+def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, KV_START, KV_PREFIX, qk_scale,
                    stride_qb, stride_qh, stride_qn,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -53,7 +57,10 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
                    H_KV, N_Q, N_K, GROUP, ROWS, M_PAD, NUM_SPLITS, SPLIT_LEN, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                    HAS_KV_LENS: tl.constexpr, SPLIT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_START: tl.constexpr = False, HAS_PREFIX: tl.constexpr = False):
+    """Index tensors (KV_LENS (B,), KV_START (B, N_Q), KV_PREFIX (B,)) may be int32 or int64:
+    they are cast after the load, so the caller never launches a conversion."""
     split = tl.program_id(0)
     off_bkv = tl.program_id(1)
     off_b = (off_bkv // H_KV).to(tl.int64)
@@ -76,6 +83,15 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
     causal_shift = n_k - N_Q  # query pos sees key j iff j <= pos + causal_shift
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, n_k)
+    start = pos  # unused unless HAS_START
+    prefix = 0
+    if HAS_START:  # key j is hidden from row pos when j < start[pos], unless j < prefix
+        start = tl.load(KV_START + off_b * N_Q + pos, mask=row_ok, other=0).to(tl.int32)
+        first = tl.min(tl.where(row_ok, start, n_k), 0)  # no row sees a key before this one
+        if HAS_PREFIX:
+            prefix = tl.load(KV_PREFIX + off_b).to(tl.int32)
+            first = tl.where(prefix > 0, 0, first)
+        lo = tl.maximum(lo, first)
     k_ptrs = K + off_b * stride_kb + off_kvh * stride_kh + (lo + offs_n)[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = V + off_b * stride_vb + off_kvh * stride_vh + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :]
 
@@ -90,6 +106,8 @@ def _decode_kernel(Q, K, V, O, O_PART, LSE_PART, KV_LENS, qk_scale,
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= pos[:, None] + causal_shift)
+        if HAS_START:
+            visible = visible & ((cols[None, :] >= start[:, None]) | (cols[None, :] < prefix))
         s = tl.where(visible, s, float("-inf"))
         p, m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -149,11 +167,12 @@ def _num_splits(programs, n_k, device):
     return max(1, min(want, triton.cdiv(n_k, 256), 256))
 
 
-def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=None):
+def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=None, kv_start=None,
+                 kv_prefix=None):
     """Attention of a few new query rows against a KV cache (flash-decoding).
 
     Args:
-        q: (B, H, Nq, D) with Nq in 1..16 (decode, or speculative verification).
+        q: (B, H, Nq, D) with Nq in 1..MAX_DECODE_QUERIES (decode, or speculative verification).
         k, v: (B, H_kv, Nk, D) cache views (any strides with a contiguous last
             dim); H must be a multiple of H_kv.
         causal: query i sees key j iff j <= i + Nk - Nq (bottom-right); with one
@@ -162,25 +181,35 @@ def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=N
         kv_lens: optional (B,) integer tensor, valid cache length per batch
             element; keys past it are ignored (values are clamped to [0, Nk]).
         num_splits: KV splits; default picks enough to fill the GPU.
+        kv_start: optional (B, Nq) integer tensor: query i of batch b sees no key before
+            ``kv_start[b, i]`` (as in ``flash_attention``).
+        kv_prefix: optional (B,) integer tensor, with ``kv_start``: keys before it stay visible
+            to every query (k draft blocks verified over a shared prefix).
 
     Returns:
-        (B, H, Nq, D) tensor of q's dtype.
+        (B, H, Nq, D) tensor of q's dtype; rows that see no key are zero.
     """
     check_kernel_inputs(q, k, v)
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
     if Nq > MAX_DECODE_QUERIES:
         raise ValueError(f"flash_decode takes at most {MAX_DECODE_QUERIES} query rows, got q shape {tuple(q.shape)}")
-    if kv_lens is not None:
-        if kv_lens.shape != (B,) or kv_lens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"kv_lens must be an int32/int64 tensor of shape ({B},), got "
-                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}")
-        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
+    kv_lens, kv_start, kv_prefix = (None if t is None else check_index(name, t, shape, q) for name, t, shape in
+                                    (("kv_lens", kv_lens, (B,)), ("kv_start", kv_start, (B, Nq)),
+                                     ("kv_prefix", kv_prefix, (B,))))
+    if kv_prefix is not None and kv_start is None:
+        raise ValueError("kv_prefix only applies with kv_start (it exempts a prefix from the starts)")
     scale = float(D ** -0.5 if sm_scale is None else sm_scale)
     if not (q.is_cuda or INTERPRET):
-        return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens)
+        return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens, kv_start=kv_start,
+                                   kv_prefix=kv_prefix)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _decode_launch(q, k, v, bool(causal), scale, kv_lens, kv_start, kv_prefix, num_splits)
 
+
+def _decode_launch(q, k, v, causal, scale, kv_lens, kv_start, kv_prefix, num_splits):
+    """Checked inputs -> output: the split kernel, then the merge of the splits (when more than one)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
     group = H // Hkv
     rows = group * Nq
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
@@ -191,18 +220,19 @@ def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=N
     splits = triton.cdiv(Nk, split_len)
     use_split = splits > 1
 
-    o = torch.empty((B, H, Nq, D), device=q.device, dtype=q.dtype)
+    o = empty_like_heads(q)
     if use_split:
         o_part = torch.empty((B * Hkv, splits, m_pad, D), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((B * Hkv, splits, m_pad), device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = o  # unused
-    args = (q, k, v, o, o_part, lse_part, kv_lens if kv_lens is not None else o, scale * _LOG2E,
+    index = [o if t is None else t for t in (kv_lens, kv_start, kv_prefix)]  # o: unused placeholder
+    args = (q, k, v, o, o_part, lse_part, *index, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
-    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), UPCAST=needs_upcast(q),
-                HAS_KV_LENS=kv_lens is not None, SPLIT=use_split, BLOCK_M=block_m)
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=needs_upcast(q), HAS_KV_LENS=kv_lens is not None,
+                SPLIT=use_split, BLOCK_M=block_m, HAS_START=kv_start is not None, HAS_PREFIX=kv_prefix is not None)
     tiles = _INTERP_DECODE if INTERPRET else _DECODE_TILES[D]
     launch(_decode_kernel, lambda c: (splits, B * Hkv, m_blocks), args, meta, tiles)
     if use_split:

@@ -12,8 +12,8 @@
 
 The module follows the usual order: reference (the definition), Triton kernels,
 launchers, ``torch.autograd.Function``, dispatcher. The decode kernels (queries
-of length 1..16 against a long KV cache, flash-decoding) live in
-``_flash_decode.py``.
+of length 1.._DECODE_Q against a KV cache, flash-decoding, also used for the speculative
+tree pass) live in ``_flash_decode.py``.
 
 Algorithm (FlashAttention-2). Forward: a program owns BLOCK_M query rows and
 streams BLOCK_N keys at a time, keeping a running row max ``m``, running sum
@@ -39,11 +39,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
-from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds,
-                                       check_kernel_inputs, constexpr_arg, last_dim_contiguous, launch,
-                                       load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step,
+from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds, check_index,
+                                       check_kernel_inputs, constexpr_arg, empty_like_heads, last_dim_contiguous,
+                                       launch, load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step,
                                        start_bounds)
-from srl.kernels._flash_decode import flash_decode
+from srl.kernels._flash_decode import _decode_launch, flash_decode
 from srl.kernels._reference import attention_reference  # noqa: F401 - public here too
 
 __all__ = ["flash_attention", "attention_reference", "flash_decode", "SUPPORTED_HEAD_DIMS"]
@@ -173,7 +173,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, KV_PREFIX, qk_scale,
 
     n_k = N_K
     if HAS_LENS:  # this batch element's valid keys: the causal mask aligns to its end
-        n_k = tl.minimum(tl.load(KV_LENS + off_b), N_K)
+        n_k = tl.minimum(tl.load(KV_LENS + off_b).to(tl.int32), N_K)
     causal_shift, full_hi, hi = causal_bounds(start_m, N_Q, n_k, CAUSAL, BLOCK_M, BLOCK_N)
     start = offs_m  # unused unless HAS_START
     prefix = 0
@@ -182,7 +182,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, KV_PREFIX, qk_scale,
     if HAS_START:  # keys [lo, mid) under the per-row start mask, [mid, full_hi) unmasked
         start, lo, mid = start_bounds(KV_START + off_b * N_Q, offs_m, N_Q, n_k, full_hi, BLOCK_N)
         if HAS_PREFIX:  # the shared prefix is visible to every row: walk it under the mask too
-            prefix = tl.load(KV_PREFIX + off_b)
+            prefix = tl.load(KV_PREFIX + off_b).to(tl.int32)
             lo = tl.where(prefix > 0, 0, lo)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_src, v_src, kv_row, stride_kn, stride_vn,
                                    offs_m, offs_n, lo, mid, n_k, causal_shift, qk_scale, start, prefix,
@@ -233,6 +233,11 @@ _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 
 _SHORT_Q = 64
 _SHORT_Q_TILES = {16: _tiles(32, 64, 4, 2), 32: _tiles(32, 64, 4, 2), 64: _tiles(32, 64, 4, 2),
                   128: _tiles(32, 64, 4, 3), 256: _tiles(16, 32, 4, 2)}
+# Queries of at most _DECODE_Q rows that need no gradient (a decode step, the speculative tree
+# pass of 1 + k*L rows) take the decode kernel (_flash_decode.py): the rows of a KV group packed in
+# one tile, the keys split over programs (_DECODE_SPLITS, None: enough to fill the GPU)
+_DECODE_Q = 32
+_DECODE_SPLITS = None
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 _INTERP_FWD_TILES = dict(_INTERP_TILES)
 # The forward also takes LAZY_RESCALE / WARP_SPEC / TMA flags (`--sweep` candidates).
@@ -321,7 +326,7 @@ def _forward(q, k, v, causal, sm_scale, kv_start=None, kv_lens=None, kv_prefix=N
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = empty_like_heads(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tiles, operands = _fwd_plan(q, k, v, o)
     optional = [lse if t is None else t for t in (kv_start, kv_lens, kv_prefix)]  # lse: unused placeholder
@@ -338,9 +343,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start=None):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     do = last_dim_contiguous(do)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = (empty_like_heads(t) for t in (q, k, v))
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     pre_m = 64
     _bwd_preprocess[(triton.cdiv(Nq, pre_m), B * H)](
@@ -386,17 +389,12 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _decode_splits(q, k):
+    return _DECODE_SPLITS
+
+
 def _use_triton(t):
     return t.is_cuda or INTERPRET
-
-
-def _check_index(name: str, t, shape: tuple[int, ...], q) -> torch.Tensor:
-    """``t`` as a contiguous int32 tensor of ``shape`` on q's device, or a one-line ValueError."""
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64):
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        dims = "(B, Nq)" if len(shape) == 2 else "(B,)"
-        raise ValueError(f"{name} must be an int32/int64 tensor of shape {dims} = {shape}, got {got}")
-    return t.to(device=q.device, dtype=torch.int32).contiguous()
 
 
 def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None, kv_lens=None, kv_prefix=None):
@@ -424,16 +422,18 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None, kv_lens
     Raises:
         ValueError: on shapes, dtypes, devices or head dims it does not support.
 
-    CUDA tensors run the Triton kernels (queries of at most 16 rows that need no
+    CUDA tensors run the Triton kernels (queries of at most ``_DECODE_Q`` rows that need no
     gradient take the split-KV decode kernel); CPU tensors run
     :func:`attention_reference`, or the Triton interpreter under TRITON_INTERPRET=1.
+    The output (and the gradients) keep q's (k's, v's) storage order: for q seen through a
+    transpose of (B, N, H, D) storage, ``out.transpose(1, 2)`` is contiguous.
     """
     check_kernel_inputs(q, k, v)
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     B, Nq = q.shape[0], q.shape[2]
-    kv_start = None if kv_start is None else _check_index("kv_start", kv_start, (B, Nq), q)
-    kv_lens = None if kv_lens is None else _check_index("kv_lens", kv_lens, (B,), q)
-    kv_prefix = None if kv_prefix is None else _check_index("kv_prefix", kv_prefix, (B,), q)
+    kv_start = None if kv_start is None else check_index("kv_start", kv_start, (B, Nq), q)
+    kv_lens = None if kv_lens is None else check_index("kv_lens", kv_lens, (B,), q)
+    kv_prefix = None if kv_prefix is None else check_index("kv_prefix", kv_prefix, (B,), q)
     if kv_prefix is not None and kv_start is None:
         raise ValueError("kv_prefix only applies with kv_start (it exempts a prefix from the starts)")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -442,10 +442,10 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None, kv_lens
     if not _use_triton(q):
         return attention_reference(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens, kv_start=kv_start,
                                    kv_prefix=kv_prefix)
-    if not needs_grad and Nq <= 16 and q.is_cuda and kv_start is None:
-        return flash_decode(q, k, v, causal=causal, sm_scale=scale, kv_lens=kv_lens)
     if needs_grad:
         return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, kv_start)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    if Nq <= _DECODE_Q:
+        return _decode_launch(q, k, v, bool(causal), scale, kv_lens, kv_start, kv_prefix, _decode_splits(q, k))
     return _forward(q, k, v, bool(causal), scale, kv_start, kv_lens, kv_prefix)[0]
 
