@@ -246,14 +246,18 @@ def _meta(device: str) -> dict:
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "ale_py": md.version("ale-py"), "frame_skip": 4,
             "frames": "env steps x frame skip 4 (EnvPool, Sample Factory)"}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        meta["gpu"] = torch.cuda.get_device_name()
-    try:
-        meta["srl_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                                            text=True).stdout.strip()
-    except OSError:
-        pass
+    if device.startswith("cuda"):  # asked of nvidia-smi: CUDA initialised here would make the next run spawn
+        meta["gpu"] = _shell(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+    meta["cpu"] = _shell(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"])
+    meta["srl_commit"] = _shell(["git", "-C", ROOT, "rev-parse", "HEAD"])
     return meta
+
+
+def _shell(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
 
 
 def _row(r: dict) -> str:

@@ -72,3 +72,18 @@ def test_bad_backend_is_a_clear_error(tmp_path):
     exp = srl.Experiment.from_yaml(os.path.join(ROOT, "configs", "cartpole_ppo.yaml"), overrides=[f"log.dir={tmp_path}"])
     with pytest.raises(ValueError, match="backend"):
         exp.run(backend="slurm")
+
+
+def test_workers_are_spawned_not_forked_once_this_process_holds_a_cuda_context(monkeypatch):
+    """A forked child cannot use its parent's CUDA context (a second run in a session that touched
+    the GPU failed that way), so the local scheduler spawns then; otherwise it keeps fork."""
+    import torch
+
+    from srl.system.local_scheduler import LocalScheduler
+
+    scheduler = LocalScheduler("fork")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert scheduler._context().get_start_method() == "fork"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert scheduler._context().get_start_method() == "spawn"
+    assert LocalScheduler("forkserver")._context().get_start_method() == "forkserver"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 
 from srl.system.worker import WorkerSpec, run_worker
@@ -11,12 +12,22 @@ from srl.system.worker import WorkerSpec, run_worker
 
 class LocalScheduler:
     def __init__(self, start_method: str = "fork"):
-        self.ctx = mp.get_context(start_method)
+        self.start_method = start_method
         self.procs: dict[str, mp.Process] = {}
         self.specs: dict[str, WorkerSpec] = {}
 
+    def _context(self):
+        """``fork`` unless this process has already initialised CUDA: a forked child cannot use
+        its parent's CUDA context, so workers are spawned then (e.g. a second run from a Python
+        session that touched the GPU)."""
+        torch = sys.modules.get("torch")
+        if self.start_method == "fork" and torch is not None and torch.cuda.is_initialized():
+            return mp.get_context("spawn")
+        return mp.get_context(self.start_method)
+
     def start(self, spec: WorkerSpec) -> None:
-        proc = self.ctx.Process(target=run_worker, args=(spec,), name=f"srl-{spec.kind}-{spec.index}", daemon=False)
+        proc = self._context().Process(target=run_worker, args=(spec,), name=f"srl-{spec.kind}-{spec.index}",
+                                       daemon=False)
         proc.start()
         self.procs[spec.name] = proc
         self.specs[spec.name] = spec
