@@ -11,6 +11,9 @@ process (the 123.6M policy and 10.5M draft of ``benchmarks/generation.py``).
   accept few drafts, and the sampled tokens can differ between the sides, so the comparison is
   the time per iteration (one draft block, one tree pass, selection), with tokens/s beside it.
 
+Both sides' models are built first; each part then runs on the SDPA side and the srl side back to
+back (speculative parts first), and the JSON is rewritten after each part.
+
     python benchmarks/lm_attention.py --json lm_attention.json
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def bench_train(model, B: int, T: int, reps: int) -> float:
+    torch.manual_seed(1)  # the same inputs on both sides
     model = copy.deepcopy(model).train()
     x = torch.randint(0, POLICY["vocab_size"], (B, T), device="cuda")
 
@@ -62,12 +66,14 @@ def bench_train(model, B: int, T: int, reps: int) -> float:
 
 @torch.inference_mode()
 def bench_prefill(model, B: int, T: int, reps: int) -> float:
+    torch.manual_seed(2)
     cache = cache_for(model, B, T + 64, "cuda", torch.bfloat16)
     prompt = torch.randint(0, POLICY["vocab_size"], (B, T), device="cuda")
     return _median_ms(lambda: prefill(model, cache, prompt), reps)
 
 
 def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> dict:
+    torch.manual_seed(3)
     sampler = SpeculativeSampler(target, draft, B, 64 + new + (k + 2) * L + 8, k=k, draft_len=L)
     prompt = torch.randint(0, POLICY["vocab_size"], (B, 32), device="cuda")
     sampler.generate(prompt, new)
@@ -77,6 +83,10 @@ def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> di
     return {"ms_per_iteration": 1e3 * float(np.median(per_iter)),
             "tokens_per_s": float(np.median([B * new / r.seconds for r in runs])),
             "tokens_per_pass": float(np.median([r.stats["tokens_per_pass"] for r in runs]))}
+
+
+def _ms(row: dict) -> float:
+    return row.get("ms", row.get("ms_per_iteration"))
 
 
 def main() -> None:
@@ -90,34 +100,31 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    rows = []
     tb, tt = map(int, args.train.split("x"))
     pb, pt = map(int, args.prefill.split("x"))
-    for kernels in (False, True):
-        target, draft = _pair(kernels)
-        side = "srl" if kernels else "sdpa"
-        rows.append({"part": "train", "side": side, "B": tb, "T": tt, "ms": bench_train(target, tb, tt, args.reps)})
-        rows.append({"part": "prefill", "side": side, "B": pb, "T": pt, "ms": bench_prefill(target, pb, pt, args.reps)})
-        for B in args.spec_batches:
-            for k in args.ks:
-                r = bench_spec(target, draft, B, k, args.draft_len, args.new_tokens, args.reps)
-                rows.append({"part": "spec", "side": side, "B": B, "k": k, "L": args.draft_len, **r})
-        for r in rows[-2 - len(args.spec_batches) * len(args.ks):]:
-            print(json.dumps(r), flush=True)
-        del target, draft
-        torch.cuda.empty_cache()
-    key = lambda r: (r["part"], r["B"], r.get("k"))  # noqa: E731
-    print(f"{'part':<8} {'B':>3} {'k':>2} {'SDPA ms':>9} {'srl ms':>9} {'SDPA / srl':>10}")
-    for a in rows:
-        if a["side"] != "sdpa":
-            continue
-        b = next(r for r in rows if r["side"] == "srl" and key(r) == key(a))
-        ms_a, ms_b = a.get("ms", a.get("ms_per_iteration")), b.get("ms", b.get("ms_per_iteration"))
-        print(f"{a['part']:<8} {a['B']:>3} {str(a.get('k', '-')):>2} {ms_a:>9.3f} {ms_b:>9.3f} {ms_a / ms_b:>10.2f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "settings": vars(args), "rows": rows}, fh, indent=1)
+    pairs = {"sdpa": _pair(False), "srl": _pair(True)}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "settings": vars(args), "rows": []}
+
+    def both(part: str, fn, **key) -> None:
+        """One part on both sides back to back (so a cut run keeps whole comparisons); JSON rewritten."""
+        got = {}
+        for side, (target, draft) in pairs.items():
+            got[side] = {"part": part, "side": side, **key, **fn(target, draft)}
+            result["rows"].append(got[side])
+            print(json.dumps(got[side]), flush=True)
+        print(f"{part} {key}: SDPA {_ms(got['sdpa']):.3f} ms  srl {_ms(got['srl']):.3f} ms  "
+              f"SDPA / srl {_ms(got['sdpa']) / _ms(got['srl']):.3f}", flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+
+    for B in args.spec_batches:
+        for k in args.ks:
+            both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
+                 B=B, k=k, L=args.draft_len)
+    both("prefill", lambda t, d: {"ms": bench_prefill(t, pb, pt, args.reps)}, B=pb, T=pt)
+    both("train", lambda t, d: {"ms": bench_train(t, tb, tt, args.reps)}, B=tb, T=tt)
 
 
 if __name__ == "__main__":
