@@ -1,7 +1,8 @@
 """Range kernels of sparse attention (``_sparse_ranges.py``) against the float64 reference.
 
 SinkWindow and S2Strided through the list-free kernels: forward (pointer and TMA loads, prefix
-tiles narrower than the band's or as wide, grids with heads fastest), dQ, dK/dV,
+tiles narrower than the band's or as wide, grids with heads fastest), dQ (with rowsum(dO * O)
+computed in the dQ kernel or in its own pass), dK/dV,
 at small shapes in the interpreter (ragged N, GQA, Nq != Nk, windows and sinks that are not tile
 multiples, tiny windows). A negative control checks that the comparison can fail.
 """
@@ -33,14 +34,14 @@ def use(fwd, dkdv, dq):
 
 
 CASES = [  # (pattern, B, H, H_kv, Nq, Nk, D, fwd tiles, dK/dV tiles, dQ tiles)
-    (SinkWindow(32, 40), 1, 4, 2, 200, 200, 32, ranges(32, 32), ranges(16, 32), ranges(32, 16)),
+    (SinkWindow(32, 40), 1, 4, 2, 200, 200, 32, ranges(32, 32), ranges(16, 32), ranges(32, 16, FUSE_DELTA=True)),
     (SinkWindow(16, 37), 1, 2, 1, 77, 200, 16, ranges(32, 32, PRE_N=16, TMA=True, HEADS_FAST=True),
      ranges(32, 16, HEADS_FAST=True), ranges(16, 32, HEADS_FAST=True)),
     (SinkWindow(0, 33), 2, 2, 2, 50, 150, 32, ranges(16, 32, TMA=True), ranges(32, 32), ranges(32, 32)),
     (SinkWindow(5, 3), 1, 2, 1, 90, 90, 16, ranges(32, 16), ranges(16, 16), ranges(32, 16)),
     (S2Strided(16, 2, 4), 1, 4, 4, 200, 200, 32, ranges(32, 16, TMA=True), ranges(32, 16), ranges(32, 16)),
     (S2Strided(16, 3, 3), 1, 6, 2, 130, 203, 16, ranges(64, 32, HEADS_FAST=True),
-     ranges(16, 16, HEADS_FAST=True), ranges(16, 32, HEADS_FAST=True)),
+     ranges(16, 16, HEADS_FAST=True), ranges(16, 32, HEADS_FAST=True, FUSE_DELTA=True)),
     (S2Strided(32, 1, 2), 1, 2, 1, 256, 256, 32, ranges(32, 32, TMA=True), ranges(16, 32), ranges(32, 32)),
 ]
 

@@ -242,16 +242,19 @@ def _dq_loop(dq, q, do, lse, delta, n, n0, n1, lo0, s0, lo1, s1, lo2, s2, hi0, h
 
 
 @triton.jit(do_not_specialize=["H"])  # one binary for every head count
-def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
+def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn,
                   stride_dob, stride_doh, stride_don,
                   stride_dqb, stride_dqh, stride_dqn,
+                  stride_ob, stride_oh, stride_on,
                   H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                   KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-                  HEADS_FAST: tl.constexpr = False):
+                  HEADS_FAST: tl.constexpr = False, FUSE_DELTA: tl.constexpr = False):
+    """dQ of one query tile. With FUSE_DELTA it also computes D = rowsum(dO * O) of its rows and
+    stores it in DELTA (the dK/dV kernel, launched after, reads it): no separate pass over O."""
     pid_t, off_bh = _tile_and_head(HEADS_FAST)
     pid_m = M_TILES - 1 - pid_t
     start_m = pid_m * BLOCK_M
@@ -266,6 +269,11 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     q, do, lse, delta = load_dq_rows(Q, DO, LSE, DELTA, off_b, off_h, off_bh, offs_m, offs_d, row_ok,
                                      stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
                                      N_Q, UPCAST)
+    if FUSE_DELTA:  # the DELTA rows loaded above are not written yet: compute them here
+        o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
     k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
     v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
     r0 = start_m + shift

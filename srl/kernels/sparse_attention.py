@@ -35,7 +35,7 @@ from srl.kernels._sparse_ranges import _range_bwd_dkdv, _range_bwd_dq, _range_fw
 from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_S2, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided,
                                           SinkWindow, TileLists, check_pattern, dense_mask, layer_patterns,
                                           tile_classes, tile_lists)
-from srl.kernels.flash_attention import _tma_rows
+from srl.kernels.flash_attention import _has_tma, _tma_rows
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "SinkWindow", "S2Strided", "BlockLayout",
            "sparse_decode", "SinkWindowCache", "S2Cache", "dense_mask", "tile_classes", "layer_patterns"]
@@ -98,7 +98,7 @@ def _stage_tiles(stage, d, kind):
         return dict(TILE_OVERRIDE[stage])
     gpu = _KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage])
     if INTERPRET:  # small tiles, the GPU default's kernel choice (so that tests run the shipped path)
-        return dict(_INTERP_TILES, **{f: gpu[f] for f in ("RANGES", "TMA", "HEADS_FAST") if f in gpu})
+        return dict(_INTERP_TILES, **{f: gpu[f] for f in ("RANGES", "TMA", "HEADS_FAST", "FUSE_DELTA") if f in gpu})
     if d > 128:
         return dict(_BIG_HEAD_TILES[stage])
     return dict(gpu)
@@ -131,8 +131,7 @@ def _pattern_args(pattern, device, dummy):
 def _kv_descriptors(k, v, block_n):
     """TMA descriptors over (B*H_kv, Nk, D) with (1, BLOCK_N, D) blocks, or None."""
     views = [_tma_rows(t) for t in (k, v)]
-    has_tma = INTERPRET or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9)
-    if not has_tma or None in views:
+    if not _has_tma(k.device) or None in views:
         return None
     d = k.shape[-1]
     return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_n, d]) for view in views]
@@ -210,6 +209,12 @@ def _backward(do, q, k, v, o, lse, pattern, sm_scale):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    dq_tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
+    if dq_tiles.get("FUSE_DELTA") and _range_pre(pattern, dq_tiles) is not None:
+        # the range dQ kernel computes D = rowsum(dO * O) itself; dK/dV, launched after it, reads D
+        _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o)
+        _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale)
+        return dq, dk, dv
     _bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=64)
     _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale)
@@ -243,14 +248,15 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
-def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
+def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o=None):
+    """dQ; with ``o`` (range kernels only) it also writes ``delta`` = rowsum(dO * O)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
     tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles)
     fast = tiles.pop("HEADS_FAST", False)
-    for key in ("PRE_N", "RUNS"):
+    for key in ("PRE_N", "RUNS", "FUSE_DELTA"):
         tiles.pop(key, None)
     m_tiles = triton.cdiv(Nq, tiles["BLOCK_M"])
     args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale)
@@ -258,8 +264,9 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale):
     kind, p0, p1, p2 = pattern.kernel_params()
     if pre_n is not None:
         _range_bwd_dq[(B * H, m_tiles) if fast else (m_tiles, B * H)](
-            *args, *strides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, HEADS_FAST=fast, **tiles)
+            *args[:7], dq if o is None else o, *args[7:], *strides, *_strides(dq if o is None else o),
+            H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2, KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n,
+            HEADS_FAST=fast, FUSE_DELTA=o is not None, **tiles)
         return
     by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)

@@ -1,0 +1,482 @@
+"""Where the sink+window time goes: host against device time, and each backward kernel's tiles.
+
+Four timers per measurement (milliseconds):
+
+* per call: median of CUDA-event times around one call on an idle GPU; the host's work before
+  the first kernel is included (the issue's targets use this one);
+* queued: mean of back-to-back calls between two events (the host runs ahead, as in training);
+* device: the GPU sleeps while the host queues one call, so the events time the device work only;
+* host: wall time of the call's Python and launches (measured in the same calls as "device").
+
+Probe (default): forward tile variants, the dK/dV and dQ kernels alone per tile choice (dQ with
+rowsum(dO * O) in its own pass or fused), then the defaults and the best forward + dK/dV + dQ, at
+each N, with a profile of the default call's host work. ``--final``: the defaults of both
+patterns with the four timers. ``--flex``: FlexAttention on one pattern, compiled first, timed
+once ``--go-file`` exists (so compiling can overlap other work and timing cannot); errors of O,
+dQ, dK, dV against srl's defaults. ``--warm I/K``: compile share I of K of the probe's kernels at
+a short N (same specializations) so that K processes fill the kernel cache in parallel.
+
+    PYTHONPATH=. python benchmarks/kernels/sparse_attention_probe.py --json probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+import triton
+
+from srl.kernels._sparse_patterns import tile_classes
+from srl.kernels.sparse_attention import S2Strided, SinkWindow, sparse_attention
+
+SA = sys.modules["srl.kernels.sparse_attention"]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1
+PATTERNS = {"sink_window": SinkWindow(sink=64, window=2048), "s2": S2Strided(block=64, local_blocks=16, stride=8)}
+T0 = time.perf_counter()
+
+
+def _t(bm, bn, warps, stages, **extra):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "RANGES": True, **extra}
+
+
+HF = {"HEADS_FAST": True}
+FWD = {"default": None, "s3": _t(128, 64, 8, 3, TMA=True), "s2": _t(128, 64, 8, 2, TMA=True),
+       "n128": _t(128, 128, 8, 3, TMA=True, PRE_N=64), "ptr_s4": _t(128, 64, 8, 4)}
+DKDV = {"default": None, "s2": _t(64, 128, 8, 2, **HF), "m32_s4": _t(32, 128, 8, 4, **HF),
+        "n64_w4_s2": _t(64, 64, 4, 2, **HF)}
+DQ = {"default": None, "fused": _t(128, 64, 8, 3, FUSE_DELTA=True, **HF),
+      "n32_s4": _t(128, 32, 8, 4, FUSE_DELTA=True, **HF), "s2": _t(128, 64, 8, 2, FUSE_DELTA=True, **HF),
+      "m64_w4": _t(64, 64, 4, 3, FUSE_DELTA=True, **HF)}
+
+
+def log(msg):
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _events():
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def per_call_ms(fn, budget_ms=200.0, max_reps=25):
+    """Median of per-call event times (host work before the first kernel included)."""
+    if DEV == "cpu":
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    fn()
+    sync()
+    start, end = _events()
+    times = []
+    reps = max_reps
+    for i in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if i == 0:
+            reps = int(max(3, min(max_reps, budget_ms / max(times[0], 1e-3))))
+        if len(times) >= reps:
+            break
+    return statistics.median(times)
+
+
+def queued_ms(fn, per_ms, budget_ms=120.0, max_reps=25):
+    if DEV == "cpu":
+        return per_ms
+    reps = int(max(3, min(max_reps, budget_ms / max(per_ms, 1e-3))))
+    start, end = _events()
+    sync()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+_CYCLES_PER_MS = []
+
+
+def _sleep_cycles(ms):
+    """GPU clock cycles of ``ms`` milliseconds of ``torch.cuda._sleep`` (calibrated once)."""
+    if not _CYCLES_PER_MS:
+        start, end = _events()
+        sync()
+        start.record()
+        torch.cuda._sleep(1_000_000)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_MS.append(1_000_000 / start.elapsed_time(end))
+    return int(ms * _CYCLES_PER_MS[0])
+
+
+def device_host_ms(fn, reps=5, sleep_ms=3.0):
+    """(device ms, host ms): medians over calls queued behind a GPU sleep of ``sleep_ms``; the
+    device time is only clean when the host time stays below the sleep (flagged in the log)."""
+    if DEV == "cpu":
+        t = per_call_ms(fn)
+        return t, t
+    fn()
+    dev, host = [], []
+    start, end = _events()
+    for _ in range(reps):
+        sync()
+        torch.cuda._sleep(_sleep_cycles(sleep_ms))
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        end.synchronize()
+        dev.append(start.elapsed_time(end))
+    d, h = statistics.median(dev), statistics.median(host)
+    if h > 0.8 * sleep_ms:
+        log(f"  warning: host {h:.3f} ms is near the {sleep_ms} ms sleep: the device time includes host time")
+    return d, h
+
+
+def four_timers(fn, budget_ms=200.0):
+    per = per_call_ms(fn, budget_ms)
+    dev, host = device_host_ms(fn)
+    return {"per_call_ms": per, "queued_ms": queued_ms(fn, per), "device_ms": dev, "host_ms": host}
+
+
+def inputs(n, h, d, seed):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, d, device=DEV, dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    return q, k, v, torch.randn(1, h, n, d, device=DEV, dtype=torch.bfloat16, generator=gen)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def use(fwd=None, dkdv=None, dq=None):
+    SA.TILE_OVERRIDE.clear()
+    for stage, tiles in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
+        if tiles is not None:
+            SA.TILE_OVERRIDE[stage] = tiles
+
+
+def fwd_bwd_fns(impl, q, k, v, do):
+    def fwd():
+        with torch.no_grad():
+            return impl(q, k, v)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        impl(q, k, v).backward(do)
+    return fwd, step
+
+
+def outputs(impl, q, k, v, do):
+    for t in (q, k, v):
+        t.grad = None
+    o = impl(q, k, v)
+    o.backward(do)
+    got = [o.detach().clone(), q.grad.clone(), k.grad.clone(), v.grad.clone()]
+    for t in (q, k, v):
+        t.grad = None
+    return got
+
+
+def block_fraction(pattern, heads, n, block=64):
+    classes = tile_classes(pattern, heads, n, n, block, block, DEV)
+    nb = classes.shape[-1]
+    return ((classes > 0).sum() * heads / classes.shape[0] / (nb * (nb + 1) // 2 * heads)).item()
+
+
+# --------------------------------------------------------------------------
+# backward kernels one at a time
+# --------------------------------------------------------------------------
+class Bwd:
+    """Forward outputs of the default kernels and buffers, to launch one backward kernel alone."""
+
+    def __init__(self, pattern, q, k, v, do):
+        self.pattern, self.scale = pattern, q.shape[-1] ** -0.5
+        self.q, self.k, self.v, self.do = q.detach(), k.detach(), v.detach(), do
+        SA.TILE_OVERRIDE.clear()
+        self.o, self.lse = SA._forward(self.q, self.k, self.v, pattern, self.scale)
+        self.dq, self.dk, self.dv = (torch.empty_like(t) for t in (self.q, self.k, self.v))
+        B, H, N, _ = q.shape
+        self.delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+        self.preprocess()
+
+    def preprocess(self):
+        B, H, N, D = self.q.shape
+        SA._bwd_preprocess[(triton.cdiv(N, 64), B * H)](
+            self.o, self.do, self.delta, *SA._strides(self.o), *SA._strides(self.do), H, N, HEAD_DIM=D, BLOCK_M=64)
+
+    def dkdv(self):
+        SA._backward_dkdv(self.do, self.q, self.k, self.v, self.dk, self.dv, self.lse, self.delta, self.pattern,
+                          self.scale)
+
+    def dq_kernel(self, fused):
+        SA._backward_dq(self.do, self.q, self.k, self.v, self.dq, self.lse, self.delta, self.pattern, self.scale,
+                        self.o if fused else None)
+
+
+def probe_backward(n, pattern, qkvd, rows, save):
+    """Device time of each dK/dV and dQ tile choice alone; errors against the default tiles'."""
+    bwd = Bwd(pattern, *qkvd)
+    SA.TILE_OVERRIDE.clear()
+    pre = device_host_ms(bwd.preprocess)[0]
+    rows.append({"N": n, "stage": "preprocess", "variant": "default", "device_ms": pre})
+    bwd.dkdv()
+    ref = (bwd.dk.clone(), bwd.dv.clone())
+    for name, tiles in DKDV.items():
+        use(dkdv=tiles)
+        try:
+            bwd.dkdv()
+            errs = {"err_dk": rel_err(bwd.dk, ref[0]), "err_dv": rel_err(bwd.dv, ref[1])}
+            dev = device_host_ms(bwd.dkdv)[0]
+        except Exception as err:  # a tile that does not compile or run
+            log(f"N={n} dkdv {name} failed: {str(err).splitlines()[0][:160]}")
+            continue
+        rows.append({"N": n, "stage": "dkdv", "variant": name, "tiles": tiles, "device_ms": dev, **errs})
+        log(f"N={n} dkdv {name:10s} {dev:8.3f} ms " + " ".join(f"{a}={b:.1e}" for a, b in errs.items()))
+        save()
+    SA.TILE_OVERRIDE.clear()
+    bwd.dq_kernel(False)
+    ref = bwd.dq.clone()
+    for name, tiles in DQ.items():
+        use(dq=tiles)
+        fused = bool(tiles and tiles.get("FUSE_DELTA"))
+        try:
+            bwd.preprocess()
+            bwd.dq_kernel(fused)
+            err = rel_err(bwd.dq, ref)
+            dev = device_host_ms(lambda: bwd.dq_kernel(fused))[0] + (0.0 if fused else pre)
+        except Exception as exc:
+            log(f"N={n} dq {name} failed: {str(exc).splitlines()[0][:160]}")
+            continue
+        rows.append({"N": n, "stage": "dq", "variant": name, "tiles": tiles, "device_ms": dev, "err_dq": err,
+                     "with_preprocess": not fused})
+        log(f"N={n} dq   {name:10s} {dev:8.3f} ms (incl. the delta pass) err_dq={err:.1e}")
+        save()
+    SA.TILE_OVERRIDE.clear()
+
+
+def probe_forward(n, pattern, qkvd, rows, save):
+    q, k, v, _ = qkvd
+    with torch.no_grad():
+        SA.TILE_OVERRIDE.clear()
+        ref = sparse_attention(q, k, v, pattern)
+        for name, tiles in FWD.items():
+            use(fwd=tiles)
+            impl = (lambda: sparse_attention(q, k, v, pattern))
+            try:
+                err = rel_err(impl(), ref)
+                t = four_timers(impl)
+            except Exception as exc:
+                log(f"N={n} fwd {name} failed: {str(exc).splitlines()[0][:160]}")
+                continue
+            rows.append({"N": n, "stage": "fwd", "variant": name, "tiles": tiles, **t, "err_o": err})
+            log(f"N={n} fwd  {name:10s} " + " ".join(f"{a}={b:.3f}" for a, b in t.items()) + f" err_o={err:.1e}")
+            save()
+    SA.TILE_OVERRIDE.clear()
+
+
+def best(rows, n, stage):
+    """Tiles of the fastest (device time) variant of a stage at N (None = the default)."""
+    cands = [r for r in rows if r["N"] == n and r["stage"] == stage]
+    return min(cands, key=lambda r: r["device_ms"]) if cands else None
+
+
+def host_profile(fn, calls=20):
+    """Top of a cProfile of ``calls`` calls (host side; the GPU runs as usual)."""
+    prof = cProfile.Profile()
+    for _ in range(calls):
+        sync()
+        prof.enable()
+        fn()
+        prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    return out.getvalue()
+
+
+def time_combo(n, name, pattern, qkvd, tiles, ref, frac):
+    use(*tiles)
+    impl = (lambda a, b, c: sparse_attention(a, b, c, pattern))
+    got = outputs(impl, *qkvd)
+    errs = {f"err_{x}": rel_err(a, b) for x, a, b in zip(("o", "dq", "dk", "dv"), got, ref)} if ref else {}
+    fwd, step = fwd_bwd_fns(impl, *qkvd)
+    row = {"N": n, "pattern": name, "tiles": tiles, "block_fraction": frac,
+           "fwd": four_timers(fwd), "fwd_bwd": four_timers(step, 400.0), **errs}
+    SA.TILE_OVERRIDE.clear()
+    log(f"N={n} {name} {tiles if any(tiles) else 'defaults'}: fwd {row['fwd']} fwd+bwd {row['fwd_bwd']} {errs}")
+    return row, got
+
+
+def probe(args, results, save):
+    h, d = args.heads, args.head_dim
+    pattern = PATTERNS["sink_window"]
+    for n in args.seq:
+        qkvd = inputs(n, h, d, n)
+        frac = block_fraction(pattern, h, n)
+        probe_forward(n, pattern, qkvd, results["kernels"], save)
+        probe_backward(n, pattern, qkvd, results["kernels"], save)
+        row, ref = time_combo(n, "sink_window", pattern, qkvd, (None, None, None), None, frac)
+        results["combos"].append(dict(row, variant="defaults"))
+        picks = [best(results["kernels"], n, s) for s in ("fwd", "dkdv", "dq")]
+        tiles = tuple(p["tiles"] if p else None for p in picks)
+        row, _ = time_combo(n, "sink_window", pattern, qkvd, tiles, ref, frac)
+        results["combos"].append(dict(row, variant="best", best_of=[p["variant"] if p else None for p in picks]))
+        save()
+        if n == args.seq[0]:
+            fwd, step = fwd_bwd_fns(lambda a, b, c: sparse_attention(a, b, c, pattern), *qkvd)
+            for label, fn in (("fwd", fwd), ("fwd_bwd", step)):
+                text = host_profile(fn)
+                results["host_profile"][f"{n}_{label}"] = text
+                log(f"host profile N={n} {label} (defaults, 20 calls):\n{text}")
+        del qkvd
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
+def final(args, results, save):
+    """The defaults of both patterns with the four timers, errors against the reference kernels
+    are in the flex rows."""
+    for n in args.seq:
+        qkvd = inputs(n, args.heads, args.head_dim, n)
+        for name in args.patterns or PATTERNS:
+            frac = block_fraction(PATTERNS[name], args.heads, n)
+            row, _ = time_combo(n, name, PATTERNS[name], qkvd, (None, None, None), None, frac)
+            results["final"].append(row)
+            save()
+        del qkvd
+
+
+def flex(args, results, save):
+    """FlexAttention on one pattern per N: compile all first, wait for --go-file, time, then touch
+    --next-go (so that several flex processes take turns on the GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fx = torch.compile(flex_attention, dynamic=False)
+    name = args.patterns[0]
+    pattern = PATTERNS[name]
+    ready = []
+    try:
+        for n in args.seq:
+            qkvd = inputs(n, args.heads, args.head_dim, n)
+            mask = create_block_mask(flex_mask_mod(pattern), None, args.heads, n, n, device=DEV, _compile=True)
+            impl = (lambda a, b, c, m=mask: fx(a, b, c, block_mask=m))
+            outputs(impl, *qkvd)
+            with torch.no_grad():  # the compiled function guards on grad mode: compile this one now too
+                impl(*qkvd[:3])
+            log(f"flex compiled {name} N={n}")
+            ready.append((n, qkvd, impl))
+    except Exception as err:  # still take (and pass on) the turn on the GPU
+        log(f"flex {name} failed to compile: {str(err).splitlines()[0][:160]}")
+    while args.go_file and not os.path.exists(args.go_file):
+        time.sleep(0.05)
+    try:
+        for n, qkvd, impl in ready:
+            fwd, step = fwd_bwd_fns(impl, *qkvd)
+            row = {"N": n, "pattern": name, "fwd": four_timers(fwd), "fwd_bwd": four_timers(step, 400.0)}
+            ref = outputs(impl, *qkvd)
+            got = outputs(lambda a, b, c: sparse_attention(a, b, c, pattern), *qkvd)
+            row.update({f"err_vs_flex_{x}": rel_err(a, b) for x, a, b in zip(("o", "dq", "dk", "dv"), got, ref)})
+            results["flex"].append(row)
+            save()
+            log(f"N={n} {name} flex: fwd {row['fwd']} fwd+bwd {row['fwd_bwd']}")
+    finally:
+        if args.next_go:
+            open(args.next_go, "w").close()
+
+
+def flex_mask_mod(pattern):
+    if isinstance(pattern, SinkWindow):
+        def mask(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & ((kv_idx < pattern.sink) | (q_idx - kv_idx < pattern.window))
+    else:
+        def mask(b, h, q_idx, kv_idx):
+            qb, kb = q_idx // pattern.block, kv_idx // pattern.block
+            return (kv_idx <= q_idx) & ((qb - kb < pattern.local_blocks) | ((kb + h) % pattern.stride == 0))
+    return mask
+
+
+def warm(share, shares, n, h, d, patterns):
+    """Compile share ``share`` of the kernels at N = n: the defaults of ``patterns`` (forward, delta
+    pass, dK/dV, dQ), and unless only those are asked for, the probe's sink+window variants."""
+    pattern = PATTERNS["sink_window"]
+    q, k, v, do = inputs(n, h, d, 0)
+    jobs = [("defaults", name) for name in patterns]
+    if not patterns or patterns == ["sink_window"]:
+        jobs += [("fwd", t) for t in FWD.values() if t] + [("dkdv", t) for t in DKDV.values() if t] + \
+                [("dq", t) for t in DQ.values() if t]
+    for i, (stage, tiles) in enumerate(jobs):
+        if i % shares != share:
+            continue
+        try:
+            if stage == "defaults":
+                SA.TILE_OVERRIDE.clear()
+                outputs(lambda a, b, c: sparse_attention(a, b, c, PATTERNS[tiles]), q, k, v, do)
+                Bwd(PATTERNS[tiles], q, k, v, do).dq_kernel(False)
+            elif stage == "fwd":
+                use(fwd=tiles)
+                with torch.no_grad():
+                    sparse_attention(q, k, v, pattern)
+            else:
+                use(**{stage: tiles})
+                outputs(lambda a, b, c: sparse_attention(a, b, c, pattern), q, k, v, do)
+            log(f"warm {stage} {tiles}")
+        except Exception as err:  # reported again by the timed run
+            log(f"warm {stage} {tiles} failed: {str(err).splitlines()[0][:160]}")
+    SA.TILE_OVERRIDE.clear()
+    log("warm done")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--warm", default="", help="I/K: compile share I of K at --warm-seq, time nothing")
+    parser.add_argument("--warm-seq", type=int, default=4096)
+    parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
+    parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")
+    parser.add_argument("--patterns", nargs="*", default=[])
+    parser.add_argument("--go-file", default="")
+    parser.add_argument("--next-go", default="")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--json", default="sparse_probe.json")
+    args = parser.parse_args(argv)
+    if args.warm:
+        share, shares = (int(x) for x in args.warm.split("/"))
+        warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS))
+        return
+    results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+               "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "flex": [],
+               "host_profile": {}}
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.flex:
+        flex(args, results, save)
+    elif args.final:
+        final(args, results, save)
+    else:
+        probe(args, results, save)
+    save()
+
+
+if __name__ == "__main__":
+    main()
