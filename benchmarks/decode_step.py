@@ -260,6 +260,176 @@ def profile_section(batch) -> dict:
     return res
 
 
+TILE_CANDIDATES = {
+    "default": {},
+    "norm8_split8": {"norm": dict(BLOCK_N=8, num_warps=4), "split": dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)},
+    "norm32w8_split32": {"norm": dict(BLOCK_N=32, num_warps=8), "split": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)},
+    "norm16w8_splitK512": {"norm": dict(BLOCK_N=16, num_warps=8), "split": dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)},
+    "splitK128_w2": {"split": dict(BLOCK_N=16, BLOCK_K=128, num_warps=2), "norm": dict(BLOCK_N=8, num_warps=2)},
+    "head32x4w8": {"head": dict(BLOCK_N=32, N_SUB=4, num_warps=8)},
+    "head16x4": {"head": dict(BLOCK_N=16, N_SUB=4, num_warps=4)},
+    "head32x1w8": {"head": dict(BLOCK_N=32, N_SUB=1, num_warps=8)},
+    "splitK1024w8": {"split": dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8)},
+    "attend_proj256": {"attend_proj": True, "attend": dict(BLOCK_O=256, num_warps=4)},
+    "attend_proj128": {"attend_proj": True, "attend": dict(BLOCK_O=128, num_warps=4)},
+    "attend_proj64w2": {"attend_proj": True, "attend": dict(BLOCK_O=64, num_warps=2)},
+}
+"""Tiles of ``srl.kernels.decode_gemv`` timed in the model at batch 1 (section ``gemv``)."""
+
+
+def with_tiles(overrides: dict, fn):
+    from srl.kernels import decode_gemv
+
+    saved = copy.deepcopy(decode_gemv.TILES)
+    overrides = dict(overrides)
+    fused_decode.ATTEND_PROJ = overrides.pop("attend_proj", fused_decode.ATTEND_PROJ)
+    decode_gemv.TILES.update(copy.deepcopy(overrides))
+    try:
+        return fn()
+    finally:
+        decode_gemv.TILES.clear()
+        decode_gemv.TILES.update(saved)
+        fused_decode.ATTEND_PROJ = False
+
+
+def kernel_trace(model, batch, fused_gemv, steps_per_graph=8, graph=True) -> list:
+    """Device kernels of one CUDA-graph replay of ``steps_per_graph`` decode steps (or of as many
+    eager steps), in order: [name, start us (from the first kernel), duration us]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused_decode.FUSED_GEMV = fused_gemv
+    try:
+        s = PlainSampler(model, batch, 128, SamplingParams(1.0), cuda_graph=CUDA and graph, fused=True,
+                         steps_per_graph=steps_per_graph)
+        s.steps_per_graph = steps_per_graph
+    finally:
+        fused_decode.FUSED_GEMV = True
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 9), device=DEV)
+    with torch.inference_mode():
+        s.generate(prompt, 2 * steps_per_graph)
+        s.state.reset(prompt, 2 * steps_per_graph)
+        from srl.generation.decode import prefill
+        prefill(model, s.cache, prompt)
+        sync()
+        acts = [ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
+            s._step()
+            sync()
+    s.close()
+    kern = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    kern.sort(key=lambda e: e.time_range.start)
+    if not kern:
+        return []
+    t0 = kern[0].time_range.start
+    return [[e.name[:60], round(e.time_range.start - t0, 2), round(e.time_range.elapsed_us(), 2)]
+            for e in kern]
+
+
+def summarize_trace(trace: list, steps: int) -> dict:
+    """Per step: wall span, sum of kernel durations, kernel count; per kernel name: mean us."""
+    if not trace:
+        return {}
+    span = trace[-1][1] + trace[-1][2]
+    busy = sum(t[2] for t in trace)
+    by = {}
+    for name, _, dur in trace:
+        by.setdefault(name, []).append(dur)
+    return {"us_per_step": span / steps, "busy_us_per_step": busy / steps,
+            "kernels_per_step": len(trace) / steps,
+            "mean_us": {k: round(statistics.mean(v), 2) for k, v in by.items()},
+            "count": {k: len(v) for k, v in by.items()}}
+
+
+def gemv_section(batches, repeats, new_tokens, res: dict, save) -> None:
+    """The ``FUSED_GEMV`` path against the fused step with cuBLAS (batch 1 first), kernel traces
+    of a graph replay for both, tile candidates at batch 1, then the other batches; ``res`` is
+    filled and saved as it goes."""
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        model = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
+    res.update({"rows": [], "tiles": {}, "trace": {}})
+    with torch.inference_mode():
+        gemv_rows(model, batches[:1], repeats, new_tokens, res)
+        save()
+        for name, gemv, graph in (("cublas", False, True), ("gemv", True, True), ("gemv_eager", True, False)):
+            tr = kernel_trace(model, 1, gemv, graph=graph)
+            res["trace"][name] = {"summary": summarize_trace(tr, 8), "kernels": tr}
+            log(f"  trace {name}: " + json.dumps({k: v for k, v in res["trace"][name]["summary"].items()
+                                                   if k != "count"})[:1500])
+        save()
+        for name, tiles in TILE_CANDIDATES.items():
+            if name == "default":
+                continue
+            res["tiles"][name] = {"tiles": tiles, "tok_s": with_tiles(
+                tiles, lambda: tokens_per_s(model, 1, 9, new_tokens, repeats, True))}
+            log(f"  tiles {name}: {res['tiles'][name]['tok_s']:.0f} tok/s")
+            save()
+        gemv_rows(model, batches[1:], repeats, new_tokens, res)
+    del model
+
+
+def gemv_rows(model, batches, repeats, new_tokens, res) -> None:
+    for b in batches:
+        fused_decode.FUSED_GEMV = False
+        row = {"batch": b, "fused_cublas": tokens_per_s(model, b, 9, new_tokens, repeats, True)}
+        fused_decode.FUSED_GEMV = True
+        row["fused_gemv"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
+        row["fused_gemv_g32"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, 32)
+        res["rows"].append(row)
+        log(f"  gemv batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "batch"))
+
+
+DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
+SPEC_CONFIGS = ((1, 7), (4, 7), (1, 5))
+"""(k, L) of the speculative iterations timed by section ``spec`` (batch 1)."""
+
+
+def spec_section(res: dict, save, iterations: int = 40) -> None:
+    """Milliseconds per speculative iteration at batch 1 (one CUDA graph: L draft steps, the
+    tree-shaped target pass, selection, cache moves) and of its draft block alone, random-weight
+    policy and draft of ``benchmarks/generation.py`` (bf16). The time of an iteration does not
+    depend on the weights; tokens/s is tokens per pass (acceptance) / time per iteration."""
+    from srl.generation.decode import GraphedStep, prefill, tree_slot_mask
+    from srl.generation.speculative import SpeculativeSampler, draft_blocks
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        policy = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
+        draft = TransformerLM(LMConfig(**DRAFT)).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 100, (1, 9), device=DEV)
+    with torch.inference_mode():
+        for k, L in SPEC_CONFIGS:
+            s = SpeculativeSampler(policy, draft, 1, 512, k=k, draft_len=L, cuda_graph=CUDA)
+            s.state.reset(prompt, 400)
+            prefill(policy, s.tcache, prompt)
+            prefill(draft, s.dcache, prompt)
+            row = {"k": k, "L": L, "ms_per_iteration": _ms_per_call(s._step, iterations)}
+
+            def draft_only(s=s, k=k, L=L):
+                slots, positions, mask = tree_slot_mask(s.tcache.lens, k, L, s.tcache.max_len)
+                draft_blocks(draft, s.dcache, s.state, (slots, positions, mask.dense), k, L, s.params,
+                             s.generator)
+
+            g = GraphedStep(draft_only, enabled=CUDA, generators=(s.generator,))
+            row["ms_draft_block"] = _ms_per_call(g, iterations)
+            g.close()
+            s.close()
+            res.setdefault("rows", []).append(row)
+            log(f"  spec batch 1 k={k} L={L}: {row}")
+            save()
+
+
+def _ms_per_call(fn, n: int) -> float:
+    for _ in range(3):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode_step.json"))
@@ -277,6 +447,7 @@ def main(argv=None):
     wide = None
     if args.tiny:
         POLICY.update(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
+        DRAFT.update(vocab_size=64, d_model=16, n_layers=1, n_heads=2)
         wide = dict(WIDE, vocab_size=64, d_model=64, n_heads=2, mlp={"type": "swiglu", "hidden": 96})
         new_plain, new_cats, rep_cats, args.repeats = 8, 8, 1, 1
         args.batches, args.cats_layers, args.graph_steps = "1,2", "2", "8"
@@ -306,12 +477,13 @@ def main(argv=None):
 
 def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save) -> None:
     if sec == "check":
-        out["check"] = check_section(POLICY)
-        fused_decode.TRITON_GEMV = True
+        default = fused_decode.FUSED_GEMV
         try:
-            out["check_triton_gemv"] = check_section(POLICY)
+            for name, flag in (("check", True), ("check_cublas", False)):
+                fused_decode.FUSED_GEMV = flag
+                out[name] = check_section(POLICY)
         finally:
-            fused_decode.TRITON_GEMV = False
+            fused_decode.FUSED_GEMV = default
     elif sec == "plain":
         out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
                                      args.repeats, steps)
@@ -321,6 +493,16 @@ def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save
             out["cats"].append(cats_section(int(n), [int(b) for b in args.cats_batches.split(",")],
                                             new_cats, rep_cats, wide, profile=n == "4"))
             save()
+    elif sec == "spec":
+        out["spec"] = {}
+        spec_section(out["spec"], save, 3 if args.tiny else 40)
+    elif sec == "gemv":
+        out["gemv"], default = {}, fused_decode.FUSED_GEMV
+        fused_decode.FUSED_GEMV = True
+        try:
+            gemv_section([int(b) for b in args.batches.split(",")], args.repeats, new_plain, out["gemv"], save)
+        finally:
+            fused_decode.FUSED_GEMV = default
     elif sec == "profile":
         out["profile"] = {b: profile_section(b) for b in [int(x) for x in args.profile_batches.split(",")]}
 

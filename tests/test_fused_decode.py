@@ -172,3 +172,118 @@ def test_gemv_against_float64():
         ref_gelu = torch.nn.functional.gelu(ref.float(), approximate="tanh").double()
         torch.testing.assert_close(gemv(x, w, gelu=True).double(), ref_gelu, rtol=1e-5, atol=1e-4)
         assert not torch.allclose(gemv(x, w * 1.01).double(), ref, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- small-batch fused matmuls
+
+def _ln(x, w, eps=1e-5):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, None, eps)
+
+
+def test_gemv_norm_and_split_against_float64():
+    """gemv_split partials sum to x @ W^T; gemv_norm = LayerNorm(x + partials) @ W^T (and GELU),
+    with x_new stored; the embedding prologue; all against float64."""
+    from srl.kernels.decode_gemv import gemv_norm, gemv_split, split_count
+
+    g = torch.Generator().manual_seed(0)
+    B, D, H, N = 3, 24, 72, 40
+    x, a = torch.randn(B, D, generator=g), torch.randn(B, H, generator=g)
+    w_out, w_in = torch.randn(D, H, generator=g) / 8, torch.randn(N, D, generator=g)
+    lnw = torch.rand(D, generator=g) + 0.5
+    part = torch.empty(split_count(H), B, D)
+    assert part.shape[0] > 1  # several K chunks at the interpreter's tiles
+    gemv_split(a, w_out, part)
+    y = a.double() @ w_out.double().T
+    torch.testing.assert_close(part.sum(0).double(), y, rtol=1e-5, atol=1e-5)
+    x_new, out = torch.zeros(B, D), torch.zeros(B, N)
+    gemv_norm(w_in, lnw, 1e-5, x_new, out, x_in=x, part=part, gelu=True)
+    ref_x = x.double() + y
+    torch.testing.assert_close(x_new.double(), ref_x, rtol=1e-5, atol=1e-5)
+    ref = torch.nn.functional.gelu(_ln(ref_x, lnw.double()) @ w_in.double().T, approximate="tanh")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    gemv_norm(w_in * 1.01, lnw, 1e-5, x_new, out, x_in=x, part=part, gelu=True)
+    assert not torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-4)  # negative control
+    emb, tokens, lens = torch.randn(50, D, generator=g), torch.randint(0, 50, (B, 7), generator=g), torch.tensor([0, 3, 6])
+    gemv_norm(w_in, lnw, 1e-5, x_new, out, tokens=tokens, lens=lens, embedding=emb)
+    ref_x = emb[tokens[torch.arange(B), lens]].double()
+    torch.testing.assert_close(x_new.double(), ref_x)
+    torch.testing.assert_close(out.double(), _ln(ref_x, lnw.double()) @ w_in.double().T, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="x_in"):
+        gemv_norm(w_in, lnw, 1e-5, x, out, x_in=x, part=part)
+
+
+def test_attend_proj_matches_rope_attend_then_projection():
+    from srl.kernels.decode_gemv import attend_proj
+    from srl.kernels.decode_step import rope_attend
+
+    g = torch.Generator().manual_seed(1)
+    B, H, HD, S = 2, 3, 8, 12
+    D = H * HD
+    qkv = torch.randn(B, 3 * D, generator=g)
+    freqs = torch.view_as_real(torch.polar(torch.ones(S, HD // 2), torch.rand(S, HD // 2, generator=g) * 6)).contiguous()
+    lens = torch.tensor([5, 11])
+    kc, vc = torch.randn(B, H, S, HD, generator=g), torch.randn(B, H, S, HD, generator=g)
+    w = torch.randn(D, D, generator=g)
+    k1, v1, attn = kc.clone(), vc.clone(), torch.zeros(B, D)
+    rope_attend(qkv, freqs, lens, k1, v1, attn, H)
+    part = torch.zeros(H, B, D)
+    attend_proj(qkv, freqs, lens, kc, vc, w, part, H)
+    torch.testing.assert_close(kc, k1)
+    torch.testing.assert_close(vc, v1)
+    torch.testing.assert_close(part.sum(0).double(), attn.double() @ w.double().T, rtol=1e-4, atol=1e-4)
+
+
+def test_head_sample_against_sample_write():
+    """The head with the final norm and the sampling race fused draws what the unfused head +
+    ``sample_write`` draws from the same noise (several vocabulary chunks and sub-tiles)."""
+    from srl.kernels.decode_gemv import head_chunks, head_sample
+    from srl.kernels.decode_step import sample_write
+
+    g = torch.Generator().manual_seed(2)
+    B, D, V = 3, 24, 70
+    assert head_chunks(V) > 2
+    x, part = torch.randn(B, D, generator=g), torch.randn(2, B, D, generator=g)
+    lnw, w = torch.rand(D, generator=g) + 0.5, torch.randn(V, D, generator=g)
+    h = _ln(x.double() + part.double().sum(0), lnw.double()).float()
+    for temp in (1.0, 0.5, 0.0):
+        for trial in range(3):
+            noise = torch.empty(B, V).exponential_(1.0, generator=g)
+            refs, outs = [], []
+            for fused in (False, True):
+                tokens, logp = torch.zeros(B, 10, dtype=torch.long), torch.zeros(B, 10)
+                lens, end = torch.tensor([2, 4, 8]), torch.tensor([10, 10, 9])
+                logits = torch.zeros(B, V)
+                if fused:
+                    head_sample(x, part, lnw, 1e-5, w, logits, noise, torch.zeros(B, head_chunks(V), 4),
+                                temp, tokens, logp, lens, end)
+                else:
+                    logits = (h @ w.T).float()
+                    sample_write(logits, noise, tokens, logp, lens, end, temp)
+                (outs if fused else refs).append((tokens, logp, lens, logits))
+            (t0, l0, n0, z0), (t1, l1, n1, z1) = refs[0], outs[0]
+            torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-4)
+            assert torch.equal(t1, t0) and torch.equal(n1, n0) and n1.tolist() == [3, 5, 8]
+            torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+
+
+def test_gemv_path_matches_torch_step_and_falls_back(monkeypatch):
+    """The five-launch path (and with attention + projection fused) against the torch step; the
+    cuBLAS fused step still runs where the path does not apply (batch above MAX_ROWS, flag off)."""
+    from srl.generation import fused_decode
+    from srl.kernels import decode_gemv
+
+    model = _model(6)
+    prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(6))
+    ref, ref_cache = _run(model, prompt, SamplingParams(0.8), 5, False, seed=2)
+    for attend, gemv in ((True, True), (False, False)):
+        monkeypatch.setattr(fused_decode, "ATTEND_PROJ", attend)
+        monkeypatch.setattr(fused_decode, "FUSED_GEMV", gemv)
+        out, cache = _run(model, prompt, SamplingParams(0.8), 5, True, seed=2)
+        assert torch.equal(out.tokens, ref.tokens)
+        torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fused_decode, "FUSED_GEMV", True)
+    B = decode_gemv.MAX_ROWS + 1
+    state = GenState.allocate(B, 16, "cpu")
+    step = FusedDecodeStep(model, cache_for(model, B, 16, "cpu", torch.float32), state, SamplingParams())
+    assert step.gemv_path is False

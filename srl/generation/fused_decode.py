@@ -73,6 +73,17 @@ GELU MLP's fc with its GELU) through ``srl.kernels.decode_step.gemv`` instead of
 GEMV_MAX_NUMEL = 16 * 2**20
 
 
+FUSED_GEMV = False
+"""Batches up to ``decode_gemv.MAX_ROWS`` of GELU-MLP models of width <= 2048: five launches per
+layer (``srl.kernels.decode_gemv``): qkv with the norm (and the residual add, or the embedding)
+as its prologue, rotary + attention, the output projection as split-K partials, fc with the next
+norm as prologue and GELU as epilogue, fc_out as split-K partials; then the head with the final
+norm and the first sampling stage fused, and the sampling merge."""
+ATTEND_PROJ = False
+"""With ``FUSED_GEMV``: rotary + attention and the output projection in one launch
+(``decode_gemv.attend_proj``; four launches per layer)."""
+
+
 class FusedDecodeStep:
     """Callable ``step(generator)``: one token per unfinished row, written to ``state``."""
 
@@ -100,10 +111,34 @@ class FusedDecodeStep:
         if GELU_EPILOGUE and model.blocks[0].gated is None and dev.type == "cuda":
             self.gelu_bias = torch.zeros(cfg.mlp["hidden"], device=dev, dtype=dtype)
         self.torch_sampling = params.top_k is not None or (params.top_p is not None and params.top_p < 1.0)
+        self.gemv_path = self._gemv_buffers(model, B, dev, dtype) if FUSED_GEMV else False
+
+    def _gemv_buffers(self, model, B: int, dev, dtype) -> bool:
+        """Workspaces of the ``FUSED_GEMV`` path; False where it does not apply."""
+        from srl.kernels import decode_gemv as dg
+        from srl.kernels.decode_step import INTERPRET
+
+        cfg = model.config
+        D = cfg.d_model
+        if (B > dg.MAX_ROWS or D > 2048 or model.blocks[0].gated is not None
+                or not (dev.type == "cuda" or INTERPRET)):
+            return False
+        hidden = model.blocks[0].fc.weight.shape[0]
+        self.x2 = torch.zeros_like(self.x)
+        self.qkv = torch.zeros(B, 3 * D, device=dev, dtype=dtype)
+        self.act = torch.zeros(B, hidden, device=dev, dtype=dtype)
+        self.part_proj = torch.zeros(dg.split_count(D), B, D, device=dev, dtype=torch.float32)
+        self.part_mlp = torch.zeros(dg.split_count(hidden), B, D, device=dev, dtype=torch.float32)
+        self.part_attn = torch.zeros(cfg.n_heads, B, D, device=dev, dtype=torch.float32)
+        self.logits = torch.zeros(B, cfg.vocab_size, device=dev, dtype=dtype)
+        self.head_part = torch.zeros(B, dg.head_chunks(cfg.vocab_size), 4, device=dev, dtype=torch.float32)
+        return True
 
     def __call__(self, generator: torch.Generator | None = None) -> None:
         from srl.kernels.decode_step import embed_norm, residual_norm, rope_attend, sample_write
 
+        if self.gemv_path:
+            return self._gemv_step(generator)
         m, cache, st = self.model, self.cache, self.state
         lens, blocks, x, h = cache.lens, m.blocks, self.x, self.h
         embed_norm(st.tokens, lens, m.embed.weight, blocks[0].norm1.weight, blocks[0].norm1.eps, x, h)
@@ -129,6 +164,38 @@ class FusedDecodeStep:
         self.noise.exponential_(1.0, generator=generator)
         sample_write(logits, self.noise, st.tokens, st.logp, lens, st.end, self.params.temperature,
                      self.part)
+
+    def _gemv_step(self, generator) -> None:
+        """The ``FUSED_GEMV`` step: residual stream alternating between x (after attention's
+        input norm) and x2 (after the MLP's), each kernel reading one and writing the other."""
+        from srl.kernels.decode_gemv import attend_proj, gemv_norm, gemv_split, head_sample
+        from srl.kernels.decode_step import rope_attend
+
+        m, cache, st = self.model, self.cache, self.state
+        lens, x, x2 = cache.lens, self.x, self.x2
+        for i, blk in enumerate(m.blocks):
+            n1 = blk.norm1
+            if i == 0:
+                gemv_norm(blk.qkv.weight, n1.weight, n1.eps, x, self.qkv, tokens=st.tokens, lens=lens,
+                          embedding=m.embed.weight)
+            else:
+                gemv_norm(blk.qkv.weight, n1.weight, n1.eps, x, self.qkv, x_in=x2, part=self.part_mlp)
+            if ATTEND_PROJ:
+                attend_proj(self.qkv, self.freqs, lens, cache.k[i], cache.v[i], blk.proj.weight,
+                            self.part_attn, blk.n_heads)
+            else:
+                rope_attend(self.qkv, self.freqs, lens, cache.k[i], cache.v[i], self.attn, blk.n_heads)
+                gemv_split(self.attn, blk.proj.weight, self.part_proj)
+            gemv_norm(blk.fc.weight, blk.norm2.weight, blk.norm2.eps, x2, self.act, x_in=x,
+                      part=self.part_attn if ATTEND_PROJ else self.part_proj, gelu=True)
+            gemv_split(self.act, blk.fc_out.weight, self.part_mlp)
+        if self.torch_sampling:
+            head_sample(x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits,
+                        None, None, self.params.temperature)
+            return self._torch_sample(self.logits, generator)
+        self.noise.exponential_(1.0, generator=generator)
+        head_sample(x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits,
+                    self.noise, self.head_part, self.params.temperature, st.tokens, st.logp, lens, st.end)
 
     def _linear(self, h: Tensor, weight: Tensor, gelu: bool = False) -> Tensor:
         """h @ weight^T (then tanh-GELU): the small-batch kernel for small matrices, else cuBLAS."""

@@ -97,12 +97,23 @@ def embed_norm(tokens: Tensor, lens: Tensor, embedding: Tensor, weight: Tensor, 
 @triton.jit
 def _rope_attend(QKV, FREQS, LENS, KC, VC, O, qk_scale, stride_qkv, stride_kb, stride_kh, stride_ks,
                  stride_ob, N_HEADS, HD: tl.constexpr, HD_P2: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (row b, head h). Rotary pairs (2i, 2i+1): out[d] = x[d] cos - x[d+1] sin
-    for even d and x[d] cos + x[d-1] sin for odd d, with the pair's partner read as x[d ^ 1], so
-    every tile is a contiguous row of the head dim (cached keys are stored rotated)."""
+    """One program per (row b, head h): ``_attend_head``, stored to O[b, h * HD:(h + 1) * HD]."""
     pid = tl.program_id(0)
     b = (pid // N_HEADS).to(tl.int64)
     h = (pid % N_HEADS).to(tl.int64)
+    d = tl.arange(0, HD_P2)
+    o = _attend_head(QKV, FREQS, LENS, KC, VC, b, h, 1, qk_scale, stride_qkv, stride_kb, stride_kh,
+                     stride_ks, N_HEADS, HD, HD_P2, BLOCK_N)
+    tl.store(O + b * stride_ob + h * HD + d, o.to(O.dtype.element_ty), mask=d < HD)
+
+
+@triton.jit
+def _attend_head(QKV, FREQS, LENS, KC, VC, b, h, write, qk_scale, stride_qkv, stride_kb, stride_kh,
+                 stride_ks, N_HEADS, HD: tl.constexpr, HD_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention output (HD_P2,) float32 of row b, head h; k and v written to the cache where
+    ``write`` != 0. Rotary pairs (2i, 2i+1): out[d] = x[d] cos - x[d+1] sin for even d and
+    x[d] cos + x[d-1] sin for odd d, with the pair's partner read as x[d ^ 1], so every tile is a
+    contiguous row of the head dim (cached keys are stored rotated)."""
     d = tl.arange(0, HD_P2)
     d_ok = d < HD
     width = N_HEADS * HD
@@ -124,8 +135,9 @@ def _rope_attend(QKV, FREQS, LENS, KC, VC, O, qk_scale, stride_qkv, stride_kb, s
     k = (k * c + sign * k_p * s).to(dt)
     v = v.to(dt)
     kv_off = b * stride_kb + h * stride_kh
-    tl.store(KC + kv_off + n * stride_ks + d, k, mask=d_ok)
-    tl.store(VC + kv_off + n * stride_ks + d, v, mask=d_ok)
+    w_ok = d_ok & (d * 0 + write != 0)
+    tl.store(KC + kv_off + n * stride_ks + d, k, mask=w_ok)
+    tl.store(VC + kv_off + n * stride_ks + d, v, mask=w_ok)
     # the new token's own key first, then the cached slots 0..n-1 (online softmax, base 2)
     m = tl.sum(q * k.to(tl.float32), 0) * qk_scale
     l_sum = m * 0.0 + 1.0
@@ -146,7 +158,7 @@ def _rope_attend(QKV, FREQS, LENS, KC, VC, O, qk_scale, stride_qkv, stride_kb, s
         l_sum = l_sum * alpha + tl.sum(p, 0)
         acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), 0)
         m = m_new
-    tl.store(O + b * stride_ob + h * HD + d, (acc / l_sum).to(O.dtype.element_ty), mask=d_ok)
+    return acc / l_sum
 
 
 def rope_attend(qkv: Tensor, freqs: Tensor, lens: Tensor, k_cache: Tensor, v_cache: Tensor,
