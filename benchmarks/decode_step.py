@@ -396,7 +396,7 @@ def spec_section(res: dict, save, iterations: int = 40) -> None:
     with torch.device(DEV):
         policy = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
         draft = TransformerLM(LMConfig(**DRAFT)).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, 100, (1, 9), device=DEV)
+    prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (1, 9), device=DEV)
     with torch.inference_mode():
         for k, L in SPEC_CONFIGS:
             s = SpeculativeSampler(policy, draft, 1, 512, k=k, draft_len=L, cuda_graph=CUDA)
