@@ -262,15 +262,16 @@ def profile_section(batch) -> dict:
 
 TILE_CANDIDATES = {
     "default": {},
+    "attend_proj256": {"attend_proj": True, "attend": dict(BLOCK_O=256, num_warps=4)},
+    "attend_proj256_s128w8": {"attend_proj": True, "attend": dict(BLOCK_O=256, BLOCK_S=128, num_warps=8)},
     "norm8_split8": {"norm": dict(BLOCK_N=8, num_warps=4), "split": dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)},
-    "norm32w8_split32": {"norm": dict(BLOCK_N=32, num_warps=8), "split": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)},
     "norm16w8_splitK512": {"norm": dict(BLOCK_N=16, num_warps=8), "split": dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)},
-    "splitK128_w2": {"split": dict(BLOCK_N=16, BLOCK_K=128, num_warps=2), "norm": dict(BLOCK_N=8, num_warps=2)},
-    "head32x4w8": {"head": dict(BLOCK_N=32, N_SUB=4, num_warps=8)},
+    "splitK1024w8": {"split": dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8)},
     "head16x4": {"head": dict(BLOCK_N=16, N_SUB=4, num_warps=4)},
     "head32x1w8": {"head": dict(BLOCK_N=32, N_SUB=1, num_warps=8)},
-    "splitK1024w8": {"split": dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8)},
-    "attend_proj256": {"attend_proj": True, "attend": dict(BLOCK_O=256, num_warps=4)},
+    "norm32w8_split32": {"norm": dict(BLOCK_N=32, num_warps=8), "split": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)},
+    "splitK128_w2": {"split": dict(BLOCK_N=16, BLOCK_K=128, num_warps=2), "norm": dict(BLOCK_N=8, num_warps=2)},
+    "head32x4w8": {"head": dict(BLOCK_N=32, N_SUB=4, num_warps=8)},
     "attend_proj128": {"attend_proj": True, "attend": dict(BLOCK_O=128, num_warps=4)},
     "attend_proj64w2": {"attend_proj": True, "attend": dict(BLOCK_O=64, num_warps=2)},
 }

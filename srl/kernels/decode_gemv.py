@@ -173,9 +173,10 @@ TILES = {"norm": dict(BLOCK_N=16, num_warps=4), "split": dict(BLOCK_N=16, BLOCK_
 """Tiles: ``norm`` for ``gemv_norm`` (BLOCK_K is the padded model width), ``split`` for
 ``gemv_split`` (BLOCK_K is the K chunk: SPLIT = K / BLOCK_K programs per output tile), ``head``
 for ``head_sample`` (a program covers N_SUB * BLOCK_N vocabulary rows), ``attend`` for
-``attend_proj`` (BLOCK_O output columns per program; each recomputes its head's attention)."""
+``attend_proj`` (BLOCK_O output columns per program, each recomputing its head's attention over
+cache tiles of BLOCK_S slots; default 8192 / head dim, at most 64)."""
 INTERPRET_TILES = {"norm": dict(BLOCK_N=32, num_warps=4), "split": dict(BLOCK_N=32, BLOCK_K=32, num_warps=4),
-                   "head": dict(BLOCK_N=16, N_SUB=2, num_warps=4), "attend": dict(BLOCK_O=16, num_warps=4)}
+                   "head": dict(BLOCK_N=16, N_SUB=2, num_warps=4), "attend": dict(BLOCK_O=16, BLOCK_S=16, num_warps=4)}
 """Few programs through the interpreter (its cost is per program and op), still several K chunks
 (MLP hidden > 32), output tiles, vocabulary chunks and sub-tiles at the tests' shapes."""
 MAX_ROWS = 8
@@ -284,5 +285,5 @@ def attend_proj(qkv: Tensor, freqs: Tensor, lens: Tensor, k_cache: Tensor, v_cac
     _attend_proj[(triton.cdiv(D, t["BLOCK_O"]), n_heads)](
         qkv, freqs, lens, k_cache, v_cache, weight, part, B, D, float(hd ** -0.5) * 1.4426950408889634,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n_heads, HD=hd,
-        HD_P2=max(triton.next_power_of_2(hd), 2), BLOCK_S=16 if INTERPRET else max(16, min(64, 8192 // hd)),
+        HD_P2=max(triton.next_power_of_2(hd), 2), BLOCK_S=t.get("BLOCK_S", max(16, min(64, 8192 // hd))),
         BLOCK_O=t["BLOCK_O"], num_warps=t["num_warps"])
