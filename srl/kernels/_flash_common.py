@@ -218,3 +218,9 @@ def empty_like_heads(t: torch.Tensor) -> torch.Tensor:
     if H > 1 and N > 1 and t.stride(1) < t.stride(2):
         return torch.empty((B, N, H, D), device=t.device, dtype=t.dtype).transpose(1, 2)
     return torch.empty((B, H, N, D), device=t.device, dtype=t.dtype)
+
+
+def host_cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: ``triton.cdiv`` is a Triton constexpr function, microseconds a call
+    in a launcher that runs per layer."""
+    return -(-a // b)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from srl.kernels._flash_common import (INTERPRET, autotune, check_index, check_kernel_inputs, empty_like_heads,
-                                       last_dim_contiguous, launch, load_kv_tile, needs_upcast, online_softmax_step)
+                                       host_cdiv, last_dim_contiguous, launch, load_kv_tile, needs_upcast,
+                                       online_softmax_step)
 from srl.kernels._reference import attention_reference
 
 _LOG2E = 1.4426950408889634  # 1 / ln(2)
@@ -163,8 +164,8 @@ _WAVES = 4  # programs per SM the split count aims for
 def _num_splits(programs, n_k, device):
     """Enough splits to give the GPU about _WAVES programs per SM, each >= 256 keys."""
     sms = _sm_count(device)
-    want = triton.cdiv(_WAVES * sms, programs)
-    return max(1, min(want, triton.cdiv(n_k, 256), 256))
+    want = host_cdiv(_WAVES * sms, programs)
+    return max(1, min(want, host_cdiv(n_k, 256), 256))
 
 
 def flash_decode(q, k, v, causal=True, sm_scale=None, kv_lens=None, num_splits=None, kv_start=None,
@@ -213,11 +214,11 @@ def _decode_launch(q, k, v, causal, scale, kv_lens, kv_start, kv_prefix, num_spl
     group = H // Hkv
     rows = group * Nq
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
-    m_blocks = triton.cdiv(rows, block_m)
+    m_blocks = host_cdiv(rows, block_m)
     m_pad = m_blocks * block_m
     splits = num_splits or _num_splits(B * Hkv * m_blocks, Nk, q.device)
-    split_len = triton.cdiv(Nk, splits)
-    splits = triton.cdiv(Nk, split_len)
+    split_len = host_cdiv(Nk, splits)
+    splits = host_cdiv(Nk, split_len)
     use_split = splits > 1
 
     o = empty_like_heads(q)
@@ -228,9 +229,7 @@ def _decode_launch(q, k, v, causal, scale, kv_lens, kv_start, kv_prefix, num_spl
         o_part = lse_part = o  # unused
     index = [o if t is None else t for t in (kv_lens, kv_start, kv_prefix)]  # o: unused placeholder
     args = (q, k, v, o, o_part, lse_part, *index, scale * _LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
     meta = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=needs_upcast(q), HAS_KV_LENS=kv_lens is not None,
                 SPLIT=use_split, BLOCK_M=block_m, HAS_START=kv_start is not None, HAS_PREFIX=kv_prefix is not None)
     tiles = _INTERP_DECODE if INTERPRET else _DECODE_TILES[D]
@@ -238,5 +237,5 @@ def _decode_launch(q, k, v, causal, scale, kv_lens, kv_start, kv_prefix, num_spl
     if use_split:
         _decode_combine[(rows, B * Hkv)](
             o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), Hkv, Nq, group, m_pad, splits,
-            HEAD_DIM=D, SPLITS_P2=max(triton.next_power_of_2(splits), 2))
+            HEAD_DIM=D, SPLITS_P2=max(1 << (splits - 1).bit_length(), 2))
     return o

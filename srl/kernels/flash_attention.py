@@ -40,9 +40,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from srl.kernels._flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_preprocess
 from srl.kernels._flash_common import (INTERPRET, SUPPORTED_HEAD_DIMS, TUNE, autotune, causal_bounds, check_index,
-                                       check_kernel_inputs, constexpr_arg, empty_like_heads, last_dim_contiguous,
-                                       launch, load_kv_desc, load_kv_tile, needs_upcast, online_softmax_step,
-                                       start_bounds)
+                                       check_kernel_inputs, constexpr_arg, empty_like_heads, host_cdiv,
+                                       last_dim_contiguous, launch, load_kv_desc, load_kv_tile, needs_upcast,
+                                       online_softmax_step, start_bounds)
 from srl.kernels._flash_decode import _decode_launch, flash_decode
 from srl.kernels._reference import attention_reference  # noqa: F401 - public here too
 
@@ -269,7 +269,7 @@ def _bucket(n):
 
 
 def _strides(t):  # (b, h, n) strides; the last dim is contiguous
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,7 +335,7 @@ def _forward(q, k, v, causal, sm_scale, kv_start=None, kv_lens=None, kv_prefix=N
             H, H // Hkv, Nq, Nk, _bucket(max(Nq, Nk)))
     meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), HAS_START=kv_start is not None, HAS_LENS=kv_lens is not None,
                 HAS_PREFIX=kv_prefix is not None, UPCAST=needs_upcast(q))
-    launch(_attn_fwd, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, tiles)
+    launch(_attn_fwd, lambda c: (host_cdiv(Nq, c["BLOCK_M"]), B * H), args, meta, tiles)
     return o, lse
 
 
@@ -346,7 +346,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start=None):
     dq, dk, dv = (empty_like_heads(t) for t in (q, k, v))
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     pre_m = 64
-    _bwd_preprocess[(triton.cdiv(Nq, pre_m), B * H)](
+    _bwd_preprocess[(host_cdiv(Nq, pre_m), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=pre_m)
     upcast = needs_upcast(q)
     bucket = _bucket(max(Nq, Nk))
@@ -361,9 +361,9 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start=None):
     kv_tiles, q_tiles = _bwd_tiles(D, causal, q.dtype)
     # EVEN_M: every query block is full (all BLOCK_M values tried divide 128)
     even_m = Nq % (128 if TUNE else kv_tiles["BLOCK_M"]) == 0
-    launch(_attn_bwd_dkdv, lambda c: (triton.cdiv(Nk, c["BLOCK_N"]), B * Hkv), kv_args,
+    launch(_attn_bwd_dkdv, lambda c: (host_cdiv(Nk, c["BLOCK_N"]), B * Hkv), kv_args,
            dict(meta, EVEN_M=even_m), kv_tiles)
-    launch(_attn_bwd_dq, lambda c: (triton.cdiv(Nq, c["BLOCK_M"]), B * H), q_args, meta, q_tiles)
+    launch(_attn_bwd_dq, lambda c: (host_cdiv(Nq, c["BLOCK_M"]), B * H), q_args, meta, q_tiles)
     return dq, dk, dv
 
 
