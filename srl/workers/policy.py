@@ -20,6 +20,7 @@ from srl.system.wire import Message, WireError
 from srl.system.worker import PollResult
 from srl.workers.base import RLWorker
 from srl.workers.reports import PolicyReport, to_meta
+from srl.workers.staging import StagedArrays
 
 
 class PolicyWorker(RLWorker):
@@ -55,6 +56,7 @@ class PolicyWorker(RLWorker):
         self.stacks = (StackTable(self.max_env_id, self.info.obs_shape, self.device)
                        if sticky and not recurrent and stacked_pixels(self.info.obs_shape, self.info.obs_dtype) else None)
         """Each env's last frame stack, so that actors can send only the newest frame (srl.envs.frames)."""
+        self._staged = StagedArrays()
 
     def _load(self, got) -> int:
         version, arrays = got
@@ -119,11 +121,10 @@ class PolicyWorker(RLWorker):
                 rows.append(np.arange(at, at + n, dtype=np.int64))
                 full.append(r.obs)
             at += n
-        dev = self.device
-        ids = torch.from_numpy(np.concatenate([r.env_ids for r in pending])).to(dev)
-        return self.stacks.apply(ids, torch.from_numpy(np.concatenate(newest)).to(dev),
-                                 torch.from_numpy(np.concatenate(rows)).to(dev),
-                                 torch.from_numpy(np.concatenate(full)).to(dev))
+        ids, rows = np.concatenate([r.env_ids for r in pending]), np.concatenate(rows)
+        newest, full = np.concatenate(newest), np.concatenate(full)
+        ids_t, rows_t, newest_t, full_t = self._staged.upload([ids, rows, newest, full], self.device)
+        return self.stacks.apply(ids_t, newest_t, rows_t, full_t)
 
     def _gather(self, arrays: list[np.ndarray]) -> np.ndarray:
         """The requests' observations as one array. Pixels bound for a GPU are copied once, into a
@@ -144,8 +145,8 @@ class PolicyWorker(RLWorker):
     def _act(self, obs: np.ndarray, pending: list) -> tuple[np.ndarray, np.ndarray, dict | None]:
         """(action, logp, the memory state before the step or None) of the pending requests."""
         if self.memory is None:
-            action, logp = self.policy.act(self._to_device(obs))
-            return action.cpu().numpy(), logp.cpu().numpy(), None
+            action, logp = self._staged.download(self.policy.act(self._to_device(obs)))
+            return action, logp, None
         ids = np.concatenate([r.env_ids for r in pending])
         first = np.concatenate([r.msg.arrays["first"] for r in pending])
         if self.graphed is not None and not any(r.msg.meta.get("want_state") is True for r in pending):
@@ -165,8 +166,8 @@ class PolicyWorker(RLWorker):
             return PollResult()
         sizes = [len(r.obs) for r in pending]
         if self.stacks is not None:
-            action, logp = self.policy.act(self._stacked(pending))
-            action, logp, state = action.cpu().numpy(), logp.cpu().numpy(), None
+            action, logp = self._staged.download(self.policy.act(self._stacked(pending)))
+            state = None
         else:
             obs = self._gather([r.obs for r in pending])
             action, logp, state = self._act(obs, pending)
