@@ -381,8 +381,9 @@ def gemv_rows(model, batches, repeats, new_tokens, res) -> None:
 
 
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
-SPEC_CONFIGS = ((1, 7), (4, 7), (1, 5))
-"""(k, L) of the speculative iterations timed by section ``spec`` (batch 1)."""
+SPEC_CONFIGS = ((1, 7, True), (1, 7, False), (4, 7, False), (1, 5, True))
+"""(k, L, the draft's steps through the fused small-batch step) of the speculative iterations
+timed by section ``spec`` (batch 1)."""
 
 
 def spec_section(res: dict, save, iterations: int = 40) -> None:
@@ -391,6 +392,7 @@ def spec_section(res: dict, save, iterations: int = 40) -> None:
     policy and draft of ``benchmarks/generation.py`` (bf16). The time of an iteration does not
     depend on the weights; tokens/s is tokens per pass (acceptance) / time per iteration."""
     from srl.generation.decode import GraphedStep, prefill, tree_slot_mask
+    from srl.generation import speculative
     from srl.generation.speculative import SpeculativeSampler, draft_blocks
 
     torch.manual_seed(0)
@@ -399,17 +401,22 @@ def spec_section(res: dict, save, iterations: int = 40) -> None:
         draft = TransformerLM(LMConfig(**DRAFT)).to(torch.bfloat16).eval()
     prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (1, 9), device=DEV)
     with torch.inference_mode():
-        for k, L in SPEC_CONFIGS:
-            s = SpeculativeSampler(policy, draft, 1, 512, k=k, draft_len=L, cuda_graph=CUDA)
+        for k, L, fused_draft in SPEC_CONFIGS:
+            speculative.FUSED_DRAFT = fused_draft
+            try:
+                s = SpeculativeSampler(policy, draft, 1, 512, k=k, draft_len=L, cuda_graph=CUDA)
+            finally:
+                speculative.FUSED_DRAFT = False
             s.state.reset(prompt, 400)
             prefill(policy, s.tcache, prompt)
             prefill(draft, s.dcache, prompt)
-            row = {"k": k, "L": L, "ms_per_iteration": _ms_per_call(s._step, iterations)}
+            row = {"k": k, "L": L, "fused_draft": s.draft_step is not None,
+                   "ms_per_iteration": _ms_per_call(s._step, iterations)}
 
             def draft_only(s=s, k=k, L=L):
                 slots, positions, mask = tree_slot_mask(s.tcache.lens, k, L, s.tcache.max_len)
                 draft_blocks(draft, s.dcache, s.state, (slots, positions, mask.dense), k, L, s.params,
-                             s.generator)
+                             s.generator, s.draft_step)
 
             g = GraphedStep(draft_only, enabled=CUDA, generators=(s.generator,))
             row["ms_draft_block"] = _ms_per_call(g, iterations)

@@ -287,3 +287,34 @@ def test_gemv_path_matches_torch_step_and_falls_back(monkeypatch):
     state = GenState.allocate(B, 16, "cpu")
     step = FusedDecodeStep(model, cache_for(model, B, 16, "cpu", torch.float32), state, SamplingParams())
     assert step.gemv_path is False
+
+
+def test_fused_draft_steps_match_the_torch_draft():
+    """Standard speculative sampling with the draft's steps through ``FusedDecodeStep.logits``
+    emits what the torch draft path emits from the same generator (tokens, log-probs, caches)."""
+    from srl.generation.decode import prefill
+    from srl.generation.speculative import fused_draft_step, speculative_step
+
+    target, draft = _model(7), _model(8, d_model=16, n_heads=2, n_layers=1)
+    prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for fused in (False, True):
+        tc, dc = cache_for(target, 2, 40, "cpu", torch.float32), cache_for(draft, 2, 40, "cpu", torch.float32)
+        state = GenState.allocate(2, 40, "cpu")
+        state.reset(prompt, 12)
+        step = fused_draft_step(draft, dc, state, SamplingParams(1.0), 1, "cpu", force=True) if fused else None
+        assert (step is not None) == fused
+        gen = torch.Generator().manual_seed(4)
+        with torch.inference_mode():
+            prefill(target, tc, prompt)
+            prefill(draft, dc, prompt)
+            for _ in range(3):
+                speculative_step(target, draft, tc, dc, state, 1, 3, SamplingParams(1.0), gen, draft_step=step)
+        outs.append((state, tc, dc))
+    (s0, t0, d0), (s1, t1, d1) = outs
+    assert torch.equal(s1.tokens, s0.tokens) and torch.equal(t1.lens, t0.lens)
+    assert int(t0.lens.min()) > 4 + 3  # more than one token per iteration on some row
+    torch.testing.assert_close(s1.logp, s0.logp, rtol=1e-4, atol=1e-5)
+    n = int(d0.lens.max())
+    torch.testing.assert_close(d1.k[..., :n, :], d0.k[..., :n, :], rtol=1e-5, atol=1e-5)
+    assert fused_draft_step(draft, d0, s0, SamplingParams(1.0), 4, "cpu", force=True) is None  # k > 1

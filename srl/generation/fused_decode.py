@@ -87,7 +87,7 @@ ATTEND_PROJ = False
 class FusedDecodeStep:
     """Callable ``step(generator)``: one token per unfinished row, written to ``state``."""
 
-    def __init__(self, model, cache, state, params, fuse_cats_cast: bool = True):
+    def __init__(self, model, cache, state, params, fuse_cats_cast: bool = True, gemv: bool | None = None):
         why = fused_unsupported(model, params)
         if why is not None:
             raise ValueError(f"fused decode step cannot run this model: {why}")
@@ -111,7 +111,8 @@ class FusedDecodeStep:
         if GELU_EPILOGUE and model.blocks[0].gated is None and dev.type == "cuda":
             self.gelu_bias = torch.zeros(cfg.mlp["hidden"], device=dev, dtype=dtype)
         self.torch_sampling = params.top_k is not None or (params.top_p is not None and params.top_p < 1.0)
-        self.gemv_path = self._gemv_buffers(model, B, dev, dtype) if FUSED_GEMV else False
+        use = FUSED_GEMV if gemv is None else gemv
+        self.gemv_path = self._gemv_buffers(model, B, dev, dtype) if use else False
 
     def _gemv_buffers(self, model, B: int, dev, dtype) -> bool:
         """Workspaces of the ``FUSED_GEMV`` path; False where it does not apply."""
@@ -129,8 +130,9 @@ class FusedDecodeStep:
         self.act = torch.zeros(B, hidden, device=dev, dtype=dtype)
         self.part_proj = torch.zeros(dg.split_count(D), B, D, device=dev, dtype=torch.float32)
         self.part_mlp = torch.zeros(dg.split_count(hidden), B, D, device=dev, dtype=torch.float32)
+        self.zero_lens = torch.zeros(B, device=dev, dtype=torch.long)
         self.part_attn = torch.zeros(cfg.n_heads, B, D, device=dev, dtype=torch.float32)
-        self.logits = torch.zeros(B, cfg.vocab_size, device=dev, dtype=dtype)
+        self.logits_buf = torch.zeros(B, cfg.vocab_size, device=dev, dtype=dtype)
         self.head_part = torch.zeros(B, dg.head_chunks(cfg.vocab_size), 4, device=dev, dtype=torch.float32)
         return True
 
@@ -168,15 +170,43 @@ class FusedDecodeStep:
     def _gemv_step(self, generator) -> None:
         """The ``FUSED_GEMV`` step: residual stream alternating between x (after attention's
         input norm) and x2 (after the MLP's), each kernel reading one and writing the other."""
-        from srl.kernels.decode_gemv import attend_proj, gemv_norm, gemv_split, head_sample
+        from srl.kernels.decode_gemv import head_sample
+
+        m, st, lens = self.model, self.state, self.cache.lens
+        self._gemv_layers(st.tokens, lens, lens)
+        if self.torch_sampling:
+            head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
+                        None, None, self.params.temperature)
+            return self._torch_sample(self.logits_buf, generator)
+        self.noise.exponential_(1.0, generator=generator)
+        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
+                    self.noise, self.head_part, self.params.temperature, st.tokens, st.logp, lens, st.end)
+
+    def logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits (B, V) (a buffer, overwritten by the next call) of one token per row: tokens
+        (B, 1) at positions (B,), which are also their cache slots; the cache's lens are not read
+        or changed. A draft's autoregressive step in speculative sampling (``FUSED_GEMV`` path)."""
+        from srl.kernels.decode_gemv import head_sample
+
+        if not self.gemv_path:
+            raise ValueError("FusedDecodeStep.logits needs the FUSED_GEMV path (see _gemv_buffers)")
+        m = self.model
+        self._gemv_layers(tokens, self.zero_lens, positions)
+        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
+                    None, None, 1.0)
+        return self.logits_buf
+
+    def _gemv_layers(self, tokens: Tensor, tok_at: Tensor, lens: Tensor) -> None:
+        """The layers of the ``FUSED_GEMV`` step: input token tokens[b, tok_at[b]] at position and
+        slot lens[b]; the final residual stream is x2 + part_mlp summed (the head's prologue)."""
+        from srl.kernels.decode_gemv import attend_proj, gemv_norm, gemv_split
         from srl.kernels.decode_step import rope_attend
 
-        m, cache, st = self.model, self.cache, self.state
-        lens, x, x2 = cache.lens, self.x, self.x2
+        m, cache, x, x2 = self.model, self.cache, self.x, self.x2
         for i, blk in enumerate(m.blocks):
             n1 = blk.norm1
             if i == 0:
-                gemv_norm(blk.qkv.weight, n1.weight, n1.eps, x, self.qkv, tokens=st.tokens, lens=lens,
+                gemv_norm(blk.qkv.weight, n1.weight, n1.eps, x, self.qkv, tokens=tokens, lens=tok_at,
                           embedding=m.embed.weight)
             else:
                 gemv_norm(blk.qkv.weight, n1.weight, n1.eps, x, self.qkv, x_in=x2, part=self.part_mlp)
@@ -189,13 +219,6 @@ class FusedDecodeStep:
             gemv_norm(blk.fc.weight, blk.norm2.weight, blk.norm2.eps, x2, self.act, x_in=x,
                       part=self.part_attn if ATTEND_PROJ else self.part_proj, gelu=True)
             gemv_split(self.act, blk.fc_out.weight, self.part_mlp)
-        if self.torch_sampling:
-            head_sample(x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits,
-                        None, None, self.params.temperature)
-            return self._torch_sample(self.logits, generator)
-        self.noise.exponential_(1.0, generator=generator)
-        head_sample(x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits,
-                    self.noise, self.head_part, self.params.temperature, st.tokens, st.logp, lens, st.end)
 
     def _linear(self, h: Tensor, weight: Tensor, gelu: bool = False) -> Tensor:
         """h @ weight^T (then tanh-GELU): the small-batch kernel for small matrices, else cuBLAS."""

@@ -218,11 +218,13 @@ def emitted_log_probs(p: Tensor, src: Tensor, emitted: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- one iteration
 
 def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params: SamplingParams,
-                 generator=None) -> tuple[Tensor, Tensor]:
+                 generator=None, step=None) -> tuple[Tensor, Tensor]:
     """k i.i.d. draft blocks of L tokens: (drafts (B, k, L), q (B, k, L, V)).
 
     The first call re-feeds the token before x0, whose draft cache entry is stale when the last
-    block was fully accepted (the draft never ran on its last token).
+    block was fully accepted (the draft never ran on its last token). ``step`` (k = 1): a
+    ``FusedDecodeStep`` of the draft whose ``logits`` run the later calls (one token per row at
+    slot and position lens + t, what the layout gives for k = 1) in a few launches.
     """
     slots, positions, mask = layout
     P = dcache.lens
@@ -233,8 +235,11 @@ def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params:
     qs, ds = [q_t], [sample_from_probs(q_t, generator)]
     for t in range(1, L):
         cols = 1 + torch.arange(k, device=P.device) * L + (t - 1)  # draft j's token t-1
-        logits = draft(ds[-1], dcache, positions=positions[:, cols], slots=slots[:, cols],
-                       mask=mask[:, cols])
+        if step is not None:
+            logits = step.logits(ds[-1], positions[:, t].contiguous())[:, None]
+        else:
+            logits = draft(ds[-1], dcache, positions=positions[:, cols], slots=slots[:, cols],
+                           mask=mask[:, cols])
         q_t = probs_from_params(logits, params)
         qs.append(q_t)
         ds.append(sample_from_probs(q_t, generator))
@@ -242,15 +247,18 @@ def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params:
 
 
 def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: int,
-                     params: SamplingParams, generator=None, stats: Tensor | None = None) -> None:
+                     params: SamplingParams, generator=None, stats: Tensor | None = None,
+                     draft_step=None) -> None:
     """One draft-then-verify iteration for every unfinished row (static shapes, no host sync).
 
     ``stats`` (3,) accumulates [target passes of active rows, accepted draft tokens, emitted].
+    ``draft_step``: see ``draft_blocks``' ``step``.
     """
     P = tcache.lens
     B = P.shape[0]
     slots, positions, mask = tree_slot_mask(P, k, L, tcache.max_len)
-    drafts, q = draft_blocks(draft, dcache, state, (slots, positions, mask.dense), k, L, params, generator)
+    drafts, q = draft_blocks(draft, dcache, state, (slots, positions, mask.dense), k, L, params, generator,
+                             draft_step)
     tin = torch.cat([state.x0(P), drafts.reshape(B, k * L)], 1)  # (B, 1 + kL)
     p_flat = probs_from_params(target(tin, tcache, positions=positions, slots=slots, mask=mask),
                                params)  # (B, 1 + kL, V)
@@ -274,6 +282,24 @@ def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: 
         stats += torch.stack([active.sum(), ((n_emit - 1).clamp_min(0)).sum(), n_emit.sum()])
     tcache.lens.add_(n_emit)
     dcache.lens.copy_(tcache.lens)
+
+
+FUSED_DRAFT = False
+"""Standard speculative sampling (k = 1) on CUDA: the draft's autoregressive steps through the
+fused small-batch decode step (``srl.generation.fused_decode``) where the draft allows it."""
+
+
+def fused_draft_step(draft, dcache, state: GenState, params: SamplingParams, k: int, dev,
+                     force: bool = False):
+    """The draft's ``FusedDecodeStep`` (small-batch path) for ``draft_blocks``, or None."""
+    from srl.generation.fused_decode import FusedDecodeStep, fused_unsupported
+
+    if k != 1 or not (force or (FUSED_DRAFT and torch.device(dev).type == "cuda")):
+        return None
+    if fused_unsupported(draft, params) is not None:
+        return None
+    step = FusedDecodeStep(draft, dcache, state, params, gemv=True)
+    return step if step.gemv_path else None
 
 
 class SpeculativeSampler:
@@ -305,6 +331,7 @@ class SpeculativeSampler:
         self.dcache = cache_for(draft, batch, max_len, dev, dtype or next(draft.parameters()).dtype)
         self.state = GenState.allocate(batch, max_len, dev)
         self.stats = torch.zeros(3, dtype=torch.long, device=dev)
+        self.draft_step = fused_draft_step(draft, self.dcache, self.state, self.params, k, dev)
         dummy = torch.zeros(batch, 2, dtype=torch.long, device=dev)
         self.state.reset(dummy, 1)
         with torch.inference_mode():  # capture from a valid state (lens >= 1)
@@ -317,7 +344,7 @@ class SpeculativeSampler:
 
     def _iteration(self) -> None:
         speculative_step(self.target, self.draft, self.tcache, self.dcache, self.state, self.k,
-                         self.L, self.params, self.generator, self.stats)
+                         self.L, self.params, self.generator, self.stats, self.draft_step)
 
     def slack(self) -> int:
         """Cache slots needed past prompt + max_new_tokens."""
