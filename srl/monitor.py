@@ -56,6 +56,8 @@ class RLMonitor:
         self.episodes = 0
         self.learned_steps = 0
         self.returns: collections.deque = collections.deque(maxlen=return_window(cfg))
+        self.mean_at_stop: float | None = None
+        """The mean return that met ``stop.mean_return``, the run's reported result."""
         self.window_returns: list[float] = []
         self.window_lengths: list[int] = []
         self.trainer_stats: dict = {}
@@ -139,6 +141,7 @@ class RLMonitor:
             return "env_steps"
         mean = self.mean_return()
         if stop.mean_return is not None and mean is not None and mean >= stop.mean_return:
+            self.mean_at_stop = mean  # games that end while the workers stop do not change the result
             return "mean_return"
         if stop.wall_s is not None and wall_s >= stop.wall_s:
             return "wall_s"
@@ -183,4 +186,5 @@ class RLMonitor:
 
     def result(self, run_dir: str, reason: str, wall_s: float, restarts: int) -> RunResult:
         self.episodes_fh.close()
-        return RunResult(run_dir, self.env_steps, self.mean_return(), wall_s, self.episodes, reason, restarts)
+        mean = self.mean_at_stop if reason == "mean_return" and self.mean_at_stop is not None else self.mean_return()
+        return RunResult(run_dir, self.env_steps, mean, wall_s, self.episodes, reason, restarts)
