@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import time
 
 import numpy as np
 import torch
 
-from srl.generation.decode import cache_for, prefill
-from srl.generation.speculative import SpeculativeSampler
-from srl.policies.lm import LMConfig, TransformerLM
+from bare_imports import bare_packages  # noqa: E402 - benchmarks/ is on sys.path when run
+
+bare_packages("srl.envs", "srl.policies")  # the GPU image has no gymnasium
+from srl.generation.decode import cache_for, prefill, tree_slot_mask  # noqa: E402
+from srl.generation.speculative import SpeculativeSampler  # noqa: E402
+from srl.policies.lm import LMConfig, TransformerLM  # noqa: E402
 
 POLICY = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
@@ -36,9 +40,8 @@ DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1
 
 def _pair(kernels: bool):
     torch.manual_seed(0)
-    models = [TransformerLM(LMConfig(**cfg, kernels=kernels)).cuda().to(torch.bfloat16).eval()
-              for cfg in (POLICY, DRAFT)]
-    return models
+    with torch.device("cuda"):  # initialised on the GPU: seconds faster than on the host
+        return [TransformerLM(LMConfig(**cfg, kernels=kernels)).to(torch.bfloat16).eval() for cfg in (POLICY, DRAFT)]
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -85,6 +88,29 @@ def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> di
             "tokens_per_pass": float(np.median([r.stats["tokens_per_pass"] for r in runs]))}
 
 
+@torch.inference_mode()
+def check_logits(pairs: dict, B: int = 4, T: int = 64, P: int = 32, k: int = 4, L: int = 5) -> dict:
+    """Relative error of the srl side's policy logits against the SDPA side's (same weights, same
+    inputs): a causal forward of T tokens, and a tree pass over per-row cache lengths after a
+    prefill of P tokens (shapes that share the kernels the timed parts compile)."""
+    torch.manual_seed(4)
+    target = pairs["sdpa"][0]
+    dev, dtype, vocab = target.head.weight.device, target.head.weight.dtype, target.config.vocab_size
+    x = torch.randint(0, vocab, (B, T), device=dev)
+    drop = torch.arange(B, device=dev) * 3  # rows at different cache lengths
+    logits = {}
+    for side, (target, _) in pairs.items():
+        cache = cache_for(target, B, 128, dev, dtype)
+        prefill(target, cache, x[:, :P])
+        cache.lens -= drop
+        slots, positions, mask = tree_slot_mask(cache.lens, k, L, cache.max_len)
+        tin = torch.cat([x.gather(1, cache.lens[:, None]), x[:, P:P + k * L]], 1)
+        logits[side] = {"causal": target(x).float(),
+                        "tree": target(tin, cache, positions=positions, slots=slots, mask=mask).float()}
+    return {part: float((logits["srl"][part] - want).norm() / want.norm())
+            for part, want in logits["sdpa"].items()}
+
+
 def _ms(row: dict) -> float:
     return row.get("ms", row.get("ms_per_iteration"))
 
@@ -99,6 +125,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--short-on-forward", action="store_true",
+                   help="then the speculative parts again with short queries on the forward kernel, not the decode one")
     args = p.parse_args()
     tb, tt = map(int, args.train.split("x"))
     pb, pt = map(int, args.prefill.split("x"))
@@ -106,25 +134,42 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "settings": vars(args), "rows": []}
 
-    def both(part: str, fn, **key) -> None:
+    def both(part: str, fn, sides=("sdpa", "srl"), **key) -> None:
         """One part on both sides back to back (so a cut run keeps whole comparisons); JSON rewritten."""
-        got = {}
-        for side, (target, draft) in pairs.items():
-            got[side] = {"part": part, "side": side, **key, **fn(target, draft)}
-            result["rows"].append(got[side])
-            print(json.dumps(got[side]), flush=True)
-        print(f"{part} {key}: SDPA {_ms(got['sdpa']):.3f} ms  srl {_ms(got['srl']):.3f} ms  "
-              f"SDPA / srl {_ms(got['sdpa']) / _ms(got['srl']):.3f}", flush=True)
+        for side in sides:
+            row = {"part": part, "side": side, **key}
+            try:
+                row.update(fn(*pairs[side.split("_")[0]]))
+            except Exception as exc:  # noqa: BLE001 - recorded; the other parts still run
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        sdpa = next(r for r in result["rows"] if r["side"] == "sdpa" and r["part"] == part
+                    and all(r[n] == v for n, v in key.items()))
+        if _ms(sdpa) and _ms(row):
+            print(f"{part} {key}: SDPA {_ms(sdpa):.3f} ms  {side} {_ms(row):.3f} ms  "
+                  f"SDPA / {side} {_ms(sdpa) / _ms(row):.3f}", flush=True)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=1)
 
+    try:
+        result["logits_rel_err"] = check_logits(pairs)  # the kernels' answers, before their times
+    except Exception as exc:  # noqa: BLE001
+        result["logits_rel_err"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    print("srl vs SDPA logits, relative error:", json.dumps(result["logits_rel_err"]), flush=True)
     for B in args.spec_batches:
         for k in args.ks:
             both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
                  B=B, k=k, L=args.draft_len)
     both("prefill", lambda t, d: {"ms": bench_prefill(t, pb, pt, args.reps)}, B=pb, T=pt)
     both("train", lambda t, d: {"ms": bench_train(t, tb, tt, args.reps)}, B=tb, T=tt)
+    if args.short_on_forward:
+        importlib.import_module("srl.kernels.flash_attention")._DECODE_Q = 0
+        for B in args.spec_batches:
+            for k in args.ks:
+                both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
+                     sides=("srl_forward",), B=B, k=k, L=args.draft_len)
 
 
 if __name__ == "__main__":

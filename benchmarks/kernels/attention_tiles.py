@@ -24,12 +24,18 @@ import concurrent.futures as cf
 import importlib
 import json
 import multiprocessing
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bare_imports import bare_packages  # noqa: E402
+
+bare_packages("srl.envs", "srl.policies")  # the GPU image has no gymnasium
 fa = importlib.import_module("srl.kernels.flash_attention")  # the module (the package exports the function)
 dec = importlib.import_module("srl.kernels._flash_decode")
 
