@@ -100,48 +100,31 @@ def _sampler_without_cast_fusion(model, batch, max_len, steps_per_graph):
     return s
 
 
-def gelu_epilogue_check(model, batch) -> dict:
-    """Which GELU the cuBLASLt epilogue computes: max |diff| against tanh-GELU and erf-GELU."""
-    fc = model.blocks[0].fc.weight
-    h = torch.randn(batch, fc.shape[1], device=DEV, dtype=fc.dtype)
-    a = torch._addmm_activation(torch.zeros(fc.shape[0], device=DEV, dtype=fc.dtype), h, fc.t(), use_gelu=True)
-    ref = torch.nn.functional.linear(h.float(), fc.float())
-    res = {f"max_diff_{k}": float((a.float() - torch.nn.functional.gelu(ref, approximate=k)).abs().max())
-           for k in ("tanh", "none")}
-    log(f"  gelu epilogue check: {res}")
-    return res
-
-
-def plain_section(batches, new_tokens, repeats, graph_steps) -> dict:
+def plain_section(batches, new_tokens, repeats, graph_steps, with_torch=True) -> dict:
+    """Per batch: the torch step, the fused step (default path: the small-batch path up to
+    ``fused_decode.FUSED_GEMV`` rows) with 8 / 32 steps per graph, and where the small-batch path
+    is the default, the cuBLAS fused step for comparison."""
     torch.manual_seed(0)
     with torch.device(DEV):
         model = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
-    res = {"config": POLICY, "params": model.num_params(), "new_tokens": new_tokens, "rows": []}
+    res = {"config": POLICY, "params": model.num_params(), "new_tokens": new_tokens,
+           "fused_gemv_max_batch": fused_decode.FUSED_GEMV, "attend_proj": fused_decode.ATTEND_PROJ, "rows": []}
     log(f"plain: policy {model.num_params() / 1e6:.1f}M params")
     with torch.inference_mode():
         for b in batches:
-            row = {"batch": b, "torch": tokens_per_s(model, b, 9, new_tokens, repeats, False)}
+            row = {"batch": b}
+            if with_torch:
+                row["torch"] = tokens_per_s(model, b, 9, new_tokens, repeats, False)
             for n in graph_steps:
                 row[f"fused_g{n}"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, n)
-            if b <= 16:  # candidate: the small-batch Triton matmul for the policy's projections
-                fused_decode.TRITON_GEMV = True
+            if b <= fused_decode.FUSED_GEMV:
+                default, fused_decode.FUSED_GEMV = fused_decode.FUSED_GEMV, 0
                 try:
-                    row["fused_triton_gemv"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
-                    row["fused_triton_gemv_g32"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, 32)
+                    row["fused_cublas"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
                 finally:
-                    fused_decode.TRITON_GEMV = False
-            fused_decode.GELU_EPILOGUE = True  # candidate: fc + GELU as one cuBLASLt call
-            try:
-                if b == batches[0]:
-                    row["gelu_epilogue_check"] = gelu_epilogue_check(model, b)
-                row["fused_gelu_epilogue"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
-            except Exception as exc:  # noqa: BLE001 - a candidate that fails is reported, not fatal
-                log(f"  gelu epilogue failed: {type(exc).__name__}: {str(exc)[:200]}")
-            finally:
-                fused_decode.GELU_EPILOGUE = False
+                    fused_decode.FUSED_GEMV = default
             res["rows"].append(row)
-            log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items()
-                                            if isinstance(v, float))
+            log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "batch")
                 + " tok/s")
     del model
     if CUDA:
@@ -262,18 +245,11 @@ def profile_section(batch) -> dict:
 
 TILE_CANDIDATES = {
     "default": {},
-    "attend_proj256": {"attend_proj": True, "attend": dict(BLOCK_O=256, num_warps=4)},
-    "attend_proj256_s128w8": {"attend_proj": True, "attend": dict(BLOCK_O=256, BLOCK_S=128, num_warps=8)},
+    "rope_attend_then_split": {"attend_proj": False},
+    "attend_s256w8": {"attend": dict(BLOCK_O=256, BLOCK_S=256, num_warps=8)},
+    "attend_o128_s128w8": {"attend": dict(BLOCK_O=128, BLOCK_S=128, num_warps=8)},
     "norm8_split8": {"norm": dict(BLOCK_N=8, num_warps=4), "split": dict(BLOCK_N=8, BLOCK_K=256, num_warps=4)},
     "norm16w8_splitK512": {"norm": dict(BLOCK_N=16, num_warps=8), "split": dict(BLOCK_N=16, BLOCK_K=512, num_warps=8)},
-    "splitK1024w8": {"split": dict(BLOCK_N=16, BLOCK_K=1024, num_warps=8)},
-    "head16x4": {"head": dict(BLOCK_N=16, N_SUB=4, num_warps=4)},
-    "head32x1w8": {"head": dict(BLOCK_N=32, N_SUB=1, num_warps=8)},
-    "norm32w8_split32": {"norm": dict(BLOCK_N=32, num_warps=8), "split": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)},
-    "splitK128_w2": {"split": dict(BLOCK_N=16, BLOCK_K=128, num_warps=2), "norm": dict(BLOCK_N=8, num_warps=2)},
-    "head32x4w8": {"head": dict(BLOCK_N=32, N_SUB=4, num_warps=8)},
-    "attend_proj128": {"attend_proj": True, "attend": dict(BLOCK_O=128, num_warps=4)},
-    "attend_proj64w2": {"attend_proj": True, "attend": dict(BLOCK_O=64, num_warps=2)},
 }
 """Tiles of ``srl.kernels.decode_gemv`` timed in the model at batch 1 (section ``gemv``)."""
 
@@ -281,16 +257,16 @@ TILE_CANDIDATES = {
 def with_tiles(overrides: dict, fn):
     from srl.kernels import decode_gemv
 
-    saved = copy.deepcopy(decode_gemv.TILES)
+    saved, attend = copy.deepcopy(decode_gemv.TILES), fused_decode.ATTEND_PROJ
     overrides = dict(overrides)
-    fused_decode.ATTEND_PROJ = overrides.pop("attend_proj", fused_decode.ATTEND_PROJ)
+    fused_decode.ATTEND_PROJ = overrides.pop("attend_proj", attend)
     decode_gemv.TILES.update(copy.deepcopy(overrides))
     try:
         return fn()
     finally:
         decode_gemv.TILES.clear()
         decode_gemv.TILES.update(saved)
-        fused_decode.ATTEND_PROJ = False
+        fused_decode.ATTEND_PROJ = attend
 
 
 def kernel_trace(model, batch, fused_gemv, steps_per_graph=8, graph=True) -> list:
@@ -298,13 +274,13 @@ def kernel_trace(model, batch, fused_gemv, steps_per_graph=8, graph=True) -> lis
     eager steps), in order: [name, start us (from the first kernel), duration us]."""
     from torch.profiler import ProfilerActivity, profile
 
-    fused_decode.FUSED_GEMV = fused_gemv
+    default, fused_decode.FUSED_GEMV = fused_decode.FUSED_GEMV, batch if fused_gemv else 0
     try:
         s = PlainSampler(model, batch, 128, SamplingParams(1.0), cuda_graph=CUDA and graph, fused=True,
                          steps_per_graph=steps_per_graph)
         s.steps_per_graph = steps_per_graph
     finally:
-        fused_decode.FUSED_GEMV = True
+        fused_decode.FUSED_GEMV = default
     prompt = torch.randint(0, model.config.vocab_size, (batch, 9), device=DEV)
     with torch.inference_mode():
         s.generate(prompt, 2 * steps_per_graph)
@@ -371,9 +347,9 @@ def gemv_section(batches, repeats, new_tokens, res: dict, save) -> None:
 
 def gemv_rows(model, batches, repeats, new_tokens, res) -> None:
     for b in batches:
-        fused_decode.FUSED_GEMV = False
+        fused_decode.FUSED_GEMV = 0
         row = {"batch": b, "fused_cublas": tokens_per_s(model, b, 9, new_tokens, repeats, True)}
-        fused_decode.FUSED_GEMV = True
+        fused_decode.FUSED_GEMV = b
         row["fused_gemv"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
         row["fused_gemv_g32"] = tokens_per_s(model, b, 9, new_tokens, repeats, True, 32)
         res["rows"].append(row)
@@ -386,7 +362,7 @@ SPEC_CONFIGS = ((1, 7, True), (1, 7, False), (4, 7, False), (1, 5, True))
 timed by section ``spec`` (batch 1)."""
 
 
-def spec_section(res: dict, save, iterations: int = 40) -> None:
+def spec_section(res: dict, save, iterations: int = 40, configs=SPEC_CONFIGS) -> None:
     """Milliseconds per speculative iteration at batch 1 (one CUDA graph: L draft steps, the
     tree-shaped target pass, selection, cache moves) and of its draft block alone, random-weight
     policy and draft of ``benchmarks/generation.py`` (bf16). The time of an iteration does not
@@ -401,12 +377,13 @@ def spec_section(res: dict, save, iterations: int = 40) -> None:
         draft = TransformerLM(LMConfig(**DRAFT)).to(torch.bfloat16).eval()
     prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (1, 9), device=DEV)
     with torch.inference_mode():
-        for k, L, fused_draft in SPEC_CONFIGS:
+        default = speculative.FUSED_DRAFT
+        for k, L, fused_draft in configs:
             speculative.FUSED_DRAFT = fused_draft
             try:
                 s = SpeculativeSampler(policy, draft, 1, 512, k=k, draft_len=L, cuda_graph=CUDA)
             finally:
-                speculative.FUSED_DRAFT = False
+                speculative.FUSED_DRAFT = default
             s.state.reset(prompt, 400)
             prefill(policy, s.tcache, prompt)
             prefill(draft, s.dcache, prompt)
@@ -449,6 +426,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-batches", default="1,64")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (code check)")
+    ap.add_argument("--spec", default="1:7:1,1:7:0,4:7:0,1:5:1",
+                    help="spec: k:L:fused-draft (0/1) per speculative configuration")
+    ap.add_argument("--skip-torch", action="store_true", help="plain: no torch-step rows")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
     new_plain, new_cats, rep_cats = 256, 128, 5
@@ -486,15 +466,15 @@ def main(argv=None):
 def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save) -> None:
     if sec == "check":
         default = fused_decode.FUSED_GEMV
-        try:
-            for name, flag in (("check", True), ("check_cublas", False)):
+        try:  # batch 4: the small-batch path forced, and the cuBLAS fused step
+            for name, flag in (("check", 4), ("check_cublas", 0)):
                 fused_decode.FUSED_GEMV = flag
                 out[name] = check_section(POLICY)
         finally:
             fused_decode.FUSED_GEMV = default
     elif sec == "plain":
         out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
-                                     args.repeats, steps)
+                                     args.repeats, steps, not args.skip_torch)
     elif sec == "cats":
         out["cats"] = []
         for n in args.cats_layers.split(","):
@@ -503,10 +483,11 @@ def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save
             save()
     elif sec == "spec":
         out["spec"] = {}
-        spec_section(out["spec"], save, 3 if args.tiny else 40)
+        configs = [tuple(int(v) for v in c.split(":")) for c in args.spec.split(",")]
+        spec_section(out["spec"], save, 3 if args.tiny else 40, [(k, L, bool(f)) for k, L, f in configs])
     elif sec == "gemv":
         out["gemv"], default = {}, fused_decode.FUSED_GEMV
-        fused_decode.FUSED_GEMV = True
+        fused_decode.FUSED_GEMV = 1
         try:
             gemv_section([int(b) for b in args.batches.split(",")], args.repeats, new_plain, out["gemv"], save)
         finally:

@@ -149,31 +149,6 @@ def test_fused_step_on_cuda_in_a_graph(batch):
     torch.testing.assert_close(outs[0].logp[:, :8], outs[1].logp[:, :8], rtol=1e-3, atol=1e-3)
 
 
-def test_fused_step_with_triton_gemv_matches_torch_step(monkeypatch):
-    from srl.generation import fused_decode
-
-    monkeypatch.setattr(fused_decode, "TRITON_GEMV", True)
-    model = _model(5)
-    prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(6))
-    ref, _ = _run(model, prompt, SamplingParams(1.0), 5, False, seed=2)
-    out, _ = _run(model, prompt, SamplingParams(1.0), 5, True, seed=2)
-    assert torch.equal(out.tokens, ref.tokens)
-    torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
-
-
-def test_gemv_against_float64():
-    from srl.kernels.decode_step import gemv
-
-    g = torch.Generator().manual_seed(0)
-    for M, N, K in ((1, 40, 70), (5, 33, 64), (16, 17, 100)):
-        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
-        ref = x.double() @ w.double().T
-        torch.testing.assert_close(gemv(x, w).double(), ref, rtol=1e-5, atol=1e-4)
-        ref_gelu = torch.nn.functional.gelu(ref.float(), approximate="tanh").double()
-        torch.testing.assert_close(gemv(x, w, gelu=True).double(), ref_gelu, rtol=1e-5, atol=1e-4)
-        assert not torch.allclose(gemv(x, w * 1.01).double(), ref, rtol=1e-5, atol=1e-4)
-
-
 # --------------------------------------------------------------------------- small-batch fused matmuls
 
 def _ln(x, w, eps=1e-5):
@@ -233,60 +208,40 @@ def test_attend_proj_matches_rope_attend_then_projection():
     torch.testing.assert_close(part.sum(0).double(), attn.double() @ w.double().T, rtol=1e-4, atol=1e-4)
 
 
-def test_head_sample_against_sample_write():
-    """The head with the final norm and the sampling race fused draws what the unfused head +
-    ``sample_write`` draws from the same noise (several vocabulary chunks and sub-tiles)."""
-    from srl.kernels.decode_gemv import head_chunks, head_sample
-    from srl.kernels.decode_step import sample_write
+def test_norm_rows_against_float64():
+    from srl.kernels.decode_gemv import norm_rows
 
     g = torch.Generator().manual_seed(2)
-    B, D, V = 3, 24, 70
-    assert head_chunks(V) > 2
-    x, part = torch.randn(B, D, generator=g), torch.randn(2, B, D, generator=g)
-    lnw, w = torch.rand(D, generator=g) + 0.5, torch.randn(V, D, generator=g)
-    h = _ln(x.double() + part.double().sum(0), lnw.double()).float()
-    for temp in (1.0, 0.5, 0.0):
-        for trial in range(3):
-            noise = torch.empty(B, V).exponential_(1.0, generator=g)
-            refs, outs = [], []
-            for fused in (False, True):
-                tokens, logp = torch.zeros(B, 10, dtype=torch.long), torch.zeros(B, 10)
-                lens, end = torch.tensor([2, 4, 8]), torch.tensor([10, 10, 9])
-                logits = torch.zeros(B, V)
-                if fused:
-                    head_sample(x, part, lnw, 1e-5, w, logits, noise, torch.zeros(B, head_chunks(V), 4),
-                                temp, tokens, logp, lens, end)
-                else:
-                    logits = (h @ w.T).float()
-                    sample_write(logits, noise, tokens, logp, lens, end, temp)
-                (outs if fused else refs).append((tokens, logp, lens, logits))
-            (t0, l0, n0, z0), (t1, l1, n1, z1) = refs[0], outs[0]
-            torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-4)
-            assert torch.equal(t1, t0) and torch.equal(n1, n0) and n1.tolist() == [3, 5, 8]
-            torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+    x, part, lnw = torch.randn(3, 24, generator=g), torch.randn(4, 3, 24, generator=g), torch.rand(24, generator=g)
+    h = torch.zeros(3, 24)
+    norm_rows(x, part, lnw, 1e-5, h)
+    torch.testing.assert_close(h.double(), _ln(x.double() + part.double().sum(0), lnw.double()),
+                               rtol=1e-5, atol=1e-5)
+    norm_rows(x, part[:3], lnw, 1e-5, h)  # negative control: one partial fewer
+    assert not torch.allclose(h.double(), _ln(x.double() + part.double().sum(0), lnw.double()), atol=1e-3)
 
 
 def test_gemv_path_matches_torch_step_and_falls_back(monkeypatch):
-    """The five-launch path (and with attention + projection fused) against the torch step; the
-    cuBLAS fused step still runs where the path does not apply (batch above MAX_ROWS, flag off)."""
+    """The small-batch path (attention + projection fused, and not) against the torch step; the
+    cuBLAS fused step runs where the path does not apply (batch above FUSED_GEMV or MAX_ROWS)."""
     from srl.generation import fused_decode
     from srl.kernels import decode_gemv
 
     model = _model(6)
     prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(6))
     ref, ref_cache = _run(model, prompt, SamplingParams(0.8), 5, False, seed=2)
-    for attend, gemv in ((True, True), (False, False)):
+    for attend, gemv in ((True, 2), (False, 2)):
         monkeypatch.setattr(fused_decode, "ATTEND_PROJ", attend)
         monkeypatch.setattr(fused_decode, "FUSED_GEMV", gemv)
         out, cache = _run(model, prompt, SamplingParams(0.8), 5, True, seed=2)
         assert torch.equal(out.tokens, ref.tokens)
         torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(fused_decode, "FUSED_GEMV", True)
-    B = decode_gemv.MAX_ROWS + 1
-    state = GenState.allocate(B, 16, "cpu")
-    step = FusedDecodeStep(model, cache_for(model, B, 16, "cpu", torch.float32), state, SamplingParams())
-    assert step.gemv_path is False
+    for B, limit, used in ((3, 2, False), (2, 2, True), (decode_gemv.MAX_ROWS + 1, 64, False)):
+        monkeypatch.setattr(fused_decode, "FUSED_GEMV", limit)
+        state = GenState.allocate(B, 16, "cpu")
+        step = FusedDecodeStep(model, cache_for(model, B, 16, "cpu", torch.float32), state, SamplingParams())
+        assert step.gemv_path is used
 
 
 def test_fused_draft_steps_match_the_torch_draft():
@@ -318,3 +273,16 @@ def test_fused_draft_steps_match_the_torch_draft():
     n = int(d0.lens.max())
     torch.testing.assert_close(d1.k[..., :n, :], d0.k[..., :n, :], rtol=1e-5, atol=1e-5)
     assert fused_draft_step(draft, d0, s0, SamplingParams(1.0), 4, "cpu", force=True) is None  # k > 1
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.0), SamplingParams(1.0, top_k=5)])
+def test_batch_one_default_path_matches_torch_step(params):
+    """Batch 1 takes the small-batch path by default: greedy and top-k against the torch step."""
+    model = _model(9)
+    prompt = torch.randint(0, 70, (1, 4), generator=torch.Generator().manual_seed(8))
+    state = GenState.allocate(1, 16, "cpu")
+    assert FusedDecodeStep(model, cache_for(model, 1, 16, "cpu", torch.float32), state, params).gemv_path
+    ref, _ = _run(model, prompt, params, 5, False, seed=4)
+    out, _ = _run(model, prompt, params, 5, True, seed=4)
+    assert torch.equal(out.tokens, ref.tokens)
+    torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)

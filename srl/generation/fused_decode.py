@@ -62,25 +62,17 @@ model on the H200 (4 layers, d_model 4096, batch 1: 1,786 tok/s against 1,746 wi
 won when the MLP was timed alone, ``srl.kernels.cats.DOWN_CONFIG``; docs/benchmarks.md)."""
 
 
-GELU_EPILOGUE = False
-"""GELU MLPs: fc and its tanh-GELU as one cuBLASLt matmul with a GELU epilogue
-(``torch._addmm_activation``; the GELU then acts on the float32 accumulator before rounding)."""
-
-
-TRITON_GEMV = False
-"""Batches up to 16 rows: the projections of matrices up to ``GEMV_MAX_NUMEL`` elements (and a
-GELU MLP's fc with its GELU) through ``srl.kernels.decode_step.gemv`` instead of cuBLAS."""
-GEMV_MAX_NUMEL = 16 * 2**20
-
-
-FUSED_GEMV = False
-"""Batches up to ``decode_gemv.MAX_ROWS`` of GELU-MLP models of width <= 2048: five launches per
-layer (``srl.kernels.decode_gemv``): qkv with the norm (and the residual add, or the embedding)
-as its prologue, rotary + attention, the output projection as split-K partials, fc with the next
-norm as prologue and GELU as epilogue, fc_out as split-K partials; then the head with the final
-norm and the first sampling stage fused, and the sampling merge."""
-ATTEND_PROJ = False
-"""With ``FUSED_GEMV``: rotary + attention and the output projection in one launch
+FUSED_GEMV = 1
+"""Largest batch that takes the small-batch path (0: never), for GELU-MLP models of width <= 2048
+(``srl.kernels.decode_gemv``): per layer, qkv with the norm (and the residual add, or the
+embedding) as its prologue; rotary + attention + the output projection as per-head partials (or,
+without ``ATTEND_PROJ``, rotary + attention, then the projection as split-K partials); fc with
+the next norm as prologue and GELU as epilogue; fc_out as split-K partials. Then the final norm,
+the head (cuBLAS) and sampling. Measured on the H200 at batch 1: 2,794 tok/s against 2,034 for
+the cuBLAS fused step; at batch 4 it lost (5,507 against 7,902: the rows are looped inside each
+program), hence 1."""
+ATTEND_PROJ = True
+"""With the small-batch path: rotary + attention and the output projection in one launch
 (``decode_gemv.attend_proj``; four launches per layer)."""
 
 
@@ -104,14 +96,8 @@ class FusedDecodeStep:
         self.noise = torch.zeros(B, cfg.vocab_size, device=dev, dtype=torch.float32)
         self.part = sample_workspace(B, cfg.vocab_size, dev)
         self.freqs = torch.view_as_real(model.rotary.freqs).contiguous()  # (P, HD/2, 2) float32
-        from srl.kernels.decode_step import GEMV_MAX_ROWS, INTERPRET
-
-        self.use_gemv = TRITON_GEMV and B <= GEMV_MAX_ROWS and (dev.type == "cuda" or INTERPRET)
-        self.gelu_bias = None
-        if GELU_EPILOGUE and model.blocks[0].gated is None and dev.type == "cuda":
-            self.gelu_bias = torch.zeros(cfg.mlp["hidden"], device=dev, dtype=dtype)
         self.torch_sampling = params.top_k is not None or (params.top_p is not None and params.top_p < 1.0)
-        use = FUSED_GEMV if gemv is None else gemv
+        use = B <= FUSED_GEMV if gemv is None else gemv
         self.gemv_path = self._gemv_buffers(model, B, dev, dtype) if use else False
 
     def _gemv_buffers(self, model, B: int, dev, dtype) -> bool:
@@ -132,8 +118,6 @@ class FusedDecodeStep:
         self.part_mlp = torch.zeros(dg.split_count(hidden), B, D, device=dev, dtype=torch.float32)
         self.zero_lens = torch.zeros(B, device=dev, dtype=torch.long)
         self.part_attn = torch.zeros(cfg.n_heads, B, D, device=dev, dtype=torch.float32)
-        self.logits_buf = torch.zeros(B, cfg.vocab_size, device=dev, dtype=dtype)
-        self.head_part = torch.zeros(B, dg.head_chunks(cfg.vocab_size), 4, device=dev, dtype=torch.float32)
         return True
 
     def __call__(self, generator: torch.Generator | None = None) -> None:
@@ -145,19 +129,13 @@ class FusedDecodeStep:
         lens, blocks, x, h = cache.lens, m.blocks, self.x, self.h
         embed_norm(st.tokens, lens, m.embed.weight, blocks[0].norm1.weight, blocks[0].norm1.eps, x, h)
         for i, blk in enumerate(blocks):
-            rope_attend(self._linear(h, blk.qkv.weight), self.freqs, lens, cache.k[i], cache.v[i],
+            rope_attend(F.linear(h, blk.qkv.weight), self.freqs, lens, cache.k[i], cache.v[i],
                         self.attn, blk.n_heads)
-            residual_norm(x, self._linear(self.attn, blk.proj.weight), blk.norm2.weight, blk.norm2.eps, h)
+            residual_norm(x, F.linear(self.attn, blk.proj.weight), blk.norm2.weight, blk.norm2.eps, h)
             nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else m.norm
             part = fused_cats_mlp(blk.gated, h) if self.fuse_cats_cast else None
             if part is not None:
                 residual_norm(x, part[0], nxt.weight, nxt.eps, h, counter=part[1])
-            elif self.use_gemv and blk.gated is None:
-                a = self._linear(h, blk.fc.weight, gelu=True)
-                residual_norm(x, self._linear(a, blk.fc_out.weight), nxt.weight, nxt.eps, h)
-            elif self.gelu_bias is not None:
-                a = torch._addmm_activation(self.gelu_bias, h, blk.fc.weight.t(), use_gelu=True)
-                residual_norm(x, F.linear(a, blk.fc_out.weight), nxt.weight, nxt.eps, h)
             else:
                 residual_norm(x, blk.mlp(h), nxt.weight, nxt.eps, h)
         logits = F.linear(h, m.head.weight)  # (B, V)
@@ -170,31 +148,36 @@ class FusedDecodeStep:
     def _gemv_step(self, generator) -> None:
         """The ``FUSED_GEMV`` step: residual stream alternating between x (after attention's
         input norm) and x2 (after the MLP's), each kernel reading one and writing the other."""
-        from srl.kernels.decode_gemv import head_sample
+        from srl.kernels.decode_step import sample_write
 
-        m, st, lens = self.model, self.state, self.cache.lens
+        st, lens = self.state, self.cache.lens
         self._gemv_layers(st.tokens, lens, lens)
+        logits = self._gemv_head()
         if self.torch_sampling:
-            head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
-                        None, None, self.params.temperature)
-            return self._torch_sample(self.logits_buf, generator)
+            return self._torch_sample(logits, generator)
         self.noise.exponential_(1.0, generator=generator)
-        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
-                    self.noise, self.head_part, self.params.temperature, st.tokens, st.logp, lens, st.end)
+        sample_write(logits, self.noise, st.tokens, st.logp, lens, st.end, self.params.temperature,
+                     self.part)
+
+    def _gemv_head(self) -> Tensor:
+        """Logits (B, V): the final norm of the residual stream (x2 + the last fc_out's partials)
+        in one kernel, then the head through cuBLAS (on the H200 at batch 1 it reads the 77 MB
+        head at 3.7 TB/s, 21 us; a Triton head with the norm and the first sampling stage fused
+        took 43 us)."""
+        from srl.kernels.decode_gemv import norm_rows
+
+        m = self.model
+        norm_rows(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, self.h)
+        return F.linear(self.h, m.head.weight)
 
     def logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Logits (B, V) (a buffer, overwritten by the next call) of one token per row: tokens
+        """Logits (B, V) of one token per row: tokens
         (B, 1) at positions (B,), which are also their cache slots; the cache's lens are not read
         or changed. A draft's autoregressive step in speculative sampling (``FUSED_GEMV`` path)."""
-        from srl.kernels.decode_gemv import head_sample
-
         if not self.gemv_path:
             raise ValueError("FusedDecodeStep.logits needs the FUSED_GEMV path (see _gemv_buffers)")
-        m = self.model
         self._gemv_layers(tokens, self.zero_lens, positions)
-        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
-                    None, None, 1.0)
-        return self.logits_buf
+        return self._gemv_head()
 
     def _gemv_layers(self, tokens: Tensor, tok_at: Tensor, lens: Tensor) -> None:
         """The layers of the ``FUSED_GEMV`` step: input token tokens[b, tok_at[b]] at position and
@@ -219,15 +202,6 @@ class FusedDecodeStep:
             gemv_norm(blk.fc.weight, blk.norm2.weight, blk.norm2.eps, x2, self.act, x_in=x,
                       part=self.part_attn if ATTEND_PROJ else self.part_proj, gelu=True)
             gemv_split(self.act, blk.fc_out.weight, self.part_mlp)
-
-    def _linear(self, h: Tensor, weight: Tensor, gelu: bool = False) -> Tensor:
-        """h @ weight^T (then tanh-GELU): the small-batch kernel for small matrices, else cuBLAS."""
-        if self.use_gemv and weight.numel() <= GEMV_MAX_NUMEL and weight.is_contiguous():
-            from srl.kernels.decode_step import gemv
-
-            return gemv(h, weight, gelu)
-        y = F.linear(h, weight)
-        return F.gelu(y, approximate="tanh") if gelu else y
 
     def _torch_sample(self, logits: Tensor, generator) -> None:
         """top-k / top-p: the torch sampling of ``decode_one_token`` on the fused model output."""
