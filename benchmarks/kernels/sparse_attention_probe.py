@@ -10,8 +10,9 @@ Four timers per measurement (milliseconds):
 
 Probe (default): forward tile variants, the dK/dV and dQ kernels alone per tile choice (dQ with
 rowsum(dO * O) in its own pass or fused), then the defaults and the best forward + dK/dV + dQ, at
-each N, with a profile of the default call's host work. ``--final``: the defaults of both
-patterns with the four timers. ``--flex``: FlexAttention on one pattern, compiled first, timed
+each N, with a profile of the default call's host work. ``--final``: a few sink+window dK/dV and
+dQ candidates alone (FINAL_DKDV, FINAL_DQ; the fastest kept, unless --no-pick), then both
+patterns end to end with the four timers. ``--flex``: FlexAttention on one pattern, compiled first, timed
 once ``--go-file`` exists (so compiling can overlap other work and timing cannot); errors of O,
 dQ, dK, dV against srl's defaults. ``--warm I/K``: compile share I of K of the probe's kernels at
 a short N (same specializations) so that K processes fill the kernel cache in parallel.
@@ -55,6 +56,12 @@ DKDV = {"default": None, "s2": _t(64, 128, 8, 2, **HF), "m32_s4": _t(32, 128, 8,
 DQ = {"default": None, "fused": _t(128, 64, 8, 3, FUSE_DELTA=True, **HF),
       "n32_s4": _t(128, 32, 8, 4, FUSE_DELTA=True, **HF), "s2": _t(128, 64, 8, 2, FUSE_DELTA=True, **HF),
       "m64_w4": _t(64, 64, 4, 3, FUSE_DELTA=True, **HF)}
+
+
+# round B: the candidates measured before the final rows (sink+window); the fastest (device time
+# summed over the Ns) serve the final rows
+FINAL_DKDV = {"default": None, "m32_s3": _t(32, 64, 4, 3, **HF), "n32": _t(64, 32, 4, 2, **HF)}
+FINAL_DQ = {"default": None, "m64_w4_s2": _t(64, 64, 4, 2, FUSE_DELTA=True, **HF)}
 
 
 def log(msg):
@@ -233,15 +240,16 @@ class Bwd:
                         self.o if fused else None)
 
 
-def probe_backward(n, pattern, qkvd, rows, save):
+def probe_backward(n, pattern, qkvd, rows, save, dkdv_tiles=None, dq_tiles=None):
     """Device time of each dK/dV and dQ tile choice alone; errors against the default tiles'."""
+    dkdv_tiles, dq_tiles = dkdv_tiles or DKDV, dq_tiles or DQ
     bwd = Bwd(pattern, *qkvd)
     SA.TILE_OVERRIDE.clear()
     pre = device_host_ms(bwd.preprocess)[0]
     rows.append({"N": n, "stage": "preprocess", "variant": "default", "device_ms": pre})
     bwd.dkdv()
     ref = (bwd.dk.clone(), bwd.dv.clone())
-    for name, tiles in DKDV.items():
+    for name, tiles in dkdv_tiles.items():
         use(dkdv=tiles)
         try:
             bwd.dkdv()
@@ -256,9 +264,9 @@ def probe_backward(n, pattern, qkvd, rows, save):
     SA.TILE_OVERRIDE.clear()
     bwd.dq_kernel(False)
     ref = bwd.dq.clone()
-    for name, tiles in DQ.items():
+    for name, tiles in dq_tiles.items():
         use(dq=tiles)
-        fused = bool(tiles and tiles.get("FUSE_DELTA"))
+        fused = bool(SA._stage_tiles("dq", qkvd[0].shape[-1], pattern.kernel_params()[0]).get("FUSE_DELTA"))
         try:
             bwd.preprocess()
             bwd.dq_kernel(fused)
@@ -352,14 +360,41 @@ def probe(args, results, save):
             torch.cuda.empty_cache()
 
 
+def pick(rows, stage, seq):
+    """Tiles of the variant with the least device time summed over ``seq`` (None: the default)."""
+    total = {}
+    for r in rows:
+        if r["stage"] == stage and r["N"] in seq:
+            total.setdefault(r["variant"], [0.0, 0, r["tiles"]])
+            total[r["variant"]][0] += r["device_ms"]
+            total[r["variant"]][1] += 1
+    full = {name: t for name, t in total.items() if t[1] == len(seq)}
+    if not full:
+        return "default", None
+    name = min(full, key=lambda x: full[x][0])
+    return name, full[name][2]
+
+
 def final(args, results, save):
-    """The defaults of both patterns with the four timers, errors against the reference kernels
-    are in the flex rows."""
+    """Unless --no-pick: the sink+window dK/dV and dQ candidates alone at each N, the fastest kept;
+    then both patterns end to end with the four timers (errors against FlexAttention are in the
+    flex rows)."""
+    sw = PATTERNS["sink_window"]
+    picks = {}
+    if not args.no_pick:
+        for n in args.seq:
+            qkvd = inputs(n, args.heads, args.head_dim, n)
+            probe_backward(n, sw, qkvd, results["kernels"], save, FINAL_DKDV, FINAL_DQ)
+            del qkvd
+        picks = {stage: pick(results["kernels"], stage, args.seq) for stage in ("dkdv", "dq")}
+        results["picks"] = picks
+        log(f"picks: {picks}")
     for n in args.seq:
         qkvd = inputs(n, args.heads, args.head_dim, n)
         for name in args.patterns or PATTERNS:
+            tiles = (None, picks["dkdv"][1], picks["dq"][1]) if picks and name == "sink_window" else (None,) * 3
             frac = block_fraction(PATTERNS[name], args.heads, n)
-            row, _ = time_combo(n, name, PATTERNS[name], qkvd, (None, None, None), None, frac)
+            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac)
             results["final"].append(row)
             save()
         del qkvd
@@ -385,6 +420,8 @@ def flex(args, results, save):
             ready.append((n, qkvd, impl))
     except Exception as err:  # still take (and pass on) the turn on the GPU
         log(f"flex {name} failed to compile: {str(err).splitlines()[0][:160]}")
+    if args.compiled_file:
+        open(args.compiled_file, "w").close()
     while args.go_file and not os.path.exists(args.go_file):
         time.sleep(0.05)
     try:
@@ -413,13 +450,16 @@ def flex_mask_mod(pattern):
     return mask
 
 
-def warm(share, shares, n, h, d, patterns):
+def warm(share, shares, n, h, d, patterns, round_b=False):
     """Compile share ``share`` of the kernels at N = n: the defaults of ``patterns`` (forward, delta
-    pass, dK/dV, dQ), and unless only those are asked for, the probe's sink+window variants."""
+    pass, dK/dV, dQ), and the candidates of --final (``round_b``) or, for sink+window alone, the
+    probe's variants."""
     pattern = PATTERNS["sink_window"]
     q, k, v, do = inputs(n, h, d, 0)
     jobs = [("defaults", name) for name in patterns]
-    if not patterns or patterns == ["sink_window"]:
+    if round_b:
+        jobs += [("dkdv", t) for t in FINAL_DKDV.values() if t] + [("dq", t) for t in FINAL_DQ.values() if t]
+    elif patterns == ["sink_window"]:
         jobs += [("fwd", t) for t in FWD.values() if t] + [("dkdv", t) for t in DKDV.values() if t] + \
                 [("dq", t) for t in DQ.values() if t]
     for i, (stage, tiles) in enumerate(jobs):
@@ -429,7 +469,7 @@ def warm(share, shares, n, h, d, patterns):
             if stage == "defaults":
                 SA.TILE_OVERRIDE.clear()
                 outputs(lambda a, b, c: sparse_attention(a, b, c, PATTERNS[tiles]), q, k, v, do)
-                Bwd(PATTERNS[tiles], q, k, v, do).dq_kernel(False)
+                Bwd(PATTERNS[tiles], q, k, v, do)  # the delta pass
             elif stage == "fwd":
                 use(fwd=tiles)
                 with torch.no_grad():
@@ -450,21 +490,23 @@ def main(argv=None):
     parser.add_argument("--warm", default="", help="I/K: compile share I of K at --warm-seq, time nothing")
     parser.add_argument("--warm-seq", type=int, default=4096)
     parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
+    parser.add_argument("--no-pick", action="store_true", help="with --final: no backward candidates")
     parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")
     parser.add_argument("--patterns", nargs="*", default=[])
     parser.add_argument("--go-file", default="")
-    parser.add_argument("--next-go", default="")
+    parser.add_argument("--next-go", default="", help="with --flex: touched after timing")
+    parser.add_argument("--compiled-file", default="", help="with --flex: touched once compiled")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--json", default="sparse_probe.json")
     args = parser.parse_args(argv)
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
-        warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS))
+        warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS), args.final)
         return
     results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
                "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "flex": [],
-               "host_profile": {}}
+               "host_profile": {}, "picks": {}}
 
     def save():
         with open(args.json, "w") as f:

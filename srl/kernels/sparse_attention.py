@@ -78,16 +78,17 @@ def _tiles(block_m, block_n, warps, stages, **extra):
 
 
 # GPU tiles per stage and pattern kind (H200, D = 128, picked by benchmarks/kernels/
-# sparse_attention_sweep.py): the range kernels (RANGES) for sink+window and S2, TMA K/V loads in
+# sparse_attention_sweep.py and sparse_attention_probe.py): the range kernels (RANGES) for sink+window and S2, TMA K/V loads in
 # the forward, backward grids with heads fastest; block layouts (and S2 blocks that are not a
 # tile width) take the list kernels with the same tile sizes. D = 256 takes the smaller list
 # tiles. ``TILE_OVERRIDE`` lets the benchmarks try others.
 _R = {"RANGES": True}
 _RH = {"RANGES": True, "HEADS_FAST": True}
+_FD = {"FUSE_DELTA": True}  # the dQ kernel computes rowsum(dO * O) (no separate pass; dQ before dK/dV)
 _GPU_TILES = {"fwd": _tiles(128, 64, 8, 4, TMA=True, **_R), "dkdv": _tiles(64, 64, 4, 2, **_RH),
-              "dq": _tiles(128, 64, 8, 2, **_RH)}
-_KIND_TILES = {KIND_SINK_WINDOW: {"fwd": _tiles(128, 64, 8, 4, TMA=True, **_R), "dkdv": _tiles(64, 128, 8, 3, **_RH),
-                                  "dq": _tiles(128, 64, 8, 3, **_RH)}}
+              "dq": _tiles(128, 64, 8, 2, **_RH, **_FD)}
+_KIND_TILES = {KIND_SINK_WINDOW: {"fwd": _tiles(128, 64, 8, 3, TMA=True, **_R), "dkdv": _tiles(64, 64, 4, 2, **_RH),
+                                  "dq": _tiles(128, 64, 8, 3, **_RH, **_FD)}}
 _BIG_HEAD_TILES = {"fwd": _tiles(64, 32, 4, 2), "dkdv": _tiles(32, 64, 4, 2), "dq": _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(32, 32, 4, 1)
 TILE_OVERRIDE: dict = {}  # stage -> tiles, for sweeps
