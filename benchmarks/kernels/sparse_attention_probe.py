@@ -60,8 +60,9 @@ DQ = {"default": None, "fused": _t(128, 64, 8, 3, FUSE_DELTA=True, **HF),
 
 # round B: the candidates measured before the final rows (sink+window); the fastest (device time
 # summed over the Ns) serve the final rows
-FINAL_DKDV = {"default": None, "m32_s3": _t(32, 64, 4, 3, **HF), "n32": _t(64, 32, 4, 2, **HF)}
-FINAL_DQ = {"default": None, "m64_w4_s2": _t(64, 64, 4, 2, FUSE_DELTA=True, **HF)}
+FINAL_DKDV = {"default": None, "m32_s3": _t(32, 64, 4, 3, **HF), "w8": _t(64, 64, 8, 2, **HF)}
+FINAL_DQ = {"default": None, "m64_w4_s2": _t(64, 64, 4, 2, FUSE_DELTA=True, **HF),
+            "m64_w8_s2": _t(64, 64, 8, 2, FUSE_DELTA=True, **HF)}
 
 
 def log(msg):
