@@ -100,7 +100,7 @@ def _sampler_without_cast_fusion(model, batch, max_len, steps_per_graph):
     return s
 
 
-def plain_section(batches, new_tokens, repeats, graph_steps, with_torch=True) -> dict:
+def plain_section(batches, new_tokens, repeats, graph_steps, with_torch=True, candidates=()) -> dict:
     """Per batch: the torch step, the fused step (default path: the small-batch path up to
     ``fused_decode.FUSED_GEMV`` rows) with 8 / 32 steps per graph, and where the small-batch path
     is the default, the cuBLAS fused step for comparison."""
@@ -123,6 +123,9 @@ def plain_section(batches, new_tokens, repeats, graph_steps, with_torch=True) ->
                     row["fused_cublas"] = tokens_per_s(model, b, 9, new_tokens, repeats, True)
                 finally:
                     fused_decode.FUSED_GEMV = default
+                for name in candidates:  # tiles of the small-batch path (TILE_CANDIDATES)
+                    row[f"tiles_{name}"] = with_tiles(TILE_CANDIDATES[name], lambda: tokens_per_s(
+                        model, b, 9, new_tokens, repeats, True))
             res["rows"].append(row)
             log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "batch")
                 + " tok/s")
@@ -428,6 +431,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (code check)")
     ap.add_argument("--spec", default="1:7:1,1:7:0,4:7:0,1:5:1",
                     help="spec: k:L:fused-draft (0/1) per speculative configuration")
+    ap.add_argument("--plain-tiles", default="", help="plain: TILE_CANDIDATES names also timed "
+                    "where the small-batch path is the default")
     ap.add_argument("--skip-torch", action="store_true", help="plain: no torch-step rows")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
@@ -474,7 +479,8 @@ def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save
             fused_decode.FUSED_GEMV = default
     elif sec == "plain":
         out["plain"] = plain_section([int(b) for b in args.batches.split(",")], new_plain,
-                                     args.repeats, steps, not args.skip_torch)
+                                     args.repeats, steps, not args.skip_torch,
+                                     [c for c in args.plain_tiles.split(",") if c])
     elif sec == "cats":
         out["cats"] = []
         for n in args.cats_layers.split(","):
