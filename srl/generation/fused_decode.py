@@ -63,7 +63,7 @@ won when the MLP was timed alone, ``srl.kernels.cats.DOWN_CONFIG``; docs/benchma
 
 
 FUSED_GEMV = 1
-"""Largest batch that takes the small-batch path (0: never), for GELU-MLP models of width <= 2048
+"""Largest batch that takes the small-batch path (0: never), for GELU-MLP models of width <= 1024
 (``srl.kernels.decode_gemv``): per layer, qkv with the norm (and the residual add, or the
 embedding) as its prologue; rotary + attention + the output projection as per-head partials (or,
 without ``ATTEND_PROJ``, rotary + attention, then the projection as split-K partials); fc with
@@ -107,7 +107,7 @@ class FusedDecodeStep:
 
         cfg = model.config
         D = cfg.d_model
-        if (B > dg.MAX_ROWS or D > 2048 or model.blocks[0].gated is not None
+        if (B > dg.MAX_ROWS or D > 1024 or model.blocks[0].gated is not None
                 or not (dev.type == "cuda" or INTERPRET)):
             return False
         hidden = model.blocks[0].fc.weight.shape[0]
