@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -124,8 +125,8 @@ def plain_section(batches, new_tokens, repeats, graph_steps, with_torch=True, ca
                 finally:
                     fused_decode.FUSED_GEMV = default
                 for name in candidates:  # tiles of the small-batch path (TILE_CANDIDATES)
-                    row[f"tiles_{name}"] = with_tiles(TILE_CANDIDATES[name], lambda: tokens_per_s(
-                        model, b, 9, new_tokens, repeats, True))
+                    row[f"tiles_{name}"] = with_tiles(TILE_CANDIDATES[name], functools.partial(
+                        tokens_per_s, model, b, 9, new_tokens, repeats, True))
             res["rows"].append(row)
             log(f"  batch {b}: " + ", ".join(f"{k} {v:.0f}" for k, v in row.items() if k != "batch")
                 + " tok/s")
@@ -341,7 +342,7 @@ def gemv_section(batches, repeats, new_tokens, res: dict, save) -> None:
             if name == "default":
                 continue
             res["tiles"][name] = {"tiles": tiles, "tok_s": with_tiles(
-                tiles, lambda: tokens_per_s(model, 1, 9, new_tokens, repeats, True))}
+                tiles, functools.partial(tokens_per_s, model, 1, 9, new_tokens, repeats, True))}
             log(f"  tiles {name}: {res['tiles'][name]['tok_s']:.0f} tok/s")
             save()
         gemv_rows(model, batches[1:], repeats, new_tokens, res)
