@@ -227,6 +227,7 @@ def main() -> None:
     ap.add_argument("--run-one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU: configs/rlhf_tiny.yaml for a few seconds")
     ap.add_argument("--out", default="")
+    ap.add_argument("--keep", default="", help="write the runs here and keep them (default: a temporary folder)")
     args = ap.parse_args()
     if args.run_one:
         return run_one(args.config, args.run_one, list(args.set))
@@ -237,7 +238,10 @@ def main() -> None:
         results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            results = {"phase": args.phase, "settings": vars(args), "variants": run_phase(args, args.phase, tmp)}
+            if args.keep:
+                os.makedirs(args.keep, exist_ok=True)
+            results = {"phase": args.phase, "settings": vars(args),
+                       "variants": run_phase(args, args.phase, args.keep or tmp)}
     results["torch"], results["date"] = torch.__version__, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if torch.cuda.is_available():
         results["device"] = torch.cuda.get_device_name()

@@ -423,3 +423,27 @@ def test_the_draft_is_warmed_up_like_the_policy_and_alike_in_every_worker():
         return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
     assert loss(warm_a) < 0.7 * loss(cold)
+
+
+def test_rlhf_benchmark_step_time_and_generation_share_from_metrics(tmp_path):
+    """benchmarks/rlhf.py: time per RL step is the median of the steady intervals between
+    versions, the generation share the slope of the worker's busy seconds over the wall time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rlhf_bench", os.path.join(ROOT, "benchmarks", "rlhf.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(3)
+    step_s, share = rng.uniform(0.1, 0.5), rng.uniform(0.2, 0.9)
+    rows = [{"wall_s": 5.0, "version": 0}]  # start-up: no version yet, no generation
+    for i in range(1, 41):
+        t = 5.0 + i * 2.0
+        rows.append({"wall_s": t, "version": int((t - 5.0) / step_s), "generation/busy_s": share * (t - 5.0),
+                     "perf/train_s": 0.05})
+    rows[2]["version"] = rows[1]["version"]  # one stale reading: the median ignores its odd intervals
+    with open(tmp_path / "metrics.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    s = bench.summarize(str(tmp_path))
+    assert s["rl_step_s"] == pytest.approx(step_s, rel=0.05)
+    assert s["generation_busy_share"] == pytest.approx(share, rel=1e-9)
+    assert s["train_s"] == 0.05 and s["versions"] == rows[-1]["version"] and len(s["curve"]) == len(rows)
