@@ -208,6 +208,39 @@ def test_attend_proj_matches_rope_attend_then_projection():
     torch.testing.assert_close(part.sum(0).double(), attn.double() @ w.double().T, rtol=1e-4, atol=1e-4)
 
 
+def test_head_sample_against_sample_write():
+    """The head with the final norm and the sampling race fused draws what the unfused head +
+    ``sample_write`` draws from the same noise (several vocabulary chunks and sub-tiles)."""
+    from srl.kernels.decode_gemv import head_chunks, head_sample
+    from srl.kernels.decode_step import sample_write
+
+    g = torch.Generator().manual_seed(2)
+    B, D, V = 3, 24, 70
+    assert head_chunks(V) > 2
+    x, part = torch.randn(B, D, generator=g), torch.randn(2, B, D, generator=g)
+    lnw, w = torch.rand(D, generator=g) + 0.5, torch.randn(V, D, generator=g)
+    h = _ln(x.double() + part.double().sum(0), lnw.double()).float()
+    for temp in (1.0, 0.5, 0.0):
+        for trial in range(3):
+            noise = torch.empty(B, V).exponential_(1.0, generator=g)
+            refs, outs = [], []
+            for fused in (False, True):
+                tokens, logp = torch.zeros(B, 10, dtype=torch.long), torch.zeros(B, 10)
+                lens, end = torch.tensor([2, 4, 8]), torch.tensor([10, 10, 9])
+                logits = torch.zeros(B, V)
+                if fused:
+                    head_sample(x, part, lnw, 1e-5, w, logits, noise, torch.zeros(B, head_chunks(V), 4),
+                                temp, tokens, logp, lens, end)
+                else:
+                    logits = (h @ w.T).float()
+                    sample_write(logits, noise, tokens, logp, lens, end, temp)
+                (outs if fused else refs).append((tokens, logp, lens, logits))
+            (t0, l0, n0, z0), (t1, l1, n1, z1) = refs[0], outs[0]
+            torch.testing.assert_close(z1, z0, rtol=1e-4, atol=1e-4)
+            assert torch.equal(t1, t0) and torch.equal(n1, n0) and n1.tolist() == [3, 5, 8]
+            torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+
+
 def test_norm_rows_against_float64():
     from srl.kernels.decode_gemv import norm_rows
 
@@ -222,17 +255,19 @@ def test_norm_rows_against_float64():
 
 
 def test_gemv_path_matches_torch_step_and_falls_back(monkeypatch):
-    """The small-batch path (attention + projection fused, and not) against the torch step; the
-    cuBLAS fused step runs where the path does not apply (batch above FUSED_GEMV or MAX_ROWS)."""
+    """The small-batch path (attention + projection fused, and not; Triton or cuBLAS head) against
+    the torch step; the cuBLAS fused step runs where the path does not apply (batch above
+    FUSED_GEMV or MAX_ROWS)."""
     from srl.generation import fused_decode
     from srl.kernels import decode_gemv
 
     model = _model(6)
     prompt = torch.randint(0, 70, (2, 5), generator=torch.Generator().manual_seed(6))
     ref, ref_cache = _run(model, prompt, SamplingParams(0.8), 5, False, seed=2)
-    for attend, gemv in ((True, 2), (False, 2)):
+    for attend, cublas_head in ((True, False), (False, True)):
         monkeypatch.setattr(fused_decode, "ATTEND_PROJ", attend)
-        monkeypatch.setattr(fused_decode, "FUSED_GEMV", gemv)
+        monkeypatch.setattr(fused_decode, "CUBLAS_HEAD", cublas_head)
+        monkeypatch.setattr(fused_decode, "FUSED_GEMV", 2)
         out, cache = _run(model, prompt, SamplingParams(0.8), 5, True, seed=2)
         assert torch.equal(out.tokens, ref.tokens)
         torch.testing.assert_close(out.logp, ref.logp, rtol=1e-4, atol=1e-5)

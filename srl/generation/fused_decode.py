@@ -67,13 +67,19 @@ FUSED_GEMV = 1
 (``srl.kernels.decode_gemv``): per layer, qkv with the norm (and the residual add, or the
 embedding) as its prologue; rotary + attention + the output projection as per-head partials (or,
 without ``ATTEND_PROJ``, rotary + attention, then the projection as split-K partials); fc with
-the next norm as prologue and GELU as epilogue; fc_out as split-K partials. Then the final norm,
-the head (cuBLAS) and sampling. Measured on the H200 at batch 1: 2,794 tok/s against 2,034 for
-the cuBLAS fused step; at batch 4 it lost (5,507 against 7,902: the rows are looped inside each
-program), hence 1."""
+the next norm as prologue and GELU as epilogue; fc_out as split-K partials. Then the head with
+the final norm and the first sampling stage fused, and the sampling merge. Measured on the H200
+at batch 1: 2,794 tok/s against 2,034 for the cuBLAS fused step; at batch 4 it lost (5,507
+against 7,902: the rows are looped inside each program), hence 1."""
 ATTEND_PROJ = True
 """With the small-batch path: rotary + attention and the output projection in one launch
 (``decode_gemv.attend_proj``; four launches per layer)."""
+CUBLAS_HEAD = False
+"""With the small-batch path: the final norm as one kernel and the head through cuBLAS, then the
+two sampling kernels, instead of ``decode_gemv.head_sample`` (the head with the final norm and the
+first sampling stage fused). Not yet timed end to end: in the H200 kernel trace at batch 1 the
+Triton head took 42.9 us and cuBLAS's 20.8 (plus about 6 us for the norm, the first sampling
+stage and two more launches), so it should save ~14 us per token."""
 
 
 class FusedDecodeStep:
@@ -117,6 +123,8 @@ class FusedDecodeStep:
         self.part_proj = torch.zeros(dg.split_count(D), B, D, device=dev, dtype=torch.float32)
         self.part_mlp = torch.zeros(dg.split_count(hidden), B, D, device=dev, dtype=torch.float32)
         self.zero_lens = torch.zeros(B, device=dev, dtype=torch.long)
+        self.logits_buf = torch.zeros(B, cfg.vocab_size, device=dev, dtype=dtype)
+        self.head_part = torch.zeros(B, dg.head_chunks(cfg.vocab_size), 4, device=dev, dtype=torch.float32)
         self.part_attn = torch.zeros(cfg.n_heads, B, D, device=dev, dtype=torch.float32)
         return True
 
@@ -148,27 +156,33 @@ class FusedDecodeStep:
     def _gemv_step(self, generator) -> None:
         """The ``FUSED_GEMV`` step: residual stream alternating between x (after attention's
         input norm) and x2 (after the MLP's), each kernel reading one and writing the other."""
+        from srl.kernels.decode_gemv import head_sample
         from srl.kernels.decode_step import sample_write
 
-        st, lens = self.state, self.cache.lens
+        m, st, lens = self.model, self.state, self.cache.lens
         self._gemv_layers(st.tokens, lens, lens)
-        logits = self._gemv_head()
         if self.torch_sampling:
-            return self._torch_sample(logits, generator)
+            return self._torch_sample(self._gemv_head(), generator)
         self.noise.exponential_(1.0, generator=generator)
-        sample_write(logits, self.noise, st.tokens, st.logp, lens, st.end, self.params.temperature,
-                     self.part)
+        if CUBLAS_HEAD:
+            sample_write(self._gemv_head(), self.noise, st.tokens, st.logp, lens, st.end,
+                         self.params.temperature, self.part)
+            return
+        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
+                    self.noise, self.head_part, self.params.temperature, st.tokens, st.logp, lens, st.end)
 
     def _gemv_head(self) -> Tensor:
-        """Logits (B, V): the final norm of the residual stream (x2 + the last fc_out's partials)
-        in one kernel, then the head through cuBLAS (on the H200 at batch 1 it reads the 77 MB
-        head at 3.7 TB/s, 21 us; a Triton head with the norm and the first sampling stage fused
-        took 43 us)."""
-        from srl.kernels.decode_gemv import norm_rows
+        """Logits (B, V) of the final residual stream (x2 + the last fc_out's partials): the
+        Triton head with the final norm as prologue, or (``CUBLAS_HEAD``) the norm, then cuBLAS."""
+        from srl.kernels.decode_gemv import head_sample, norm_rows
 
         m = self.model
-        norm_rows(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, self.h)
-        return F.linear(self.h, m.head.weight)
+        if CUBLAS_HEAD:
+            norm_rows(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, self.h)
+            return F.linear(self.h, m.head.weight)
+        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, self.logits_buf,
+                    None, None, 1.0)
+        return self.logits_buf
 
     def logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Logits (B, V) of one token per row: tokens

@@ -16,8 +16,11 @@ the cheap row operations of the step into the matmul that consumes or produces t
 - ``attend_proj``: rotary, cache write and attention of one head (``decode_step._attend_head``)
   times that head's columns of the output projection: per-head float32 partials, again summed by
   the next ``gemv_norm``; each output tile recomputes its head's attention (cheap at batch 1).
-- ``norm_rows``: the final norm of x + partials, before the head (cuBLAS reads the head near
-  bandwidth).
+- ``head_sample``: the LM head with the final norm as its prologue and the first stage of
+  ``srl.kernels.decode_step.sample_write`` (per-chunk max, sum of exp and exponential-race
+  winner, online over the program's sub-tiles) as its epilogue; the logits are still written
+  (the merge reads the winner's logit).
+- ``norm_rows``: the final norm alone, for a cuBLAS head (``fused_decode.CUBLAS_HEAD``).
 
 Rows (the batch) are looped inside each program over the weight tile held in registers, so the
 path is for small batches; rounding follows the torch step (bf16 matmul outputs, residual sums
@@ -31,13 +34,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from srl.kernels.decode_step import INTERPRET, _attend_head
+from srl.kernels.decode_step import INTERPRET, _attend_head, _sample_write
 
 PRO_PLAIN, PRO_RESIDUAL, PRO_EMBED = 0, 1, 2
 
 
 @triton.jit
-def _input_row(X_IN, PART, NPART: tl.constexpr, X_OUT, TOKENS, LENS, EMB, LNW, b, B, K, k0, eps, stride_tok,
+def _input_row(X_IN, PART, NPART, X_OUT, TOKENS, LENS, EMB, LNW, b, B, K, k0, eps, stride_tok,
                store, PRO: tl.constexpr, BLOCK_K: tl.constexpr):
     """Row b of the matmul's input over columns k0..k0+BLOCK_K, float32 (values of X_OUT's dtype).
     PRO 0: X_IN[b]; 1: LayerNorm(X_IN[b] + sum_s PART[s, b]) * LNW; 2: LayerNorm(EMB[token]) * LNW
@@ -50,7 +53,7 @@ def _input_row(X_IN, PART, NPART: tl.constexpr, X_OUT, TOKENS, LENS, EMB, LNW, b
         dt = X_OUT.dtype.element_ty
         if PRO == 1:
             y = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for s in tl.static_range(NPART):  # unrolled: the partials' loads issue together
+            for s in range(NPART):
                 y += tl.load(PART + (s * B + b) * K + ks, mask=ok, other=0.0)
             x = tl.load(X_IN + b * K + ks, mask=ok, other=0.0).to(tl.float32)
             x = (x + y.to(dt).to(tl.float32)).to(dt)
@@ -69,7 +72,7 @@ def _input_row(X_IN, PART, NPART: tl.constexpr, X_OUT, TOKENS, LENS, EMB, LNW, b
 
 
 @triton.jit
-def _gemv(X_IN, PART, NPART: tl.constexpr, X_OUT, TOKENS, LENS, EMB, LNW, W, Y, B, N, K, eps, stride_tok,
+def _gemv(X_IN, PART, NPART, X_OUT, TOKENS, LENS, EMB, LNW, W, Y, B, N, K, eps, stride_tok,
           PRO: tl.constexpr, EPI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (n tile, K chunk s). EPI 0: Y (B, N) rounded to Y's dtype; 1: tanh-GELU of that;
     2: Y (SPLIT, B, N) float32, the partial sum of chunk s."""
@@ -97,7 +100,59 @@ def _gemv(X_IN, PART, NPART: tl.constexpr, X_OUT, TOKENS, LENS, EMB, LNW, W, Y, 
 
 
 @triton.jit
-def _norm_rows(X_IN, PART, NPART: tl.constexpr, LNW, H, B, K, eps, BLOCK_K: tl.constexpr):
+def _head_sample(X_IN, PART, NPART, LNW, W, LOGITS, NOISE, SPART, B, N, K, eps, temperature,
+                 N_CHUNKS, SAMPLE: tl.constexpr, GREEDY: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, N_SUB: tl.constexpr):
+    """Program c: logits of vocabulary rows [c * N_SUB * BLOCK_N, (c + 1) * N_SUB * BLOCK_N) for
+    every row b, and (SAMPLE) the chunk's m_c, l_c, race winner and its index into SPART (B,
+    N_CHUNKS, 4), as ``decode_step._sample_chunks`` computes them over the same chunk."""
+    c = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    for b in range(B):
+        a = _input_row(X_IN, PART, NPART, LOGITS, LOGITS, LOGITS, LOGITS, LNW, b, B, K, 0, eps, 0,
+                       0, 1, BLOCK_K)
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_sum = tl.zeros([BLOCK_N], dtype=tl.float32).sum(0)
+        best = l_sum - 1.0  # race scores are >= 0; greedy scores are logits
+        if GREEDY:
+            best = m
+        arg = l_sum + (c * N_SUB * BLOCK_N).to(tl.float32)
+        for j in range(N_SUB):
+            cols = (c * N_SUB + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = cols < N
+            w = tl.load(W + cols[:, None].to(tl.int64) * K + ks[None, :],
+                        mask=ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.sum(w.to(tl.float32) * a[None, :], 1).to(LOGITS.dtype.element_ty)
+            tl.store(LOGITS + b * N + cols, x, mask=ok)
+            if SAMPLE:
+                x = tl.where(ok, x.to(tl.float32), float("-inf"))
+                if GREEDY:
+                    r = x
+                else:
+                    x = x / temperature
+                    m_new = tl.maximum(m, tl.max(x, 0))
+                    alpha = tl.exp(m - m_new)
+                    ex = tl.exp(x - m_new)
+                    l_sum = l_sum * alpha + tl.sum(ex, 0)
+                    e = tl.load(NOISE + b * N + cols, mask=ok, other=1.0)
+                    r = tl.where(ok, ex / e, -1.0)
+                    best = best * alpha
+                    m = m_new
+                top = tl.max(r, 0)
+                better = top > best
+                arg = tl.where(better, (j * BLOCK_N + c * N_SUB * BLOCK_N + tl.argmax(r, 0)).to(tl.float32), arg)
+                best = tl.where(better, top, best)
+        if SAMPLE:
+            out = SPART + (b * N_CHUNKS + c) * 4
+            tl.store(out, m)
+            tl.store(out + 1, l_sum)
+            tl.store(out + 2, best)
+            tl.store(out + 3, arg)
+
+
+@triton.jit
+def _norm_rows(X_IN, PART, NPART, LNW, H, B, K, eps, BLOCK_K: tl.constexpr):
     """Program b: H[b] = LayerNorm(X_IN[b] + sum_s PART[s, b]) * LNW (``_input_row`` mode 1)."""
     b = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
@@ -127,17 +182,18 @@ def _attend_proj(QKV, FREQS, LENS, KC, VC, W, PART, B, N, qk_scale, stride_qkv, 
 
 
 TILES = {"norm": dict(BLOCK_N=16, num_warps=4), "split": dict(BLOCK_N=16, BLOCK_K=256, num_warps=4),
-         "attend": dict(BLOCK_O=256, BLOCK_S=128, num_warps=8)}
+         "head": dict(BLOCK_N=16, N_SUB=8, num_warps=4), "attend": dict(BLOCK_O=256, BLOCK_S=128, num_warps=8)}
 """Tiles: ``norm`` for ``gemv_norm`` (BLOCK_K is the padded model width), ``split`` for
-``gemv_split`` (BLOCK_K is the K chunk: SPLIT = K / BLOCK_K programs per output tile), ``attend`` for
+``gemv_split`` (BLOCK_K is the K chunk: SPLIT = K / BLOCK_K programs per output tile), ``head``
+for ``head_sample`` (a program covers N_SUB * BLOCK_N vocabulary rows), ``attend`` for
 ``attend_proj`` (BLOCK_O output columns per program, each recomputing its head's attention over
 cache tiles of BLOCK_S slots; default 8192 / head dim, at most 64). The H200 at batch 1 (124M
 policy, 256 new tokens): BLOCK_S 128 with 8 warps 2,794 tok/s, 64 with 4 warps 2,519; the
 norm and split tiles moved it by less than the run-to-run spread (2,450-2,545)."""
 INTERPRET_TILES = {"norm": dict(BLOCK_N=32, num_warps=4), "split": dict(BLOCK_N=32, BLOCK_K=32, num_warps=4),
-                   "attend": dict(BLOCK_O=16, BLOCK_S=16, num_warps=4)}
+                   "head": dict(BLOCK_N=16, N_SUB=2, num_warps=4), "attend": dict(BLOCK_O=16, BLOCK_S=16, num_warps=4)}
 """Few programs through the interpreter (its cost is per program and op), still several K chunks
-(MLP hidden > 32) and output tiles at the tests' shapes."""
+(MLP hidden > 32), output tiles, vocabulary chunks and sub-tiles at the tests' shapes."""
 MAX_ROWS = 8
 """Largest batch of this path (rows are looped over a weight tile inside each program)."""
 
@@ -192,6 +248,38 @@ def gemv_norm(weight: Tensor, norm_weight: Tensor, eps: float, x_out: Tensor, ou
         raise ValueError("gemv_norm: give x_in and part (x_in distinct from x_out), or the embedding")
     _gemv[grid](x_in, part, part.shape[0], x_out, x_out, x_out, x_out, norm_weight, weight, out, B,
                 weight.shape[0], D, float(eps), 0, PRO=PRO_RESIDUAL, **common)
+
+
+def head_chunks(V: int) -> int:
+    t = _tiles("head")
+    return triton.cdiv(V, t["BLOCK_N"] * t["N_SUB"])
+
+
+def head_sample(x_in: Tensor, part: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
+                logits: Tensor, noise: Tensor | None, spart: Tensor | None, temperature: float,
+                tokens: Tensor | None = None, logp: Tensor | None = None, lens: Tensor | None = None,
+                end: Tensor | None = None) -> None:
+    """logits (B, V) = LayerNorm(x_in + part.sum(0)) * norm_weight @ weight^T; with ``noise``
+    (B, V) Exp(1) draws, the token drawn from softmax(logits / T) (the race of
+    ``decode_step.sample_write``, same arguments) and its log-probability are written to
+    tokens/logp at lens + 1 with lens advanced for unfinished rows. ``spart``: (B, head_chunks(V),
+    4) float32 workspace."""
+    B, D = x_in.shape
+    V = weight.shape[0]
+    _check(B, weight, D, "head_sample")
+    t = _tiles("head")
+    chunks = head_chunks(V)
+    sample = noise is not None
+    greedy = temperature == 0
+    temp = float(temperature) or 1.0
+    _head_sample[(chunks,)](x_in, part, part.shape[0], norm_weight, weight, logits, noise if sample else logits,
+                            spart if sample else logits, B, V, D, float(eps), temp, chunks, SAMPLE=sample,
+                            GREEDY=greedy, BLOCK_N=t["BLOCK_N"], BLOCK_K=triton.next_power_of_2(D),
+                            N_SUB=t["N_SUB"], num_warps=t["num_warps"])
+    if sample:
+        _sample_write[(B,)](logits, spart, tokens, logp, lens, end, temp, logits.stride(0),
+                            tokens.stride(0), logp.stride(0), chunks, GREEDY=greedy,
+                            CHUNKS_P2=max(triton.next_power_of_2(chunks), 2), num_warps=4)
 
 
 def norm_rows(x_in: Tensor, part: Tensor, norm_weight: Tensor, eps: float, h: Tensor) -> None:
