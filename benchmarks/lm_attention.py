@@ -125,8 +125,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
-    p.add_argument("--short-on-forward", action="store_true",
-                   help="then the speculative parts again with short queries on the forward kernel, not the decode one")
+    p.add_argument("--tree-on-decode", action="store_true",
+                   help="then the speculative parts again with the tree pass on the split-KV decode kernel")
     args = p.parse_args()
     tb, tt = map(int, args.train.split("x"))
     pb, pt = map(int, args.prefill.split("x"))
@@ -164,12 +164,12 @@ def main() -> None:
                  B=B, k=k, L=args.draft_len)
     both("prefill", lambda t, d: {"ms": bench_prefill(t, pb, pt, args.reps)}, B=pb, T=pt)
     both("train", lambda t, d: {"ms": bench_train(t, tb, tt, args.reps)}, B=tb, T=tt)
-    if args.short_on_forward:
-        importlib.import_module("srl.kernels.flash_attention")._DECODE_Q = 0
+    if args.tree_on_decode:
+        importlib.import_module("srl.kernels.flash_attention")._DECODE_STARTS = True
         for B in args.spec_batches:
             for k in args.ks:
                 both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
-                     sides=("srl_forward",), B=B, k=k, L=args.draft_len)
+                     sides=("srl_tree_decode",), B=B, k=k, L=args.draft_len)
 
 
 if __name__ == "__main__":

@@ -238,8 +238,8 @@ def test_tree_verification_mask_matches_the_dense_tree_layout(route, monkeypatch
     decode kernel (short queries) and on the forward kernel (longer ones)."""
     from srl.generation.decode import tree_layout
 
-    if route == "forward":
-        monkeypatch.setattr(fa_module(), "_DECODE_Q", 0)
+    if route == "decode":  # the forward kernel runs the tree pass unless asked
+        monkeypatch.setattr(fa_module(), "_DECODE_STARTS", True)
 
     b, h, d, S, k, L = 3, 2, 32, 96, 3, 4
     lens = torch.tensor([10, 40, 63])

@@ -58,8 +58,8 @@ def test_training_forward_and_gradients_match_the_float64_reference(kernel_calls
 @pytest.mark.parametrize("route", ["decode", "forward"])
 def test_prefill_ragged_decode_and_tree_pass_on_the_kernels(kernel_calls, route, monkeypatch):
     """The tree pass (13 query rows) on the split-KV decode kernel and on the forward kernel."""
-    if route == "forward":
-        monkeypatch.setattr(importlib.import_module("srl.kernels.flash_attention"), "_DECODE_Q", 0)
+    if route == "decode":  # the forward kernel runs the tree pass unless asked
+        monkeypatch.setattr(importlib.import_module("srl.kernels.flash_attention"), "_DECODE_STARTS", True)
     model, ref = _models(1)
     B, P, k, L, S = 3, 6, 3, 4, 40
     prefix = torch.randint(0, VOCAB, (B, P + 1))

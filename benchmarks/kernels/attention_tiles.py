@@ -28,7 +28,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +35,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bare_imports import bare_packages  # noqa: E402
 
 bare_packages("srl.envs", "srl.policies")  # the GPU image has no gymnasium
+import triton  # noqa: E402
+from attention import _host_us as host_us  # noqa: E402 - benchmarks/kernels/ is on sys.path when run
 fa = importlib.import_module("srl.kernels.flash_attention")  # the module (the package exports the function)
 dec = importlib.import_module("srl.kernels._flash_decode")
 
@@ -118,52 +119,14 @@ def set_train_tiles(tiles) -> None:
 
 
 # --------------------------------------------------------------------------- timing
-def graph_us(fn_layer, reps: int = 30) -> float:
-    """Device time per call: one CUDA graph of LAYERS calls, replayed, timed with events."""
-    for i in range(LAYERS):
-        fn_layer(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(LAYERS):
-            fn_layer(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-    return float(np.median(times))
+def graph_us(fn_layer) -> float:
+    """Device time per call: LAYERS calls (one per layer, each on its own cache) replayed from one CUDA graph."""
+    calls = lambda: [fn_layer(i) for i in range(LAYERS)]  # noqa: E731
+    return triton.testing.do_bench_cudagraph(calls, rep=20, return_mode="median") * 1e3 / LAYERS
 
 
-def event_us(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return float(np.median(times))
-
-
-def host_us(fn, calls: int = 200) -> float:
-    """Host (Python + launch) time per call: calls queued without synchronising."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return host
+def event_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e3
 
 
 def tree_reference(c: dict) -> torch.Tensor:
@@ -265,9 +228,9 @@ def checks_and_host(out: dict) -> None:
             "sdpa_tree": host_us(lambda: F.scaled_dot_product_attention(c["q"], k0, v0, attn_mask=c["additive"]))}
     t = train_case()
     with torch.no_grad():
-        host["srl_train_fwd"] = host_us(lambda: fa.flash_attention(t["q"], t["k"], t["v"], causal=True), 50)
+        host["srl_train_fwd"] = host_us(lambda: fa.flash_attention(t["q"], t["k"], t["v"], causal=True))
         host["sdpa_train_fwd"] = host_us(lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"],
-                                                                                is_causal=True), 50)
+                                                                                is_causal=True))
     out["host_us"] = host
     print(json.dumps({k: out[k] for k in ("int64_start_rel_err", "host_us")}), flush=True)
 

@@ -12,8 +12,8 @@
 
 The module follows the usual order: reference (the definition), Triton kernels,
 launchers, ``torch.autograd.Function``, dispatcher. The decode kernels (queries
-of length 1.._DECODE_Q against a KV cache, flash-decoding, also used for the speculative
-tree pass) live in ``_flash_decode.py``.
+of length 1.._DECODE_Q against a KV cache, flash-decoding; they take per-row starts and a
+shared prefix too) live in ``_flash_decode.py``.
 
 Algorithm (FlashAttention-2). Forward: a program owns BLOCK_M query rows and
 streams BLOCK_N keys at a time, keeping a running row max ``m``, running sum
@@ -233,11 +233,16 @@ _DQ_TILES = {16: _tiles(64, 64, 4, 3), 32: _tiles(64, 64, 4, 3), 64: _tiles(64, 
 _SHORT_Q = 64
 _SHORT_Q_TILES = {16: _tiles(32, 64, 4, 2), 32: _tiles(32, 64, 4, 2), 64: _tiles(32, 64, 4, 2),
                   128: _tiles(32, 64, 4, 3), 256: _tiles(16, 32, 4, 2)}
-# Queries of at most _DECODE_Q rows that need no gradient (a decode step, the speculative tree
-# pass of 1 + k*L rows) take the decode kernel (_flash_decode.py): the rows of a KV group packed in
-# one tile, the keys split over programs (_DECODE_SPLITS, None: enough to fill the GPU)
-_DECODE_Q = 32
-_DECODE_SPLITS = None
+# calls over a KV cache (kv_lens: prefill) at width 64: H200, 2026-12-02, prefill of 16 x 511 tokens
+# 1.09x SDPA with 64 x 64 tiles against 0.91x with the training tile above (lm_attention_h200*.json)
+_CACHED_FWD_TILES = {64: _tiles(64, 64, 4, 3)}
+# Queries of at most _DECODE_Q rows that need no gradient (decode steps) take the split-KV decode
+# kernel (_flash_decode.py); calls with per-row starts (the speculative tree pass) only with
+# _DECODE_STARTS: on the H200 the tree pass over the sampler's 256-slot caches ran faster on the
+# forward kernel's short-query tile (speculative iterations 1.03-1.09x SDPA against 0.94-1.10x,
+# benchmarks/results/lm_attention_h200_run3.json)
+_DECODE_Q = 16
+_DECODE_STARTS = False
 _INTERP_TILES = _tiles(64, 64, 4, 1)
 _INTERP_FWD_TILES = dict(_INTERP_TILES)
 # The forward also takes LAZY_RESCALE / WARP_SPEC / TMA flags (`--sweep` candidates).
@@ -304,11 +309,14 @@ def _tma_descriptors(q, k, v, o, block_m, block_n):
             for view, block in zip(views, (block_m, block_n, block_n, block_m))]
 
 
-def _fwd_plan(q, k, v, o):
+def _fwd_plan(q, k, v, o, cached=False):
     """(tiles, operands) of the forward: TMA descriptors where the tile table asks for them and
-    they can address the inputs, else the tensors themselves with the pointer tile."""
+    they can address the inputs, else the tensors themselves with the pointer tile. ``cached``:
+    a call over a KV cache (``kv_lens``, prefill)."""
     D, Nk = q.shape[-1], k.shape[2]
     tiles = _INTERP_FWD_TILES if INTERPRET else _FWD_TILES[D]
+    if not INTERPRET and cached and D in _CACHED_FWD_TILES:
+        tiles = _CACHED_FWD_TILES[D]
     if not INTERPRET and q.dtype == torch.float32 and D in _FP32_FWD_TILES:
         tiles = _FP32_FWD_TILES[D]
     if not INTERPRET and not TUNE and q.shape[2] <= _SHORT_Q:
@@ -328,7 +336,7 @@ def _forward(q, k, v, causal, sm_scale, kv_start=None, kv_lens=None, kv_prefix=N
     Hkv, Nk = k.shape[1], k.shape[2]
     o = empty_like_heads(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    tiles, operands = _fwd_plan(q, k, v, o)
+    tiles, operands = _fwd_plan(q, k, v, o, cached=kv_lens is not None)
     optional = [lse if t is None else t for t in (kv_start, kv_lens, kv_prefix)]  # lse: unused placeholder
     args = (*operands, lse, *optional, sm_scale * _LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
@@ -389,10 +397,6 @@ class FlashAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _decode_splits(q, k):
-    return _DECODE_SPLITS
-
-
 def _use_triton(t):
     return t.is_cuda or INTERPRET
 
@@ -423,7 +427,7 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None, kv_lens
         ValueError: on shapes, dtypes, devices or head dims it does not support.
 
     CUDA tensors run the Triton kernels (queries of at most ``_DECODE_Q`` rows that need no
-    gradient take the split-KV decode kernel); CPU tensors run
+    gradient and have no ``kv_start`` take the split-KV decode kernel); CPU tensors run
     :func:`attention_reference`, or the Triton interpreter under TRITON_INTERPRET=1.
     The output (and the gradients) keep q's (k's, v's) storage order: for q seen through a
     transpose of (B, N, H, D) storage, ``out.transpose(1, 2)`` is contiguous.
@@ -445,7 +449,7 @@ def flash_attention(q, k, v, causal=False, sm_scale=None, kv_start=None, kv_lens
     if needs_grad:
         return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, kv_start)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    if Nq <= _DECODE_Q:
-        return _decode_launch(q, k, v, bool(causal), scale, kv_lens, kv_start, kv_prefix, _decode_splits(q, k))
+    if Nq <= _DECODE_Q and (kv_start is None or _DECODE_STARTS):
+        return _decode_launch(q, k, v, bool(causal), scale, kv_lens, kv_start, kv_prefix, None)
     return _forward(q, k, v, bool(causal), scale, kv_start, kv_lens, kv_prefix)[0]
 
