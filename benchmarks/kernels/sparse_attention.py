@@ -301,6 +301,13 @@ def bench_lm(n, steps, results, save, layers=6, d_model=1024, heads=8, tiles=Non
             torch.cuda.empty_cache()
 
 
+def seq_and_warm_args(parser):
+    """--seq, and --warm / --warm-seq of the sweep and the probe (compile in K processes first)."""
+    parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--warm", default="", help="I/K: compile share I of K at --warm-seq, time nothing")
+    parser.add_argument("--warm-seq", type=int, default=4096)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])

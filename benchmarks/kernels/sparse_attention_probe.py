@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import io
 import json
 import os
@@ -35,12 +36,18 @@ import time
 import torch
 import triton
 
-from srl.kernels._sparse_patterns import tile_classes
-from srl.kernels.sparse_attention import S2Strided, SinkWindow, sparse_attention
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("_sparse_bench", os.path.join(_here, "sparse_attention.py"))
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["_sparse_bench"] = bench
+_spec.loader.exec_module(bench)
 
-SA = sys.modules["srl.kernels.sparse_attention"]
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run under TRITON_INTERPRET=1
-PATTERNS = {"sink_window": SinkWindow(sink=64, window=2048), "s2": S2Strided(block=64, local_blocks=16, stride=8)}
+from srl.kernels.sparse_attention import sparse_attention  # noqa: E402
+
+SA = bench.SA
+DEV = bench.DEV  # cpu: a dry run under TRITON_INTERPRET=1
+PATTERNS = bench.PATTERNS
+rel_err, block_fraction, flex_mask_mod = bench.rel_err, bench.block_fraction, bench.flex_mask_mod
 T0 = time.perf_counter()
 
 
@@ -78,31 +85,6 @@ def _events():
     return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
-def per_call_ms(fn, budget_ms=200.0, max_reps=25):
-    """Median of per-call event times (host work before the first kernel included)."""
-    if DEV == "cpu":
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    fn()
-    sync()
-    start, end = _events()
-    times = []
-    reps = max_reps
-    for i in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        if i == 0:
-            reps = int(max(3, min(max_reps, budget_ms / max(times[0], 1e-3))))
-        if len(times) >= reps:
-            break
-    return statistics.median(times)
-
-
 def queued_ms(fn, per_ms, budget_ms=120.0, max_reps=25):
     if DEV == "cpu":
         return per_ms
@@ -137,7 +119,7 @@ def device_host_ms(fn, reps=5, sleep_ms=3.0):
     """(device ms, host ms): medians over calls queued behind a GPU sleep of ``sleep_ms``; the
     device time is only clean when the host time stays below the sleep (flagged in the log)."""
     if DEV == "cpu":
-        t = per_call_ms(fn)
+        t = bench.time_ms(fn)
         return t, t
     fn()
     dev, host = [], []
@@ -159,7 +141,7 @@ def device_host_ms(fn, reps=5, sleep_ms=3.0):
 
 
 def four_timers(fn, budget_ms=200.0):
-    per = per_call_ms(fn, budget_ms)
+    per = bench.time_ms(fn, budget_ms, 25)  # median of per-call times, host work included
     dev, host = device_host_ms(fn)
     return {"per_call_ms": per, "queued_ms": queued_ms(fn, per), "device_ms": dev, "host_ms": host}
 
@@ -169,10 +151,6 @@ def inputs(n, h, d, seed):
     q, k, v = (torch.randn(1, h, n, d, device=DEV, dtype=torch.bfloat16, generator=gen).requires_grad_()
                for _ in range(3))
     return q, k, v, torch.randn(1, h, n, d, device=DEV, dtype=torch.bfloat16, generator=gen)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def use(fwd=None, dkdv=None, dq=None):
@@ -203,12 +181,6 @@ def outputs(impl, q, k, v, do):
     for t in (q, k, v):
         t.grad = None
     return got
-
-
-def block_fraction(pattern, heads, n, block=64):
-    classes = tile_classes(pattern, heads, n, n, block, block, DEV)
-    nb = classes.shape[-1]
-    return ((classes > 0).sum() * heads / classes.shape[0] / (nb * (nb + 1) // 2 * heads)).item()
 
 
 # --------------------------------------------------------------------------
@@ -440,17 +412,6 @@ def flex(args, results, save):
             open(args.next_go, "w").close()
 
 
-def flex_mask_mod(pattern):
-    if isinstance(pattern, SinkWindow):
-        def mask(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & ((kv_idx < pattern.sink) | (q_idx - kv_idx < pattern.window))
-    else:
-        def mask(b, h, q_idx, kv_idx):
-            qb, kb = q_idx // pattern.block, kv_idx // pattern.block
-            return (kv_idx <= q_idx) & ((qb - kb < pattern.local_blocks) | ((kb + h) % pattern.stride == 0))
-    return mask
-
-
 def warm(share, shares, n, h, d, patterns, round_b=False):
     """Compile share ``share`` of the kernels at N = n: the defaults of ``patterns`` (forward, delta
     pass, dK/dV, dQ), and the candidates of --final (``round_b``) or, for sink+window alone, the
@@ -487,9 +448,7 @@ def warm(share, shares, n, h, d, patterns, round_b=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--warm", default="", help="I/K: compile share I of K at --warm-seq, time nothing")
-    parser.add_argument("--warm-seq", type=int, default=4096)
+    bench.seq_and_warm_args(parser)
     parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
     parser.add_argument("--no-pick", action="store_true", help="with --final: no backward candidates")
     parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")

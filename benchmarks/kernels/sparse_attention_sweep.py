@@ -236,9 +236,7 @@ def lm_tiles(results, n):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--warm", default="", help="I/K: compile share I of K at --warm-seq, time nothing")
-    parser.add_argument("--warm-seq", type=int, default=4096)
+    bench.seq_and_warm_args(parser)
     parser.add_argument("--flex-only", action="store_true", help="FlexAttention rows only")
     parser.add_argument("--go-file", default="", help="with --flex-only: compile, then time once this file exists")
     parser.add_argument("--no-flex", action="store_true")

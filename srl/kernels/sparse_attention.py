@@ -11,9 +11,11 @@ with the keys further restricted by ``pattern`` (see ``_sparse_patterns.py``):
 Inputs are (B, H, N, D); K and V may have fewer heads (GQA); Nq <= Nk with query row i at key
 position Nk - Nq + i. A row that sees no key returns zeros (and zero gradients), never NaN.
 
-The Triton kernels (``_sparse_kernels.py``) visit only the tiles the pattern touches: the work
-is proportional to the visible blocks. Per (head, query tile) they read a list of full tiles
-(no mask) and one of partial tiles (element mask), built once per pattern and shape and cached.
+The Triton kernels visit only the tiles the pattern touches: the work is proportional to the
+visible blocks. SinkWindow and S2Strided take the range kernels (``_sparse_ranges.py``), which
+compute each program's key (or query) ranges from its position; block layouts take the list
+kernels (``_sparse_kernels.py``), which read per (head, query tile) a list of full tiles (no
+mask) and one of partial tiles (element mask), built once per pattern and shape and cached.
 They share the dense kernels' tile loader and online-softmax step (``_flash_common.py``).
 Decode against a cache that keeps only what the pattern can still see is in ``_sparse_decode.py``.
 
