@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from srl.kernels.decode_step import INTERPRET, _attend_head, _sample_write
+from srl.kernels.decode_step import INTERPRET, _attend_head, _sample_write, _store_chunk
 
 PRO_PLAIN, PRO_RESIDUAL, PRO_EMBED = 0, 1, 2
 
@@ -144,11 +144,7 @@ def _head_sample(X_IN, PART, NPART, LNW, W, LOGITS, NOISE, SPART, B, N, K, eps, 
                 arg = tl.where(better, (j * BLOCK_N + c * N_SUB * BLOCK_N + tl.argmax(r, 0)).to(tl.float32), arg)
                 best = tl.where(better, top, best)
         if SAMPLE:
-            out = SPART + (b * N_CHUNKS + c) * 4
-            tl.store(out, m)
-            tl.store(out + 1, l_sum)
-            tl.store(out + 2, best)
-            tl.store(out + 3, arg)
+            _store_chunk(SPART, b, c, N_CHUNKS, m, l_sum, best, arg)
 
 
 @triton.jit

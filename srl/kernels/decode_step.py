@@ -212,6 +212,12 @@ def _sample_chunks(LOGITS, NOISE, PART, V, temperature, stride_l, stride_n, N_CH
         r = tl.where(ok, ex / e, -1.0)
     best = tl.max(r, 0)
     arg = (c * BLOCK_V + tl.argmax(r, 0)).to(tl.float32)  # exact below 2^24
+    _store_chunk(PART, b, c, N_CHUNKS, m, l_sum, best, arg)
+
+
+@triton.jit
+def _store_chunk(PART, b, c, N_CHUNKS, m, l_sum, best, arg):
+    """One chunk's (m_c, l_c, best score, best index) into PART (B, N_CHUNKS, 4)."""
     out = PART + (b * N_CHUNKS + c) * 4
     tl.store(out, m)
     tl.store(out + 1, l_sum)
