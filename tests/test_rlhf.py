@@ -447,3 +447,29 @@ def test_rlhf_benchmark_step_time_and_generation_share_from_metrics(tmp_path):
     assert s["rl_step_s"] == pytest.approx(step_s, rel=0.05)
     assert s["generation_busy_share"] == pytest.approx(share, rel=1e-9)
     assert s["train_s"] == 0.05 and s["versions"] == rows[-1]["version"] and len(s["curve"]) == len(rows)
+
+
+def test_grpo_learner_skips_a_non_finite_minibatch_and_counts_it():
+    cfg = _tiny(**{"algorithm.epochs": 1, "algorithm.minibatches": 2, "algorithm.kl_coef": 0.0})
+    task = build_task(cfg)
+    torch.manual_seed(0)
+    policy = LMPolicy(compile_info(cfg), cfg.policy)
+    learner = GRPOLearner(policy, cfg.algorithm, cfg.optimizer, sampling=sampling_params(cfg))
+    B, N = 16, 3
+    prompts = torch.from_numpy(task.sample_prompts(2, np.random.default_rng(1))).repeat_interleave(8, 0)
+    completion = torch.randint(0, task.vocab_size, (B, N))
+    mask = torch.ones(B, N, dtype=torch.bool)
+
+    def batch(reward):
+        with torch.no_grad():
+            old = learner.log_probs(policy, prompts, completion)
+        return {"prompt": prompts.T, "completion": completion.T, "logp": old.T, "mask": mask.T,
+                "reward": reward[None], "version": torch.ones(1, B, dtype=torch.long)}
+
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats = learner.train(batch(torch.full((B,), float("nan"))))  # every advantage is NaN
+    assert stats["losses/skipped_steps"] == 2 and learner.skipped_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    learner.train(batch(torch.rand(B)))
+    assert learner.skipped_steps == 2
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

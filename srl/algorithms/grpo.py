@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from srl.algorithms.ppo import averages
+from srl.algorithms.steps import GuardedStep
 from srl.config import AlgorithmConfig, OptimizerConfig
 from srl.generation.sampling import SamplingParams, token_log_probs
 
@@ -121,6 +123,7 @@ class GRPOLearner:
             kwargs.setdefault("fused", True)
         self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **kwargs)
         self.sophia = hasattr(self.optimizer, "hessian_due")
+        self.step_guard = GuardedStep(device)
         self.rng = torch.Generator().manual_seed(seed)
         self.batches = 0
         """Batches trained on: the trainer's version, so version == batches marks fresh samples."""
@@ -172,18 +175,22 @@ class GRPOLearner:
         algo = self.algo
         n = flat["adv"].shape[0]
         bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
         for epoch in range(algo.epochs):
             perm = torch.randperm(n, generator=self.rng).to(self.device)
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 mb = {k: v[perm[lo:max(hi, lo + 1)]] for k, v in flat.items()}
                 stats = self._minibatch_step(mb)
-                if epoch == algo.epochs - 1:
+                if epoch == algo.epochs - 1 and stats:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        stats = averages(sums, count)
+        self.skipped_steps = self.step_guard.skipped()
+        if self.skipped_steps:  # the run's total so far
+            stats["losses/skipped_steps"] = float(self.skipped_steps)
+        return stats
 
     def _loss(self, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, log-probs of the completion tokens, loss terms to report) of one minibatch."""
@@ -200,23 +207,21 @@ class GRPOLearner:
         loss.backward()
         if self.sync is not None:
             self.sync.average_grads(self.policy.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
-        if not torch.isfinite(grad_norm):  # a poisoned minibatch: skip it on every rank alike
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            return {"losses/skipped_steps": float(self.skipped_steps)}
-        self.optimizer.step()
+        grad_norm = self.step_guard(self.optimizer, self.policy.parameters(), algo.max_grad_norm)
+        if grad_norm is None:
+            return {}
         self.updates += 1
         if self.sophia and self.optimizer.hessian_due():
             self._refresh_hessian(mb)
         with torch.no_grad():
-            log_ratio = (logp - mb["logp"])[mb["mask"]]
-            approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean() if log_ratio.numel() else log_ratio.sum()
-            clipfrac = ((log_ratio.exp() - 1.0).abs() > algo.clip).float().mean() if log_ratio.numel() else approx_kl
+            mask = mb["mask"].float()  # masked sums, not boolean indexing: no host sync
+            n = mask.sum().clamp_min(1.0)
+            log_ratio = (logp - mb["logp"]) * mask
+            approx_kl = ((log_ratio.exp() - 1) - log_ratio).sum() / n
+            clipfrac = (((log_ratio.exp() - 1.0).abs() > algo.clip).float() * mask).sum() / n
         stats = {"losses/sophia_win_rate": self.optimizer.win_rate()} if self.sophia else {}
-        return {**stats, **{k: float(v.detach()) for k, v in terms.items()},
-                "losses/approx_kl": float(approx_kl), "losses/clipfrac": float(clipfrac),
-                "losses/grad_norm": float(grad_norm)}
+        return {**stats, **{k: v.detach() for k, v in terms.items()},  # device tensors: read once per batch
+                "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac, "losses/grad_norm": grad_norm}
 
     def _refresh_hessian(self, mb: dict[str, torch.Tensor]) -> None:
         """Sophia's Gauss-Newton-Bartlett refresh on the minibatch's completion positions."""

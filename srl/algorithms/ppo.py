@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from srl.algorithms.steps import GuardedStep
 from srl.config import AlgorithmConfig, OptimizerConfig
 
 
@@ -77,9 +78,7 @@ class PPOLearner:
             kwargs.setdefault("fused", True)  # one kernel per step instead of one per tensor and op
         self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **kwargs)
         self.sophia = hasattr(self.optimizer, "hessian_due")
-        self.skip_on_device = bool(kwargs.get("fused")) and opt.type in ("adam", "adamw")
-        """Fused Adam skips a non-finite step itself (``found_inf``): no host sync per minibatch."""
-        self._skipped = torch.zeros((), device=device)
+        self.step_guard = GuardedStep(device)
         self.total_env_steps = total_env_steps
         self.env_steps = 0
         self.updates = 0
@@ -170,11 +169,8 @@ class PPOLearner:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
                     count += 1
-        if self.skip_on_device:
-            sums["losses/skipped_steps"] = self._skipped * max(count, 1)
         stats = averages(sums, count)
-        if self.skip_on_device:
-            self.skipped_steps = int(stats.pop("losses/skipped_steps"))
+        self.skipped_steps = self.step_guard.skipped()
         if self.skipped_steps:  # the run's total so far
             stats["losses/skipped_steps"] = float(self.skipped_steps)
         return stats
@@ -203,17 +199,9 @@ class PPOLearner:
         loss.backward()
         if self.sync is not None:
             self.sync.average_grads(self.policy.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm, foreach=True)
-        # a poisoned or overflowing minibatch is skipped, on every rank alike
-        if self.skip_on_device:
-            bad = (~torch.isfinite(grad_norm)).float()
-            self.optimizer.found_inf = bad
-            self._skipped += bad
-        elif not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
+        grad_norm = self.step_guard(self.optimizer, self.policy.parameters(), algo.max_grad_norm)
+        if grad_norm is None:
             return {}
-        self.optimizer.step()
         self.updates += 1
         if self.sophia and self.optimizer.hessian_due():
             self._refresh_hessian(mb)
