@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import io
 import json
 import os
@@ -36,11 +35,8 @@ import time
 import torch
 import triton
 
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("_sparse_bench", os.path.join(_here, "sparse_attention.py"))
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["_sparse_bench"] = bench
-_spec.loader.exec_module(bench)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sparse_attention as bench  # noqa: E402  - this folder's benchmark (its helpers and patterns)
 
 from srl.kernels.sparse_attention import sparse_attention  # noqa: E402
 

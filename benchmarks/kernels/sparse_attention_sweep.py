@@ -13,7 +13,6 @@ cache in parallel before the timed run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -22,11 +21,8 @@ import time
 import torch
 import triton
 
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("_sparse_bench", os.path.join(_here, "sparse_attention.py"))
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["_sparse_bench"] = bench
-_spec.loader.exec_module(bench)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sparse_attention as bench  # noqa: E402  - this folder's benchmark (its helpers and patterns)
 
 from srl.kernels.flash_attention import flash_attention  # noqa: E402
 from srl.kernels.sparse_attention import sparse_attention  # noqa: E402
