@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from srl.workers.staging import StagedArrays
+from srl.workers.staging import StagedArrays, pack, packed_size, unpack
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -25,8 +25,15 @@ def test_arrays_of_mixed_dtypes_and_odd_sizes_arrive_intact_pass_after_pass(devi
         np.testing.assert_allclose(back[1], arrays[3] + 1)
 
 
-def test_an_upload_does_not_alias_the_buffer_the_next_pass_overwrites():
-    staged = StagedArrays()
-    first = staged.upload([np.arange(6, dtype=np.int64)], "cpu")[0]
-    staged.upload([np.full(6, -1, dtype=np.int64)], "cpu")
-    assert first.tolist() == list(range(6))
+def test_packing_aligns_mixed_dtypes_and_views_them_back():
+    """The CUDA path's packing, checked on the CPU (the GPU test above runs it end to end)."""
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 255, 5, dtype=np.uint8), rng.integers(-9, 9, 3).astype(np.int64),
+              rng.normal(size=(2, 3)).astype(np.float32), rng.integers(0, 255, (4, 6), dtype=np.uint8)[:, ::2]]
+    buffer = torch.zeros(packed_size(arrays), dtype=torch.uint8)
+    offsets = pack(arrays, buffer)
+    assert all(at % 8 == 0 for at in offsets) and offsets == sorted(offsets)
+    for a, t in zip(arrays, unpack(buffer, arrays, offsets)):
+        np.testing.assert_array_equal(t.numpy(), a)
+    arrays[1][0] += 1  # the buffer holds copies, not views of the inputs
+    assert unpack(buffer, arrays, offsets)[1][0].item() == arrays[1][0] - 1

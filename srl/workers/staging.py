@@ -20,29 +20,21 @@ class StagedArrays:
         self._down: list[torch.Tensor] = []
 
     def upload(self, arrays: list[np.ndarray], device: str) -> list[torch.Tensor]:
-        """``arrays`` on ``device``, same shapes and dtypes: packed into one buffer (each array
-        8-byte aligned), moved in one copy, viewed back."""
-        cuda = torch.device(device).type == "cuda"
-        offsets, total = [], 0
-        for a in arrays:
-            total = -(-total // _ALIGN) * _ALIGN
-            offsets.append(total)
-            total += a.nbytes
+        """``arrays`` on ``device``, same shapes and dtypes: on CUDA packed into one pinned buffer
+        (see :func:`pack`) and moved in one asynchronous copy; on the CPU wrapped without a copy."""
+        if torch.device(device).type != "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         if self._uploaded is not None:
             self._uploaded.synchronize()  # the buffer's last copy has left (normally long done)
-        if self._up is None or self._up.numel() < total or self._up.is_pinned() != cuda:
+        total = packed_size(arrays)
+        if self._up is None or self._up.numel() < total:
             size = max(total, 2 * (0 if self._up is None else self._up.numel()))
-            self._up = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
-        host = self._up.numpy()
-        for a, at in zip(arrays, offsets):
-            host[at:at + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        if cuda:
-            moved = self._up[:total].to(device, non_blocking=True)
-            self._uploaded = torch.cuda.Event()
-            self._uploaded.record()
-        else:
-            moved = self._up[:total].clone()
-        return [moved[at:at + a.nbytes].view(_torch_dtype(a.dtype)).reshape(a.shape) for a, at in zip(arrays, offsets)]
+            self._up = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        offsets = pack(arrays, self._up)
+        moved = self._up[:total].to(device, non_blocking=True)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        return unpack(moved, arrays, offsets)
 
     def download(self, tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[np.ndarray]:
         """``tensors`` as numpy arrays (copies), waiting once for the device."""
@@ -59,6 +51,34 @@ class StagedArrays:
             outs.append(out)
         torch.cuda.current_stream(tensors[0].device).synchronize()
         return [o.numpy().copy() for o in outs]
+
+
+def _offsets(arrays: list[np.ndarray]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for a in arrays:
+        total = -(-total // _ALIGN) * _ALIGN
+        offsets.append(total)
+        total += a.nbytes
+    return offsets, total
+
+
+def packed_size(arrays: list[np.ndarray]) -> int:
+    """Bytes :func:`pack` needs for ``arrays``."""
+    return _offsets(arrays)[1]
+
+
+def pack(arrays: list[np.ndarray], buffer: torch.Tensor) -> list[int]:
+    """Copy ``arrays`` into the uint8 ``buffer``, each 8-byte aligned; returns their offsets."""
+    offsets, _ = _offsets(arrays)
+    host = buffer.numpy()
+    for a, at in zip(arrays, offsets):
+        host[at:at + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    return offsets
+
+
+def unpack(buffer: torch.Tensor, arrays: list[np.ndarray], offsets: list[int]) -> list[torch.Tensor]:
+    """Views of a packed ``buffer`` (on any device) with ``arrays``' shapes and dtypes."""
+    return [buffer[at:at + a.nbytes].view(_torch_dtype(a.dtype)).reshape(a.shape) for a, at in zip(arrays, offsets)]
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
