@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from srl.algorithms.ppo import PPOLearner, averages
+from srl.algorithms.ppo import PPOLearner
+from srl.algorithms.steps import averages
 from srl.errors import ConfigError
 
 

@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from srl.algorithms.ppo import averages
-from srl.algorithms.steps import GuardedStep
+from srl.algorithms.steps import GuardedStep, averages
 from srl.config import AlgorithmConfig, OptimizerConfig
 from srl.generation.sampling import SamplingParams, token_log_probs
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from srl.algorithms.steps import GuardedStep
+from srl.algorithms.steps import GuardedStep, averages
 from srl.config import AlgorithmConfig, OptimizerConfig
 
 
@@ -280,14 +280,6 @@ class RunningVar:
 
     def load(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
-
-
-def averages(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
-    """``sums / count`` as floats; the tensors among them (on one device) are read back in one
-    transfer: one host sync instead of one per statistic and minibatch."""
-    tensors = [v.detach().float().reshape(()) for v in sums.values() if torch.is_tensor(v)]
-    read = iter(torch.stack(tensors).tolist() if tensors else [])
-    return {k: (next(read) if torch.is_tensor(v) else float(v)) / max(count, 1) for k, v in sums.items()}
 
 
 def _state_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

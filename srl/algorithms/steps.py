@@ -1,4 +1,5 @@
-"""The learners' optimizer step: clip the gradient, skip a step whose gradient is not finite."""
+"""What the learners share around their optimizer steps: the guarded step (clip the gradient,
+skip a step whose gradient is not finite) and statistics read back once per batch."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -36,3 +37,11 @@ class GuardedStep:
     def skipped(self) -> int:
         """Steps skipped so far (a host sync: read it once per batch, not per minibatch)."""
         return self._host_skips + int(self._device_skips)
+
+
+def averages(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
+    """``sums / count`` as floats; the tensors among them (on one device) are read back in one
+    transfer: one host sync instead of one per statistic and minibatch."""
+    tensors = [v.detach().float().reshape(()) for v in sums.values() if torch.is_tensor(v)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return {k: (next(read) if torch.is_tensor(v) else float(v)) / max(count, 1) for k, v in sums.items()}
