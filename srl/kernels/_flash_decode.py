@@ -8,9 +8,10 @@ split of the keys. With more than one split each program writes a normalized
 partial output and its base-2 logsumexp; a second kernel merges the splits:
 ``O = sum_s 2^(L_s - L) O_s`` with ``L = log2 sum_s 2^L_s``.
 
-Per-row starts and a shared prefix (``kv_start``, ``kv_prefix``, as in ``flash_attention``) make
-it the kernel of the speculative tree pass too: 1 + k*L query rows over a short cache, where
-the forward kernel would run one program per (batch, head) with mostly padded tiles.
+Per-row starts and a shared prefix (``kv_start``, ``kv_prefix``, as in ``flash_attention``) let
+it run the speculative tree pass too (1 + k*L query rows over a short cache); ``flash_attention``
+sends the tree pass here only with ``_DECODE_STARTS``, since its forward kernel measured faster
+for it on the H200.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def _decode_launch(q, k, v, causal, scale, kv_lens, kv_start, kv_prefix, num_spl
         o_part = lse_part = o  # unused
     index = [o if t is None else t for t in (kv_lens, kv_start, kv_prefix)]  # o: unused placeholder
     args = (q, k, v, o, o_part, lse_part, *index, scale * _LOG2E,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            Hkv, Nq, Nk, group, rows, m_pad, splits, split_len, 1 << max(split_len - 1, 0).bit_length())
     meta = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=needs_upcast(q), HAS_KV_LENS=kv_lens is not None,
                 SPLIT=use_split, BLOCK_M=block_m, HAS_START=kv_start is not None, HAS_PREFIX=kv_prefix is not None)
     tiles = _INTERP_DECODE if INTERPRET else _DECODE_TILES[D]
