@@ -39,6 +39,7 @@ from throughput import _median, _stop_after_window  # noqa: E402
 from srl.config import experiment_from_dict  # noqa: E402
 from srl.envs.atari import frame_skip, make_atari_vector_env  # noqa: E402
 from srl.experiment import controller_for  # noqa: E402
+from srl.monitor import WORKER_SECONDS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PONG = os.path.join(ROOT, "configs", "atari_pong.yaml")
@@ -121,6 +122,7 @@ def srl_point(config: str, actors: int, device: str, seconds: float, warmup: flo
     return {"part": "srl", "actors": actors, "envs_per_actor": a.envs_per_actor, "ring": a.ring, "device": device,
             "frames_per_s": fps, "learned_frames_per_s": learned, "versions": rows[-1].get("version", 0) if rows else 0,
             "trainer_busy": _median([r.get("perf/trainer_busy") for r in steady]),
+            **{k.split("/")[1]: _median([r.get(k) for r in steady]) for k in WORKER_SECONDS.values()},
             "policy_lag": _median([r.get("charts/policy_lag") for r in steady]), "overrides": overrides,
             "workers": tally.summary(), "steady_rows": [_slim(r) for r in steady]}
 
@@ -162,7 +164,7 @@ class _WorkerTally:
 
 def _slim(row: dict) -> dict:
     keep = ("env_steps", "wall_s", "charts/SPS", "charts/learned_SPS", "version", "charts/policy_lag",
-            "perf/trainer_busy", "perf/train_s", "trainer/dropped_stale", "mean_return")
+            "perf/trainer_busy", "perf/train_s", "trainer/dropped_stale", "mean_return", *WORKER_SECONDS.values())
     return {k: row[k] for k in keep if k in row}
 
 
@@ -268,8 +270,9 @@ def _row(r: dict) -> str:
     if r.get("mode") == "processes":
         what = f"{r['processes']} processes x {r['envs_per_process']} envs"
     fps = r.get("frames_per_s", float("nan"))
-    extra = (f"learned {r['learned_frames_per_s']:>10,.0f}  lag {r['policy_lag']:.2f}  busy {r['trainer_busy']:.2f}"
-             if r["part"] == "srl" else
+    waits = "  ".join(f"{k.split('/')[1]} {r.get(k.split('/')[1], float('nan')):.2f}" for k in WORKER_SECONDS.values())
+    extra = (f"learned {r['learned_frames_per_s']:>10,.0f}  lag {r['policy_lag']:.2f}  busy {r['trainer_busy']:.2f}  "
+             + waits if r["part"] == "srl" else
              f"frames {r['frames']:,}  {r['minutes']:.1f} min  return {r['mean_return']:.1f}"
              if r["part"] == "pong18" else "")
     return f"{r['part']:8} {what:24} {fps:>12,.0f}  {extra}"

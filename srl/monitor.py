@@ -17,10 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from srl.config import ExperimentConfig
-from srl.workers.reports import ActorReport, TrainerReport, parse
+from srl.workers.reports import ActorReport, PolicyReport, TrainerReport, parse
 
 RETURN_WINDOW = 20
 MAX_STEPS_PER_ENV_S = 1_000_000
+WORKER_SECONDS = {
+    ("actor", "env_wait_s"): "perf/actor_env_wait",
+    ("actor", "reply_wait_s"): "perf/actor_reply_wait",
+    ("policy", "busy_s"): "perf/policy_busy",
+    ("policy", "forward_s"): "perf/policy_forward",
+}
+"""Seconds the workers report, shown as the fraction of wall time per worker of the role."""
 """Ceiling on the env steps one env can report per second (far above any simulator)."""
 
 
@@ -67,6 +74,7 @@ class RLMonitor:
         self.digests_compared = 0
         self._last_report: dict[str, float] = {}
         self._window_learned = 0
+        self._window_seconds = dict.fromkeys(WORKER_SECONDS, 0.0)
         self._sps_steps = 0
         self._mark = time.monotonic()
         self.episodes_fh = open(os.path.join(run_dir, "episodes.jsonl"), "a", encoding="utf-8")
@@ -80,6 +88,8 @@ class RLMonitor:
             self._on_actor(worker, report)
         elif isinstance(report, TrainerReport):
             self._on_trainer(report)
+        elif isinstance(report, PolicyReport):
+            self._add_seconds("policy", report)
         elif isinstance(getattr(report, "stats", None), dict):  # generation and draft workers
             self.trainer_stats.update({k: v for k, v in report.stats.items() if k.startswith(("generation/", "draft/"))})
         fields = dataclasses.asdict(report)
@@ -97,6 +107,7 @@ class RLMonitor:
         if not all(math.isfinite(x) for x in r.episode_returns) or any(n < 0 for n in r.episode_lengths):
             raise ValueError(f"{worker}: non-finite returns or negative lengths")
         self._last_report[worker] = now
+        self._add_seconds("actor", r)
         self.env_steps += r.env_steps
         for ret, n in zip(r.episode_returns, r.episode_lengths):
             row = {"worker": worker, "return": float(ret), "length": int(n), "env_steps": self.env_steps}
@@ -105,6 +116,14 @@ class RLMonitor:
         self.window_returns.extend(r.episode_returns)
         self.window_lengths.extend(r.episode_lengths)
         self.episodes += len(r.episode_returns)
+
+    def _add_seconds(self, role: str, r: ActorReport | PolicyReport) -> None:
+        for key in WORKER_SECONDS:
+            if key[0] == role:
+                value = getattr(r, key[1])
+                if not 0.0 <= value < 1e6:
+                    raise ValueError(f"{role} report: {key[1]} = {value}")
+                self._window_seconds[key] += value
 
     def _on_trainer(self, r: TrainerReport) -> None:
         if r.learned_steps < 0 or r.dropped_stale < 0:
@@ -176,12 +195,23 @@ class RLMonitor:
             "learned_steps": self.learned_steps,
             "version": self.version,
             **self.trainer_stats,
+            **self._seconds_row(dt),
         }
         if self.cfg.workers.trainers.count > 1:
             row["trainer/digests_compared"] = self.digests_compared
             row["trainer/digest_mismatches"] = self.digest_mismatches
         self.window_returns, self.window_lengths, self._window_learned = [], [], 0
         self.episodes_fh.flush()
+        return row
+
+    def _seconds_row(self, dt: float) -> dict:
+        """The fractions of WORKER_SECONDS over the last ``dt`` seconds (reset after)."""
+        counts = {"actor": self.cfg.workers.actors.count, "policy": self.cfg.workers.policies.count}
+        row = {}
+        for key, value in self._window_seconds.items():
+            if value > 0.0:
+                row[WORKER_SECONDS[key]] = value / (dt * max(counts[key[0]], 1))
+        self._window_seconds = dict.fromkeys(WORKER_SECONDS, 0.0)
         return row
 
     def result(self, run_dir: str, reason: str, wall_s: float, restarts: int) -> RunResult:

@@ -156,6 +156,8 @@ class ActorWorker(RLWorker):
         self.seq = 0
         self.episodes: tuple[list, list] = ([], [])
         self.env_steps = 0
+        self.env_wait_s = self.reply_wait_s = 0.0
+        """Where the actor's time goes (reported, then reset): stepping envs, waiting for actions."""
         self.version = -1
         # Credit-based flow control: the trainer reports how many trajectories it has taken from
         # this actor; the actor keeps at most its share of one batch plus `max_ahead` beyond that.
@@ -204,7 +206,9 @@ class ActorWorker(RLWorker):
         returns, lengths = self.episodes
         self.episodes = ([], [])
         steps, self.env_steps = self.env_steps, 0
-        return to_meta(ActorReport(steps, returns, lengths, self.version))
+        report = ActorReport(steps, returns, lengths, self.version, self.env_wait_s, self.reply_wait_s)
+        self.env_wait_s = self.reply_wait_s = 0.0
+        return to_meta(report)
 
     # ------------------------------------------------------------------ stepping
     def _poll(self) -> PollResult:
@@ -241,7 +245,9 @@ class ActorWorker(RLWorker):
                 self._post(group, now)  # its policy worker died: ask again
         steps = 0
         stepping: list[EnvGroup] = []
+        waited = time.perf_counter()
         msg = self.client.poll(timeout_ms=50)
+        self.reply_wait_s += time.perf_counter() - waited
         while msg is not None:
             req, version = msg.meta.get("req"), msg.meta.get("version")
             group = self.by_req.get(req) if isinstance(req, int) else None
@@ -299,7 +305,9 @@ class ActorWorker(RLWorker):
     def _complete(self, group: EnvGroup, defer_push: bool = False) -> int:
         """Finish a group's env step: episode statistics, and its trajectory pushed (or kept for
         the caller to push once the group's next request is out) when the step completed it."""
+        waited = time.perf_counter()
         returns, lengths, valid, traj = group.recv()
+        self.env_wait_s += time.perf_counter() - waited
         self.episodes[0].extend(returns)
         self.episodes[1].extend(lengths)
         self.env_steps += valid

@@ -5,6 +5,8 @@ so a stateful policy can keep per-env state keyed by those ids.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -40,6 +42,8 @@ class PolicyWorker(RLWorker):
         self.publish(INFERENCE, self.server.address)
         self.requests = 0
         self.batches = 0
+        self.busy_s = self.forward_s = 0.0
+        """Seconds since the last report spent on received requests, and in their forward passes."""
         self.envs_served: set[int] = set()
         self.max_env_id = cfg.workers.actors.count * cfg.workers.actors.envs_per_actor
         recurrent = getattr(self.policy, "recurrent", False)
@@ -64,8 +68,9 @@ class PolicyWorker(RLWorker):
         return version
 
     def _report(self) -> dict:
-        report = PolicyReport(self.requests, self.batches, self.version)
+        report = PolicyReport(self.requests, self.batches, self.version, busy_s=self.busy_s, forward_s=self.forward_s)
         self.requests = self.batches = 0
+        self.busy_s = self.forward_s = 0.0
         meta = to_meta(report)
         if self._stopping:  # the envs this incarnation served, once, at exit
             meta["envs"] = sorted(self.envs_served)
@@ -164,6 +169,7 @@ class PolicyWorker(RLWorker):
         pending = self.server.pending(self.cfg.workers.policies.max_batch, timeout_ms=20, check=self._check)
         if not pending:
             return PollResult()
+        started = time.perf_counter()
         sizes = [len(r.obs) for r in pending]
         if self.stacks is not None:
             action, logp = self._staged.download(self.policy.act(self._stacked(pending)))
@@ -171,6 +177,7 @@ class PolicyWorker(RLWorker):
         else:
             obs = self._gather([r.obs for r in pending])
             action, logp, state = self._act(obs, pending)
+        self.forward_s += time.perf_counter() - started
         start = 0
         for request, n in zip(pending, sizes):
             if request.env_ids is not None:
@@ -182,4 +189,5 @@ class PolicyWorker(RLWorker):
             start += n
         self.requests += len(pending)
         self.batches += 1
+        self.busy_s += time.perf_counter() - started
         return PollResult(samples=int(sum(sizes)), batches=1)

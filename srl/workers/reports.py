@@ -21,6 +21,10 @@ class ActorReport:
     episode_lengths: list[int] = field(default_factory=list)
     version: int = -1
     """Newest policy version this actor has seen."""
+    env_wait_s: float = 0.0
+    """Seconds spent waiting for the envs to step (ale-py's threads, between ``send`` and ``recv``)."""
+    reply_wait_s: float = 0.0
+    """Seconds spent waiting for actions from the policy workers with no env left to step."""
 
 
 @dataclass
@@ -28,6 +32,10 @@ class PolicyReport:
     requests: int = 0
     forward_passes: int = 0
     version: int = -1
+    busy_s: float = 0.0
+    """Seconds spent answering requests (receiving, checking, the forward pass, replying)."""
+    forward_s: float = 0.0
+    """Of those, seconds in the forward pass and the copies to and from its device."""
     envs: list[int] = field(default_factory=list)
     """At exit: the ids of every env this worker served (sticky routing keeps these disjoint)."""
 

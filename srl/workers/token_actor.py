@@ -68,7 +68,8 @@ class TokenActorWorker(RLWorker):
         returns, lengths = self.episodes
         self.episodes = ([], [])
         steps, self.completions = self.completions, 0
-        return to_meta(TokenActorReport(steps, returns, lengths, self.version, self.draft_sent, self.draft_skipped))
+        return to_meta(TokenActorReport(steps, returns, lengths, self.version, draft_sent=self.draft_sent,
+                                        draft_skipped=self.draft_skipped))
 
     # ------------------------------------------------------------------ the loop
     def _poll(self) -> PollResult:
