@@ -83,8 +83,9 @@ class Evaluator:
         return float(np.mean(self.task.reward(self.prompts, tokens)))
 
 
-def probe_warmup(cfg, steps: int, every: int) -> dict:
-    """Accuracy of the supervised warm-up every ``every`` steps, and its seconds per step."""
+def probe_warmup(cfg, steps: int, every: int, out: str = "") -> dict:
+    """Accuracy of the supervised warm-up every ``every`` steps, and its seconds per step (the rows
+    so far are saved to ``out`` at each probe)."""
     ev = Evaluator(cfg)
     torch.manual_seed(cfg.seed)
     policy = ev.policy.train()
@@ -99,6 +100,7 @@ def probe_warmup(cfg, steps: int, every: int) -> dict:
             rows.append({"step": step, "loss": float(loss), "accuracy": ev(), "train_s": t_train})
             policy.train()
             print("warmup", json.dumps(rows[-1]), flush=True)
+            save(out, {"curve": rows, "partial": True})
             t0 = time.perf_counter()
 
     warm_up(policy, build_task(cfg), steps, cfg.algorithm.warmup_lr, ev.device, cfg.seed, callback=note)
@@ -189,9 +191,13 @@ def run_phase(args, phase: str, tmp: str) -> dict:
     else:
         procs = {n: launch(args, n, dirs[n], extra) for n in names}
         ev = Evaluator(load_experiment(args.config, list(args.set)))
+        last_save = time.monotonic()
         while any(p.poll() is None for p in procs.values()):
             for n in names:
                 score_checkpoints(ev, dirs[n], seen[n])
+            if time.monotonic() - last_save > args.save_every:  # a cut run keeps what it measured
+                save(args.out, {"phase": phase, "partial": True, "variants": partial(dirs, seen)})
+                last_save = time.monotonic()
             time.sleep(1.0)
     ev = ev or Evaluator(load_experiment(args.config, list(args.set)))
     for n in names:
@@ -205,6 +211,18 @@ def run_phase(args, phase: str, tmp: str) -> dict:
         print(phase, n, json.dumps({k: v for k, v in results[n].items()
                                     if k not in ("curve", "rl_step_s_all", "accuracy")}), flush=True)
     return results
+
+
+def partial(dirs: dict, seen: dict) -> dict:
+    """What the running variants have measured so far: the logged curve and the scored checkpoints."""
+    out = {}
+    for n, run_dir in dirs.items():
+        try:
+            out[n] = summarize(run_dir)
+        except (OSError, ValueError):  # no metrics yet, or a line being written
+            out[n] = {}
+        out[n]["accuracy"] = [seen[n][v] for v in sorted(seen[n])]
+    return out
 
 
 def save(path: str, results: dict) -> None:
@@ -221,6 +239,7 @@ def main() -> None:
     ap.add_argument("--wall-s", type=float, default=300.0)
     ap.add_argument("--log-every", type=float, default=2.0)
     ap.add_argument("--ckpt-every", type=float, default=20.0)
+    ap.add_argument("--save-every", type=float, default=10.0, help="learn phase: partial results this often (s)")
     ap.add_argument("--set", action="append", default=[], help="a config override for every variant")
     ap.add_argument("--probe-warmup", type=int, default=0, help="only the supervised warm-up, this many steps")
     ap.add_argument("--every", type=int, default=100)
@@ -235,7 +254,7 @@ def main() -> None:
         args.config = os.path.join(ROOT, "configs", "rlhf_tiny.yaml")
         args.wall_s, args.log_every, args.ckpt_every = 15.0, 1.0, 4.0
     if args.probe_warmup:
-        results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every)
+        results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every, args.out)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             if args.keep:
