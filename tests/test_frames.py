@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from srl.envs.frames import DELTA, FULL, FULL_ROWS, StackTable, stack_delta, stacked_pixels
+from srl.envs.frames import (DELTA, FRAMES, FULL, FULL_AT, FULL_ROWS, StackTable, TrajectoryFrames, stack_delta,
+                             stacked_pixels, unslid_rows, with_stacks)
 from srl.envs.vector import SpaceInfo
 from srl.system.wire import Message, WireError
+from srl.workers.intake import assemble
+from srl.workers.layout import TrajectoryLayout
 from srl.workers.policy import PolicyWorker
 
 
@@ -118,3 +121,55 @@ def test_policy_worker_refuses_malformed_delta_requests():
     w.stacks = None  # a worker that keeps no stacks cannot serve a delta
     with pytest.raises(WireError):
         w._check(_request())
+
+
+def _trajectory_message(seq, T: int, actor: int = 0) -> Message:
+    """One trajectory of ``seq[:T + 1]`` recorded as TrajectoryFrames, with the other arrays a
+    trainer expects (random)."""
+    n = len(seq[0])
+    rec = TrajectoryFrames(T, n, seq[0].shape[1:])
+    for t in range(T + 1):
+        rec.put(t, seq[t], unslid_rows(seq[t - 1], seq[t]) if t else None)
+    z = np.zeros((T, n))
+    arrays = {**rec.arrays(), "action": z.astype(np.int64), "logp": z.astype(np.float32),
+              "reward": z.astype(np.float32), "terminated": z.astype(bool), "truncated": z.astype(bool),
+              "valid": np.ones((T, n), bool)}
+    return Message("sample", {"version": 0, "actor": actor, "seq": 0, "incarnation": 0}, arrays)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trajectories_of_frames_rebuild_every_stack_exactly_after_assembly(seed):
+    rng = np.random.default_rng(seed)
+    T, sizes = 12, (3, 5, 3)
+    seqs = [_stacks(rng, T, n, reset_p=0.15) for n in sizes]
+    layout = TrajectoryLayout(T, (3, 5), SpaceInfo((4, 6, 6), True, 3, obs_dtype="uint8"), 2)
+    msgs = [_trajectory_message(s, T, actor=i % 2) for i, s in enumerate(seqs)]
+    for m in msgs:
+        layout.check(m)
+    batch = assemble(msgs, pin=False)
+    assert len(batch[FULL_AT]) > 0  # resets happened: whole stacks travelled
+    got = with_stacks(batch, 4)["obs"].numpy()
+    want = np.concatenate([np.stack(s[:T + 1]) for s in seqs], axis=1)  # (T + 1, B, C, H, W)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    frames_bytes = sum(m.arrays[FRAMES].nbytes + m.arrays[FULL].nbytes for m in msgs)
+    assert frames_bytes < 0.5 * want.nbytes
+    batch[FULL_AT] = batch[FULL_AT][1:]  # the negative control: one whole stack lost
+    batch[FULL] = batch[FULL][1:]
+    assert not np.array_equal(with_stacks(batch, 4)["obs"].numpy(), want)
+
+
+def test_malformed_frame_trajectories_are_refused():
+    rng = np.random.default_rng(3)
+    layout = TrajectoryLayout(8, (4,), SpaceInfo((4, 6, 6), True, 3, obs_dtype="uint8"), 1)
+    good = _trajectory_message(_stacks(rng, 8, 4, reset_p=0.3), 8)
+    layout.check(good)
+    for key, bad in [(FULL_AT, np.array([[0, 1]], np.int64)), (FULL_AT, np.array([[9, 1]], np.int64)),
+                     (FULL_AT, np.array([[1, 4]], np.int64)), (FULL_AT, np.array([[1, 1]], np.int32)),
+                     (FRAMES, np.zeros((11, 4, 6, 6), np.uint8))]:
+        arrays = dict(good.arrays, **{key: bad})
+        if key == FULL_AT:
+            arrays[FULL] = np.zeros((len(bad), 4, 6, 6), np.uint8)
+        with pytest.raises(WireError, match=key):
+            layout.check(Message("sample", good.meta, arrays))
+    with pytest.raises(WireError, match=FULL):
+        layout.check(Message("sample", good.meta, dict(good.arrays, **{FULL: np.zeros((0, 4, 6, 6), np.uint8)})))

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from srl.envs.frames import DELTA, FULL, FULL_ROWS, stack_delta, stacked_pixels
+from srl.envs.frames import DELTA, FULL, FULL_ROWS, TrajectoryFrames, stack_delta, stacked_pixels, unslid_rows
 from srl.envs.vector import EpisodeTracker, SpaceInfo, make_vector_env, step_signals
 from srl import registry
 from srl.plan import INFERENCE, PARAMS, SAMPLES, build_policy, env_group_key
@@ -56,13 +56,17 @@ class EnvGroup:
         """The env steps in its own threads between ``send`` and ``recv`` (ale-py)."""
         self._sent: tuple = ()
         self.posted_at = 0.0
+        self.stacked = stacked_pixels(info.obs_shape, info.obs_dtype) and not self.state_spec
+        """Stacks of frames: trajectories carry each step's newest frame (srl.envs.frames)."""
+        self.unslid: np.ndarray | None = None
+        """Envs whose current stack is not the previous one slid by a frame (stacked only)."""
         self._new_buffers()
 
     def _new_buffers(self) -> None:
         T, B, info = self.T, self.B, self.info
         act_shape, act_dtype = ((), np.int64) if info.discrete else ((info.n_actions,), np.float32)
+        self.frames = TrajectoryFrames(T, B, info.obs_shape) if self.stacked else None
         self.buf = {
-            "obs": np.empty((T + 1, B, *info.obs_shape), info.obs_dtype),
             "action": np.empty((T, B, *act_shape), act_dtype),
             "logp": np.empty((T, B), np.float32),
             "reward": np.empty((T, B), np.float32),
@@ -70,6 +74,8 @@ class EnvGroup:
             "truncated": np.empty((T, B), bool),
             "valid": np.empty((T, B), bool),
         }
+        if not self.stacked:
+            self.buf["obs"] = np.empty((T + 1, B, *info.obs_shape), info.obs_dtype)
         if self.state_spec:
             self.buf["first"] = np.empty((T + 1, B), bool)
             for name, (shape, dtype) in self.state_spec.items():
@@ -93,7 +99,7 @@ class EnvGroup:
         if self._split:
             self.env.send(env_action)
         b, t = self.buf, self.t
-        b["obs"][t] = self.obs
+        self._record_obs(t, self.obs)
         if self.state_spec:
             b["first"][t] = self.first
             for name, value in (state0 or {}).items():
@@ -112,17 +118,25 @@ class EnvGroup:
         returns, lengths = self.tracker.update(score, resets & valid, valid)
         self.prev_done = resets
         self.first = ~valid  # the step after a done returned a reset observation
+        if self.stacked:
+            self.unslid = unslid_rows(self.obs, obs)
         self.obs = obs
         self.min_version = version if self.min_version is None else min(self.min_version, version)
         self.t += 1
         traj = None
         if self.t == self.T:
-            b["obs"][self.T] = obs
+            self._record_obs(self.T, obs)
             if self.state_spec:
                 b["first"][self.T] = self.first
-            traj = (b, self.min_version)
+            traj = ({**b, **self.frames.arrays()} if self.stacked else b, self.min_version)
             self._new_buffers()
         return returns, lengths, int(valid.sum()), traj
+
+    def _record_obs(self, t: int, obs: np.ndarray) -> None:
+        if self.stacked:
+            self.frames.put(t, obs, self.unslid)
+        else:
+            self.buf["obs"][t] = obs
 
 
 class ActorWorker(RLWorker):
@@ -292,7 +306,7 @@ class ActorWorker(RLWorker):
             self.client.post(group.obs, req, group.env_ids, group.server, {"first": group.first},
                              {"want_state": group.t == 0})
         elif self.deltas:
-            newest, rows, full = stack_delta(None if resend else group.sent, group.obs)
+            newest, rows, full = stack_delta(None if resend else group.sent, group.obs, group.unslid)
             group.sent = group.obs
             self.client.post(newest, req, group.env_ids, group.server, {FULL_ROWS: rows, FULL: full}, {DELTA: True})
         else:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import zmq
 
+from srl.envs.frames import FULL, FULL_AT
 from srl.streams.params import ParamServer
 from srl.streams.sample import SampleConsumer
 from srl.system.wire import Message
@@ -132,9 +133,17 @@ class SampleIntake(threading.Thread):
 
 
 def assemble(msgs: list[Message], pin: bool) -> dict[str, torch.Tensor]:
-    """Concatenate trajectories along the env axis, straight into one (pinned) buffer per key."""
+    """Concatenate trajectories along the env axis, straight into one (pinned) buffer per key.
+    The whole stacks of frame trajectories (srl.envs.frames) are stacked along their rows, their
+    env column shifted to the env's place in the batch."""
     out = {}
+    if FULL_AT in msgs[0].arrays:
+        offsets = np.cumsum([0] + [m.arrays["valid"].shape[1] for m in msgs[:-1]])
+        out[FULL_AT] = torch.from_numpy(np.concatenate([m.arrays[FULL_AT] + [0, o] for m, o in zip(msgs, offsets)]))
+        out[FULL] = torch.from_numpy(np.concatenate([m.arrays[FULL] for m in msgs]))
     for key, first in msgs[0].arrays.items():
+        if key in out:
+            continue
         B = sum(m.arrays[key].shape[1] for m in msgs)
         shape = (first.shape[0], B, *first.shape[2:])
         tensor = torch.empty(shape, dtype=torch.from_numpy(first[:0]).dtype, pin_memory=pin)

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from srl.envs.frames import FRAMES, with_stacks
 from srl.plan import PARAMS, SAMPLES, TRAINER_GROUP, build_learner, build_policy
 from srl.policies.weights import weights_to_numpy
 from srl.streams.params import ParamServer
@@ -109,6 +110,8 @@ class TrainerWorker(RLWorker):
             return PollResult()
         t0 = time.perf_counter()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if FRAMES in batch:
+            batch = with_stacks(batch, self.info.obs_shape[0])
         self.stats = self.learner.train(batch)
         self.version += 1
         if self.dp is not None:
