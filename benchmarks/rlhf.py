@@ -174,31 +174,19 @@ def run_phase(args, phase: str, tmp: str) -> dict:
     names = args.variants.split(",")
     extra = [f"stop.wall_s={args.wall_s}", "stop.mean_return=null", "log.console=false",
              f"log.every_s={args.log_every}", "log.tensorboard=false"]
-    if phase == "time":  # no checkpoint I/O inside the timed window: only the final one
+    if phase == "time" and not args.score:  # no checkpoint I/O inside the timed window: only the final one
         extra += ["checkpoint.every_seconds=100000", "checkpoint.keep=1"]
     else:
         extra += [f"checkpoint.every_seconds={args.ckpt_every}", "checkpoint.keep=3"]
     dirs = {n: os.path.join(tmp, f"{phase}-{n}") for n in names}
     results: dict = {n: {} for n in names}
     seen: dict = {n: {} for n in names}
-    ev = None
-    if phase == "time":
+    ev = Evaluator(load_experiment(args.config, list(args.set))) if phase == "learn" or args.score else None
+    if phase == "time":  # one after another, alone on the GPU
         for n in names:
-            launch(args, n, dirs[n], extra).wait()
-            path = os.path.join(dirs[n], "summary.json")
-            results[n] = json.load(open(path)) if os.path.exists(path) else {"error": "no summary (run failed)"}
-            save(args.out, {"phase": phase, "partial": True, "variants": results})
+            watch(args, phase, {n: launch(args, n, dirs[n], extra)}, dirs, seen, ev)
     else:
-        procs = {n: launch(args, n, dirs[n], extra) for n in names}
-        ev = Evaluator(load_experiment(args.config, list(args.set)))
-        last_save = time.monotonic()
-        while any(p.poll() is None for p in procs.values()):
-            for n in names:
-                score_checkpoints(ev, dirs[n], seen[n])
-            if time.monotonic() - last_save > args.save_every:  # a cut run keeps what it measured
-                save(args.out, {"phase": phase, "partial": True, "variants": partial(dirs, seen)})
-                last_save = time.monotonic()
-            time.sleep(1.0)
+        watch(args, phase, {n: launch(args, n, dirs[n], extra) for n in names}, dirs, seen, ev)
     ev = ev or Evaluator(load_experiment(args.config, list(args.set)))
     for n in names:
         score_checkpoints(ev, dirs[n], seen[n])
@@ -213,13 +201,32 @@ def run_phase(args, phase: str, tmp: str) -> dict:
     return results
 
 
+def watch(args, phase: str, procs: dict, dirs: dict, seen: dict, ev) -> None:
+    """Wait for ``procs`` (variant -> process); with an evaluator, score checkpoints as they appear.
+    The results so far are saved every ``--save-every`` seconds and at the end."""
+    last_save = time.monotonic()
+    while any(p.poll() is None for p in procs.values()):
+        for n in procs:
+            if ev is not None:
+                score_checkpoints(ev, dirs[n], seen[n])
+        if time.monotonic() - last_save > args.save_every:  # a cut run keeps what it measured
+            save(args.out, {"phase": phase, "partial": True, "variants": partial(dirs, seen)})
+            last_save = time.monotonic()
+        time.sleep(1.0)
+    for n in procs:
+        if ev is not None:
+            score_checkpoints(ev, dirs[n], seen[n])
+    save(args.out, {"phase": phase, "partial": True, "variants": partial(dirs, seen)})
+
+
 def partial(dirs: dict, seen: dict) -> dict:
     """What the running variants have measured so far: the logged curve and the scored checkpoints."""
     out = {}
     for n, run_dir in dirs.items():
+        path = os.path.join(run_dir, "summary.json")
         try:
-            out[n] = summarize(run_dir)
-        except (OSError, ValueError):  # no metrics yet, or a line being written
+            out[n] = json.load(open(path)) if os.path.exists(path) else summarize(run_dir)
+        except (OSError, ValueError):  # no metrics yet (not started), or a line being written
             out[n] = {}
         out[n]["accuracy"] = [seen[n][v] for v in sorted(seen[n])]
     return out
@@ -239,6 +246,8 @@ def main() -> None:
     ap.add_argument("--wall-s", type=float, default=300.0)
     ap.add_argument("--log-every", type=float, default=2.0)
     ap.add_argument("--ckpt-every", type=float, default=20.0)
+    ap.add_argument("--score", action="store_true",
+                    help="time phase: checkpoint every --ckpt-every s too and score the checkpoints")
     ap.add_argument("--save-every", type=float, default=10.0, help="learn phase: partial results this often (s)")
     ap.add_argument("--set", action="append", default=[], help="a config override for every variant")
     ap.add_argument("--probe-warmup", type=int, default=0, help="only the supervised warm-up, this many steps")
