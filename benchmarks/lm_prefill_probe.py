@@ -148,7 +148,9 @@ def part_profile(pairs, B, T, rows, save) -> None:
         host = [{"name": e.key[:90], "count": e.count, "cpu_us": e.cpu_time_total / 3} for e in events
                 if any(s in e.key for s in ("Synchronize", "_local_scalar_dense", "item", "Memcpy", "memcpy",
                                             "to_copy", "cuModuleLoad", "compile"))]
-        rows.append({"part": "profile", "side": side, "per_call": True, "top_device": top, "host_calls": host})
+        counts = {e.key: e.count // 3 for e in events if e.key.startswith(("aten::", "cuda", "triton", "_attn"))}
+        rows.append({"part": "profile", "side": side, "per_call": True, "top_device": top, "host_calls": host,
+                     "op_counts": counts})
         print(json.dumps(rows[-1])[:3000], flush=True)
         save()
 
