@@ -232,8 +232,9 @@ class PoliciesConfig:
     max_batch: int = 4096
     """Upper bound on observations in one forward pass."""
     cuda_graph: bool = True
-    """Memory policies on CUDA: replay the inference step from CUDA graphs (one per batch-size
-    bucket; see :mod:`srl.policies.graphed`); ``false`` runs every step eagerly."""
+    """Memory policies, and policies over frame stacks kept by the policy worker, on CUDA: replay
+    the inference step from CUDA graphs (one per batch-size bucket; see :mod:`srl.policies.graphed`);
+    ``false`` runs every step eagerly."""
     routing: str = "sticky"
     """``sticky``: every request of one env reaches the same policy worker for the whole run
     (per-env state such as a memory can live there); ``round_robin``: any policy worker answers."""

@@ -173,3 +173,40 @@ def test_malformed_frame_trajectories_are_refused():
             layout.check(Message("sample", good.meta, arrays))
     with pytest.raises(WireError, match=FULL):
         layout.check(Message("sample", good.meta, dict(good.arrays, **{FULL: np.zeros((0, 4, 6, 6), np.uint8)})))
+
+
+class _StackProbe(torch.nn.Module):
+    """A 'policy' whose outputs are functions of the stacks it is given (no sampling)."""
+
+    def act(self, stacks):
+        return stacks.float().mean((1, 2, 3)), stacks[:, 0].float().sum((1, 2)) - stacks[:, -1].float().sum((1, 2))
+
+
+@pytest.mark.parametrize("graphs", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_the_graphed_stack_step_equals_the_kept_stacks_and_the_eager_step(graphs):
+    from srl.policies.graphed import GraphedStackStep
+
+    device = "cuda" if graphs else "cpu"
+    if graphs and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(7)
+    n_envs, shape = 10, (4, 6, 6)
+    eager = StackTable(n_envs + 1, shape, device)
+    kept = StackTable(n_envs + 1, shape, device)
+    step = GraphedStackStep(_StackProbe(), kept.stacks, max_batch=16, device=device, graphs=graphs)
+    seqs = _stacks(rng, 25, n_envs, c=4, hw=6, reset_p=0.1)
+    last = [None] * n_envs
+    for t, obs in enumerate(seqs):
+        ids = np.sort(rng.choice(n_envs, rng.integers(1, n_envs + 1), replace=False)).astype(np.int64)
+        prev = None if any(last[i] is None for i in ids) else np.stack([last[i] for i in ids])
+        newest, rows, full = stack_delta(prev, obs[ids])
+        args = [torch.from_numpy(a).to(device) for a in (ids, newest, rows, full)]
+        want = _StackProbe().act(eager.apply(args[0], args[1], args[2], args[3]))
+        got = step.step(*args)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        assert torch.equal(kept.stacks[:n_envs], eager.stacks[:n_envs])
+        assert torch.equal(kept.stacks[ids].cpu(), torch.from_numpy(obs[ids]))
+        for i in ids:
+            last[i] = obs[i]
+    assert not step.is_full.any()  # the flags of whole stacks are cleared after each step

@@ -12,7 +12,7 @@ import torch
 
 from srl.envs.frames import DELTA, FULL, FULL_ROWS, StackTable, stacked_pixels
 from srl.plan import INFERENCE, PARAMS, build_policy
-from srl.policies.graphed import GraphedMemoryStep
+from srl.policies.graphed import GraphedMemoryStep, GraphedStackStep
 from srl.policies.state import StateTable, state_to_numpy
 from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceServer
@@ -23,6 +23,9 @@ from srl.system.worker import PollResult
 from srl.workers.base import RLWorker
 from srl.workers.reports import PolicyReport, to_meta
 from srl.workers.staging import StagedArrays
+
+MAX_GRAPHED_BATCH = 1024
+"""Observations of the largest pass a graphed frame-stack step replays (larger ones run eagerly)."""
 
 
 class PolicyWorker(RLWorker):
@@ -57,9 +60,14 @@ class PolicyWorker(RLWorker):
                        ) if recurrent else None
         """A memory policy's per-env state; a restarted worker starts its envs' memories afresh."""
         sticky = self.plan.stream(INFERENCE).routing == Routing.STICKY
-        self.stacks = (StackTable(self.max_env_id, self.info.obs_shape, self.device)
+        self.stacks = (StackTable(self.max_env_id + 1, self.info.obs_shape, self.device)
                        if sticky and not recurrent and stacked_pixels(self.info.obs_shape, self.info.obs_dtype) else None)
-        """Each env's last frame stack, so that actors can send only the newest frame (srl.envs.frames)."""
+        """Each env's last frame stack, so that actors can send only the newest frame (srl.envs.frames);
+        the last row is the graphed step's scratch row."""
+        self.stack_step = None
+        if self.stacks is not None and cfg.workers.policies.cuda_graph and torch.device(self.device).type == "cuda":
+            self.stack_step = GraphedStackStep(self.policy, self.stacks.stacks,
+                                               min(cfg.workers.policies.max_batch, MAX_GRAPHED_BATCH), self.device)
         self._staged = StagedArrays()
 
     def _load(self, got) -> int:
@@ -112,8 +120,9 @@ class PolicyWorker(RLWorker):
         if len(rows) and (rows.min() < 0 or rows.max() >= len(obs) or len(np.unique(rows)) != len(rows)):
             raise WireError("frame-delta rows out of range or repeated")
 
-    def _stacked(self, pending: list) -> torch.Tensor:
-        """The pending requests' whole stacks on the device, from newest frames and the stacks kept."""
+    def _stacked_act(self, pending: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action, logp) on the device of the pending requests, over the stacks kept and their
+        newest frames."""
         newest, rows, full, at = [], [], [], 0
         for r in pending:
             n = len(r.obs)
@@ -129,7 +138,9 @@ class PolicyWorker(RLWorker):
         ids, rows = np.concatenate([r.env_ids for r in pending]), np.concatenate(rows)
         newest, full = np.concatenate(newest), np.concatenate(full)
         ids_t, rows_t, newest_t, full_t = self._staged.upload([ids, rows, newest, full], self.device)
-        return self.stacks.apply(ids_t, newest_t, rows_t, full_t)
+        if self.stack_step is not None and len(ids) <= self.stack_step.buckets[-1]:
+            return self.stack_step.step(ids_t, newest_t, rows_t, full_t)
+        return self.policy.act(self.stacks.apply(ids_t, newest_t, rows_t, full_t))
 
     def _gather(self, arrays: list[np.ndarray]) -> np.ndarray:
         """The requests' observations as one array. Pixels bound for a GPU are copied once, into a
@@ -172,7 +183,7 @@ class PolicyWorker(RLWorker):
         started = time.perf_counter()
         sizes = [len(r.obs) for r in pending]
         if self.stacks is not None:
-            action, logp = self._staged.download(self.policy.act(self._stacked(pending)))
+            action, logp = self._staged.download(self._stacked_act(pending))
             state = None
         else:
             obs = self._gather([r.obs for r in pending])
