@@ -81,10 +81,19 @@ def patched(names: dict):
             setattr(fa, n, v)
 
 
+def compiled() -> int | None:
+    """Compiled variants of the forward kernel so far (a count that grows per call = a recompile)."""
+    try:
+        return sum(len(c[0]) for c in fa._attn_fwd.device_caches.values())
+    except (AttributeError, TypeError, IndexError):
+        return None
+
+
 def timed(fn, reps: int) -> dict:
     """Median host ms (call to synchronize) and CUDA-event ms of ``fn``, after one warm-up call."""
     fn()
     sync()
+    before = compiled()
     host, dev = [], []
     for _ in range(reps):
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if DEV == "cuda" else None
@@ -97,8 +106,10 @@ def timed(fn, reps: int) -> dict:
         sync()
         host.append(1e3 * (time.perf_counter() - t0))
         dev.append(events[0].elapsed_time(events[1]) if events else host[-1])
+    after = compiled()
     return {"host_ms": float(np.median(host)), "event_ms": float(np.median(dev)),
-            "host_ms_min": float(np.min(host))}
+            "host_ms_min": float(np.min(host)), "host_ms_all": [round(h, 3) for h in host],
+            "compiles_while_timed": None if before is None else after - before, "kernels_compiled": after}
 
 
 def prefill_fn(model, B: int, T: int):
@@ -148,9 +159,14 @@ def part_profile(pairs, B, T, rows, save) -> None:
         host = [{"name": e.key[:90], "count": e.count, "cpu_us": e.cpu_time_total / 3} for e in events
                 if any(s in e.key for s in ("Synchronize", "_local_scalar_dense", "item", "Memcpy", "memcpy",
                                             "to_copy", "cuModuleLoad", "compile"))]
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels) / 3
         counts = {e.key: e.count // 3 for e in events if e.key.startswith(("aten::", "cuda", "triton", "_attn"))}
         rows.append({"part": "profile", "side": side, "per_call": True, "top_device": top, "host_calls": host,
-                     "op_counts": counts})
+                     "op_counts": counts, "gpu_busy_us": gpu_us,
+                     "kernels": sorted(({"name": e.key[:90], "count": e.count // 3,
+                                         "us": getattr(e, "self_device_time_total", 0) / 3} for e in kernels),
+                                       key=lambda k: -k["us"])[:25]})
         print(json.dumps(rows[-1])[:3000], flush=True)
         save()
 
