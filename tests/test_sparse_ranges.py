@@ -2,7 +2,8 @@
 
 SinkWindow and S2Strided through the list-free kernels: forward (pointer and TMA loads, prefix
 tiles narrower than the band's or as wide, grids with heads fastest), dQ (with rowsum(dO * O)
-computed in the dQ kernel or in its own pass), dK/dV,
+computed in the dQ kernel or in its own pass), dK/dV (descriptor loads: host-encoded, or built by
+the kernel, and the pointer fallback when strides rule descriptors out),
 at small shapes in the interpreter (ragged N, GQA, Nq != Nk, windows and sinks that are not tile
 multiples, tiny windows). A negative control checks that the comparison can fail.
 """
@@ -28,6 +29,9 @@ def ranges(block_m, block_n, **extra):
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1, RANGES=True, **extra)
 
 
+DEV = {"TMA": True, "DESC_DEV": True}
+
+
 def use(fwd, dkdv, dq):
     TILE_OVERRIDE.clear()
     TILE_OVERRIDE.update(fwd=fwd, dkdv=dkdv, dq=dq)
@@ -43,6 +47,12 @@ CASES = [  # (pattern, B, H, H_kv, Nq, Nk, D, fwd tiles, dK/dV tiles, dQ tiles)
     (S2Strided(16, 3, 3), 1, 6, 2, 130, 203, 16, ranges(64, 32, HEADS_FAST=True),
      ranges(16, 16, HEADS_FAST=True), ranges(16, 32, HEADS_FAST=True, FUSE_DELTA=True)),
     (S2Strided(32, 1, 2), 1, 2, 1, 256, 256, 32, ranges(32, 32, TMA=True), ranges(16, 32), ranges(32, 32)),
+    # descriptors built by the kernels (DESC_DEV), for K/V in the forward and dQ, q/dO in dK/dV
+    (SinkWindow(16, 37), 2, 2, 1, 77, 200, 16, ranges(32, 32, PRE_N=16, **DEV), ranges(32, 16, HEADS_FAST=True, **DEV),
+     ranges(16, 32, HEADS_FAST=True, FUSE_DELTA=True, **DEV)),
+    # host descriptors in the backward; S2 prefix through the descriptors (PRE_N == BLOCK_N)
+    (S2Strided(16, 2, 4), 1, 4, 2, 100, 130, 16, ranges(32, 16, **DEV), ranges(16, 16, TMA=True),
+     ranges(32, 16, TMA=True)),
 ]
 
 
@@ -77,3 +87,60 @@ def test_negative_control_a_wider_window_is_caught():
     finally:
         TILE_OVERRIDE.clear()
     assert rel_err(out, other) > 1e-4
+
+
+def test_device_descriptors_fall_back_to_pointers_on_unmergeable_strides():
+    """q, k, v stored head-major ((H, B, N, D) seen as (B, H, N, D)): the (B, H) strides do not
+    merge into descriptor rows, so the DESC_DEV kernels take pointer loads, with the same result."""
+    sa = sys.modules["srl.kernels.sparse_attention"]
+    q, k, v = make_qkv(2, 4, 2, 60, 60, 16, torch.float32, seed=7)
+    q, k, v = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q, k, v))
+    assert not sa._rows_ok(q) and sa._descriptors(k, v, 16, {"TMA": True, "DESC_DEV": True})[2:] == (False, False)
+    use(ranges(32, 16, **DEV), ranges(16, 16, **DEV), ranges(32, 16, **DEV))
+    try:
+        check_against_reference(q, k, v, SinkWindow(4, 20), TOL[torch.float32])
+    finally:
+        TILE_OVERRIDE.clear()
+
+
+def test_allocator_for_device_descriptors_keeps_the_callers():
+    """Triton needs an allocator for kernel-built descriptors: ours only where none is set."""
+    import triton
+    from triton.runtime import _allocation
+
+    sa = sys.modules["srl.kernels.sparse_attention"]
+
+    def current():
+        a = _allocation._allocator
+        return a.get() if hasattr(a, "get") else a
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+    before = current()
+    try:
+        triton.set_allocator(_allocation.NullAllocator())
+        sa._ensure_allocator()
+        assert current() is sa._scratch
+        triton.set_allocator(mine)
+        sa._ensure_allocator()
+        assert current() is mine
+    finally:
+        triton.set_allocator(before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 8, 8, 3000, 3000, 128), (2, 8, 2, 1000, 1333, 64)])
+def test_gpu_device_descriptors_bf16(shape):
+    """The shipped tile shapes with kernel-built descriptors in all three kernels (the backward runs
+    in autograd's thread, which needs an allocator of its own)."""
+    b, h, h_kv, n_q, n_k, d = shape
+    q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, torch.bfloat16, seed=n_q)
+    use(ranges(128, 64, **DEV) | {"num_warps": 8, "num_stages": 3}, ranges(64, 64, HEADS_FAST=True, **DEV),
+        ranges(128, 64, HEADS_FAST=True, FUSE_DELTA=True, **DEV) | {"num_warps": 8, "num_stages": 3})
+    try:
+        for pattern in (SinkWindow(64, 1024), S2Strided(64, 4, 8)):
+            for t in (q, k, v):
+                t.grad = None
+            check_against_reference(q, k, v, pattern, TOL[torch.bfloat16])
+    finally:
+        TILE_OVERRIDE.clear()

@@ -52,13 +52,16 @@ def _t(bm, bn, warps, stages, **extra):
 
 
 HF = {"HEADS_FAST": True}
-FWD = {"default": None, "s3": _t(128, 64, 8, 3, TMA=True), "s2": _t(128, 64, 8, 2, TMA=True),
-       "n128": _t(128, 128, 8, 3, TMA=True, PRE_N=64), "ptr_s4": _t(128, 64, 8, 4)}
-DKDV = {"default": None, "s2": _t(64, 128, 8, 2, **HF), "m32_s4": _t(32, 128, 8, 4, **HF),
-        "n64_w4_s2": _t(64, 64, 4, 2, **HF)}
-DQ = {"default": None, "fused": _t(128, 64, 8, 3, FUSE_DELTA=True, **HF),
-      "n32_s4": _t(128, 32, 8, 4, FUSE_DELTA=True, **HF), "s2": _t(128, 64, 8, 2, FUSE_DELTA=True, **HF),
-      "m64_w4": _t(64, 64, 4, 3, FUSE_DELTA=True, **HF)}
+DEV_TMA = {"TMA": True, "DESC_DEV": True}  # descriptors built by the kernel (no host encoding per launch)
+FWD = {"default": None, "dev": _t(128, 64, 8, 3, **DEV_TMA), "dev_s4": _t(128, 64, 8, 4, **DEV_TMA),
+       "ptr_s3": _t(128, 64, 8, 3)}
+DKDV = {"default": None, "tma": _t(64, 64, 4, 2, TMA=True, **HF), "dev": _t(64, 64, 4, 2, **DEV_TMA, **HF),
+        "dev_s3": _t(64, 64, 4, 3, **DEV_TMA, **HF), "dev_m32_s3": _t(32, 64, 4, 3, **DEV_TMA, **HF),
+        "dev_m128_w8": _t(128, 64, 8, 2, **DEV_TMA, **HF), "dev_n128_w8": _t(64, 128, 8, 2, **DEV_TMA, **HF)}
+DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF),
+      "dev": _t(128, 64, 8, 3, FUSE_DELTA=True, **DEV_TMA, **HF),
+      "dev_s2": _t(128, 64, 8, 2, FUSE_DELTA=True, **DEV_TMA, **HF),
+      "dev_m64_w4": _t(64, 64, 4, 3, FUSE_DELTA=True, **DEV_TMA, **HF)}
 
 
 # round B: the candidates measured before the final rows (sink+window); the fastest (device time
@@ -272,9 +275,12 @@ def probe_forward(n, pattern, qkvd, rows, save):
 
 
 def best(rows, n, stage):
-    """Tiles of the fastest (device time) variant of a stage at N (None = the default)."""
+    """Tiles of the fastest variant of a stage at N (None = the default): per-call time for the
+    forward (host work included), device time for the backward kernels (their host work overlaps
+    the forward's device time)."""
     cands = [r for r in rows if r["N"] == n and r["stage"] == stage]
-    return min(cands, key=lambda r: r["device_ms"]) if cands else None
+    key = "per_call_ms" if stage == "fwd" else "device_ms"
+    return min(cands, key=lambda r: r[key]) if cands else None
 
 
 def host_profile(fn, calls=20):
@@ -454,8 +460,13 @@ def main(argv=None):
     parser.add_argument("--compiled-file", default="", help="with --flex: touched once compiled")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--skip-dev", action="store_true", help="leave out the variants with kernel-built descriptors")
     parser.add_argument("--json", default="sparse_probe.json")
     args = parser.parse_args(argv)
+    if args.skip_dev:
+        for table in (FWD, DKDV, DQ, FINAL_DKDV, FINAL_DQ):
+            for name in [name for name, tiles in table.items() if tiles and tiles.get("DESC_DEV")]:
+                del table[name]
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
         warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS), args.final)

@@ -107,6 +107,22 @@ def _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED: tl.con
 
 
 @triton.jit
+def rows_desc(base, rows, n, stride_r, stride_n, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A TMA descriptor over (rows, n, HEAD_DIM) with (1, BLOCK, HEAD_DIM) blocks, built by the
+    program itself (no host-side encoding at launch; needs ``triton.set_allocator``)."""
+    return tl.make_tensor_descriptor(base, shape=[rows, n, HEAD_DIM], strides=[stride_r, stride_n, 1],
+                                     block_shape=[1, BLOCK, HEAD_DIM])
+
+
+@triton.jit
+def _n_heads(HEADS_FAST: tl.constexpr):
+    """Programs along the grid's (batch, head) axis."""
+    if HEADS_FAST:
+        return tl.num_programs(0)
+    return tl.num_programs(1)
+
+
+@triton.jit
 def _seg(t, n0, n1, a0, a1, a2):
     """Segment value of virtual tile t: a0 for t < n0, a1 for the next n1 tiles, then a2."""
     return tl.where(t < n0, a0, tl.where(t < n0 + n1, a1, a2))
@@ -165,10 +181,11 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
                PRE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-               HEADS_FAST: tl.constexpr = False):
+               HEADS_FAST: tl.constexpr = False, DESC_DEV: tl.constexpr = False):
     """Forward over the prefix and band ranges. KD, VD: TMA descriptors over (B*H_kv, N_K, D)
     with (1, BLOCK_N, D) blocks when TMA (used by a PRE_N-wide prefix too when PRE_TMA), else
-    K, V. A prefix of BLOCK_N-wide tiles joins the two loops; a narrower one has its own."""
+    K, V; with DESC_DEV the program builds them from K, V (whose B and H_kv strides then merge).
+    A prefix of BLOCK_N-wide tiles joins the two loops; a narrower one has its own."""
     pid_t, off_bh = _tile_and_head(HEADS_FAST)
     pid_m = M_TILES - 1 - pid_t  # the heaviest (last) query tiles first
     start_m = pid_m * BLOCK_M
@@ -187,6 +204,12 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
     kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP
     k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
     v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    kd = KD
+    vd = VD
+    if DESC_DEV:
+        kv_rows = _n_heads(HEADS_FAST) // GROUP  # B * H_kv
+        kd = rows_desc(K, kv_rows, N_K, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
+        vd = rows_desc(V, kv_rows, N_K, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
     r0 = start_m + shift
     r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
     pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
@@ -198,7 +221,7 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    args = (k_head, v_head, KD, VD, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
+    args = (k_head, v_head, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
     if not MERGE:  # the prefix in PRE_N-wide tiles of its own
         n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, n_pre, n_pre, 0, pre_lo, pre_step, 0, 0, 0, 0,
@@ -222,13 +245,14 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
 # --------------------------------------------------------------------------
 @triton.jit
 def _dq_loop(dq, q, do, lse, delta, n, n0, n1, lo0, s0, lo1, s1, lo2, s2, hi0, hi1, hi2,
-             K, V, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
-             MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TILE_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr):
+             K, V, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, n_k, qk_scale, P0, P1, P2,
+             MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr,
+             TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate dQ of one query tile over n key tiles in three segments (as ``_fwd_loop``)."""
     for t in tl.range(0, n):
         start_n = _start(t, n0, n1, lo0, s0, lo1, s1, lo2, s2)
-        k, v = _kv(K, V, K, V, 0, start_n, n_k, stride_kn, stride_vn, MASKED, UPCAST, False, TILE_N, HEAD_DIM)
+        k, v = _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED, UPCAST, DESC, TILE_N,
+                   HEAD_DIM)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             cols = start_n + tl.arange(0, TILE_N)
@@ -242,7 +266,7 @@ def _dq_loop(dq, q, do, lse, delta, n, n0, n1, lo0, s0, lo1, s1, lo2, s2, hi0, h
 
 
 @triton.jit(do_not_specialize=["H"])  # one binary for every head count
-def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
+def _range_bwd_dq(Q, K, V, KD, VD, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
                   stride_qb, stride_qh, stride_qn,
                   stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn,
@@ -252,9 +276,12 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
                   H, GROUP, N_Q, N_K, M_TILES, P0, P1, P2,
                   KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRE_N: tl.constexpr,
-                  HEADS_FAST: tl.constexpr = False, FUSE_DELTA: tl.constexpr = False):
+                  HEADS_FAST: tl.constexpr = False, FUSE_DELTA: tl.constexpr = False, TMA: tl.constexpr = False,
+                  DESC_DEV: tl.constexpr = False):
     """dQ of one query tile. With FUSE_DELTA it also computes D = rowsum(dO * O) of its rows and
-    stores it in DELTA (the dK/dV kernel, launched after, reads it): no separate pass over O."""
+    stores it in DELTA (the dK/dV kernel, launched after, reads it): no separate pass over O.
+    With TMA, K and V tiles of BLOCK_N keys come through descriptors KD, VD as in the forward
+    (built by the program with DESC_DEV)."""
     pid_t, off_bh = _tile_and_head(HEADS_FAST)
     pid_m = M_TILES - 1 - pid_t
     start_m = pid_m * BLOCK_M
@@ -276,6 +303,13 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
         tl.store(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
     k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
     v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP
+    kd = KD
+    vd = VD
+    if DESC_DEV:
+        kv_rows = _n_heads(HEADS_FAST) // GROUP  # B * H_kv
+        kd = rows_desc(K, kv_rows, N_K, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
+        vd = rows_desc(V, kv_rows, N_K, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
     r0 = start_m + shift
     r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
     pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
@@ -284,43 +318,61 @@ def _range_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
     n_pf, n_pm, n_low, n_full, n_up = _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
                                                    end, BLOCK_N, MERGE)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    args = (k_head, v_head, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
-    if not MERGE:
+    args = (k_head, v_head, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
+    if not MERGE:  # the prefix in PRE_N-wide tiles, pointer loads
         n_pre = tl.cdiv(tl.maximum(pre_hi - pre_lo, 0), pre_step)
         dq = _dq_loop(dq, q, do, lse, delta, n_pre, n_pre, 0, pre_lo, pre_step, 0, 0, 0, 0, pre_hi, pre_hi, pre_hi,
-                      *args, KIND == 1, KIND, UPCAST, PRE_N, HEAD_DIM)
+                      *args, KIND == 1, KIND, UPCAST, False, PRE_N, HEAD_DIM)
     dq = _dq_loop(dq, q, do, lse, delta, n_pf + n_full, n_pf, n_full, pre_lo, pre_step, full_lo, BLOCK_N, 0, 0,
-                  0, 0, 0, *args, False, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+                  0, 0, 0, *args, False, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
     dq = _dq_loop(dq, q, do, lse, delta, n_pm + n_low + n_up, n_pm, n_low, pre_lo, pre_step, band_lo, BLOCK_N,
-                  full_hi, BLOCK_N, pre_hi, full_lo, end, *args, True, KIND, UPCAST, BLOCK_N, HEAD_DIM)
+                  full_hi, BLOCK_N, pre_hi, full_lo, end, *args, True, KIND, UPCAST, TMA, BLOCK_N, HEAD_DIM)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, Q, DO, LSE_ROW, DELTA_ROW, stride_qn,
-               stride_don, cols, heads, col_ok, n_q, shift, qk_scale, P0, P1, P2, MASKED: tl.constexpr,
-               KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Accumulate dK, dV of one key tile over n query tiles of BLOCK_M rows in three segments
-    (first absolute rows lo*, ends hi*)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    for t in tl.range(0, n):
-        start = _start(t, n0, n1, lo0, BLOCK_M, lo1, BLOCK_M, lo2, BLOCK_M)
-        offs_m = start - shift + tl.arange(0, BLOCK_M)  # query indices
+def _q_do(Q, DO, qd, dod, q_row, start_m, offs_m, row_ok, stride_qn, stride_don, MASKED: tl.constexpr,
+          DESC: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """q and dO rows [start_m, start_m + BLOCK_M) of one head: through descriptors (rows past N_Q
+    arrive as zeros; the caller's mask hides the other rows outside its segment) or pointers."""
+    if DESC:
+        q = qd.load([q_row, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        do = dod.load([q_row, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
         q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
         do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
         if MASKED:
-            row_ok = (offs_m < n_q) & (offs_m + shift < _seg(t, n0, n1, hi0, hi1, hi2))
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
         else:
             q = tl.load(q_ptrs)
             do = tl.load(do_ptrs)
+    return q, do
+
+
+@triton.jit
+def _dkdv_loop(dk, dv, k, v, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, Q, DO, qd, dod, q_row, LSE_ROW, DELTA_ROW,
+               stride_qn, stride_don, cols, heads, col_ok, n_q, shift, qk_scale, P0, P1, P2, MASKED: tl.constexpr,
+               KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Accumulate dK, dV of one key tile over n query tiles of BLOCK_M rows in three segments
+    (first absolute rows lo*, ends hi*)."""
+    for t in tl.range(0, n):
+        start = _start(t, n0, n1, lo0, BLOCK_M, lo1, BLOCK_M, lo2, BLOCK_M)
+        offs_m = start - shift + tl.arange(0, BLOCK_M)  # query indices
+        if MASKED:
+            row_ok = (offs_m < n_q) & (offs_m + shift < _seg(t, n0, n1, hi0, hi1, hi2))
+            lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
+        else:
+            row_ok = offs_m < n_q
             lse = tl.load(LSE_ROW + offs_m)
             delta = tl.load(DELTA_ROW + offs_m)
+        q, do = _q_do(Q, DO, qd, dod, q_row, start - shift, offs_m, row_ok, stride_qn, stride_don, MASKED, DESC,
+                      BLOCK_M, HEAD_DIM)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -337,7 +389,7 @@ def _dkdv_loop(dk, dv, k, v, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, Q, DO, LSE
 
 
 @triton.jit(do_not_specialize=["H", "H_KV"])  # one binary for every head count
-def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
+def _range_bwd_dkdv(Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_qb, stride_qh, stride_qn,
                     stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn,
@@ -346,10 +398,13 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                     stride_dvb, stride_dvh, stride_dvn,
                     H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
                     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr = False,
+                    TMA: tl.constexpr = False, DESC_DEV: tl.constexpr = False):
     """One key tile (first tiles first: the sink and early strided blocks see the most rows).
     Unmasked loop: full band rows, then the rows after the band if they see the whole tile;
-    masked loop: the band's lower and upper edges, then the rows after it otherwise."""
+    masked loop: the band's lower and upper edges, then the rows after it otherwise. With TMA,
+    q and dO rows come through descriptors QD, DOD over (B*H, N_Q, D) with (1, BLOCK_M, D)
+    blocks (built by the program with DESC_DEV)."""
     pid_t, off_bkv = _tile_and_head(HEADS_FAST)
     start_n = pid_t * BLOCK_N
     off_b = (off_bkv // H_KV).to(tl.int64)
@@ -368,6 +423,12 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     shift = N_K - N_Q
     c1 = tl.minimum(start_n + BLOCK_N, N_K) - 1
+    qd = QD
+    dod = DOD
+    if DESC_DEV:
+        q_rows = _n_heads(HEADS_FAST) * GROUP  # B * H
+        qd = rows_desc(Q, q_rows, N_Q, stride_qh, stride_qn, BLOCK_M, HEAD_DIM)
+        dod = rows_desc(DO, q_rows, N_Q, stride_doh, stride_don, BLOCK_M, HEAD_DIM)
     for g in range(0, GROUP):
         off_h = off_kvh * GROUP + g
         off_bh = off_b * H + off_h
@@ -381,12 +442,12 @@ def _range_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
         n_low = tl.cdiv(full_lo - band_lo, BLOCK_M)
         n_up = tl.cdiv(band_end - full_hi, BLOCK_M)
         args = (Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
-                LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols, heads, col_ok, N_Q, shift,
-                qk_scale, P0, P1, P2)
+                qd, dod, off_bh.to(tl.int32), LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols,
+                heads, col_ok, N_Q, shift, qk_scale, P0, P1, P2)
         dk, dv = _dkdv_loop(dk, dv, k, v, n_full + n_post_full, n_full, n_post_full, full_lo, band_end, 0,
-                            0, 0, 0, *args, False, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+                            0, 0, 0, *args, False, KIND, UPCAST, TMA, BLOCK_M, HEAD_DIM)
         dk, dv = _dkdv_loop(dk, dv, k, v, n_low + n_up + n_post - n_post_full, n_low, n_up, band_lo, full_hi,
-                            post_mid, full_lo, band_end, N_K, *args, True, KIND, UPCAST, BLOCK_M, HEAD_DIM)
+                            post_mid, full_lo, band_end, N_K, *args, True, KIND, UPCAST, TMA, BLOCK_M, HEAD_DIM)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from srl.kernels._flash_bwd import _bwd_preprocess
-from srl.kernels._flash_common import INTERPRET, check_inputs, check_kernel_inputs, last_dim_contiguous, needs_upcast
+from srl.kernels._flash_common import (INTERPRET, check_inputs, check_kernel_inputs, host_cdiv, last_dim_contiguous,
+                                       needs_upcast)
 from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
 from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
 from srl.kernels._sparse_ranges import _range_bwd_dkdv, _range_bwd_dq, _range_fwd
@@ -101,7 +103,7 @@ def _stage_tiles(stage, d, kind):
         return dict(TILE_OVERRIDE[stage])
     gpu = _KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage])
     if INTERPRET:  # small tiles, the GPU default's kernel choice (so that tests run the shipped path)
-        return dict(_INTERP_TILES, **{f: gpu[f] for f in ("RANGES", "TMA", "HEADS_FAST", "FUSE_DELTA") if f in gpu})
+        return dict(_INTERP_TILES, **{f: gpu[f] for f in ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA") if f in gpu})
     if d > 128:
         return dict(_BIG_HEAD_TILES[stage])
     return dict(gpu)
@@ -140,6 +142,51 @@ def _kv_descriptors(k, v, block_n):
     return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_n, d]) for view in views]
 
 
+_TMA_DEVICES: dict = {}  # device -> has a TMA unit (asked once: the query costs microseconds a call)
+
+
+def _rows_ok(t):
+    """t (B, H, N, D) can be read as the (B*H, N, D) rows of a descriptor (``_tma_rows``'s rules,
+    without building the view): B and H strides merge, base and strides 16-byte aligned."""
+    b, h = t.shape[0], t.shape[1]
+    sb, sh, sn, sd = t.stride()
+    es = t.element_size()
+    return sd == 1 and (b == 1 or sb == h * sh) and t.data_ptr() % 16 == 0 and sh * es % 16 == 0 and sn * es % 16 == 0
+
+
+def _scratch(size, alignment, stream):
+    """Global scratch of kernels that build descriptors on the device (128 bytes each per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Give Triton an allocator for device-built descriptors unless the caller set one (the setting
+    is per thread: autograd runs the backward in a thread of its own)."""
+    current = _allocation._allocator
+    current = current.get() if hasattr(current, "get") else current
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _descriptors(a, b, block, tiles):
+    """Launch arguments (A, B, TMA, DESC_DEV) for two (B, H, N, D) tensors read in ``block``-row
+    tiles, as ``tiles`` asks (its TMA and DESC_DEV flags are removed): descriptors the kernel builds
+    (DESC_DEV: a and b are passed), host descriptors (TMA), or plain pointers (no TMA unit, or
+    strides a descriptor cannot take)."""
+    tma, dev = tiles.pop("TMA", False), tiles.pop("DESC_DEV", False)
+    if not tma:
+        return a, b, False, False
+    has = _TMA_DEVICES.get(a.device)
+    if has is None:
+        has = _TMA_DEVICES[a.device] = _has_tma(a.device)
+    if has and dev and _rows_ok(a) and _rows_ok(b):
+        if not INTERPRET:
+            _ensure_allocator()
+        return a, b, True, True
+    desc = None if dev or not has else _kv_descriptors(a, b, block)
+    return (*desc, True, False) if desc else (a, b, False, False)
+
+
 def _range_pre(pattern, tiles, key_tiles=False):
     """Prefix tile width of the range kernels for this pattern and tiles, or None when they do
     not apply (block layouts; S2 blocks that are not a tile width, or, for dK/dV, not BLOCK_N)."""
@@ -160,16 +207,15 @@ def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     kind, p0, p1, p2 = pattern.kernel_params()
-    bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
-    desc = _kv_descriptors(k, v, bn) if tiles.pop("TMA", False) else None
-    m_tiles = triton.cdiv(Nq, bm)
+    kd, vd, tma, dev = _descriptors(k, v, tiles["BLOCK_N"], tiles)
+    m_tiles = host_cdiv(Nq, tiles["BLOCK_M"])
     fast = tiles.pop("HEADS_FAST", False)
     _range_fwd[(B * H, m_tiles) if fast else (m_tiles, B * H)](
-        q, k, v, *(desc or (k, v)), o, lse, sm_scale * _LOG2E,
+        q, k, v, kd, vd, o, lse, sm_scale * _LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=desc is not None,
-        PRE_TMA=desc is not None and pre_n == bn, PRE_N=pre_n, HEADS_FAST=fast, **tiles)
+        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=tma, PRE_TMA=tma and pre_n == tiles["BLOCK_N"],
+        PRE_N=pre_n, HEADS_FAST=fast, DESC_DEV=dev, **tiles)
     return o, lse
 
 
@@ -181,7 +227,7 @@ def _forward(q, k, v, pattern, sm_scale):
     pre_n = _range_pre(pattern, tiles)
     if pre_n is not None:
         return _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n)
-    for key in ("PRE_N", "HEADS_FAST"):
+    for key in ("PRE_N", "HEADS_FAST", "DESC_DEV"):  # the list kernels take host descriptors only
         tiles.pop(key, None)
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
@@ -229,20 +275,22 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
-    tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles, key_tiles=True)
     fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
-    n_tiles = triton.cdiv(Nk, tiles["BLOCK_N"])
+    n_tiles = host_cdiv(Nk, tiles["BLOCK_N"])
     args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv))
     kind, p0, p1, p2 = pattern.kernel_params()
     if pre_n is not None:
+        qd, dod, tma, dev = _descriptors(q, do, tiles["BLOCK_M"], tiles)
         _range_bwd_dkdv[(B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)](
-            *args, *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, **tiles)
+            *args[:4], qd, dod, *args[4:], *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
+            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, TMA=tma, DESC_DEV=dev, **tiles)
         return
+    for key in ("TMA", "DESC_DEV"):
+        tiles.pop(key, None)
     by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
     ptrs, list_strides = _list_args(by_key)
@@ -256,21 +304,24 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o=None):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
-    tiles.pop("TMA", None)
     pre_n = _range_pre(pattern, tiles)
     fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS", "FUSE_DELTA"):
         tiles.pop(key, None)
-    m_tiles = triton.cdiv(Nq, tiles["BLOCK_M"])
+    m_tiles = host_cdiv(Nq, tiles["BLOCK_M"])
     args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
     kind, p0, p1, p2 = pattern.kernel_params()
     if pre_n is not None:
+        kd, vd, tma, dev = _descriptors(k, v, tiles["BLOCK_N"], tiles)
         _range_bwd_dq[(B * H, m_tiles) if fast else (m_tiles, B * H)](
-            *args[:7], dq if o is None else o, *args[7:], *strides, *_strides(dq if o is None else o),
-            H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2, KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n,
-            HEADS_FAST=fast, FUSE_DELTA=o is not None, **tiles)
+            q, k, v, kd, vd, *args[3:7], dq if o is None else o, *args[7:], *strides,
+            *_strides(dq if o is None else o), H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2, KIND=kind, HEAD_DIM=D,
+            UPCAST=needs_upcast(q), PRE_N=pre_n, HEADS_FAST=fast, FUSE_DELTA=o is not None, TMA=tma, DESC_DEV=dev,
+            **tiles)
         return
+    for key in ("TMA", "DESC_DEV"):
+        tiles.pop(key, None)
     by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
     ptrs, list_strides = _list_args(by_query)
