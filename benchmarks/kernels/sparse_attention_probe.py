@@ -469,7 +469,8 @@ def main(argv=None):
                 del table[name]
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
-        warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS), args.final)
+        warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS),
+             args.final and not args.no_pick)
         return
     results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
                "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "flex": [],
