@@ -204,6 +204,9 @@ class ActorsConfig:
     """Trajectories an actor may have in flight beyond its share of the next batch before it waits
     for the trainer's next version. Bounds the policy lag; 0 makes collection and learning
     alternate."""
+    nice: int = 0
+    """CPU priority of the actor processes (0-19, as ``nice`` sets it): above 0, policy workers
+    and trainers sharing the machine get the cores first when envs keep every core busy."""
     num_cpus: float = 1.0
     """Ray: CPUs each actor worker reserves (placement only; Ray does not pin cores)."""
     resources: dict = field(default_factory=dict)
@@ -216,6 +219,7 @@ class ActorsConfig:
         _at_least("workers.actors.max_ahead", self.max_ahead, 0)
         _at_least("workers.actors.envs_per_actor", self.envs_per_actor, 1)
         _at_least("workers.actors.ring", self.ring, 1)
+        _in_range("workers.actors.nice", self.nice, 0, 19)
         _at_least("workers.actors.rollout_len", self.rollout_len, 1)
         if self.envs_per_actor % self.ring:
             raise ConfigError(

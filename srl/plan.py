@@ -132,7 +132,7 @@ def env_group_key(actor: str, group: int) -> str:
 
 def _resources(role: Any, spread: bool) -> Resources:
     return Resources(num_cpus=role.num_cpus, num_gpus=getattr(role, "num_gpus", 0.0),
-                     custom=tuple(sorted(role.resources.items())), spread=spread)
+                     custom=tuple(sorted(role.resources.items())), spread=spread, nice=getattr(role, "nice", 0))
 
 
 def _check_ray_gpus(cfg: ExperimentConfig) -> None:

@@ -87,3 +87,24 @@ def test_workers_are_spawned_not_forked_once_this_process_holds_a_cuda_context(m
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert scheduler._context().get_start_method() == "spawn"
     assert LocalScheduler("forkserver")._context().get_start_method() == "forkserver"
+
+
+def test_actors_run_at_the_cpu_priority_the_config_gives_them(tmp_path):
+    """workers.actors.nice reaches the actor processes (their policy is built there) and no other."""
+    seen = tmp_path / "nice"
+    seen.mkdir()
+
+    class NiceProbe(srl.policies.ActorCritic):
+        def __init__(self, info, cfg):
+            super().__init__(info, cfg)
+            (seen / str(os.getpid())).write_text(str(os.nice(0)))
+
+    exp = srl.Experiment.from_yaml(os.path.join(ROOT, "configs", "cartpole_ppo.yaml"),
+                                   overrides=[f"log.dir={tmp_path}", "log.tensorboard=false", "stop.env_steps=600",
+                                              "stop.mean_return=null", "workers.actors.count=2", "workers.actors.nice=3",
+                                              "workers.start_method=fork"])
+    base = os.nice(0)
+    result = srl.Experiment(exp.config, run_dir=str(tmp_path / "run"), policy=NiceProbe).run()
+    assert result.env_steps >= 600
+    values = sorted(int(f.read_text()) - base for f in seen.iterdir())
+    assert values.count(min(3, 19 - base)) == 2 and values.count(0) >= 1  # two actors; the trainer unchanged

@@ -31,6 +31,9 @@ class Resources:
     custom: tuple[tuple[str, float], ...] = ()
     spread: bool = False
     """Ray: place with the SPREAD strategy."""
+    nice: int = 0
+    """CPU priority of the worker's process, as ``nice`` sets it (0-19; higher yields the cores to
+    the others on a busy machine). Applied when the worker starts, before its threads exist."""
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ class Worker:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
+        if self.spec.worker.resources.nice > 0:
+            os.nice(self.spec.worker.resources.nice)  # this thread, and every thread it starts after
         ctx = context()
         control = ctx.socket(zmq.SUB)
         control.setsockopt(zmq.SUBSCRIBE, b"")
