@@ -57,7 +57,8 @@ FWD = {"default": None, "dev": _t(128, 64, 8, 3, **DEV_TMA), "dev_s4": _t(128, 6
        "ptr_s3": _t(128, 64, 8, 3)}
 DKDV = {"default": None, "tma": _t(64, 64, 4, 2, TMA=True, **HF), "dev": _t(64, 64, 4, 2, **DEV_TMA, **HF),
         "dev_s3": _t(64, 64, 4, 3, **DEV_TMA, **HF), "dev_m32_s3": _t(32, 64, 4, 3, **DEV_TMA, **HF),
-        "dev_m128_w8": _t(128, 64, 8, 2, **DEV_TMA, **HF), "dev_n128_w8": _t(64, 128, 8, 2, **DEV_TMA, **HF)}
+        "dev_m128_w8": _t(128, 64, 8, 2, **DEV_TMA, **HF), "dev_m128_w8_s3": _t(128, 64, 8, 3, **DEV_TMA, **HF),
+        "dev_n128_w8": _t(64, 128, 8, 2, **DEV_TMA, **HF)}
 DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF),
       "dev": _t(128, 64, 8, 3, FUSE_DELTA=True, **DEV_TMA, **HF),
       "dev_s2": _t(128, 64, 8, 2, FUSE_DELTA=True, **DEV_TMA, **HF),
