@@ -71,9 +71,6 @@ class PolicyConfig:
     autocast: str = "none"
     """``cnn``: ``bf16`` runs the trunk under bfloat16 autocast on CUDA (heads and losses stay
     float32); ``none`` keeps float32. Ignored on CPU."""
-    cudnn_benchmark: bool = True
-    """``cnn`` on CUDA: cuDNN times its convolution algorithms once per input shape and keeps the
-    fastest (``torch.backends.cudnn.benchmark``). ``false`` for bit-reproducible runs."""
     lm: dict = field(default_factory=dict)
     """``type: lm`` (token tasks): :class:`srl.policies.lm.LMConfig` fields (``d_model``,
     ``n_layers``, ``n_heads``, ``max_seq_len``, ...); ``vocab_size`` comes from the task."""

@@ -8,7 +8,7 @@ head. Acting and evaluation are :class:`srl.policies.mlp.ActorCriticHeads`'s.
 Observations arrive as they travel, ``uint8 [N, C, H, W]``, and are scaled by 1/255 here (a float
 image env is taken as it is). On CUDA, ``policy.channels_last`` lays the convolutions out
 channels-last and ``policy.autocast: bf16`` runs the trunk in bfloat16; heads, log-probs and losses
-stay float32; ``policy.cudnn_benchmark`` lets cuDNN pick its fastest convolutions. All are ignored on CPU.
+stay float32. Both are ignored on CPU.
 """
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ class CNNActorCritic(ActorCriticHeads):
         self.obs_norm = None
         self.scale = 1.0 / 255.0 if info.obs_dtype == "uint8" else 1.0
         self.channels_last, self.bf16 = cfg.channels_last, cfg.autocast == "bf16"
-        self.cudnn_benchmark = cfg.cudnn_benchmark
         self.trunk = nature_cnn(c, cfg.channels, h, w, cfg.hidden)
         self.actor = _init(nn.Linear(cfg.hidden[-1], info.n_actions), 0.01)
         self.critic = _init(nn.Linear(cfg.hidden[-1], 1), 1.0)
@@ -73,7 +72,6 @@ class CNNActorCritic(ActorCriticHeads):
         x = obs.float() * self.scale  # (N, C, H, W) in [0, 1]
         if not x.is_cuda:
             return self.trunk(x)
-        torch.backends.cudnn.benchmark = self.cudnn_benchmark  # this process's convolutions are the trunk's
         if self.channels_last:
             if not self._laid_out:  # once, on the device: weights in the layout of the inputs
                 self.trunk.to(memory_format=torch.channels_last)
