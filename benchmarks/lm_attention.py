@@ -6,13 +6,14 @@ speculative tree verification); both sides run the same random-weight bf16 model
 process (the 123.6M policy and 10.5M draft of ``benchmarks/generation.py``).
 
 - ``train``: forward + backward of a causal batch (tokens/s);
-- ``prefill``: a batch of prompts into the cache (ms);
+- ``prefill``: a batch of prompts into the cache (ms), before any speculative sampler ran and again
+  after them (``prefill_after_spec``: the third run measured prefill only there, at 0.64x);
 - ``spec``: speculative generation (standard k = 1 and SpecTr k = 4, CUDA graphs); random models
   accept few drafts, and the sampled tokens can differ between the sides, so the comparison is
   the time per iteration (one draft block, one tree pass, selection), with tokens/s beside it.
 
 Both sides' models are built first; each part then runs on the SDPA side and the srl side back to
-back (speculative parts first), and the JSON is rewritten after each part.
+back, and the JSON is rewritten after each part.
 
     python benchmarks/lm_attention.py --json lm_attention.json
 """
@@ -36,22 +37,29 @@ from srl.policies.lm import LMConfig, TransformerLM  # noqa: E402
 
 POLICY = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: --tiny, a logic check of this script
+DTYPE = torch.bfloat16
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def _pair(kernels: bool):
     torch.manual_seed(0)
-    with torch.device("cuda"):  # initialised on the GPU: seconds faster than on the host
-        return [TransformerLM(LMConfig(**cfg, kernels=kernels)).to(torch.bfloat16).eval() for cfg in (POLICY, DRAFT)]
+    with torch.device(DEV):  # initialised on the GPU: seconds faster than on the host
+        return [TransformerLM(LMConfig(**cfg, kernels=kernels)).to(DTYPE).eval() for cfg in (POLICY, DRAFT)]
 
 
 def _median_ms(fn, reps: int) -> float:
     fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
@@ -59,7 +67,7 @@ def _median_ms(fn, reps: int) -> float:
 def bench_train(model, B: int, T: int, reps: int) -> float:
     torch.manual_seed(1)  # the same inputs on both sides
     model = copy.deepcopy(model).train()
-    x = torch.randint(0, POLICY["vocab_size"], (B, T), device="cuda")
+    x = torch.randint(0, POLICY["vocab_size"], (B, T), device=DEV)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -68,17 +76,26 @@ def bench_train(model, B: int, T: int, reps: int) -> float:
 
 
 @torch.inference_mode()
-def bench_prefill(model, B: int, T: int, reps: int) -> float:
+def bench_prefill(model, B: int, T: int, reps: int) -> dict:
+    """Median ms per prefill (call to synchronize), and the median host time until the call
+    returns (``enqueue_ms``: close to ``ms`` when the host, not the GPU, sets the pace)."""
     torch.manual_seed(2)
-    cache = cache_for(model, B, T + 64, "cuda", torch.bfloat16)
-    prompt = torch.randint(0, POLICY["vocab_size"], (B, T), device="cuda")
-    return _median_ms(lambda: prefill(model, cache, prompt), reps)
+    cache = cache_for(model, B, T + 64, DEV, DTYPE)
+    prompt = torch.randint(0, POLICY["vocab_size"], (B, T), device=DEV)
+    fn = lambda: prefill(model, cache, prompt)  # noqa: E731
+    enqueue = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        enqueue.append(time.perf_counter() - t0)
+    return {"ms": _median_ms(fn, reps), "enqueue_ms": 1e3 * float(np.median(enqueue))}
 
 
 def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> dict:
     torch.manual_seed(3)
     sampler = SpeculativeSampler(target, draft, B, 64 + new + (k + 2) * L + 8, k=k, draft_len=L)
-    prompt = torch.randint(0, POLICY["vocab_size"], (B, 32), device="cuda")
+    prompt = torch.randint(0, POLICY["vocab_size"], (B, 32), device=DEV)
     sampler.generate(prompt, new)
     runs = [sampler.generate(prompt, new) for _ in range(reps)]
     sampler.close()
@@ -125,13 +142,21 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="after the speculative parts, one profiled prefill per side (kernels, GPU busy time)")
     p.add_argument("--tree-on-decode", action="store_true",
                    help="then the speculative parts again with the tree pass on the split-KV decode kernel")
+    p.add_argument("--tiny", action="store_true", help="small float32 models on the CPU (logic check)")
     args = p.parse_args()
+    if args.tiny:
+        global DTYPE
+        DTYPE = torch.float32
+        for cfg in (POLICY, DRAFT):
+            cfg.update(vocab_size=512, d_model=128, n_layers=2, n_heads=2, max_seq_len=256)
     tb, tt = map(int, args.train.split("x"))
     pb, pt = map(int, args.prefill.split("x"))
     pairs = {"sdpa": _pair(False), "srl": _pair(True)}
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
               "triton": __import__("triton").__version__, "settings": vars(args), "rows": []}
 
     def both(part: str, fn, sides=("sdpa", "srl"), **key) -> None:
@@ -158,11 +183,18 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         result["logits_rel_err"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     print("srl vs SDPA logits, relative error:", json.dumps(result["logits_rel_err"]), flush=True)
+    prefill_part = lambda t, d: bench_prefill(t, pb, pt, args.reps)  # noqa: E731
+    for rnd in range(2):  # before any speculative sampler ran; sides alternated twice
+        both("prefill", prefill_part, B=pb, T=pt, round=rnd)
     for B in args.spec_batches:
         for k in args.ks:
             both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
                  B=B, k=k, L=args.draft_len)
-    both("prefill", lambda t, d: {"ms": bench_prefill(t, pb, pt, args.reps)}, B=pb, T=pt)
+    for rnd in range(2):  # the order of the third run: after the speculative parts
+        both("prefill_after_spec", prefill_part, B=pb, T=pt, round=rnd)
+    if args.profile:
+        from lm_prefill_probe import part_profile  # noqa: E402 - same folder
+        part_profile({side: pair for side, pair in pairs.items()}, pb, pt, result["rows"], lambda: None)
     both("train", lambda t, d: {"ms": bench_train(t, tb, tt, args.reps)}, B=tb, T=tt)
     if args.tree_on_decode:
         importlib.import_module("srl.kernels.flash_attention")._DECODE_STARTS = True
