@@ -22,7 +22,9 @@ use the GPU while they run. Two phases:
   RL step, so it stands for the warmed-up policy.
 
 ``--probe-warmup STEPS`` measures the supervised warm-up alone: accuracy every ``--every`` steps
-and seconds per step, to size ``algorithm.warmup_steps``.
+and seconds per step, to size ``algorithm.warmup_steps``; with ``algorithm.warmup_cache`` it keeps
+the weights of each probe there, so runs warmed up to one of those steps load them.
+``--prepare-draft`` builds the warmed-up draft into that cache the same way.
 
     PYTHONPATH=. python3 benchmarks/rlhf.py --phase time --variants spectr,plain --wall-s 120
     PYTHONPATH=. python3 benchmarks/rlhf.py --smoke      # CPU, configs/rlhf_tiny.yaml, seconds
@@ -83,10 +85,20 @@ class Evaluator:
         return float(np.mean(self.task.reward(self.prompts, tokens)))
 
 
-def probe_warmup(cfg, steps: int, every: int, out: str = "") -> dict:
+class _Enough(Exception):
+    """The warm-up probe reached ``--stop-at``."""
+
+
+def probe_warmup(cfg, steps: int, every: int, out: str = "", stop_at: float = 2.0) -> dict:
     """Accuracy of the supervised warm-up every ``every`` steps, and its seconds per step (the rows
-    so far are saved to ``out`` at each probe)."""
+    so far are saved to ``out`` at each probe). With ``algorithm.warmup_cache`` the weights at each
+    probe are kept there, under the key a run with ``warmup_steps`` = that step looks up. Stops
+    once the accuracy reaches ``stop_at``."""
+    from srl.algorithms.grpo import save_warmup, warmup_path
+
+    a = cfg.algorithm
     ev = Evaluator(cfg)
+    task = build_task(cfg)
     torch.manual_seed(cfg.seed)
     policy = ev.policy.train()
     rows, t_train, t0 = [], 0.0, time.perf_counter()
@@ -97,15 +109,32 @@ def probe_warmup(cfg, steps: int, every: int, out: str = "") -> dict:
             if ev.device != "cpu":
                 torch.cuda.synchronize()
             t_train += time.perf_counter() - t0
+            if a.warmup_cache:
+                save_warmup(warmup_path(a.warmup_cache, policy, task, step, a.warmup_lr, cfg.seed, a.warmup_batch),
+                            policy)
             rows.append({"step": step, "loss": float(loss), "accuracy": ev(), "train_s": t_train})
             policy.train()
             print("warmup", json.dumps(rows[-1]), flush=True)
             save(out, {"curve": rows, "partial": True})
             t0 = time.perf_counter()
+            if rows[-1]["accuracy"] >= stop_at:
+                raise _Enough
 
-    warm_up(policy, build_task(cfg), steps, cfg.algorithm.warmup_lr, ev.device, cfg.seed, callback=note)
-    return {"curve": rows, "s_per_step": t_train / max(steps, 1),
-            "params": sum(p.numel() for p in policy.parameters())}
+    try:
+        warm_up(policy, task, steps, a.warmup_lr, ev.device, cfg.seed, batch=a.warmup_batch, callback=note)
+    except _Enough:
+        pass
+    done = rows[-1]["step"] if rows else steps
+    return {"curve": rows, "s_per_step": t_train / max(done, 1), "params": sum(p.numel() for p in policy.parameters())}
+
+
+def prepare_draft(cfg) -> dict:
+    """Build (and with ``algorithm.warmup_cache``, keep) the warmed-up draft the workers build."""
+    from srl.workers.generation import build_draft
+
+    t0 = time.perf_counter()
+    build_draft(cfg, build_task(cfg).vocab_size, cfg.workers.policies.device)
+    return {"draft_warmup_s": time.perf_counter() - t0}
 
 
 def summarize(run_dir: str) -> dict:
@@ -252,6 +281,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="a config override for every variant")
     ap.add_argument("--probe-warmup", type=int, default=0, help="only the supervised warm-up, this many steps")
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--stop-at", type=float, default=2.0, help="warm-up probe: stop at this accuracy")
+    ap.add_argument("--prepare-draft", action="store_true",
+                    help="only build the warmed-up draft (kept in algorithm.warmup_cache for the runs)")
     ap.add_argument("--run-one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="CPU: configs/rlhf_tiny.yaml for a few seconds")
     ap.add_argument("--out", default="")
@@ -262,8 +294,11 @@ def main() -> None:
     if args.smoke:
         args.config = os.path.join(ROOT, "configs", "rlhf_tiny.yaml")
         args.wall_s, args.log_every, args.ckpt_every = 15.0, 1.0, 4.0
-    if args.probe_warmup:
-        results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every, args.out)
+    if args.prepare_draft:
+        results = prepare_draft(load_experiment(args.config, list(args.set)))
+    elif args.probe_warmup:
+        results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every, args.out,
+                               args.stop_at)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             if args.keep:

@@ -145,6 +145,11 @@ class AlgorithmConfig:
     exact-match rewards are not all zero at the start; the reference policy is the warmed-up one."""
     warmup_lr: float = 1.0e-3
     """GRPO: AdamW learning rate of the warm-up."""
+    warmup_batch: int = 64
+    """GRPO: sequences (of up to 64 tokens) per warm-up step."""
+    warmup_cache: str = ""
+    """GRPO: a folder where warmed-up weights are kept, keyed by model, task, steps, lr, batch and
+    seed; a later warm-up with the same key loads them instead of training ("": none)."""
 
     def validate(self) -> None:
         from srl.registry import check_name
@@ -164,6 +169,7 @@ class AlgorithmConfig:
         _in_range("algorithm.kl_coef", self.kl_coef, 0.0, 100.0)
         _at_least("algorithm.warmup_steps", self.warmup_steps, 0)
         _in_range("algorithm.warmup_lr", self.warmup_lr, 0.0, 10.0, low_open=True)
+        _at_least("algorithm.warmup_batch", self.warmup_batch, 1)
         if self.value_clip is not None:
             _in_range("algorithm.value_clip", self.value_clip, 0.0, 1e9, low_open=True)
         _in_range("algorithm.rho_bar", self.rho_bar, 0.0, 1e6, low_open=True)

@@ -357,6 +357,32 @@ def test_supervised_warm_up_lowers_the_loss_before_rl():
         warm_up(policy, object(), 1, 1e-3, "cpu", seed=0)
 
 
+def test_warm_up_cache_loads_the_same_weights_and_keys_on_the_settings(tmp_path):
+    from srl.algorithms.grpo import warm_up
+
+    cfg = _tiny()
+    task, info = build_task(cfg), compile_info(cfg)
+
+    def fresh():
+        torch.manual_seed(0)
+        return LMPolicy(info, cfg.policy)
+
+    cache = str(tmp_path / "warm")
+    trained = fresh()
+    warm_up(trained, task, 5, 3e-3, "cpu", seed=0, batch=8, cache=cache)
+    assert len(os.listdir(cache)) == 1
+    loaded = fresh()
+    assert math.isnan(warm_up(loaded, task, 5, 3e-3, "cpu", seed=0, batch=8, cache=cache))  # a hit: no training
+    for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert any((a != b).any() for a, b in zip(trained.state_dict().values(), fresh().state_dict().values()))
+    for other in (dict(steps=4), dict(lr=1e-3), dict(seed=1), dict(batch=4)):  # each a different key: trains
+        kw = dict(dict(steps=5, lr=3e-3, seed=0, batch=8), **other)
+        assert not math.isnan(warm_up(fresh(), task, kw["steps"], kw["lr"], "cpu", seed=kw["seed"],
+                                      batch=kw["batch"], cache=cache))
+    assert len(os.listdir(cache)) == 5
+
+
 def test_rlhf_addition_config_validates_at_gpu_size():
     from srl.config import load_experiment
     from srl.policies.lm import TransformerLM

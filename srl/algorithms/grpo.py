@@ -15,6 +15,8 @@ generation, ``mask`` (N, B) tokens up to the first eos, ``reward`` (1, B), ``ver
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import time
 
 import torch
@@ -73,15 +75,20 @@ def grpo_loss(logp, old_logp, adv, mask, clip: float, ref_logp=None, kl_coef: fl
 
 
 def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, seed: int,
-            batch: int = 64, callback=None) -> float:
+            batch: int = 64, callback=None, cache: str = "") -> float:
     """Supervised next-token steps on the task's solved problems; returns the last loss.
     Deterministic given ``seed``, so a restarted trainer warms up to the same reference.
-    ``callback(step, loss)``, if given, runs after every step (benchmarks probe accuracy with it)."""
+    ``callback(step, loss)``, if given, runs after every step (benchmarks probe accuracy with it).
+    ``cache``: a folder of warmed-up weights (:func:`warmup_path`); a hit loads them (loss nan)."""
     import numpy as np
     import torch.nn.functional as F
 
     if not hasattr(task, "stream"):
         raise ValueError("algorithm.warmup_steps needs a task with stream(batch, seq_len, rng)")
+    path = warmup_path(cache, policy, task, steps, lr, seed, batch) if cache else ""
+    if path and os.path.exists(path):
+        policy.load_state_dict(torch.load(path, map_location=device))
+        return float("nan")
     rng = np.random.default_rng(seed + 4242)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
     seq_len = min(policy.config.max_seq_len, 64)
@@ -95,7 +102,25 @@ def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, s
         opt.step()
         if callback is not None:
             callback(step + 1, loss)
+    if path:
+        save_warmup(path, policy)
     return float(loss.detach())
+
+
+def warmup_path(cache: str, policy: torch.nn.Module, task, steps: int, lr: float, seed: int, batch: int) -> str:
+    """The file in ``cache`` for these warm-up settings: the model's config, the task's type and
+    fields, steps, lr, seed and batch (a task whose fields print with addresses never hits)."""
+    fields = {k: repr(v) for k, v in sorted(vars(task).items())} if hasattr(task, "__dict__") else {}
+    key = repr((repr(getattr(policy, "config", None)), type(task).__qualname__, fields, steps, lr, seed, batch))
+    return os.path.join(cache, f"warmup-{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt")
+
+
+def save_warmup(path: str, policy: torch.nn.Module) -> None:
+    """Write the weights atomically (workers warming up the same draft may race)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, tmp)
+    os.replace(tmp, path)
 
 
 class GRPOLearner:
@@ -113,7 +138,8 @@ class GRPOLearner:
         self.algo, self.opt_cfg, self.device, self.sync = algo, opt, device, sync
         self.sampling = sampling or SamplingParams()
         if algo.warmup_steps:
-            warm_up(self.policy, task, algo.warmup_steps, algo.warmup_lr, device, seed)
+            warm_up(self.policy, task, algo.warmup_steps, algo.warmup_lr, device, seed, batch=algo.warmup_batch,
+                    cache=algo.warmup_cache)
         self.reference = None
         if algo.kl_coef > 0:  # the frozen initial policy (identical after a restart: same seed)
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)

@@ -40,7 +40,9 @@ def build_draft(cfg, vocab_size: int, device: str = "cpu") -> TransformerLM:
     if cfg.algorithm.warmup_steps:
         from srl.algorithms.grpo import warm_up
 
-        warm_up(draft, build_task(cfg), cfg.algorithm.warmup_steps, cfg.algorithm.warmup_lr, device, cfg.seed + 1)
+        a = cfg.algorithm
+        warm_up(draft, build_task(cfg), a.warmup_steps, a.warmup_lr, device, cfg.seed + 1, batch=a.warmup_batch,
+                cache=a.warmup_cache)
     return draft
 
 
