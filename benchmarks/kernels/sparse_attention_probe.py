@@ -68,6 +68,9 @@ DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF)
 # round B: the candidates measured before the final rows (sink+window); the fastest (device time
 # summed over the Ns) serve the final rows
 FINAL_DKDV = {"default": None, "m32_s3": _t(32, 64, 4, 3, **HF), "w8": _t(64, 64, 8, 2, **HF)}
+# --final --extra: other tiles timed end to end after the defaults (pattern, (fwd, dK/dV, dQ) tiles)
+FINAL_EXTRA = {"fwd_dev": ("sink_window", (_t(128, 64, 8, 3, **DEV_TMA), None, None)),
+               "dkdv_dev": ("s2", (None, _t(64, 64, 4, 2, **DEV_TMA, **HF), None))}
 FINAL_DQ = {"default": None, "m64_w4_s2": _t(64, 64, 4, 2, FUSE_DELTA=True, **HF),
             "m64_w8_s2": _t(64, 64, 8, 2, FUSE_DELTA=True, **HF)}
 
@@ -373,6 +376,10 @@ def final(args, results, save):
             row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac)
             results["final"].append(row)
             save()
+        for variant, (name, tiles) in FINAL_EXTRA.items() if args.extra else ():
+            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, block_fraction(PATTERNS[name], args.heads, n))
+            results["final_extra"].append(dict(row, variant=variant))
+            save()
         del qkvd
 
 
@@ -415,10 +422,10 @@ def flex(args, results, save):
             open(args.next_go, "w").close()
 
 
-def warm(share, shares, n, h, d, patterns, round_b=False):
+def warm(share, shares, n, h, d, patterns, round_b=False, extra=False):
     """Compile share ``share`` of the kernels at N = n: the defaults of ``patterns`` (forward, delta
     pass, dK/dV, dQ), and the candidates of --final (``round_b``) or, for sink+window alone, the
-    probe's variants."""
+    probe's variants; with ``extra``, FINAL_EXTRA too."""
     pattern = PATTERNS["sink_window"]
     q, k, v, do = inputs(n, h, d, 0)
     jobs = [("defaults", name) for name in patterns]
@@ -427,11 +434,16 @@ def warm(share, shares, n, h, d, patterns, round_b=False):
     elif patterns == ["sink_window"]:
         jobs += [("fwd", t) for t in FWD.values() if t] + [("dkdv", t) for t in DKDV.values() if t] + \
                 [("dq", t) for t in DQ.values() if t]
+    if extra:
+        jobs += [("extra", v) for v in FINAL_EXTRA.values()]
     for i, (stage, tiles) in enumerate(jobs):
         if i % shares != share:
             continue
         try:
-            if stage == "defaults":
+            if stage == "extra":
+                use(*tiles[1])
+                outputs(lambda a, b, c: sparse_attention(a, b, c, PATTERNS[tiles[0]]), q, k, v, do)
+            elif stage == "defaults":
                 SA.TILE_OVERRIDE.clear()
                 outputs(lambda a, b, c: sparse_attention(a, b, c, PATTERNS[tiles]), q, k, v, do)
                 Bwd(PATTERNS[tiles], q, k, v, do)  # the delta pass
@@ -454,6 +466,7 @@ def main(argv=None):
     bench.seq_and_warm_args(parser)
     parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
     parser.add_argument("--no-pick", action="store_true", help="with --final: no backward candidates")
+    parser.add_argument("--extra", action="store_true", help="with --final: also time FINAL_EXTRA")
     parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")
     parser.add_argument("--patterns", nargs="*", default=[])
     parser.add_argument("--go-file", default="")
@@ -471,10 +484,10 @@ def main(argv=None):
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
         warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS),
-             args.final and not args.no_pick)
+             args.final and not args.no_pick, args.final and args.extra)
         return
     results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
-               "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "flex": [],
+               "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "final_extra": [], "flex": [],
                "host_profile": {}, "picks": {}}
 
     def save():

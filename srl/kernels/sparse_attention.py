@@ -39,7 +39,7 @@ from srl.kernels._sparse_ranges import _range_bwd_dkdv, _range_bwd_dq, _range_fw
 from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_S2, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided,
                                           SinkWindow, TileLists, check_pattern, dense_mask, layer_patterns,
                                           tile_classes, tile_lists)
-from srl.kernels.flash_attention import _has_tma, _tma_rows
+from srl.kernels.flash_attention import _has_tma
 
 __all__ = ["sparse_attention", "sparse_attention_reference", "SinkWindow", "S2Strided", "BlockLayout",
            "sparse_decode", "SinkWindowCache", "S2Cache", "dense_mask", "tile_classes", "layer_patterns"]
@@ -85,13 +85,17 @@ def _tiles(block_m, block_n, warps, stages, **extra):
 # sparse_attention_sweep.py and sparse_attention_probe.py): the range kernels (RANGES) for sink+window and S2, TMA K/V loads in
 # the forward, backward grids with heads fastest; block layouts (and S2 blocks that are not a
 # tile width) take the list kernels with the same tile sizes. D = 256 takes the smaller list
-# tiles. ``TILE_OVERRIDE`` lets the benchmarks try others.
+# tiles. ``TILE_OVERRIDE`` lets the benchmarks try others. Sink+window's dK/dV reads q and dO
+# through descriptors that each program builds (DESC_DEV: 7% faster than pointer loads on the H200,
+# no host-side encoding per launch); its forward keeps host descriptors (built on the device they
+# cost each program ~1.5 us, more than the ~0.08 ms of host time they save per call at 128k).
 _R = {"RANGES": True}
 _RH = {"RANGES": True, "HEADS_FAST": True}
 _FD = {"FUSE_DELTA": True}  # the dQ kernel computes rowsum(dO * O) (no separate pass; dQ before dK/dV)
 _GPU_TILES = {"fwd": _tiles(128, 64, 8, 4, TMA=True, **_R), "dkdv": _tiles(64, 64, 4, 2, **_RH),
               "dq": _tiles(128, 64, 8, 2, **_RH, **_FD)}
-_KIND_TILES = {KIND_SINK_WINDOW: {"fwd": _tiles(128, 64, 8, 3, TMA=True, **_R), "dkdv": _tiles(64, 64, 4, 2, **_RH),
+_KIND_TILES = {KIND_SINK_WINDOW: {"fwd": _tiles(128, 64, 8, 3, TMA=True, **_R),
+                                  "dkdv": _tiles(64, 64, 4, 2, TMA=True, DESC_DEV=True, **_RH),
                                   "dq": _tiles(128, 64, 8, 3, **_RH, **_FD)}}
 _BIG_HEAD_TILES = {"fwd": _tiles(64, 32, 4, 2), "dkdv": _tiles(32, 64, 4, 2), "dq": _tiles(64, 32, 4, 2)}
 _INTERP_TILES = _tiles(32, 32, 4, 1)
@@ -134,15 +138,26 @@ def _pattern_args(pattern, device, dummy):
 
 
 def _kv_descriptors(k, v, block_n):
-    """TMA descriptors over (B*H_kv, Nk, D) with (1, BLOCK_N, D) blocks, or None."""
-    views = [_tma_rows(t) for t in (k, v)]
-    if not _has_tma(k.device) or None in views:
+    """TMA descriptors over (B*H_kv, Nk, D) with (1, BLOCK_N, D) blocks, or None (no TMA unit, or
+    strides that a descriptor cannot take). Built from the tensors' own strides (no views: this runs
+    at every launch, and the host time counts at short sequences)."""
+    if not (_tma_unit(k.device) and _rows_ok(k) and _rows_ok(v)):
         return None
-    d = k.shape[-1]
-    return [TensorDescriptor(view, list(view.shape), list(view.stride()), [1, block_n, d]) for view in views]
+    out = []
+    for t in (k, v):
+        b, h, n, d = t.shape
+        out.append(TensorDescriptor(t, [b * h, n, d], [t.stride(1), t.stride(2), 1], [1, block_n, d]))
+    return out
 
 
 _TMA_DEVICES: dict = {}  # device -> has a TMA unit (asked once: the query costs microseconds a call)
+
+
+def _tma_unit(device):
+    has = _TMA_DEVICES.get(device)
+    if has is None:
+        has = _TMA_DEVICES[device] = _has_tma(device)
+    return has
 
 
 def _rows_ok(t):
@@ -176,14 +191,13 @@ def _descriptors(a, b, block, tiles):
     tma, dev = tiles.pop("TMA", False), tiles.pop("DESC_DEV", False)
     if not tma:
         return a, b, False, False
-    has = _TMA_DEVICES.get(a.device)
-    if has is None:
-        has = _TMA_DEVICES[a.device] = _has_tma(a.device)
-    if has and dev and _rows_ok(a) and _rows_ok(b):
+    if dev:
+        if not (_tma_unit(a.device) and _rows_ok(a) and _rows_ok(b)):
+            return a, b, False, False
         if not INTERPRET:
             _ensure_allocator()
         return a, b, True, True
-    desc = None if dev or not has else _kv_descriptors(a, b, block)
+    desc = _kv_descriptors(a, b, block)
     return (*desc, True, False) if desc else (a, b, False, False)
 
 
