@@ -75,21 +75,40 @@ def bench_train(model, B: int, T: int, reps: int) -> float:
     return _median_ms(step, reps)
 
 
+def gpu_state() -> str:
+    """SM and memory clocks, power, temperature and throttle reasons now (nvidia-smi), or ''."""
+    import subprocess
+
+    q = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 @torch.inference_mode()
-def bench_prefill(model, B: int, T: int, reps: int) -> dict:
+def bench_prefill(model, B: int, T: int, reps: int, burn_s: float = 0.0) -> dict:
     """Median ms per prefill (call to synchronize), and the median host time until the call
-    returns (``enqueue_ms``: close to ``ms`` when the host, not the GPU, sets the pace)."""
+    returns (``enqueue_ms``: close to ``ms`` when the host, not the GPU, sets the pace).
+    ``burn_s``: prefill back to back this long first (a slow state that passes shows here)."""
     torch.manual_seed(2)
     cache = cache_for(model, B, T + 64, DEV, DTYPE)
     prompt = torch.randint(0, POLICY["vocab_size"], (B, T), device=DEV)
     fn = lambda: prefill(model, cache, prompt)  # noqa: E731
+    t_end = time.perf_counter() + burn_s
+    while time.perf_counter() < t_end:
+        fn()
     enqueue = []
     for _ in range(reps):
         _sync()
         t0 = time.perf_counter()
         fn()
         enqueue.append(time.perf_counter() - t0)
-    return {"ms": _median_ms(fn, reps), "enqueue_ms": 1e3 * float(np.median(enqueue))}
+    ms = _median_ms(fn, reps)
+    return {"ms": ms, "enqueue_ms": 1e3 * float(np.median(enqueue)), "burn_s": burn_s,
+            "gpu": gpu_state() if DEV == "cuda" else ""}
 
 
 def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> dict:
@@ -190,8 +209,9 @@ def main() -> None:
         for k in args.ks:
             both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
                  B=B, k=k, L=args.draft_len)
-    for rnd in range(2):  # the order of the third run: after the speculative parts
-        both("prefill_after_spec", prefill_part, B=pb, T=pt, round=rnd)
+    for rnd in range(2):  # the order of the third run: after the speculative parts; then after 0.5 s of prefills
+        both("prefill_after_spec", lambda t, d: bench_prefill(t, pb, pt, args.reps, burn_s=0.5 * rnd),
+             B=pb, T=pt, round=rnd)
     if args.profile:
         from lm_prefill_probe import part_profile  # noqa: E402 - same folder
         part_profile({side: pair for side, pair in pairs.items()}, pb, pt, result["rows"], lambda: None)
