@@ -128,6 +128,9 @@ class AlgorithmConfig:
     batch_size: int = 2048
     """Env steps per training batch, counted as T x B slots of the trajectories gathered."""
     norm_adv: bool = True
+    cuda_graph: bool = True
+    """``ppo`` / ``appo`` with a feed-forward policy, Adam or AdamW, on one CUDA trainer: replay
+    each minibatch step from a CUDA graph (srl.algorithms.graphed_step); ``false`` steps eagerly."""
     norm_returns: bool = False
     """Divide rewards by a running std of discounted returns (helps MuJoCo-scale rewards)."""
     max_policy_lag: int = 4

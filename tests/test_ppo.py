@@ -134,3 +134,64 @@ def test_a_non_finite_minibatch_is_skipped_and_a_finite_one_is_not(optimizer):
     assert learner.skipped_steps == 2 and np.isfinite(stats["losses/policy_loss"])
     assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def _minibatch(rng, m: int, obs_dim: int = 3, n_actions: int = 4) -> dict[str, torch.Tensor]:
+    t32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return {"obs": t32(rng.normal(0, 1, (m, obs_dim))), "action": torch.as_tensor(rng.integers(0, n_actions, m)),
+            "logp": t32(-rng.uniform(0.5, 2.0, m)), "adv": t32(rng.normal(0, 1, m)),
+            "ret": t32(rng.normal(0, 1, m)), "value": t32(rng.normal(0, 1, m))}
+
+
+def _pair(algo: AlgorithmConfig):
+    import copy
+
+    torch.manual_seed(3)
+    policy = ActorCritic(SpaceInfo((3,), True, 4), PolicyConfig(hidden=[16]))
+    make = lambda p: PPOLearner(p, algo, OptimizerConfig(type="adam", lr=0.01))  # noqa: E731
+    return make(policy), make(copy.deepcopy(policy))
+
+
+@pytest.mark.parametrize("m", [37, 1])
+def test_a_padded_weighted_step_is_the_eager_step(m):
+    """The graphed step's body on a minibatch padded with rows of zeros of weight 0 moves the
+    weights and reports the statistics exactly as the eager step on the real rows does."""
+    from srl.algorithms.graphed_step import STATS, padded
+
+    rng = np.random.default_rng(m)
+    algo = AlgorithmConfig(epochs=1, minibatches=1, clip=0.2, value_clip=0.2, ent_coef=0.01)
+    eager, graphed = _pair(algo)
+    mb = _minibatch(rng, m)
+    size = padded(m)
+    assert size % 64 == 0 and size >= m
+    inputs = {k: torch.cat([v, torch.zeros((size - m, *v.shape[1:]), dtype=v.dtype)]) for k, v in mb.items()}
+    weight = torch.cat([torch.ones(m), torch.zeros(size - m)])
+    want = eager._minibatch_step(dict(mb))
+    got = graphed._graph_body(inputs, weight)
+    for a, b in zip(eager.policy.parameters(), graphed.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, value in zip(STATS, got.tolist()):
+        assert value == pytest.approx(float(want[name]), rel=1e-4, abs=1e-6), name
+    _, control = _pair(algo)
+    control._graph_body(inputs, torch.ones(size))  # negative control: the padding rows weigh in
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager.policy.parameters(), control.policy.parameters()))
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_learner_trains_as_the_eager_learner():
+    torch.manual_seed(0)
+    batches = [_bandit_batch(ActorCritic(SpaceInfo((2,), True, 2), PolicyConfig(hidden=[16])), seed=i) for i in range(4)]
+    for b in batches:
+        b["valid"][::5] = False  # minibatch sizes that need padding
+    params = {}
+    for graphed in (False, True):
+        torch.manual_seed(1)
+        policy = ActorCritic(SpaceInfo((2,), True, 2), PolicyConfig(hidden=[16]))
+        learner = PPOLearner(policy, AlgorithmConfig(epochs=2, minibatches=3, cuda_graph=graphed),
+                             OptimizerConfig(type="adam", lr=0.01, anneal_lr=True), device="cuda", total_env_steps=2000)
+        assert (learner.graphed is not None) == graphed
+        stats = [learner.train(b) for b in batches]
+        params[graphed] = torch.cat([p.detach().flatten() for p in policy.parameters()])
+        assert learner.updates == 4 * 2 * 3
+    torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
+    assert np.isfinite(stats[-1]["losses/policy_loss"])

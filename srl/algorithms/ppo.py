@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from srl.algorithms.graphed_step import STATS, GraphedMinibatchStep
 from srl.algorithms.steps import GuardedStep, averages
 from srl.config import AlgorithmConfig, OptimizerConfig
 
@@ -40,22 +41,39 @@ def gae(reward: torch.Tensor, value: torch.Tensor, next_value: torch.Tensor, ter
     return adv, adv + value
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``x.mean()``, or the mean weighted by ``weight`` (padding rows of a graphed step weigh 0)."""
+    return x.mean() if weight is None else (x * weight).sum() / weight.sum()
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
     """Clipped surrogate objective, negated for minimization."""
     ratio = torch.exp(logp - old_logp)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return torch.max(pg_loss1, pg_loss2).mean()
+    return weighted_mean(torch.max(pg_loss1, pg_loss2), weight)
 
 
-def value_loss(value: torch.Tensor, old_value: torch.Tensor, ret: torch.Tensor, clip: float | None) -> torch.Tensor:
+def value_loss(value: torch.Tensor, old_value: torch.Tensor, ret: torch.Tensor, clip: float | None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
     """0.5 * squared error, optionally PPO2-style clipped around the old value."""
     v_loss_unclipped = (value - ret) ** 2
     if clip is None:
-        return 0.5 * v_loss_unclipped.mean()
+        return 0.5 * weighted_mean(v_loss_unclipped, weight)
     v_clipped = old_value + torch.clamp(value - old_value, -clip, clip)
     v_loss_clipped = (v_clipped - ret) ** 2
-    return 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    return 0.5 * weighted_mean(torch.max(v_loss_unclipped, v_loss_clipped), weight)
+
+
+def normalized_advantages(adv: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``(adv - mean) / (std + 1e-8)`` over the (weighted) rows; unchanged for a single row."""
+    if weight is None:
+        return (adv - adv.mean()) / (adv.std() + 1e-8) if adv.numel() > 1 else adv
+    n = weight.sum()
+    mean = (adv * weight).sum() / n
+    std = ((adv - mean) ** 2 * weight).sum().div(torch.clamp(n - 1.0, min=1.0)).sqrt()
+    return torch.where(n > 1.0, (adv - mean) / (std + 1e-8), adv)
 
 
 # --------------------------------------------------------------------------- learner
@@ -76,9 +94,16 @@ class PPOLearner:
         kwargs = dict(opt.kwargs)
         if opt.type in ("adam", "adamw"):
             kwargs.setdefault("fused", True)  # one kernel per step instead of one per tensor and op
+        graphed = (algo.cuda_graph and torch.device(device).type == "cuda" and sync is None and bool(kwargs.get("fused"))
+                   and not getattr(policy, "recurrent", False))
+        if graphed:
+            kwargs["capturable"] = True  # step counts and the learning rate live on the device
         self.optimizer = build_optimizer(self.policy.parameters(), opt.type, lr=opt.lr, **kwargs)
         self.sophia = hasattr(self.optimizer, "hessian_due")
         self.step_guard = GuardedStep(device)
+        self.graphed = GraphedMinibatchStep(self._graph_body, self._graph_state, device) if graphed else None
+        """Minibatch steps replayed from CUDA graphs (srl.algorithms.graphed_step), or None."""
+        self._graph_ready()
         self.total_env_steps = total_env_steps
         self.env_steps = 0
         self.updates = 0
@@ -113,7 +138,10 @@ class PPOLearner:
         n = int(mask.sum())
         self.env_steps += n if self.sync is None else int(self.sync.sum(torch.tensor([n], dtype=torch.float64))[0])
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr()
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(self._lr())  # a graphed step reads it where it is
+            else:
+                group["lr"] = self._lr()
         if recurrent:  # minibatches of whole env columns: each keeps its sequence and its start state
             data = {**b, "logp": b["logp"].float(), "adv": adv, "ret": ret, "value": all_values[:T], "valid": mask}
             stats = self._epochs(data, B, _take_columns)
@@ -154,6 +182,8 @@ class PPOLearner:
         algo = self.algo
         # exactly `minibatches` steps per epoch whatever n is: data-parallel ranks step together
         bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
+        if self.graphed is not None and take is _take_rows:
+            return self._graphed_epochs(data, n, bounds)
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for epoch in range(algo.epochs):
@@ -175,6 +205,49 @@ class PPOLearner:
             stats["losses/skipped_steps"] = float(self.skipped_steps)
         return stats
 
+    def _graphed_epochs(self, data: dict[str, torch.Tensor], n: int, bounds: list[int]) -> dict[str, float]:
+        """:meth:`_epochs` with every minibatch step replayed from a graph; the statistics of the
+        last epoch are summed on the device and read once."""
+        algo, total = self.algo, None
+        for epoch in range(algo.epochs):
+            perm = torch.randperm(n, generator=self.rng).to(self.device)
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                stats = self.graphed.step(data, perm[lo:max(hi, lo + 1)])
+                if epoch == algo.epochs - 1:
+                    total = stats.clone() if total is None else total + stats
+        self.updates += algo.epochs * algo.minibatches
+        out = averages(dict(zip(STATS, total.unbind())), algo.minibatches)
+        self.skipped_steps = self.step_guard.skipped()
+        if self.skipped_steps:
+            out["losses/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    def _graph_state(self) -> list[torch.Tensor]:
+        """Every tensor a graphed step updates. The optimizer's state, which torch creates at its
+        first step, is created here first (zeros, through a step skipped by ``found_inf``)."""
+        if not self.optimizer.state:
+            for p in self.policy.parameters():
+                p.grad = torch.zeros_like(p)
+            self.optimizer.found_inf = torch.ones((), device=self.device)
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+            self.optimizer.zero_grad(set_to_none=True)
+        tensors = [p.data for p in self.policy.parameters()]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return [*tensors, self.step_guard.device_skips]
+
+    def _graph_ready(self) -> None:
+        """A graphed step's optimizer groups: capturable, their learning rate a device tensor (a
+        checkpoint may bring floats and ``capturable: false``); graphs of replaced state dropped."""
+        if self.graphed is None:
+            return
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+            if not torch.is_tensor(group["lr"]):
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+        self.graphed.graphs.clear()
+
     def _evaluate(self, mb: dict[str, torch.Tensor]):
         """``(logp, entropy, value, head, recorded)`` of the current policy on a minibatch, with
         the minibatch's recorded logp / adv / ret / value aligned to them (valid steps only)."""
@@ -185,16 +258,33 @@ class PPOLearner:
         recorded = {k: mb[k][m] for k in ("logp", "adv", "ret", "value")}
         return logp[m], entropy[m], value[:m.shape[0]][m], head[m], recorded
 
-    def _minibatch_step(self, mb: dict[str, torch.Tensor], diagnostics: bool = True) -> dict[str, float]:
+    def _losses(self, mb: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
+        """``(loss, policy loss, value loss, entropy, logp, recorded)`` of a minibatch, every mean
+        weighted by ``weight`` when given."""
         algo = self.algo
         logp, entropy, value, _, mb = self._evaluate(mb)
-        adv = mb["adv"]
-        if algo.norm_adv and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        pg_loss = policy_loss(logp, mb["logp"], adv, algo.clip)
-        v_loss = value_loss(value, mb["value"], mb["ret"], algo.value_clip)
-        entropy_loss = entropy.mean()
+        adv = normalized_advantages(mb["adv"], weight) if algo.norm_adv else mb["adv"]
+        pg_loss = policy_loss(logp, mb["logp"], adv, algo.clip, weight)
+        v_loss = value_loss(value, mb["value"], mb["ret"], algo.value_clip, weight)
+        entropy_loss = weighted_mean(entropy, weight)
         loss = pg_loss - algo.ent_coef * entropy_loss + algo.vf_coef * v_loss
+        return loss, pg_loss, v_loss, entropy_loss, logp, mb
+
+    def _graph_body(self, mb: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        """The whole minibatch step as the graphed step replays it: the :data:`STATS` vector."""
+        loss, pg_loss, v_loss, entropy_loss, logp, mb = self._losses(mb, weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self.step_guard(self.optimizer, self.policy.parameters(), self.algo.max_grad_norm)
+        with torch.no_grad():
+            log_ratio = logp - mb["logp"]
+            approx_kl = weighted_mean((log_ratio.exp() - 1) - log_ratio, weight)
+            clipfrac = weighted_mean(((log_ratio.exp() - 1.0).abs() > self.algo.clip).float(), weight)
+        return torch.stack([pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), approx_kl, clipfrac, grad_norm])
+
+    def _minibatch_step(self, mb: dict[str, torch.Tensor], diagnostics: bool = True) -> dict[str, float]:
+        algo = self.algo
+        loss, pg_loss, v_loss, entropy_loss, logp, mb = self._losses(mb)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.sync is not None:
@@ -246,6 +336,7 @@ class PPOLearner:
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self._graph_ready()
         self.env_steps, self.updates = int(state["env_steps"]), int(state["updates"])
         self.rng.set_state(state["rng"])
         if "return_var" in state:

@@ -16,7 +16,8 @@ class GuardedStep:
     host. Skips are counted either way."""
 
     def __init__(self, device: str):
-        self._device_skips = torch.zeros((), device=device)
+        self.device_skips = torch.zeros((), device=device)
+        """Steps the fused optimizers skipped (a device counter, updated inside graphed steps too)."""
         self._host_skips = 0
 
     def __call__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter],
@@ -26,7 +27,7 @@ class GuardedStep:
         if optimizer.defaults.get("fused"):
             bad = (~torch.isfinite(grad_norm)).float()
             optimizer.found_inf = bad
-            self._device_skips += bad
+            self.device_skips += bad
         elif not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             self._host_skips += 1
@@ -36,7 +37,7 @@ class GuardedStep:
 
     def skipped(self) -> int:
         """Steps skipped so far (a host sync: read it once per batch, not per minibatch)."""
-        return self._host_skips + int(self._device_skips)
+        return self._host_skips + int(self.device_skips)
 
 
 def averages(sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
