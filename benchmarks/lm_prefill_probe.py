@@ -158,7 +158,7 @@ def part_profile(pairs, B, T, rows, save) -> None:
                 "cpu_us": e.cpu_time_total / 3} for e in dev[:18]]
         host = [{"name": e.key[:90], "count": e.count, "cpu_us": e.cpu_time_total / 3} for e in events
                 if any(s in e.key for s in ("Synchronize", "_local_scalar_dense", "item", "Memcpy", "memcpy",
-                                            "to_copy", "cuModuleLoad", "compile"))]
+                                            "to_copy", "cuModuleLoad", "compile", "Malloc", "Free", "alloc"))]
         kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
         gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels) / 3
         counts = {e.key: e.count // 3 for e in events if e.key.startswith(("aten::", "cuda", "triton", "_attn"))}
