@@ -235,10 +235,12 @@ def watch(args, phase: str, procs: dict, dirs: dict, seen: dict, ev) -> None:
     The results so far are saved every ``--save-every`` seconds and at the end."""
     last_save = time.monotonic()
     while any(p.poll() is None for p in procs.values()):
+        scored = sum(len(seen[n]) for n in procs)
         for n in procs:
             if ev is not None:
                 score_checkpoints(ev, dirs[n], seen[n])
-        if time.monotonic() - last_save > args.save_every:  # a cut run keeps what it measured
+        fresh = sum(len(seen[n]) for n in procs) > scored
+        if fresh or time.monotonic() - last_save > args.save_every:  # a cut run keeps what it measured
             save(args.out, {"phase": phase, "partial": True, "variants": partial(dirs, seen)})
             last_save = time.monotonic()
         time.sleep(1.0)
