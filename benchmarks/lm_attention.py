@@ -52,9 +52,21 @@ def _pair(kernels: bool):
         return [TransformerLM(LMConfig(**cfg, kernels=kernels)).to(DTYPE).eval() for cfg in (POLICY, DRAFT)]
 
 
+BURN_S = 0.3
+"""Seconds of back-to-back calls before each timed loop: in a fresh H200 process the first ~0.1-0.3 s
+after an idle stretch (a kernel compiling) ran slower (lm_prefill_probe_h200_roundA.json)."""
+
+
+def _burn(fn, seconds: float) -> None:
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        fn()
+    _sync()
+
+
 def _median_ms(fn, reps: int) -> float:
     fn()
-    _sync()
+    _burn(fn, BURN_S)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -73,6 +85,14 @@ def bench_train(model, B: int, T: int, reps: int) -> float:
         model.zero_grad(set_to_none=True)
         model(x).float().square().mean().backward()
     return _median_ms(step, reps)
+
+
+def _timed_s(fn) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
 
 
 def gpu_state() -> str:
@@ -97,16 +117,15 @@ def bench_prefill(model, B: int, T: int, reps: int, burn_s: float = 0.0) -> dict
     cache = cache_for(model, B, T + 64, DEV, DTYPE)
     prompt = torch.randint(0, POLICY["vocab_size"], (B, T), device=DEV)
     fn = lambda: prefill(model, cache, prompt)  # noqa: E731
-    t_end = time.perf_counter() + burn_s
-    while time.perf_counter() < t_end:
-        fn()
+    fn()
+    _burn(fn, burn_s)
     enqueue = []
     for _ in range(reps):
         _sync()
         t0 = time.perf_counter()
         fn()
         enqueue.append(time.perf_counter() - t0)
-    ms = _median_ms(fn, reps)
+    ms = 1e3 * float(np.median([_timed_s(fn) for _ in range(reps)]))
     return {"ms": ms, "enqueue_ms": 1e3 * float(np.median(enqueue)), "burn_s": burn_s,
             "gpu": gpu_state() if DEV == "cuda" else ""}
 
@@ -116,6 +135,7 @@ def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> di
     sampler = SpeculativeSampler(target, draft, B, 64 + new + (k + 2) * L + 8, k=k, draft_len=L)
     prompt = torch.randint(0, POLICY["vocab_size"], (B, 32), device=DEV)
     sampler.generate(prompt, new)
+    _burn(lambda: sampler.generate(prompt, new), BURN_S)
     runs = [sampler.generate(prompt, new) for _ in range(reps)]
     sampler.close()
     per_iter = [r.seconds / r.stats["iterations"] for r in runs]
@@ -152,6 +172,7 @@ def _ms(row: dict) -> float:
 
 
 def main() -> None:
+    global BURN_S, DTYPE
     p = argparse.ArgumentParser()
     p.add_argument("--train", default="16x512", help="BxT")
     p.add_argument("--prefill", default="16x512", help="BxT")
@@ -161,6 +182,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--burn-s", type=float, default=BURN_S, help="back-to-back calls before each timed loop (s)")
     p.add_argument("--profile", action="store_true",
                    help="after the speculative parts, one profiled prefill per side (kernels, GPU busy time)")
     p.add_argument("--tree-on-decode", action="store_true",
@@ -168,7 +190,6 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="small float32 models on the CPU (logic check)")
     args = p.parse_args()
     if args.tiny:
-        global DTYPE
         DTYPE = torch.float32
         for cfg in (POLICY, DRAFT):
             cfg.update(vocab_size=512, d_model=128, n_layers=2, n_heads=2, max_seq_len=256)
@@ -202,16 +223,18 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         result["logits_rel_err"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     print("srl vs SDPA logits, relative error:", json.dumps(result["logits_rel_err"]), flush=True)
-    prefill_part = lambda t, d: bench_prefill(t, pb, pt, args.reps)  # noqa: E731
+    BURN_S = args.burn_s
+
+    def prefill_part(rnd: int):  # round 0 timed right away, round 1 after 0.5 s of back-to-back prefills
+        return lambda t, d: bench_prefill(t, pb, pt, args.reps, burn_s=0.5 * rnd)
     for rnd in range(2):  # before any speculative sampler ran; sides alternated twice
-        both("prefill", prefill_part, B=pb, T=pt, round=rnd)
+        both("prefill", prefill_part(rnd), B=pb, T=pt, round=rnd)
     for B in args.spec_batches:
         for k in args.ks:
             both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
                  B=B, k=k, L=args.draft_len)
     for rnd in range(2):  # the order of the third run: after the speculative parts; then after 0.5 s of prefills
-        both("prefill_after_spec", lambda t, d: bench_prefill(t, pb, pt, args.reps, burn_s=0.5 * rnd),
-             B=pb, T=pt, round=rnd)
+        both("prefill_after_spec", prefill_part(rnd), B=pb, T=pt, round=rnd)
     if args.profile:
         from lm_prefill_probe import part_profile  # noqa: E402 - same folder
         part_profile({side: pair for side, pair in pairs.items()}, pb, pt, result["rows"], lambda: None)
