@@ -8,9 +8,13 @@ process (the 123.6M policy and 10.5M draft of ``benchmarks/generation.py``).
 - ``train``: forward + backward of a causal batch (tokens/s);
 - ``prefill``: a batch of prompts into the cache (ms), before any speculative sampler ran and again
   after them (``prefill_after_spec``: the third run measured prefill only there, at 0.64x);
-- ``spec``: speculative generation (standard k = 1 and SpecTr k = 4, CUDA graphs); random models
-  accept few drafts, and the sampled tokens can differ between the sides, so the comparison is
-  the time per iteration (one draft block, one tree pass, selection), with tokens/s beside it.
+- ``spec_paired``: speculative generation (standard k = 1 and SpecTr k = 4, CUDA graphs), both
+  sides' samplers built and their generate calls interleaved; random models accept few drafts, and
+  the sampled tokens can differ between the sides, so the comparison is the time per iteration
+  (one draft block, one tree pass, selection): the median of the per-pair ratios;
+- ``prefill_paired`` (and ``_after_spec``): prefill interleaved the same way.
+
+Every timed loop follows ``BURN_S`` seconds of back-to-back calls.
 
 Both sides' models are built first; each part then runs on the SDPA side and the srl side back to
 back, and the JSON is rewritten after each part.
@@ -144,6 +148,59 @@ def bench_spec(target, draft, B: int, k: int, L: int, new: int, reps: int) -> di
             "tokens_per_pass": float(np.median([r.stats["tokens_per_pass"] for r in runs]))}
 
 
+def interleaved(fns: dict, reps: int) -> dict:
+    """Each side's call timed alternately (A B A B ...), ``reps`` times each after ``BURN_S`` of
+    calls per side: a GPU state that comes and goes (clocks) hits both sides alike. Returns the
+    per-side median seconds and the median of the per-pair ratios (first side / second side)."""
+    for fn in fns.values():
+        fn()
+        _burn(fn, BURN_S)
+    times: dict = {side: [] for side in fns}
+    for _ in range(reps):
+        for side, fn in fns.items():
+            times[side].append(_timed_s(fn))
+    a, b = times.values()
+    return {"median_s": {side: float(np.median(t)) for side, t in times.items()},
+            "ratio": float(np.median([x / y for x, y in zip(a, b)])), "all_s": times}
+
+
+@torch.inference_mode()
+def prefill_paired(pairs: dict, B: int, T: int, reps: int) -> dict:
+    """Prefill on both sides interleaved: SDPA ms, srl ms, and the median ratio SDPA / srl."""
+    fns = {}
+    for side, (model, _) in pairs.items():
+        torch.manual_seed(2)
+        cache = cache_for(model, B, T + 64, DEV, DTYPE)
+        prompt = torch.randint(0, POLICY["vocab_size"], (B, T), device=DEV)
+        fns[side] = (lambda m, c, x: lambda: prefill(m, c, x))(model, cache, prompt)
+    got = interleaved(fns, reps)
+    return {f"{side}_ms": 1e3 * t for side, t in got["median_s"].items()} | {"sdpa_over_srl": got["ratio"]}
+
+
+def spec_paired(pairs: dict, B: int, k: int, L: int, new: int, reps: int) -> dict:
+    """Speculative generation on both sides interleaved (a generate call each, in turn): ms per
+    iteration per side and the median ratio SDPA / srl of the per-iteration times."""
+    samplers, runs = {}, {}
+    prompt = None
+    for side, (target, draft) in pairs.items():
+        torch.manual_seed(3)
+        samplers[side] = SpeculativeSampler(target, draft, B, 64 + new + (k + 2) * L + 8, k=k, draft_len=L)
+        prompt = torch.randint(0, POLICY["vocab_size"], (B, 32), device=DEV)
+    fns = {side: (lambda smp: lambda: runs.setdefault(smp, []).append(smp.generate(prompt, new)))(smp)
+           for side, smp in samplers.items()}
+    interleaved(fns, reps)
+    out = {}
+    per_iter = {}
+    for side, smp in samplers.items():
+        timed = runs[smp][-reps:]
+        per_iter[side] = [r.seconds / r.stats["iterations"] for r in timed]
+        out[f"{side}_ms_per_iteration"] = 1e3 * float(np.median(per_iter[side]))
+        out[f"{side}_tokens_per_pass"] = float(np.median([r.stats["tokens_per_pass"] for r in timed]))
+        smp.close()
+    out["sdpa_over_srl"] = float(np.median([a / b for a, b in zip(per_iter["sdpa"], per_iter["srl"])]))
+    return out
+
+
 @torch.inference_mode()
 def check_logits(pairs: dict, B: int = 4, T: int = 64, P: int = 32, k: int = 4, L: int = 5) -> dict:
     """Relative error of the srl side's policy logits against the SDPA side's (same weights, same
@@ -186,7 +243,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="after the speculative parts, one profiled prefill per side (kernels, GPU busy time)")
     p.add_argument("--tree-on-decode", action="store_true",
-                   help="then the speculative parts again with the tree pass on the split-KV decode kernel")
+                   help="then the speculative parts again with srl's tree pass on the split-KV decode kernel")
     p.add_argument("--tiny", action="store_true", help="small float32 models on the CPU (logic check)")
     args = p.parse_args()
     if args.tiny:
@@ -227,14 +284,29 @@ def main() -> None:
 
     def prefill_part(rnd: int):  # round 0 timed right away, round 1 after 0.5 s of back-to-back prefills
         return lambda t, d: bench_prefill(t, pb, pt, args.reps, burn_s=0.5 * rnd)
+    def paired(part: str, fn, **key) -> None:
+        """Both sides interleaved call by call (one row with both sides' times and the ratio)."""
+        row = {"part": part, "side": "paired", **key}
+        try:
+            row.update(fn())
+        except Exception as exc:  # noqa: BLE001 - recorded; the other parts still run
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+
     for rnd in range(2):  # before any speculative sampler ran; sides alternated twice
         both("prefill", prefill_part(rnd), B=pb, T=pt, round=rnd)
+    paired("prefill_paired", lambda: prefill_paired(pairs, pb, pt, 2 * args.reps), B=pb, T=pt)
     for B in args.spec_batches:
         for k in args.ks:
-            both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
-                 B=B, k=k, L=args.draft_len)
+            paired("spec_paired", lambda: spec_paired(pairs, B, k, args.draft_len, args.new_tokens, args.reps + 2),
+                   B=B, k=k, L=args.draft_len)
     for rnd in range(2):  # the order of the third run: after the speculative parts; then after 0.5 s of prefills
         both("prefill_after_spec", prefill_part(rnd), B=pb, T=pt, round=rnd)
+    paired("prefill_paired_after_spec", lambda: prefill_paired(pairs, pb, pt, 2 * args.reps), B=pb, T=pt)
     if args.profile:
         from lm_prefill_probe import part_profile  # noqa: E402 - same folder
         part_profile({side: pair for side, pair in pairs.items()}, pb, pt, result["rows"], lambda: None)
@@ -243,8 +315,9 @@ def main() -> None:
         importlib.import_module("srl.kernels.flash_attention")._DECODE_STARTS = True
         for B in args.spec_batches:
             for k in args.ks:
-                both("spec", lambda t, d: bench_spec(t, d, B, k, args.draft_len, args.new_tokens, args.reps),
-                     sides=("srl_tree_decode",), B=B, k=k, L=args.draft_len)
+                paired("spec_paired_tree_on_decode",
+                       lambda: spec_paired(pairs, B, k, args.draft_len, args.new_tokens, args.reps + 2),
+                       B=B, k=k, L=args.draft_len)
 
 
 if __name__ == "__main__":
