@@ -234,7 +234,9 @@ _SHORT_Q = 64
 _SHORT_Q_TILES = {16: _tiles(32, 64, 4, 2), 32: _tiles(32, 64, 4, 2), 64: _tiles(32, 64, 4, 2),
                   128: _tiles(32, 64, 4, 3), 256: _tiles(16, 32, 4, 2)}
 # calls over a KV cache (kv_lens: prefill) at width 64: H200, 2026-12-02, prefill of 16 x 511 tokens
-# 1.09x SDPA with 64 x 64 tiles against 0.91x with the training tile above (lm_attention_h200*.json)
+# 1.09x SDPA with 64 x 64 tiles against 0.91x with the training tile above (lm_attention_h200*.json);
+# again 2026-12-03: 6.78 ms against 7.22 (training tile), 6.90 (128 x 64, 4 warps) and 7.39 for SDPA
+# (lm_prefill_probe_h200_roundA.json)
 _CACHED_FWD_TILES = {64: _tiles(64, 64, 4, 3)}
 # Queries of at most _DECODE_Q rows that need no gradient (decode steps) take the split-KV decode
 # kernel (_flash_decode.py); calls with per-row starts (the speculative tree pass) only with
