@@ -8,7 +8,9 @@ field each:
 - ``plain``: ``generation.mode=plain`` (no draft);
 - ``spectr_stale_draft``: ``draft.align=false`` (the draft, warmed up like the policy, never follows
   it: acceptance should fall as the policy moves);
-- ``sophia``: ``optimizer.type=sophia``.
+- ``sophia``: ``optimizer.type=sophia``;
+- ``spectr_lr6e-5``: ``optimizer.lr=6e-5`` (3x the config's RL learning rate: a tenth of the
+  warm-up's 6e-4, the ratio that learned at CPU scale, where the warm-up's own lr collapsed RL).
 
 Every variant runs as its own ``srl run``-like child process (``--run-one``), so this process may
 use the GPU while they run. Two phases:
@@ -54,7 +56,7 @@ from srl.generation import PlainSampler, SamplingParams  # noqa: E402
 from srl.plan import build_policy  # noqa: E402
 
 VARIANTS = {"spectr": [], "plain": ["generation.mode=plain"], "spectr_stale_draft": ["draft.align=false"],
-            "sophia": ["optimizer.type=sophia"]}
+            "sophia": ["optimizer.type=sophia"], "spectr_lr6e-5": ["optimizer.lr=6e-5"]}
 CURVE_KEYS = ("wall_s", "version", "env_steps", "mean_return", "charts/reward", "generation/acceptance_rate",
               "generation/tokens_per_pass", "generation/batch", "generation/batch_s", "generation/busy_s", "draft/acceptance_rate",
               "generation/draft_version", "losses/kl", "losses/approx_kl", "losses/logp_gap", "perf/train_s",
