@@ -2,7 +2,7 @@
 
 Both patterns visit contiguous key ranges that a program can compute from its own position,
 so these kernels walk them as plain ``tl.range`` loops (software-pipelined like the dense
-kernel's, TMA loads allowed) instead of reading per-tile index lists:
+kernel's) instead of reading per-tile index lists:
 
 * a prefix: the sink (SinkWindow, keys [0, min(sink, window start)), PRE_N-wide tiles) or the
   head's strided blocks before the local band (S2Strided, one ``block``-wide tile every
@@ -17,7 +17,8 @@ costs a pipeline fill and its own shared-memory buffers). Masked tiles evaluate 
 element (``visible``) and are clipped to their segment's end, so segments never count a key
 twice. dK/dV programs walk query rows the same way: the band of rows whose window (local
 blocks) holds the key tile, then the rows after it that still see the tile (the sink, or a
-strided block of this head).
+strided block of this head). K/V tiles (forward, dQ) and q/dO rows (dK/dV) may come through TMA
+descriptors, encoded on the host or built by each program (DESC_DEV).
 """
 
 from __future__ import annotations
