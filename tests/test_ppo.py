@@ -195,3 +195,22 @@ def test_gpu_graphed_learner_trains_as_the_eager_learner():
         assert learner.updates == 4 * 2 * 3
     torch.testing.assert_close(params[True], params[False], rtol=1e-4, atol=1e-5)
     assert np.isfinite(stats[-1]["losses/policy_loss"])
+
+
+def test_a_failed_graph_capture_leaves_the_learner_stepping_eagerly(monkeypatch):
+    from srl.algorithms.graphed_step import GraphedMinibatchStep
+
+    torch.manual_seed(0)
+    policy = ActorCritic(SpaceInfo((2,), True, 2), PolicyConfig(hidden=[16]))
+    learner = PPOLearner(policy, AlgorithmConfig(epochs=1, minibatches=2), OptimizerConfig(type="adam", lr=0.01))
+    learner.graphed = GraphedMinibatchStep(learner._graph_body, learner._graph_state, "cpu")
+
+    def broken(*args):
+        raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(learner.graphed, "_capture", broken)
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.warns(UserWarning, match="stepping eagerly"):
+        stats = learner.train(_bandit_batch(policy))
+    assert learner.graphed is None and learner.updates == 2 and np.isfinite(stats["losses/policy_loss"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

@@ -16,6 +16,7 @@ non-finite gradient (``found_inf``) and its state live on the device.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -45,11 +46,21 @@ class GraphedMinibatchStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
+    def prepare(self, data: dict[str, torch.Tensor], sizes: list[int]) -> bool:
+        """Capture the graphs that minibatches of ``sizes`` rows need; False (with a warning) if
+        a capture fails, in which case the caller steps eagerly from then on."""
+        try:
+            for size in {padded(n) for n in sizes} - set(self.graphs):
+                self.graphs[size] = self._capture(data, size)
+        except RuntimeError as exc:
+            warnings.warn(f"CUDA graph capture of the learner's step failed; stepping eagerly ({exc})")
+            return False
+        return True
+
     def step(self, data: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        """One minibatch step; its padded size must have been :meth:`prepare`-d."""
         n = len(index)
         size = padded(n)
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(data, size)
         graph, inputs, weight, stats = self.graphs[size]
         for name, buf in inputs.items():
             torch.index_select(data[name], 0, index, out=buf[:n])
@@ -74,7 +85,9 @@ class GraphedMinibatchStep:
         for t, s in zip(self.state(), saved):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the trainer's intake thread allocates pinned batches meanwhile, which in
+        # the default (global) mode invalidates the capture
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             stats = self.body(inputs, weight)
         self.pool = graph.pool()
         return graph, inputs, weight, stats

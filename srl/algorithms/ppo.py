@@ -183,7 +183,10 @@ class PPOLearner:
         # exactly `minibatches` steps per epoch whatever n is: data-parallel ranks step together
         bounds = [n * i // algo.minibatches for i in range(algo.minibatches + 1)]
         if self.graphed is not None and take is _take_rows:
-            return self._graphed_epochs(data, n, bounds)
+            sizes = [max(hi - lo, 1) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            if self.graphed.prepare(data, sizes):
+                return self._graphed_epochs(data, n, bounds)
+            self.graphed = None
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for epoch in range(algo.epochs):

@@ -128,7 +128,7 @@ class GraphedStackStep:
                 self._body(n)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             action, logp = self._body(n)
         self.pool = graph.pool()
         self.table.copy_(saved)
