@@ -361,51 +361,129 @@ def gemv_rows(model, batches, repeats, new_tokens, res) -> None:
 
 
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
-SPEC_CONFIGS = ((1, 7, True), (1, 7, False), (4, 7, False), (1, 5, True))
-"""(k, L, the draft's steps through the fused small-batch step) of the speculative iterations
-timed by section ``spec`` (batch 1)."""
+SPEC_CONFIGS = ((1, 7, True, True), (1, 7, True, False), (1, 5, True, True), (1, 5, True, False))
+"""(k, L, the draft's steps through the fused small-batch step, the target's verification pass and
+the draft's re-feed through ``FusedChunk``) of the speculative iterations timed by section
+``spec`` (batch 1)."""
 
 
-def spec_section(res: dict, save, iterations: int = 40, configs=SPEC_CONFIGS) -> None:
-    """Milliseconds per speculative iteration at batch 1 (one CUDA graph: L draft steps, the
-    tree-shaped target pass, selection, cache moves) and of its draft block alone, random-weight
-    policy and draft of ``benchmarks/generation.py`` (bf16). The time of an iteration does not
-    depend on the weights; tokens/s is tokens per pass (acceptance) / time per iteration."""
-    from srl.generation.decode import GraphedStep, prefill, tree_slot_mask
+def _spec_sampler(policy, draft, k, L, fused_draft, fused_verify, batch=1, generator=None, graph=CUDA):
     from srl.generation import speculative
-    from srl.generation.speculative import SpeculativeSampler, draft_blocks
+    from srl.generation.speculative import SpeculativeSampler
 
+    saved = speculative.FUSED_DRAFT, speculative.FUSED_VERIFY
+    speculative.FUSED_DRAFT, speculative.FUSED_VERIFY = fused_draft, batch if fused_verify else 0
+    try:
+        return SpeculativeSampler(policy, draft, batch, 512, k=k, draft_len=L, cuda_graph=graph,
+                                  generator=generator)
+    finally:
+        speculative.FUSED_DRAFT, speculative.FUSED_VERIFY = saved
+
+
+def spec_models():
     torch.manual_seed(0)
     with torch.device(DEV):
         policy = TransformerLM(LMConfig(**POLICY)).to(torch.bfloat16).eval()
         draft = TransformerLM(LMConfig(**DRAFT)).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (1, 9), device=DEV)
+    return policy, draft
+
+
+def spec_section(res: dict, save, iterations: int = 40, configs=SPEC_CONFIGS, batch: int = 1) -> None:
+    """Milliseconds per speculative iteration (one CUDA graph: L draft steps, the target pass,
+    selection, cache moves) and of its parts, each captured alone: the draft block (re-feed and
+    L - 1 steps) and the target pass over 1 + L tokens with its probabilities; the rest
+    (selection, log-probs, cache moves, state) is the difference. Random-weight policy and draft
+    of ``benchmarks/generation.py`` (bf16): the time of an iteration does not depend on the
+    weights; tokens/s is tokens per pass (acceptance) / time per iteration. The kernels of one
+    graph replay of each iteration are traced (``summarize_trace``)."""
+    from srl.generation.decode import GraphedStep, prefill, tree_slot_mask
+    from srl.generation.sampling import probs_from_params
+    from srl.generation.speculative import draft_blocks
+
+    policy, draft = spec_models()
+    prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (batch, 9), device=DEV)
     with torch.inference_mode():
-        default = speculative.FUSED_DRAFT
-        for k, L, fused_draft in configs:
-            speculative.FUSED_DRAFT = fused_draft
-            try:
-                s = SpeculativeSampler(policy, draft, 1, 512, k=k, draft_len=L, cuda_graph=CUDA)
-            finally:
-                speculative.FUSED_DRAFT = default
+        for k, L, fused_draft, fused_verify in configs:
+            s = _spec_sampler(policy, draft, k, L, fused_draft, fused_verify, batch)
             s.state.reset(prompt, 400)
             prefill(policy, s.tcache, prompt)
             prefill(draft, s.dcache, prompt)
-            row = {"k": k, "L": L, "fused_draft": s.draft_step is not None,
+            row = {"batch": batch, "k": k, "L": L, "fused_draft": s.draft_step is not None,
+                   "fused_verify": s.fused is not None and s.fused.verify is not None,
+                   "fused_refeed": s.fused is not None and s.fused.refeed is not None,
                    "ms_per_iteration": _ms_per_call(s._step, iterations)}
+            lay = tree_slot_mask(s.tcache.lens, k, L, s.tcache.max_len)
 
-            def draft_only(s=s, k=k, L=L):
-                slots, positions, mask = tree_slot_mask(s.tcache.lens, k, L, s.tcache.max_len)
-                draft_blocks(draft, s.dcache, s.state, (slots, positions, mask.dense), k, L, s.params,
-                             s.generator, s.draft_step)
+            def draft_only(s=s, k=k, L=L, lay=lay):
+                draft_blocks(draft, s.dcache, s.state, (lay[0], lay[1], lay[2].dense), k, L, s.params,
+                             s.generator, s.draft_step, s.fused and s.fused.refeed)
 
-            g = GraphedStep(draft_only, enabled=CUDA, generators=(s.generator,))
-            row["ms_draft_block"] = _ms_per_call(g, iterations)
-            g.close()
+            tin = torch.zeros(batch, 1 + k * L, dtype=torch.long, device=DEV)
+
+            def target_only(s=s, lay=lay, tin=tin):
+                if s.fused is not None and s.fused.verify is not None:
+                    logits = s.fused.verify(tin, s.tcache.lens)
+                else:
+                    logits = policy(tin, s.tcache, positions=lay[1], slots=lay[0], mask=lay[2])
+                probs_from_params(logits, s.params)
+
+            for name, fn in (("ms_draft_block", draft_only), ("ms_target_pass", target_only)):
+                g = GraphedStep(fn, enabled=CUDA, generators=(s.generator,))
+                row[name] = _ms_per_call(g, iterations)
+                g.close()
+            row["ms_rest"] = row["ms_per_iteration"] - row["ms_draft_block"] - row["ms_target_pass"]
+            if CUDA:
+                tr = _replay_trace(s._step)
+                row["trace"] = summarize_trace(tr, 1)
+                row["trace"]["top"] = sorted(row["trace"]["mean_us"].items(),
+                                             key=lambda kv: -kv[1] * row["trace"]["count"][kv[0]])[:25]
+                row["trace"].pop("mean_us")
+                row["trace"].pop("count")
             s.close()
             res.setdefault("rows", []).append(row)
-            log(f"  spec batch 1 k={k} L={L}: {row}")
+            log(f"  spec batch {batch} k={k} L={L}: " + json.dumps({a: b for a, b in row.items() if a != "trace"}))
+            if "trace" in row:
+                log("    trace: " + json.dumps(row["trace"])[:1800])
             save()
+
+
+def _replay_trace(fn) -> list:
+    """Kernels of one call of ``fn`` (a graph replay): [name, start us, duration us]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    kern = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    kern.sort(key=lambda e: e.time_range.start)
+    if not kern:
+        return []
+    t0 = kern[0].time_range.start
+    return [[e.name[:60], round(e.time_range.start - t0, 2), round(e.time_range.elapsed_us(), 2)] for e in kern]
+
+
+def spec_check_section(new_tokens: int = 64, L: int = 7, batch: int = 1) -> dict:
+    """On the device: standard speculative sampling with the fused verification pass and re-feed
+    against the torch pass, the same generator seed, random-weight bf16 models, no CUDA graph:
+    the first position where the tokens differ, the log-probs before it."""
+    policy, draft = spec_models()
+    prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (batch, 9), device=DEV)
+    outs = []
+    for fused_verify in (False, True):
+        g = torch.Generator(device=DEV).manual_seed(5)
+        s = _spec_sampler(policy, draft, 1, L, True, fused_verify, batch, generator=g, graph=False)
+        with torch.inference_mode():
+            outs.append(s.generate(prompt, new_tokens))
+    same = (outs[0].tokens == outs[1].tokens).float()
+    first_diff = int(same.min(0).values.argmin()) if same.min() < 1 else new_tokens
+    n = max(first_diff, 1)
+    res = {"batch": batch, "L": L, "new_tokens": new_tokens, "tokens_equal_fraction": float(same.mean()),
+           "first_differing_position": first_diff,
+           "max_logp_diff_before_it": float((outs[0].logp[:, :n] - outs[1].logp[:, :n]).abs().max()),
+           "tokens_per_pass": [o.stats["tokens_per_pass"] for o in outs]}
+    log(f"spec check: {res}")
+    return res
 
 
 def _ms_per_call(fn, n: int) -> float:
@@ -430,8 +508,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-batches", default="1,64")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (code check)")
-    ap.add_argument("--spec", default="1:7:1,1:7:0,4:7:0,1:5:1",
-                    help="spec: k:L:fused-draft (0/1) per speculative configuration")
+    ap.add_argument("--spec", default="1:7:1:1,1:7:1:0,1:5:1:1,1:5:1:0",
+                    help="spec: k:L:fused-draft:fused-verify (0/1) per speculative configuration")
+    ap.add_argument("--spec-batches", default="1", help="spec: batch sizes")
     ap.add_argument("--plain-tiles", default="", help="plain: TILE_CANDIDATES names also timed "
                     "where the small-batch path is the default")
     ap.add_argument("--skip-torch", action="store_true", help="plain: no torch-step rows")
@@ -491,7 +570,11 @@ def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save
     elif sec == "spec":
         out["spec"] = {}
         configs = [tuple(int(v) for v in c.split(":")) for c in args.spec.split(",")]
-        spec_section(out["spec"], save, 3 if args.tiny else 40, [(k, L, bool(f)) for k, L, f in configs])
+        configs = [(c[0], c[1], bool(c[2]), bool(c[3]) if len(c) > 3 else False) for c in configs]
+        for b in [int(x) for x in args.spec_batches.split(",")]:
+            spec_section(out["spec"], save, 3 if args.tiny else 40, configs, b)
+    elif sec == "spec_check":
+        out["spec_check"] = spec_check_section(8 if args.tiny else 64)
     elif sec == "gemv":
         out["gemv"], default = {}, fused_decode.FUSED_GEMV
         fused_decode.FUSED_GEMV = 1

@@ -54,12 +54,17 @@ def log(*a):
     print(*a, flush=True)
 
 
-def train_lm(model, task, steps, batch, seq, lr, rng, name):
+def train_lm(model, task, steps, batch, seq, lr, rng, name, seconds=None):
+    """AdamW with warm-up and cosine decay over ``steps``; stops early after ``seconds`` (the
+    schedule then ends where it stands)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=DEV == "cuda")
     model.train()
     t0 = time.time()
     for step in range(steps):
+        if seconds is not None and time.time() - t0 > seconds:
+            log(f"  {name}: stopped after {step} steps ({seconds:.0f} s budget)")
+            break
         warm = min(1.0, (step + 1) / 30)
         for g in opt.param_groups:
             g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -105,12 +110,24 @@ def timed(fn, repeats):
 
 def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params, repeats,
                  cuda_graph=True):
+    """``method`` "standard_torch_verify": standard with the torch verification pass and re-feed
+    (``speculative.FUSED_VERIFY`` off), for comparison."""
+    from srl.generation import speculative
+
     max_len = prompts.shape[1] + new_tokens + (k + 2) * L + 16
+    fused_verify = None
     if method.startswith("plain"):
         s = PlainSampler(policy, batch, max_len, params, cuda_graph=cuda_graph)
     else:
-        s = SpeculativeSampler(policy, draft, batch, max_len, k=k, draft_len=L, params=params,
-                               cuda_graph=cuda_graph)
+        saved = speculative.FUSED_VERIFY
+        if method == "standard_torch_verify":
+            speculative.FUSED_VERIFY = 0
+        try:
+            s = SpeculativeSampler(policy, draft, batch, max_len, k=k, draft_len=L, params=params,
+                                   cuda_graph=cuda_graph)
+        finally:
+            speculative.FUSED_VERIFY = saved
+        fused_verify = s.fused is not None and s.fused.verify is not None
     p = prompts[:batch]
     sec, out = timed(lambda: s.generate(p, new_tokens), repeats)
     s.close()
@@ -119,7 +136,7 @@ def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params
     sane = {"outside_task_vocab": float((out.tokens >= len(VOCAB)).float().mean()),
             "logp_finite": bool(torch.isfinite(out.logp).all()),
             "mean_logp": float(out.logp.mean())}
-    return {"batch": batch, "method": method, "k": k, "L": L, "cuda_graph": cuda_graph,
+    return {"batch": batch, "method": method, "k": k, "L": L, "cuda_graph": cuda_graph, "fused_verify": fused_verify,
             "seconds": sec, "tokens_per_s": batch * new_tokens / sec, **out.stats, **sane}
 
 
@@ -199,7 +216,13 @@ def main():
     ap.add_argument("--ks", default="1,2,4,8")
     ap.add_argument("--train-steps", type=int, default=500)
     ap.add_argument("--draft-steps", type=int, default=300)
-    ap.add_argument("--align-steps", type=int, default=80)
+    ap.add_argument("--align-steps", type=int, default=80, help="0: no alignment (the pretrained draft)")
+    ap.add_argument("--train-seconds", type=float, default=None, help="stop the policy's training after this")
+    ap.add_argument("--draft-seconds", type=float, default=None, help="stop the draft's training after this")
+    ap.add_argument("--skip-before-after", action="store_true",
+                    help="skip the batch-16 acceptance run of the pretrained and aligned drafts")
+    ap.add_argument("--verify-compare", action="store_true",
+                    help="standard rows also with the torch verification pass (FUSED_VERIFY off)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf", action="store_true", help="also time transformers generate()")
     ap.add_argument("--auto", action="store_true",
@@ -246,7 +269,7 @@ def main():
         f"({policy.num_params() / draft.num_params():.1f}x smaller)")
     new_align = args.seq_len - 9  # rollouts as long as the training windows
     result["policy_loss"] = train_lm(policy, task, args.train_steps, args.train_batch,
-                                     args.seq_len, 1e-3, rng, "policy")
+                                     args.seq_len, 1e-3, rng, "policy", args.train_seconds)
     pol16 = bf16_copy(policy)
     result["policy_addition_accuracy"] = task_accuracy(pol16, task.addition, rng)
     log(f"  policy greedy accuracy on 3-digit addition: {result['policy_addition_accuracy']:.2f}")
@@ -263,19 +286,20 @@ def main():
     held_out = fresh_rollouts(gen, new_align)
     drafts = {"random": bf16_copy(draft)}  # deployed in bf16 (fp32 attention is 6x slower)
     result["draft_loss"] = train_lm(draft, task, args.draft_steps, args.train_batch,
-                                    args.seq_len, 3e-3, rng, "draft")
+                                    args.seq_len, 3e-3, rng, "draft", args.draft_seconds)
     drafts["pretrained"] = bf16_copy(draft)
     acc = {name: measure_acceptance(d, pol16, held_out) for name, d in drafts.items()}
     # ---- alignment on the policy's own generations, each batch used once
-    aligner = DraftAligner(draft, pol16, DraftAlignConfig(lr=1e-3, params=params))
-    t0 = time.time()
-    # in the numerics it is deployed in (fp32): aligned under bf16 autocast, an earlier run's
-    # draft scored 0.94 under autocast and 0.08 in fp32 or with bf16 weights
-    hist = aligner.run(policy_batches(lambda: fresh_rollouts(gen, new_align), args.align_steps))
+    if args.align_steps > 0:
+        aligner = DraftAligner(draft, pol16, DraftAlignConfig(lr=1e-3, params=params))
+        t0 = time.time()
+        # in the numerics it is deployed in (fp32): aligned under bf16 autocast, an earlier run's
+        # draft scored 0.94 under autocast and 0.08 in fp32 or with bf16 weights
+        hist = aligner.run(policy_batches(lambda: fresh_rollouts(gen, new_align), args.align_steps))
+        log(f"  aligned on {aligner.samples_seen} fresh sequences in {time.time() - t0:.0f}s; "
+            f"logged acceptance {hist[0]['charts/acceptance_rate']:.3f} -> {hist[-1]['charts/acceptance_rate']:.3f}")
     gen.close()
-    log(f"  aligned on {aligner.samples_seen} fresh sequences in {time.time() - t0:.0f}s; "
-        f"logged acceptance {hist[0]['charts/acceptance_rate']:.3f} -> {hist[-1]['charts/acceptance_rate']:.3f}")
-    drafts["aligned"] = bf16_copy(draft)
+    drafts["aligned"] = bf16_copy(draft)  # the pretrained one without alignment
     acc["aligned"] = measure_acceptance(drafts["aligned"], pol16, held_out)
     acc["aligned_fp32_weights"] = measure_acceptance(fp32_copy(draft), pol16, held_out)
     with torch.autocast(DEV, torch.bfloat16):
@@ -288,7 +312,7 @@ def main():
 
     # ---- measured acceptance of standard speculative sampling, before vs after alignment
     result["speculative_before_after"] = {}
-    for name, graph in (("pretrained", True), ("aligned", True)):
+    for name, graph in () if args.skip_before_after else (("pretrained", True), ("aligned", True)):
         r = bench_config(pol16, drafts[name], 16, "standard", 1, 4, prompts_all,
                          args.new_tokens if graph else 64, params, 1, cuda_graph=graph)
         result["speculative_before_after"][f"{name}{'' if graph else '_eager'}"] = r
@@ -317,13 +341,16 @@ def main():
             log(f"  batch {b:3d} plain without CUDA graph: {rows[-1]['tokens_per_s']:.0f} tok/s")
         for k in ks:
             for L in Ls:
-                method = "standard" if k == 1 else "spectr"
-                r = bench_config(pol16, d, b, method, k, L, prompts_all, args.new_tokens, params,
-                                 args.repeats)
-                rows.append(r)
-                log(f"  batch {b:3d} {method} k={k} L={L}: {r['tokens_per_s']:.0f} tok/s, "
-                    f"acceptance {r['acceptance_rate']:.3f}, tokens/pass {r['tokens_per_pass']:.2f}, "
-                    f"outside vocab {r['outside_task_vocab']:.4f}")
+                methods = ["standard" if k == 1 else "spectr"]
+                if k == 1 and args.verify_compare:
+                    methods.append("standard_torch_verify")
+                for method in methods:
+                    r = bench_config(pol16, d, b, method, k, L, prompts_all, args.new_tokens, params,
+                                     args.repeats)
+                    rows.append(r)
+                    log(f"  batch {b:3d} {method} k={k} L={L}: {r['tokens_per_s']:.0f} tok/s, "
+                        f"acceptance {r['acceptance_rate']:.3f}, tokens/pass {r['tokens_per_pass']:.2f}, "
+                        f"fused verify {r['fused_verify']}, outside vocab {r['outside_task_vocab']:.4f}")
     result["rows"] = rows
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=str)

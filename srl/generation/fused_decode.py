@@ -228,3 +228,51 @@ class FusedDecodeStep:
         active = (lens + 1 < st.end).long()
         st.write(lens, y[:, None], logp, active)
         lens.add_(active)
+
+
+class FusedChunk:
+    """Logits of T consecutive tokens per row in few launches: ``chunk(tokens, lens)`` runs
+    tokens (B, T) at slots and positions lens[b] + 0..T-1 through ``model``, writing their keys
+    and values to ``cache`` (its lens are not read or changed). Token i sees the slots before
+    lens[b] and the chunk's tokens 0..i: the target's verification pass of standard speculative
+    sampling (x0 and the L drafted tokens) and the draft's two-token re-feed.
+
+    Per layer: the qkv matmul (cuBLAS, M = B * T rows), one rotary + cache write + attention
+    kernel over the chunk (``decode_step.rope_attend_rows``), the output projection, residual +
+    norm, the MLP and residual + norm; per call the embedding + norm and the head over the
+    ``head_rows`` last rows. The torch forward launches about three times as many kernels (rotary in
+    complex float32, cache scatters, the mask, copies around attention), the cost that sets the
+    time at batch 1."""
+
+    def __init__(self, model, cache, batch: int, T: int):
+        why = fused_unsupported(model, None)
+        if why is not None:
+            raise ValueError(f"FusedChunk cannot run this model: {why}")
+        cfg = model.config
+        dev, dtype = model.embed.weight.device, model.embed.weight.dtype
+        self.model, self.cache, self.B, self.T = model, cache, batch, T
+        self.x = torch.zeros(batch * T, cfg.d_model, device=dev, dtype=dtype)
+        self.h = torch.zeros_like(self.x)
+        self.attn = torch.zeros_like(self.x)
+        self.zero = torch.zeros(batch * T, device=dev, dtype=torch.long)
+        self.freqs = torch.view_as_real(model.rotary.freqs).contiguous()
+
+    def __call__(self, tokens: Tensor, lens: Tensor, head_rows: int | None = None) -> Tensor:
+        """Logits (B, head_rows or T, V) of the last ``head_rows`` tokens of each row."""
+        from srl.kernels.decode_step import embed_norm, rope_attend_rows, residual_norm
+
+        m, cache, x, h, B, T = self.model, self.cache, self.x, self.h, self.B, self.T
+        if tokens.shape != (B, T):
+            raise ValueError(f"FusedChunk: tokens must be {(B, T)}, got {tuple(tokens.shape)}")
+        blocks = m.blocks
+        flat = tokens.reshape(B * T, 1)
+        embed_norm(flat, self.zero, m.embed.weight, blocks[0].norm1.weight, blocks[0].norm1.eps, x, h)
+        for i, blk in enumerate(blocks):
+            rope_attend_rows(F.linear(h, blk.qkv.weight), self.freqs, lens, cache.k[i], cache.v[i],
+                             self.attn, blk.n_heads, T)
+            residual_norm(x, F.linear(self.attn, blk.proj.weight), blk.norm2.weight, blk.norm2.eps, h)
+            nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else m.norm
+            residual_norm(x, blk.mlp(h), nxt.weight, nxt.eps, h)
+        rows = T if head_rows is None else head_rows
+        hv = h.view(B, T, -1)[:, T - rows:]
+        return F.linear(hv, m.head.weight)

@@ -27,6 +27,7 @@ comes from p. All k blocks are verified in one target pass over the shared prefi
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -218,19 +219,23 @@ def emitted_log_probs(p: Tensor, src: Tensor, emitted: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- one iteration
 
 def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params: SamplingParams,
-                 generator=None, step=None) -> tuple[Tensor, Tensor]:
+                 generator=None, step=None, refeed=None) -> tuple[Tensor, Tensor]:
     """k i.i.d. draft blocks of L tokens: (drafts (B, k, L), q (B, k, L, V)).
 
     The first call re-feeds the token before x0, whose draft cache entry is stale when the last
     block was fully accepted (the draft never ran on its last token). ``step`` (k = 1): a
     ``FusedDecodeStep`` of the draft whose ``logits`` run the later calls (one token per row at
-    slot and position lens + t, what the layout gives for k = 1) in a few launches.
+    slot and position lens + t, what the layout gives for k = 1) in a few launches. ``refeed``:
+    a two-token ``FusedChunk`` of the draft for the first call.
     """
     slots, positions, mask = layout
     P = dcache.lens
     B = P.shape[0]
     s2, m2 = causal_slot_mask(P - 1, 2, dcache.max_len)
-    first = draft(state.tokens.gather(1, s2), dcache, positions=s2, slots=s2, mask=m2)[:, -1]
+    if refeed is not None:
+        first = refeed(state.tokens.gather(1, s2), P - 1, head_rows=1)[:, -1]
+    else:
+        first = draft(state.tokens.gather(1, s2), dcache, positions=s2, slots=s2, mask=m2)[:, -1]
     q_t = probs_from_params(first, params)[:, None].expand(B, k, -1)  # (B, k, V)
     qs, ds = [q_t], [sample_from_probs(q_t, generator)]
     for t in range(1, L):
@@ -248,20 +253,25 @@ def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params:
 
 def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: int,
                      params: SamplingParams, generator=None, stats: Tensor | None = None,
-                     draft_step=None) -> None:
+                     draft_step=None, fused: "FusedStandard | None" = None) -> None:
     """One draft-then-verify iteration for every unfinished row (static shapes, no host sync).
 
     ``stats`` (3,) accumulates [target passes of active rows, accepted draft tokens, emitted].
-    ``draft_step``: see ``draft_blocks``' ``step``.
+    ``draft_step``: see ``draft_blocks``' ``step``. ``fused`` (k = 1): the draft's re-feed and the
+    target's pass over x0 and the L drafted tokens as ``FusedChunk`` calls (for k = 1 the tree
+    layout is a causal chunk at slots lens + 0..L).
     """
     P = tcache.lens
     B = P.shape[0]
     slots, positions, mask = tree_slot_mask(P, k, L, tcache.max_len)
     drafts, q = draft_blocks(draft, dcache, state, (slots, positions, mask.dense), k, L, params, generator,
-                             draft_step)
+                             draft_step, fused and fused.refeed)
     tin = torch.cat([state.x0(P), drafts.reshape(B, k * L)], 1)  # (B, 1 + kL)
-    p_flat = probs_from_params(target(tin, tcache, positions=positions, slots=slots, mask=mask),
-                               params)  # (B, 1 + kL, V)
+    if fused is not None and fused.verify is not None:
+        logits = fused.verify(tin, P)
+    else:
+        logits = target(tin, tcache, positions=positions, slots=slots, mask=mask)
+    p_flat = probs_from_params(logits, params)  # (B, 1 + kL, V)
     V = p_flat.shape[-1]
     p = torch.cat([p_flat[:, None, :1].expand(B, k, 1, V), p_flat[:, 1:].reshape(B, k, L, V)], 2)
     if k == 1:
@@ -305,6 +315,34 @@ def fused_draft_step(draft, dcache, state: GenState, params: SamplingParams, k: 
     return step if step.gemv_path else None
 
 
+FUSED_VERIFY = 1
+"""Standard speculative sampling (k = 1) on CUDA at batches up to this (0: never): the target's
+verification pass and the draft's two-token re-feed through ``fused_decode.FusedChunk`` (cuBLAS
+matmuls over the 1 + L rows, one rotary + cache + attention kernel per layer, fused residual +
+norm) instead of the torch forward."""
+
+
+@dataclass
+class FusedStandard:
+    """The fused pieces of a standard (k = 1) iteration; None where the model does not allow it."""
+
+    verify: object = None  # FusedChunk of the target over 1 + L tokens
+    refeed: object = None  # FusedChunk of the draft over 2 tokens
+
+
+def fused_standard(target, draft, tcache, dcache, batch: int, k: int, L: int, dev,
+                   force: bool = False) -> FusedStandard | None:
+    """``FusedStandard`` for ``speculative_step`` (k = 1, CUDA, batch <= FUSED_VERIFY), or None."""
+    from srl.generation.fused_decode import FusedChunk, fused_unsupported
+
+    if k != 1 or not (force or (batch <= FUSED_VERIFY and torch.device(dev).type == "cuda")):
+        return None
+    out = FusedStandard(
+        FusedChunk(target, tcache, batch, 1 + L) if fused_unsupported(target, None) is None else None,
+        FusedChunk(draft, dcache, batch, 2) if fused_unsupported(draft, None) is None else None)
+    return out if (out.verify or out.refeed) else None
+
+
 class SpeculativeSampler:
     """Speculative rollouts from ``target`` with ``draft``: k = 1 standard, k > 1 SpecTr K-SEQ.
 
@@ -335,6 +373,7 @@ class SpeculativeSampler:
         self.state = GenState.allocate(batch, max_len, dev)
         self.stats = torch.zeros(3, dtype=torch.long, device=dev)
         self.draft_step = fused_draft_step(draft, self.dcache, self.state, self.params, k, dev)
+        self.fused = fused_standard(target, draft, self.tcache, self.dcache, batch, k, draft_len, dev)
         dummy = torch.zeros(batch, 2, dtype=torch.long, device=dev)
         self.state.reset(dummy, 1)
         with torch.inference_mode():  # capture from a valid state (lens >= 1)
@@ -347,7 +386,7 @@ class SpeculativeSampler:
 
     def _iteration(self) -> None:
         speculative_step(self.target, self.draft, self.tcache, self.dcache, self.state, self.k,
-                         self.L, self.params, self.generator, self.stats, self.draft_step)
+                         self.L, self.params, self.generator, self.stats, self.draft_step, self.fused)
 
     def slack(self) -> int:
         """Cache slots needed past prompt + max_new_tokens."""

@@ -290,3 +290,102 @@ def sample_write(logits: Tensor, noise: Tensor, tokens: Tensor, logp: Tensor, le
 def sample_workspace(B: int, V: int, device) -> Tensor:
     block = 64 if INTERPRET else SAMPLE_BLOCK
     return torch.empty(B, triton.cdiv(V, block), 4, device=device, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- T tokens of one row
+
+@triton.jit
+def _rope_attend_rows(QKV, FREQS, LENS, KC, VC, O, qk_scale, T, stride_qkv, stride_kb, stride_kh,
+                      stride_ks, stride_o, N_HEADS, HD: tl.constexpr, HD_P2: tl.constexpr,
+                      T_P2: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr):
+    """Program (row b, head h): the T query rows b * T + i (i < T) at slot and position
+    LENS[b] + i. Rotary on their q and k (as ``_attend_head``), k and v written to the cache,
+    then attention of row i over the cached slots < LENS[b] and the new keys 0..i, those taken
+    from registers (no program reads a slot another program of the launch writes). LOWP: both
+    matmuls on the tensor cores in the cache dtype (q and k are rounded to it anyway; the
+    probabilities are rounded to it in either mode)."""
+    pid = tl.program_id(0)
+    b = (pid // N_HEADS).to(tl.int64)
+    h = (pid % N_HEADS).to(tl.int64)
+    i = tl.arange(0, T_P2)
+    d = tl.arange(0, HD_P2)
+    ok = (i < T)[:, None] & (d < HD)[None, :]
+    width = N_HEADS * HD
+    rows = b * T + i.to(tl.int64)
+    base = QKV + rows[:, None] * stride_qkv + h * HD
+    q = tl.load(base + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    q_p = tl.load(base + (d ^ 1)[None, :], mask=ok, other=0.0).to(tl.float32)
+    k = tl.load(base + width + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    k_p = tl.load(base + width + (d ^ 1)[None, :], mask=ok, other=0.0).to(tl.float32)
+    v = tl.load(base + 2 * width + d[None, :], mask=ok, other=0.0)
+    P = tl.load(LENS + b).to(tl.int32)
+    n = P + i  # slot and rotary position of each new token
+    fb = FREQS + n[:, None] * HD + 2 * (d // 2)[None, :]
+    c = tl.load(fb, mask=ok, other=0.0)
+    s = tl.load(fb + 1, mask=ok, other=0.0)
+    sign = tl.where(d % 2 == 0, -1.0, 1.0)[None, :]
+    dt = KC.dtype.element_ty
+    q = (q * c + sign * q_p * s).to(dt)
+    k = (k * c + sign * k_p * s).to(dt)
+    v = v.to(dt)
+    kv_off = b * stride_kb + h * stride_kh
+    ptr = kv_off + n[:, None].to(tl.int64) * stride_ks + d[None, :]
+    tl.store(KC + ptr, k, mask=ok)
+    tl.store(VC + ptr, v, mask=ok)
+    # the new tokens among themselves (causal), then the cached slots 0..P-1 (online softmax, base 2)
+    sc = _dot(q, tl.trans(k), LOWP) * qk_scale
+    sc = tl.where((i[None, :] <= i[:, None]) & (i < T)[None, :], sc, float("-inf"))
+    m = tl.max(sc, 1)
+    p = tl.exp2(sc - m[:, None])
+    l_sum = tl.sum(p, 1)
+    acc = _dot(p.to(dt), v, LOWP)
+    js0 = tl.arange(0, BLOCK_N)
+    for start in range(0, P, BLOCK_N):
+        js = start + js0
+        j_ok = js < P
+        tptr = kv_off + js[:, None].to(tl.int64) * stride_ks + d[None, :]
+        tile_ok = j_ok[:, None] & (d < HD)[None, :]
+        kt = tl.load(KC + tptr, mask=tile_ok, other=0.0)
+        vt = tl.load(VC + tptr, mask=tile_ok, other=0.0)
+        sc = _dot(q, tl.trans(kt), LOWP) * qk_scale
+        sc = tl.where(j_ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(dt), vt, LOWP)
+        m = m_new
+    o = acc / l_sum[:, None]
+    tl.store(O + rows[:, None] * stride_o + h * HD + d[None, :], o.to(O.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dot(a, b, LOWP: tl.constexpr):
+    """a @ b with float32 accumulation: on the tensor cores in the inputs' dtype (LOWP), else in
+    exact float32 ("ieee": no TF32 rounding)."""
+    if LOWP:
+        return tl.dot(a, b, out_dtype=tl.float32)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+def rope_attend_rows(qkv: Tensor, freqs: Tensor, lens: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     out: Tensor, n_heads: int, T: int) -> None:
+    """``rope_attend`` for T consecutive new tokens per row (a chunk: the verification pass of
+    standard speculative sampling, a short re-feed): qkv and out are (B * T, ...) with row
+    b * T + i the token at slot and position lens[b] + i, which attends to the slots < lens[b]
+    and to the chunk's tokens 0..i. Same arguments as ``rope_attend`` otherwise."""
+    R = qkv.shape[0]
+    hd = k_cache.shape[-1]
+    B = lens.shape[0]
+    if R != B * T or out.shape[0] != R:
+        raise ValueError(f"rope_attend_rows: qkv and out need lens.shape[0] * T = {B * T} rows, got {R}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or qkv.stride(-1) != 1:
+        raise ValueError("rope_attend_rows needs k and v caches with equal strides and contiguous rows")
+    if hd % 2:
+        raise ValueError(f"rotary needs an even head dim, got {hd}")
+    lowp = not INTERPRET and k_cache.dtype in (torch.float16, torch.bfloat16)
+    _rope_attend_rows[(B * n_heads,)](
+        qkv, freqs, lens, k_cache, v_cache, out, float(hd ** -0.5) * 1.4426950408889634, T,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), n_heads,
+        HD=hd, HD_P2=max(triton.next_power_of_2(hd), 16), T_P2=max(triton.next_power_of_2(T), 16),
+        BLOCK_N=16 if INTERPRET else 64, LOWP=lowp, num_warps=4)
