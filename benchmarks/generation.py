@@ -243,7 +243,7 @@ def main():
         DRAFT.update(vocab_size=64, d_model=16, n_layers=1, n_heads=2)
         args.quick, args.new_tokens, args.seq_len = True, 32, 48
     if args.quick:
-        args.train_steps, args.draft_steps, args.align_steps = 60, 40, 5
+        args.train_steps, args.draft_steps, args.align_steps = 60, 40, min(args.align_steps, 5)
         args.batches, args.draft_lens, args.ks, args.repeats = "1,64", "4", "1,4", 1
         args.seq_len = min(args.seq_len, 64)
     if args.profile:
@@ -348,6 +348,8 @@ def main():
                     r = bench_config(pol16, d, b, method, k, L, prompts_all, args.new_tokens, params,
                                      args.repeats)
                     rows.append(r)
+                    with open(args.out, "w") as f:  # each row as soon as it is measured
+                        json.dump({**result, "rows": rows}, f, indent=1, default=str)
                     log(f"  batch {b:3d} {method} k={k} L={L}: {r['tokens_per_s']:.0f} tok/s, "
                         f"acceptance {r['acceptance_rate']:.3f}, tokens/pass {r['tokens_per_pass']:.2f}, "
                         f"fused verify {r['fused_verify']}, outside vocab {r['outside_task_vocab']:.4f}")

@@ -94,14 +94,14 @@ def test_fused_chunk_matches_torch_forward():
     torch.testing.assert_close(last, l0[:, -1:], rtol=1e-4, atol=1e-4)
 
 
-def _iterations(target, draft, prompt, fused: bool, L: int, iters: int, params):
+def _iterations(target, draft, prompt, fused: bool, L: int, iters: int, params, draft_steps: bool = True):
     from srl.generation.speculative import fused_draft_step, fused_standard, speculative_step
 
     B = prompt.shape[0]
     tc, dc = cache_for(target, B, 48, "cpu", torch.float32), cache_for(draft, B, 48, "cpu", torch.float32)
     state = GenState.allocate(B, 48, "cpu")
     state.reset(prompt, 20)
-    step = fused_draft_step(draft, dc, state, params, 1, "cpu", force=True) if fused else None
+    step = fused_draft_step(draft, dc, state, params, 1, "cpu", force=True) if fused and draft_steps else None
     fs = fused_standard(target, draft, tc, dc, B, 1, L, "cpu", force=True) if fused else None
     assert (fs is not None) == fused
     gen = torch.Generator().manual_seed(4)
@@ -114,15 +114,16 @@ def _iterations(target, draft, prompt, fused: bool, L: int, iters: int, params):
     return state, tc, dc, stats
 
 
-@pytest.mark.parametrize("B", [1, 2])
-def test_fused_iteration_matches_torch_iteration(B):
-    """Standard speculative sampling with the fused re-feed, draft steps and verification emits
-    what the torch path emits from the same generator: tokens, the policy's log-probs, caches."""
+@pytest.mark.parametrize("B,draft_steps", [(1, True), (2, True), (2, False)])
+def test_fused_iteration_matches_torch_iteration(B, draft_steps):
+    """Standard speculative sampling with the fused re-feed, draft steps (or the torch draft steps)
+    and verification emits what the torch path emits from the same generator: tokens, the
+    policy's log-probs, caches."""
     target, draft = _model(7), _model(8, d_model=16, n_heads=2, n_layers=1)
     prompt = torch.randint(0, 70, (B, 5), generator=torch.Generator().manual_seed(3))
     params = SamplingParams(1.0)
     s0, t0, d0, st0 = _iterations(target, draft, prompt, False, 3, 3, params)
-    s1, t1, d1, st1 = _iterations(target, draft, prompt, True, 3, 3, params)
+    s1, t1, d1, st1 = _iterations(target, draft, prompt, True, 3, 3, params, draft_steps)
     assert torch.equal(s1.tokens, s0.tokens) and torch.equal(t1.lens, t0.lens) and torch.equal(st1, st0)
     assert int(st0[1]) > 0  # some drafted tokens were accepted
     torch.testing.assert_close(s1.logp, s0.logp, rtol=1e-4, atol=1e-5)

@@ -231,18 +231,19 @@ def draft_blocks(draft, dcache, state: GenState, layout, k: int, L: int, params:
     slots, positions, mask = layout
     P = dcache.lens
     B = P.shape[0]
-    s2, m2 = causal_slot_mask(P - 1, 2, dcache.max_len)
     if refeed is not None:
+        s2 = P[:, None] - 1 + torch.arange(2, device=P.device)
         first = refeed(state.tokens.gather(1, s2), P - 1, head_rows=1)[:, -1]
     else:
+        s2, m2 = causal_slot_mask(P - 1, 2, dcache.max_len)
         first = draft(state.tokens.gather(1, s2), dcache, positions=s2, slots=s2, mask=m2)[:, -1]
     q_t = probs_from_params(first, params)[:, None].expand(B, k, -1)  # (B, k, V)
     qs, ds = [q_t], [sample_from_probs(q_t, generator)]
     for t in range(1, L):
-        cols = 1 + torch.arange(k, device=P.device) * L + (t - 1)  # draft j's token t-1
         if step is not None:
             logits = step.logits(ds[-1], positions[:, t].contiguous())[:, None]
         else:
+            cols = 1 + torch.arange(k, device=P.device) * L + (t - 1)  # draft j's token t-1
             logits = draft(ds[-1], dcache, positions=positions[:, cols], slots=slots[:, cols],
                            mask=mask[:, cols])
         q_t = probs_from_params(logits, params)
@@ -263,8 +264,14 @@ def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: 
     """
     P = tcache.lens
     B = P.shape[0]
-    slots, positions, mask = tree_slot_mask(P, k, L, tcache.max_len)
-    drafts, q = draft_blocks(draft, dcache, state, (slots, positions, mask.dense), k, L, params, generator,
+    if fused is not None and fused.verify is not None and draft_step is not None:
+        # all fused: only the positions lens + 0..L are needed (no slot mask)
+        slots = mask = dense = None
+        positions = P[:, None] + torch.arange(1 + L, device=P.device)
+    else:
+        slots, positions, mask = tree_slot_mask(P, k, L, tcache.max_len)
+        dense = mask.dense
+    drafts, q = draft_blocks(draft, dcache, state, (slots, positions, dense), k, L, params, generator,
                              draft_step, fused and fused.refeed)
     tin = torch.cat([state.x0(P), drafts.reshape(B, k * L)], 1)  # (B, 1 + kL)
     if fused is not None and fused.verify is not None:
@@ -273,7 +280,10 @@ def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: 
         logits = target(tin, tcache, positions=positions, slots=slots, mask=mask)
     p_flat = probs_from_params(logits, params)  # (B, 1 + kL, V)
     V = p_flat.shape[-1]
-    p = torch.cat([p_flat[:, None, :1].expand(B, k, 1, V), p_flat[:, 1:].reshape(B, k, L, V)], 2)
+    if k == 1:
+        p = p_flat[:, None]  # (B, 1, 1 + L, V)
+    else:
+        p = torch.cat([p_flat[:, None, :1].expand(B, k, 1, V), p_flat[:, 1:].reshape(B, k, L, V)], 2)
     if k == 1:
         emitted, n_emit = speculative_verify_block(p[:, 0], q[:, 0], drafts[:, 0], generator)
         src = torch.zeros_like(n_emit)
@@ -282,11 +292,12 @@ def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: 
     logp = emitted_log_probs(p, src, emitted)  # the policy's, never the draft's
     active = (P + 1 < state.end).long()
     n_emit = n_emit * active
-    ar = torch.arange(L, device=P.device)
-    src_slots = P[:, None] + 1 + src[:, None] * L + ar  # accepted block -> right after x0
-    dst_slots = P[:, None] + 1 + ar
-    tcache.move_slots(src_slots, dst_slots)
-    dcache.move_slots(src_slots, dst_slots)
+    if k > 1:  # k = 1: the block already sits right after x0
+        ar = torch.arange(L, device=P.device)
+        src_slots = P[:, None] + 1 + src[:, None] * L + ar  # accepted block -> right after x0
+        dst_slots = P[:, None] + 1 + ar
+        tcache.move_slots(src_slots, dst_slots)
+        dcache.move_slots(src_slots, dst_slots)
     state.write(P, emitted, logp, n_emit)
     if stats is not None:
         stats += torch.stack([active.sum(), ((n_emit - 1).clamp_min(0)).sum(), n_emit.sum()])
