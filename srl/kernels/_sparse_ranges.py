@@ -173,6 +173,42 @@ def _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, 
     return n_pf, n_pre - n_pf, n_low, (full_hi - full_lo) // BLOCK_N, n_up
 
 
+@triton.jit
+def _kv_head(K, V, KD, VD, off_bh, H, GROUP, N_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+             HEADS_FAST: tl.constexpr, DESC_DEV: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V of query head ``off_bh`` (batch * H + head): base pointers, descriptor row and the
+    descriptors (KD, VD as passed, or built here by the program with DESC_DEV)."""
+    off_b = (off_bh // H).to(tl.int64)
+    off_kvh = ((off_bh % H) // GROUP).to(tl.int64)
+    k_head = K + off_b * stride_kb + off_kvh * stride_kh
+    v_head = V + off_b * stride_vb + off_kvh * stride_vh
+    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP
+    kd = KD
+    vd = VD
+    if DESC_DEV:
+        kv_rows = _n_heads(HEADS_FAST) // GROUP  # B * H_kv
+        kd = rows_desc(K, kv_rows, N_K, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
+        vd = rows_desc(V, kv_rows, N_K, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
+    return k_head, v_head, kd, vd, kv_row
+
+
+@triton.jit
+def _q_segments(start_m, head, N_Q, N_K, P0, P1, P2, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, PRE_N: tl.constexpr):
+    """Key segments of the query tile at ``start_m`` of one head (``q_ranges``) and their tile
+    counts (``_tile_counts``): (pre_lo, pre_hi, pre_step, band_lo, full_lo, full_hi, end, n_pf,
+    n_pm, n_low, n_full, n_up)."""
+    shift = N_K - N_Q
+    r0 = start_m + shift
+    r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
+    pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
+        r0, r1, head, P0, P1, P2, KIND, BLOCK_N, PRE_N)
+    MERGE: tl.constexpr = PRE_N == BLOCK_N
+    n_pf, n_pm, n_low, n_full, n_up = _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
+                                                   end, BLOCK_N, MERGE)
+    return pre_lo, pre_hi, pre_step, band_lo, full_lo, full_hi, end, n_pf, n_pm, n_low, n_full, n_up
+
+
 @triton.jit(do_not_specialize=["H"])  # one binary for every head count
 def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                stride_qb, stride_qh, stride_qn,
@@ -202,22 +238,11 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP
-    k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
-    v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
-    kd = KD
-    vd = VD
-    if DESC_DEV:
-        kv_rows = _n_heads(HEADS_FAST) // GROUP  # B * H_kv
-        kd = rows_desc(K, kv_rows, N_K, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
-        vd = rows_desc(V, kv_rows, N_K, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
-    r0 = start_m + shift
-    r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
-    pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
-        r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
+    k_head, v_head, kd, vd, kv_row = _kv_head(K, V, KD, VD, off_bh, H, GROUP, N_K, stride_kb, stride_kh, stride_kn,
+                                              stride_vb, stride_vh, stride_vn, HEADS_FAST, DESC_DEV, BLOCK_N, HEAD_DIM)
+    pre_lo, pre_hi, pre_step, band_lo, full_lo, full_hi, end, n_pf, n_pm, n_low, n_full, n_up = _q_segments(
+        start_m, off_h.to(tl.int32), N_Q, N_K, P0, P1, P2, KIND, BLOCK_M, BLOCK_N, PRE_N)
     MERGE: tl.constexpr = PRE_N == BLOCK_N
-    n_pf, n_pm, n_low, n_full, n_up = _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
-                                                   end, BLOCK_N, MERGE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -302,22 +327,11 @@ def _range_bwd_dq(Q, K, V, KD, VD, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
                     mask=row_ok[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + off_bh.to(tl.int64) * N_Q + offs_m, delta, mask=row_ok)
-    k_head = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
-    v_head = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
-    kv_row = (off_bh // H) * (H // GROUP) + (off_bh % H) // GROUP
-    kd = KD
-    vd = VD
-    if DESC_DEV:
-        kv_rows = _n_heads(HEADS_FAST) // GROUP  # B * H_kv
-        kd = rows_desc(K, kv_rows, N_K, stride_kh, stride_kn, BLOCK_N, HEAD_DIM)
-        vd = rows_desc(V, kv_rows, N_K, stride_vh, stride_vn, BLOCK_N, HEAD_DIM)
-    r0 = start_m + shift
-    r1 = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + shift
-    pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, end = q_ranges(
-        r0, r1, off_h.to(tl.int32), P0, P1, P2, KIND, BLOCK_N, PRE_N)
+    k_head, v_head, kd, vd, kv_row = _kv_head(K, V, KD, VD, off_bh, H, GROUP, N_K, stride_kb, stride_kh, stride_kn,
+                                              stride_vb, stride_vh, stride_vn, HEADS_FAST, DESC_DEV, BLOCK_N, HEAD_DIM)
+    pre_lo, pre_hi, pre_step, band_lo, full_lo, full_hi, end, n_pf, n_pm, n_low, n_full, n_up = _q_segments(
+        start_m, off_h.to(tl.int32), N_Q, N_K, P0, P1, P2, KIND, BLOCK_M, BLOCK_N, PRE_N)
     MERGE: tl.constexpr = PRE_N == BLOCK_N
-    n_pf, n_pm, n_low, n_full, n_up = _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi,
-                                                   end, BLOCK_N, MERGE)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     args = (k_head, v_head, kd, vd, kv_row, stride_kn, stride_vn, rows, heads, row_ok, N_K, qk_scale, P0, P1, P2)
     if not MERGE:  # the prefix in PRE_N-wide tiles, pointer loads
@@ -343,14 +357,8 @@ def _q_do(Q, DO, qd, dod, q_row, start_m, offs_m, row_ok, stride_qn, stride_don,
         do = dod.load([q_row, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
     else:
         offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
-        do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
-        if MASKED:
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
+        q, do = load_kv_tile(Q + offs_m[:, None] * stride_qn + offs_d[None, :],
+                             DO + offs_m[:, None] * stride_don + offs_d[None, :], row_ok, MASKED, False)
     return q, do
 
 

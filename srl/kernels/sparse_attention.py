@@ -25,6 +25,8 @@ the Triton interpreter under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 from triton.runtime import _allocation
@@ -34,6 +36,7 @@ from srl.kernels._flash_bwd import _bwd_preprocess
 from srl.kernels._flash_common import (INTERPRET, check_inputs, check_kernel_inputs, host_cdiv, last_dim_contiguous,
                                        needs_upcast)
 from srl.kernels._sparse_decode import S2Cache, SinkWindowCache, sparse_decode
+from srl.kernels._sparse_launch import CachedLaunch, signature
 from srl.kernels._sparse_kernels import _sparse_bwd_dkdv, _sparse_bwd_dq, _sparse_fwd
 from srl.kernels._sparse_ranges import _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from srl.kernels._sparse_patterns import (KIND_LAYOUT, KIND_S2, KIND_SINK_WINDOW, BlockLayout, Pattern, S2Strided,
@@ -183,22 +186,74 @@ def _ensure_allocator():
         triton.set_allocator(_scratch)
 
 
-def _descriptors(a, b, block, tiles):
-    """Launch arguments (A, B, TMA, DESC_DEV) for two (B, H, N, D) tensors read in ``block``-row
-    tiles, as ``tiles`` asks (its TMA and DESC_DEV flags are removed): descriptors the kernel builds
-    (DESC_DEV: a and b are passed), host descriptors (TMA), or plain pointers (no TMA unit, or
-    strides a descriptor cannot take)."""
+def _desc_mode(a, b, tiles):
+    """How the kernel reads two (B, H, N, D) tensors, as ``tiles`` asks (its TMA and DESC_DEV flags
+    are removed): "dev" (descriptors each program builds), "host" (host descriptors) or None
+    (plain pointers: no TMA unit, or strides a descriptor cannot take)."""
     tma, dev = tiles.pop("TMA", False), tiles.pop("DESC_DEV", False)
-    if not tma:
-        return a, b, False, False
-    if dev:
-        if not (_tma_unit(a.device) and _rows_ok(a) and _rows_ok(b)):
-            return a, b, False, False
-        if not INTERPRET:
-            _ensure_allocator()
-        return a, b, True, True
-    desc = _kv_descriptors(a, b, block)
-    return (*desc, True, False) if desc else (a, b, False, False)
+    if not (tma and _tma_unit(a.device) and _rows_ok(a) and _rows_ok(b)):
+        return None
+    return "dev" if dev else "host"
+
+
+def _desc_spec(a, b, block):
+    """Fields (all but the base) of host descriptors over the two tensors' (B*H, N, D) rows with
+    (1, block, D) blocks; built (and so validated) once here, then copied per call by ``_descs``."""
+    out = []
+    for t in (a, b):
+        d = TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2], t.shape[3]], [t.stride(1), t.stride(2), 1],
+                             [1, block, t.shape[3]])
+        out.append({f: v for f, v in vars(d).items() if f != "base"})
+    return tuple(out)
+
+
+class _Plan(NamedTuple):
+    """A range kernel's launch for one call signature: the cached launch, the spec of the two host
+    descriptors it takes (None: it takes the tensors) and its scalar arguments."""
+    launch: CachedLaunch
+    desc: tuple | None
+    scalars: tuple
+
+
+def _descs(plan, a, b):
+    """The plan's two descriptor arguments for tensors a, b (host descriptors, or a, b)."""
+    if plan.desc is None:
+        return a, b
+    out = []
+    for t, fields in zip((a, b), plan.desc):  # the plan's key holds t's strides and alignment: valid
+        d = _new_desc(TensorDescriptor)
+        d.__dict__.update(fields)
+        d.base = t
+        out.append(d)
+    return out
+
+
+_new_desc = object.__new__
+_PLANS: dict = {}  # call signature -> _Plan (or None: the list kernels)
+_PLAN_LIMIT = 512
+DIRECT_LAUNCH = True  # later calls of a signature skip Triton's binder (``_sparse_launch.py``); benchmarks compare
+
+
+def _override_key():
+    return tuple((k, tuple(sorted(t.items()))) for k, t in sorted(TILE_OVERRIDE.items())) if TILE_OVERRIDE else ()
+
+
+def _plan(stage, build, pattern, sm_scale, *tensors):
+    """The cached plan of ``stage`` for this call signature: shapes, strides, dtype, device and
+    16-byte alignment of ``tensors``, pattern, scale and tile override; built by ``build()``."""
+    key = (stage, pattern, sm_scale, tensors[0].dtype, tensors[0].device, DIRECT_LAUNCH, _override_key(),
+           *signature(tensors))
+    plan = _PLANS.get(key, _PLANS)
+    if plan is _PLANS:
+        if len(_PLANS) >= _PLAN_LIMIT:
+            _PLANS.clear()
+        plan = _PLANS[key] = build()
+    return plan
+
+
+def _ensure_dev_allocator(mode):
+    if mode == "dev" and not INTERPRET:
+        _ensure_allocator()
 
 
 def _range_pre(pattern, tiles, key_tiles=False):
@@ -214,34 +269,48 @@ def _range_pre(pattern, tiles, key_tiles=False):
     return p0 if ok else None
 
 
-def _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n):
-    """Forward through the range kernel (``_sparse_ranges.py``)."""
+def _fwd_plan(q, k, v, pattern, sm_scale):
+    """The range forward's plan, or None when the pattern takes the list kernels."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    tiles = _stage_tiles("fwd", D, pattern.kernel_params()[0])
+    pre_n = _range_pre(pattern, tiles)
+    if pre_n is None:
+        return None
     kind, p0, p1, p2 = pattern.kernel_params()
-    kd, vd, tma, dev = _descriptors(k, v, tiles["BLOCK_N"], tiles)
+    mode = _desc_mode(k, v, tiles)
     m_tiles = host_cdiv(Nq, tiles["BLOCK_M"])
     fast = tiles.pop("HEADS_FAST", False)
-    _range_fwd[(B * H, m_tiles) if fast else (m_tiles, B * H)](
-        q, k, v, kd, vd, o, lse, sm_scale * _LOG2E,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
-        KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=tma, PRE_TMA=tma and pre_n == tiles["BLOCK_N"],
-        PRE_N=pre_n, HEADS_FAST=fast, DESC_DEV=dev, **tiles)
+    tma = mode is not None
+    consts = dict(KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), TMA=tma, PRE_TMA=tma and pre_n == tiles["BLOCK_N"],
+                  PRE_N=pre_n, HEADS_FAST=fast, DESC_DEV=mode == "dev", **tiles)
+    o_strides = (H * Nq * D, Nq * D, D)  # O is allocated contiguous
+    scalars = (sm_scale * _LOG2E, *_all_strides(q, k, v), *o_strides,
+               H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2)
+    grid = (B * H, m_tiles) if fast else (m_tiles, B * H)
+    return _Plan(CachedLaunch(_range_fwd, grid, consts, DIRECT_LAUNCH),
+                 _desc_spec(k, v, tiles["BLOCK_N"]) if mode == "host" else None, (mode,) + scalars)
+
+
+def _range_forward(q, k, v, plan):
+    """Forward through the range kernel (``_sparse_ranges.py``)."""
+    B, H, Nq, _ = q.shape
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    _ensure_dev_allocator(plan.scalars[0])
+    plan.launch(q, k, v, *_descs(plan, k, v), o, lse, *plan.scalars[1:])
     return o, lse
 
 
 def _forward(q, k, v, pattern, sm_scale):
     """Returns O (like q) and the base-2 row logsumexp L, (B, H, Nq) fp32."""
+    plan = _plan("fwd", lambda: _fwd_plan(q, k, v, pattern, sm_scale), pattern, sm_scale, q, k, v)
+    if plan is not None:
+        return _range_forward(q, k, v, plan)
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("fwd", D, pattern.kernel_params()[0])
-    pre_n = _range_pre(pattern, tiles)
-    if pre_n is not None:
-        return _range_forward(q, k, v, pattern, sm_scale, tiles, pre_n)
-    for key in ("PRE_N", "HEADS_FAST", "DESC_DEV"):  # the list kernels take host descriptors only
+    for key in ("RANGES", "PRE_N", "HEADS_FAST", "DESC_DEV"):  # the list kernels take host descriptors only
         tiles.pop(key, None)
     bm, bn = tiles["BLOCK_M"], tiles["BLOCK_N"]
     lists = tile_lists(pattern, H, Nq, Nk, bm, bn, q.device)
@@ -272,11 +341,15 @@ def _backward(do, q, k, v, o, lse, pattern, sm_scale):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    dq_tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
-    if dq_tiles.get("FUSE_DELTA") and _range_pre(pattern, dq_tiles) is not None:
+    plans = _plan("bwd", lambda: _fused_plans(do, q, k, v, o, dq, dk, dv, pattern, sm_scale), pattern, sm_scale,
+                  q, k, v, do, o)
+    if plans is not None:
         # the range dQ kernel computes D = rowsum(dO * O) itself; dK/dV, launched after it, reads D
-        _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o)
-        _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale)
+        dq_plan, dkdv_plan = plans
+        _ensure_dev_allocator(dq_plan.scalars[0])
+        dq_plan.launch(q, k, v, *_descs(dq_plan, k, v), do, dq, lse, delta, o, *dq_plan.scalars[1:])
+        _ensure_dev_allocator(dkdv_plan.scalars[0])
+        dkdv_plan.launch(q, k, v, do, *_descs(dkdv_plan, q, do), dk, dv, lse, delta, *dkdv_plan.scalars[1:])
         return dq, dk, dv
     _bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, Nq, HEAD_DIM=D, BLOCK_M=64)
@@ -285,62 +358,112 @@ def _backward(do, q, k, v, o, lse, pattern, sm_scale):
     return dq, dk, dv
 
 
-def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
+def _fused_plans(do, q, k, v, o, dq, dk, dv, pattern, sm_scale):
+    """(dQ plan, dK/dV plan) when both take range kernels and dQ computes delta (dQ, dK, dV are
+    allocated contiguous, so their strides follow from the shapes in the key), else None."""
+    tiles = _stage_tiles("dq", q.shape[3], pattern.kernel_params()[0])
+    if not (tiles.get("FUSE_DELTA") and _range_pre(pattern, tiles) is not None):
+        return None
+    dq_plan = _dq_plan(do, q, k, v, dq, o, pattern, sm_scale, True)
+    dkdv_plan = _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale)
+    return None if dkdv_plan is None else (dq_plan, dkdv_plan)
+
+
+def _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale):
+    """The range dK/dV kernel's plan (q, dO through descriptors as the tiles ask), or None."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
-    pre_n = _range_pre(pattern, tiles, key_tiles=True)
+    if _range_pre(pattern, tiles, key_tiles=True) is None:
+        return None
     fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
+    mode = _desc_mode(q, do, tiles)
     n_tiles = host_cdiv(Nk, tiles["BLOCK_N"])
-    args = (q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv))
     kind, p0, p1, p2 = pattern.kernel_params()
-    if pre_n is not None:
-        qd, dod, tma, dev = _descriptors(q, do, tiles["BLOCK_M"], tiles)
-        _range_bwd_dkdv[(B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)](
-            *args[:4], qd, dod, *args[4:], *strides, H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2,
-            KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, TMA=tma, DESC_DEV=dev, **tiles)
+    scalars = (sm_scale * _LOG2E, sm_scale, *_all_strides(q, k, v, do, dk, dv), H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2)
+    consts = dict(KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, TMA=mode is not None,
+                  DESC_DEV=mode == "dev", **tiles)
+    grid = (B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)
+    return _Plan(CachedLaunch(_range_bwd_dkdv, grid, consts, DIRECT_LAUNCH),
+                 _desc_spec(q, do, tiles["BLOCK_M"]) if mode == "host" else None, (mode,) + scalars)
+
+
+def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
+    plan = _plan("dkdv", lambda: _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale), pattern, sm_scale, q, k, v, do,
+                 dk, dv)
+    if plan is not None:
+        _ensure_dev_allocator(plan.scalars[0])
+        plan.launch(q, k, v, do, *_descs(plan, q, do), dk, dv, lse, delta, *plan.scalars[1:])
         return
-    for key in ("TMA", "DESC_DEV"):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
+    for key in ("RANGES", "PRE_N", "RUNS", "HEADS_FAST", "TMA", "DESC_DEV"):
         tiles.pop(key, None)
+    n_tiles = host_cdiv(Nk, tiles["BLOCK_N"])
+    kind, p0, p1, p2 = pattern.kernel_params()
     by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
     ptrs, list_strides = _list_args(by_key)
     _sparse_bwd_dkdv[(n_tiles, B * Hkv)](
-        *args, *ptrs, layout, *strides, *list_strides, *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
+        q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout,
+        *_all_strides(q, k, v, do, dk, dv), *list_strides,
+        *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
-def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o=None):
-    """dQ; with ``o`` (range kernels only) it also writes ``delta`` = rowsum(dO * O)."""
+def _all_strides(*tensors):
+    return tuple(s for t in tensors for s in _strides(t))
+
+
+def _dq_plan(do, q, k, v, dq, o, pattern, sm_scale, fused):
+    """The range dQ kernel's plan (K, V through descriptors as the tiles ask), or None. ``o``: O
+    (fused: the kernel also computes delta from it) or dQ (unused)."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
     pre_n = _range_pre(pattern, tiles)
+    if pre_n is None:
+        return None
     fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS", "FUSE_DELTA"):
         tiles.pop(key, None)
+    mode = _desc_mode(k, v, tiles)
     m_tiles = host_cdiv(Nq, tiles["BLOCK_M"])
-    args = (q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq))
     kind, p0, p1, p2 = pattern.kernel_params()
-    if pre_n is not None:
-        kd, vd, tma, dev = _descriptors(k, v, tiles["BLOCK_N"], tiles)
-        _range_bwd_dq[(B * H, m_tiles) if fast else (m_tiles, B * H)](
-            q, k, v, kd, vd, *args[3:7], dq if o is None else o, *args[7:], *strides,
-            *_strides(dq if o is None else o), H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2, KIND=kind, HEAD_DIM=D,
-            UPCAST=needs_upcast(q), PRE_N=pre_n, HEADS_FAST=fast, FUSE_DELTA=o is not None, TMA=tma, DESC_DEV=dev,
-            **tiles)
+    scalars = (sm_scale * _LOG2E, sm_scale, *_all_strides(q, k, v, do, dq, o), H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2)
+    consts = dict(KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), PRE_N=pre_n, HEADS_FAST=fast, FUSE_DELTA=fused,
+                  TMA=mode is not None, DESC_DEV=mode == "dev", **tiles)
+    grid = (B * H, m_tiles) if fast else (m_tiles, B * H)
+    return _Plan(CachedLaunch(_range_bwd_dq, grid, consts, DIRECT_LAUNCH),
+                 _desc_spec(k, v, tiles["BLOCK_N"]) if mode == "host" else None, (mode,) + scalars)
+
+
+def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o=None):
+    """dQ; with ``o`` (range kernels only) it also writes ``delta`` = rowsum(dO * O)."""
+    fused = o is not None
+    o = o if fused else dq
+    plan = _plan("dq_fused" if fused else "dq", lambda: _dq_plan(do, q, k, v, dq, o, pattern, sm_scale, fused),
+                 pattern, sm_scale, q, k, v, do, dq, o)
+    if plan is not None:
+        _ensure_dev_allocator(plan.scalars[0])
+        plan.launch(q, k, v, *_descs(plan, k, v), do, dq, lse, delta, o, *plan.scalars[1:])
         return
-    for key in ("TMA", "DESC_DEV"):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
+    for key in ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV"):
         tiles.pop(key, None)
+    m_tiles = host_cdiv(Nq, tiles["BLOCK_M"])
+    kind, p0, p1, p2 = pattern.kernel_params()
     by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
     _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
     ptrs, list_strides = _list_args(by_query)
     _sparse_bwd_dq[(m_tiles, B * H)](
-        *args, *ptrs, layout, *strides, *list_strides, *lstrides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+        q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout, *_all_strides(q, k, v, do, dq),
+        *list_strides, *lstrides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
