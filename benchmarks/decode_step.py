@@ -361,23 +361,32 @@ def gemv_rows(model, batches, repeats, new_tokens, res) -> None:
 
 
 DRAFT = dict(vocab_size=50304, d_model=192, n_layers=2, n_heads=3, max_seq_len=1024)
-SPEC_CONFIGS = ((1, 7, True, True), (1, 7, True, False), (1, 5, True, True), (1, 5, True, False))
+SPEC_CONFIGS = ((1, 7, True, True, True), (1, 7, True, True, False), (1, 7, True, False, False),
+                (1, 5, True, True, True), (1, 5, True, False, False))
 """(k, L, the draft's steps through the fused small-batch step, the target's verification pass and
-the draft's re-feed through ``FusedChunk``) of the speculative iterations timed by section
-``spec`` (batch 1)."""
+the draft's re-feed through ``FusedChunk``, the fused draft race + selection) of the speculative
+iterations timed by section ``spec`` (batch 1)."""
 
 
-def _spec_sampler(policy, draft, k, L, fused_draft, fused_verify, batch=1, generator=None, graph=CUDA):
+def _spec_sampler(policy, draft, k, L, fused_draft, fused_verify, batch=1, generator=None, graph=CUDA,
+                  fused_select=True):
     from srl.generation import speculative
     from srl.generation.speculative import SpeculativeSampler
 
-    saved = speculative.FUSED_DRAFT, speculative.FUSED_VERIFY
+    saved = speculative.FUSED_DRAFT, speculative.FUSED_VERIFY, speculative.FUSED_SELECT
     speculative.FUSED_DRAFT, speculative.FUSED_VERIFY = fused_draft, batch if fused_verify else 0
+    speculative.FUSED_SELECT = fused_select
     try:
-        return SpeculativeSampler(policy, draft, batch, 512, k=k, draft_len=L, cuda_graph=graph,
-                                  generator=generator)
+        s = SpeculativeSampler(policy, draft, batch, 512, k=k, draft_len=L, cuda_graph=graph,
+                               generator=generator)
+        if not CUDA:  # --tiny: the fused pieces forced through the interpreter (code check)
+            s.draft_step = speculative.fused_draft_step(draft, s.dcache, s.state, s.params, k, DEV,
+                                                        force=fused_draft)
+            s.fused = speculative.fused_standard(policy, draft, s.tcache, s.dcache, batch, k, L, DEV,
+                                                 force=fused_verify, params=s.params, draft_step=s.draft_step)
+        return s
     finally:
-        speculative.FUSED_DRAFT, speculative.FUSED_VERIFY = saved
+        speculative.FUSED_DRAFT, speculative.FUSED_VERIFY, speculative.FUSED_SELECT = saved
 
 
 def spec_models():
@@ -398,31 +407,37 @@ def spec_section(res: dict, save, iterations: int = 40, configs=SPEC_CONFIGS, ba
     graph replay of each iteration are traced (``summarize_trace``)."""
     from srl.generation.decode import GraphedStep, prefill, tree_slot_mask
     from srl.generation.sampling import probs_from_params
-    from srl.generation.speculative import draft_blocks
+    from srl.generation.speculative import draft_blocks, fused_draft_block
 
     policy, draft = spec_models()
     prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (batch, 9), device=DEV)
     with torch.inference_mode():
-        for k, L, fused_draft, fused_verify in configs:
-            s = _spec_sampler(policy, draft, k, L, fused_draft, fused_verify, batch)
+        for k, L, fused_draft, fused_verify, fused_select in configs:
+            s = _spec_sampler(policy, draft, k, L, fused_draft, fused_verify, batch, fused_select=fused_select)
+            sel = s.fused is not None and s.fused.work is not None
             s.state.reset(prompt, 400)
             prefill(policy, s.tcache, prompt)
             prefill(draft, s.dcache, prompt)
             row = {"batch": batch, "k": k, "L": L, "fused_draft": s.draft_step is not None,
                    "fused_verify": s.fused is not None and s.fused.verify is not None,
-                   "fused_refeed": s.fused is not None and s.fused.refeed is not None,
+                   "fused_refeed": s.fused is not None and s.fused.refeed is not None, "fused_select": sel,
                    "ms_per_iteration": _ms_per_call(s._step, iterations)}
             lay = tree_slot_mask(s.tcache.lens, k, L, s.tcache.max_len)
 
-            def draft_only(s=s, k=k, L=L, lay=lay):
+            def draft_only(s=s, k=k, L=L, lay=lay, sel=sel):
+                if sel:
+                    return fused_draft_block(s.tcache.lens, s.state, L, s.params.temperature, s.generator,
+                                             s.draft_step, s.fused)
                 draft_blocks(draft, s.dcache, s.state, (lay[0], lay[1], lay[2].dense), k, L, s.params,
                              s.generator, s.draft_step, s.fused and s.fused.refeed)
 
             tin = torch.zeros(batch, 1 + k * L, dtype=torch.long, device=DEV)
 
-            def target_only(s=s, lay=lay, tin=tin):
+            def target_only(s=s, lay=lay, tin=tin, sel=sel):
                 if s.fused is not None and s.fused.verify is not None:
                     logits = s.fused.verify(tin, s.tcache.lens)
+                    if sel:  # the selection reads the logits; no probabilities
+                        return
                 else:
                     logits = policy(tin, s.tcache, positions=lay[1], slots=lay[0], mask=lay[2])
                 probs_from_params(logits, s.params)
@@ -470,18 +485,20 @@ def spec_check_section(new_tokens: int = 64, L: int = 7, batch: int = 1) -> dict
     policy, draft = spec_models()
     prompt = torch.randint(0, min(100, POLICY["vocab_size"]), (batch, 9), device=DEV)
     outs = []
-    for fused_verify in (False, True):
+    for fused_verify, fused_select in ((False, False), (True, False), (True, True)):
         g = torch.Generator(device=DEV).manual_seed(5)
-        s = _spec_sampler(policy, draft, 1, L, True, fused_verify, batch, generator=g, graph=False)
+        s = _spec_sampler(policy, draft, 1, L, True, fused_verify, batch, generator=g, graph=False,
+                          fused_select=fused_select)
         with torch.inference_mode():
             outs.append(s.generate(prompt, new_tokens))
-    same = (outs[0].tokens == outs[1].tokens).float()
-    first_diff = int(same.min(0).values.argmin()) if same.min() < 1 else new_tokens
-    n = max(first_diff, 1)
-    res = {"batch": batch, "L": L, "new_tokens": new_tokens, "tokens_equal_fraction": float(same.mean()),
-           "first_differing_position": first_diff,
-           "max_logp_diff_before_it": float((outs[0].logp[:, :n] - outs[1].logp[:, :n]).abs().max()),
+    res = {"batch": batch, "L": L, "new_tokens": new_tokens,
            "tokens_per_pass": [o.stats["tokens_per_pass"] for o in outs]}
+    for name, o in (("fused_verify", outs[1]), ("fused_select", outs[2])):
+        same = (outs[0].tokens == o.tokens).float()
+        first_diff = int(same.min(0).values.argmin()) if same.min() < 1 else new_tokens
+        n = max(first_diff, 1)
+        res[name] = {"tokens_equal_fraction": float(same.mean()), "first_differing_position": first_diff,
+                     "max_logp_diff_before_it": float((outs[0].logp[:, :n] - o.logp[:, :n]).abs().max())}
     log(f"spec check: {res}")
     return res
 
@@ -508,8 +525,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-batches", default="1,64")
     ap.add_argument("--tiny", action="store_true", help="small models on the CPU (code check)")
-    ap.add_argument("--spec", default="1:7:1:1,1:7:1:0,1:5:1:1,1:5:1:0",
-                    help="spec: k:L:fused-draft:fused-verify (0/1) per speculative configuration")
+    ap.add_argument("--spec", default="1:7:1:1:1,1:7:1:1:0,1:7:1:0:0,1:5:1:1:1,1:5:1:0:0",
+                    help="spec: k:L:fused-draft:fused-verify:fused-select (0/1) per speculative configuration")
     ap.add_argument("--spec-batches", default="1", help="spec: batch sizes")
     ap.add_argument("--plain-tiles", default="", help="plain: TILE_CANDIDATES names also timed "
                     "where the small-batch path is the default")
@@ -570,7 +587,8 @@ def run_section(sec, out, args, steps, new_plain, new_cats, rep_cats, wide, save
     elif sec == "spec":
         out["spec"] = {}
         configs = [tuple(int(v) for v in c.split(":")) for c in args.spec.split(",")]
-        configs = [(c[0], c[1], bool(c[2]), bool(c[3]) if len(c) > 3 else False) for c in configs]
+        configs = [(c[0], c[1], bool(c[2]), bool(c[3]) if len(c) > 3 else False, bool(c[4]) if len(c) > 4 else True)
+                   for c in configs]
         for b in [int(x) for x in args.spec_batches.split(",")]:
             spec_section(out["spec"], save, 3 if args.tiny else 40, configs, b)
     elif sec == "spec_check":

@@ -94,16 +94,19 @@ def test_fused_chunk_matches_torch_forward():
     torch.testing.assert_close(last, l0[:, -1:], rtol=1e-4, atol=1e-4)
 
 
-def _iterations(target, draft, prompt, fused: bool, L: int, iters: int, params, draft_steps: bool = True):
+def _iterations(target, draft, prompt, fused: bool, L: int, iters: int, params, draft_steps: bool = True,
+                select: bool = False, max_new: int = 20, end_offset: int = 0):
     from srl.generation.speculative import fused_draft_step, fused_standard, speculative_step
 
     B = prompt.shape[0]
     tc, dc = cache_for(target, B, 48, "cpu", torch.float32), cache_for(draft, B, 48, "cpu", torch.float32)
     state = GenState.allocate(B, 48, "cpu")
-    state.reset(prompt, 20)
+    state.reset(prompt, max_new)
+    state.end -= torch.arange(B) * end_offset  # rows finishing at different iterations
     step = fused_draft_step(draft, dc, state, params, 1, "cpu", force=True) if fused and draft_steps else None
-    fs = fused_standard(target, draft, tc, dc, B, 1, L, "cpu", force=True) if fused else None
-    assert (fs is not None) == fused
+    fs = fused_standard(target, draft, tc, dc, B, 1, L, "cpu", force=True, params=params if select else None,
+                        draft_step=step) if fused else None
+    assert (fs is not None) == fused and (fused and fs.work is not None) == select
     gen = torch.Generator().manual_seed(4)
     stats = torch.zeros(3, dtype=torch.long)
     with torch.inference_mode():
@@ -145,3 +148,41 @@ def test_fused_iteration_negative_control():
     s1, *_ = _iterations(target, draft, prompt, True, 3, 2, params)
     assert not torch.allclose(s1.logp, s0.logp, rtol=1e-4, atol=1e-5)
     assert speculative.fused_standard(target, draft, None, None, 1, 4, 3, "cpu", force=True) is None  # k > 1
+
+
+@pytest.mark.parametrize("B,temperature,end_offset", [(1, 1.0, 0), (2, 0.7, 4)])
+def test_fused_selection_matches_torch_iteration(B, temperature, end_offset):
+    """Every part fused (the draft's tokens drawn by the race kernels, the selection and state
+    write by ``spec_select.verify_select``) against the torch path from the same generator: the
+    same tokens, the policy's log-probs, lengths, statistics and caches; rows reaching their end
+    at different iterations."""
+    target, draft = _model(7), _model(8, d_model=16, n_heads=2, n_layers=1)
+    prompt = torch.randint(0, 70, (B, 5), generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature)
+    kw = dict(max_new=10, end_offset=end_offset)
+    s0, t0, d0, st0 = _iterations(target, draft, prompt, False, 3, 4, params, **kw)
+    s1, t1, d1, st1 = _iterations(target, draft, prompt, True, 3, 4, params, select=True, **kw)
+    assert torch.equal(s1.tokens, s0.tokens) and torch.equal(t1.lens, t0.lens) and torch.equal(st1, st0)
+    assert torch.equal(d1.lens, d0.lens) and int(st0[1]) > 0
+    torch.testing.assert_close(s1.logp, s0.logp, rtol=1e-4, atol=1e-5)
+    n = int(t0.lens.max())
+    torch.testing.assert_close(t1.k[..., :n, :], t0.k[..., :n, :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d1.k[..., :n, :], d0.k[..., :n, :], rtol=1e-5, atol=1e-5)
+    if end_offset:
+        assert int(t0.lens[1]) < int(t0.lens[0])  # row 1 stopped at its end
+
+
+def test_fused_selection_negative_control(monkeypatch):
+    """Control: the selection run at another temperature than the draws (p / q and the recorded
+    log-probs then belong to other distributions) is told apart from the torch path."""
+    from srl.kernels import spec_select
+
+    target, draft = _model(7), _model(8, d_model=16, n_heads=2, n_layers=1)
+    prompt = torch.randint(0, 70, (1, 5), generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(1.0)
+    s0, *_ = _iterations(target, draft, prompt, False, 3, 3, params)
+    real = spec_select.verify_select
+    monkeypatch.setattr(spec_select, "verify_select",
+                        lambda *a, **kw: real(*a[:6], 0.5, *a[7:], **kw))
+    s1, *_ = _iterations(target, draft, prompt, True, 3, 3, params, select=True)
+    assert not torch.allclose(s1.logp, s0.logp, rtol=1e-4, atol=1e-5)

@@ -193,6 +193,32 @@ class FusedDecodeStep:
         self._gemv_layers(tokens, self.zero_lens, positions)
         return self._gemv_head()
 
+    def race(self, tokens: Tensor, positions: Tensor, logits: Tensor, noise: Tensor, spart: Tensor) -> None:
+        """``logits`` but into the given (B, V) buffer, with the first stage of the exponential
+        race against ``noise`` (B, V) into ``spart`` (B, race_chunks(), 4): a draft step of
+        standard speculative sampling whose token is then drawn by ``spec_select.draft_merge``."""
+        from srl.kernels.decode_gemv import head_sample
+        from srl.kernels.decode_step import sample_chunks
+
+        if not self.gemv_path:
+            raise ValueError("FusedDecodeStep.race needs the FUSED_GEMV path (see _gemv_buffers)")
+        m, T = self.model, self.params.temperature
+        self._gemv_layers(tokens, self.zero_lens, positions)
+        if CUBLAS_HEAD:
+            logits.copy_(self._gemv_head())
+            sample_chunks(logits, noise, spart, T)
+            return
+        head_sample(self.x2, self.part_mlp, m.norm.weight, m.norm.eps, m.head.weight, logits, noise, spart,
+                    T, merge=False)
+
+    def race_chunks(self) -> int:
+        """Chunks of ``race``'s first stage (the second dim of its ``spart``)."""
+        from srl.kernels.decode_gemv import head_chunks
+        from srl.kernels.decode_step import sample_workspace
+
+        V = self.model.config.vocab_size
+        return sample_workspace(1, V, "cpu").shape[1] if CUBLAS_HEAD else head_chunks(V)
+
     def _gemv_layers(self, tokens: Tensor, tok_at: Tensor, lens: Tensor) -> None:
         """The layers of the ``FUSED_GEMV`` step: input token tokens[b, tok_at[b]] at position and
         slot lens[b]; the final residual stream is x2 + part_mlp summed (the head's prologue)."""
@@ -257,8 +283,10 @@ class FusedChunk:
         self.zero = torch.zeros(batch * T, device=dev, dtype=torch.long)
         self.freqs = torch.view_as_real(model.rotary.freqs).contiguous()
 
-    def __call__(self, tokens: Tensor, lens: Tensor, head_rows: int | None = None) -> Tensor:
-        """Logits (B, head_rows or T, V) of the last ``head_rows`` tokens of each row."""
+    def __call__(self, tokens: Tensor, lens: Tensor, head_rows: int | None = None,
+                 out: Tensor | None = None) -> Tensor:
+        """Logits (B, head_rows or T, V) of the last ``head_rows`` tokens of each row; with
+        ``out`` (B, V) and head_rows 1, the last token's logits written there (returned)."""
         from srl.kernels.decode_step import embed_norm, rope_attend_rows, residual_norm
 
         m, cache, x, h, B, T = self.model, self.cache, self.x, self.h, self.B, self.T
@@ -275,4 +303,8 @@ class FusedChunk:
             residual_norm(x, blk.mlp(h), nxt.weight, nxt.eps, h)
         rows = T if head_rows is None else head_rows
         hv = h.view(B, T, -1)[:, T - rows:]
+        if out is not None:
+            if rows != 1:
+                raise ValueError("FusedChunk: out needs head_rows 1")
+            return torch.mm(hv[:, 0], m.head.weight.t(), out=out)
         return F.linear(hv, m.head.weight)

@@ -262,6 +262,8 @@ def speculative_step(target, draft, tcache, dcache, state: GenState, k: int, L: 
     target's pass over x0 and the L drafted tokens as ``FusedChunk`` calls (for k = 1 the tree
     layout is a causal chunk at slots lens + 0..L).
     """
+    if fused is not None and fused.work is not None:
+        return fused_iteration(tcache, dcache, state, L, params, generator, stats, draft_step, fused)
     P = tcache.lens
     B = P.shape[0]
     if fused is not None and fused.verify is not None and draft_step is not None:
@@ -333,17 +335,28 @@ matmuls over the 1 + L rows, one rotary + cache + attention kernel per layer, fu
 norm) instead of the torch forward."""
 
 
+FUSED_SELECT = True
+"""With ``FUSED_VERIFY``, the fused draft steps and plain temperature sampling (no top-k / top-p,
+T > 0): the draft's tokens drawn by the race kernels from its logits and the selection as
+``srl.kernels.spec_select.verify_select`` (four launches, no probability tensors), instead of
+about fifty torch kernels (``fused_iteration``)."""
+
+
 @dataclass
 class FusedStandard:
     """The fused pieces of a standard (k = 1) iteration; None where the model does not allow it."""
 
     verify: object = None  # FusedChunk of the target over 1 + L tokens
     refeed: object = None  # FusedChunk of the draft over 2 tokens
+    work: dict | None = None  # FUSED_SELECT: buffers of fused_iteration
 
 
 def fused_standard(target, draft, tcache, dcache, batch: int, k: int, L: int, dev,
-                   force: bool = False) -> FusedStandard | None:
-    """``FusedStandard`` for ``speculative_step`` (k = 1, CUDA, batch <= FUSED_VERIFY), or None."""
+                   force: bool = False, params: SamplingParams | None = None,
+                   draft_step=None) -> FusedStandard | None:
+    """``FusedStandard`` for ``speculative_step`` (k = 1, CUDA, batch <= FUSED_VERIFY), or None;
+    with ``params`` and the draft's ``draft_step``, the fused selection where ``FUSED_SELECT``
+    allows it."""
     from srl.generation.fused_decode import FusedChunk, fused_unsupported
 
     if k != 1 or not (force or (batch <= FUSED_VERIFY and torch.device(dev).type == "cuda")):
@@ -351,7 +364,64 @@ def fused_standard(target, draft, tcache, dcache, batch: int, k: int, L: int, de
     out = FusedStandard(
         FusedChunk(target, tcache, batch, 1 + L) if fused_unsupported(target, None) is None else None,
         FusedChunk(draft, dcache, batch, 2) if fused_unsupported(draft, None) is None else None)
+    plain = params is not None and params.temperature > 0 and params.top_k is None and (params.top_p or 1.0) >= 1.0
+    if FUSED_SELECT and plain and out.verify and out.refeed and draft_step is not None:
+        out.work = _select_workspace(batch, L, draft, dev, draft_step)
     return out if (out.verify or out.refeed) else None
+
+
+def _select_workspace(B: int, L: int, draft, dev, draft_step) -> dict:
+    from srl.kernels.decode_step import sample_workspace
+    from srl.kernels.spec_select import verify_workspace
+
+    V = draft.config.vocab_size
+    w = verify_workspace(B, L, V, dev)
+    w.update(dlogits=torch.zeros(L, B, V, device=dev, dtype=draft.embed.weight.dtype),
+             dstat=torch.zeros(L, B, 2, device=dev), drafts=torch.zeros(B, L, device=dev, dtype=torch.long),
+             noise=torch.zeros(B, V, device=dev), spart0=sample_workspace(B, V, dev),
+             spart=torch.zeros(B, draft_step.race_chunks(), 4, device=dev),
+             stats=torch.zeros(3, device=dev, dtype=torch.long), ar=torch.arange(2, device=dev))
+    return w
+
+
+def fused_iteration(tcache, dcache, state: GenState, L: int, params: SamplingParams, generator,
+                    stats: Tensor | None, draft_step, fs: FusedStandard) -> None:
+    """``speculative_step`` for k = 1 with every part fused: the draft's re-feed (``FusedChunk``),
+    L draft tokens (race kernels over the draft's logits, ``FusedDecodeStep.race``), the target's
+    pass over x0 and the block (``FusedChunk``), and the selection with the state write
+    (``spec_select.verify_select``). Draws the torch path's random numbers in its order (L Exp(1)
+    (B, V) draws, u (B, L), one more Exp(1) (B, V)), so both emit the same tokens up to rounding."""
+    from srl.kernels.spec_select import verify_select
+
+    w, P, T = fs.work, tcache.lens, params.temperature
+    drafts = fused_draft_block(P, state, L, T, generator, draft_step, fs)
+    tlogits = fs.verify(torch.cat([state.x0(P), drafts], 1), P)
+    u = torch.rand(P.shape[0], L, device=P.device, generator=generator)
+    w["noise"].exponential_(1.0, generator=generator)
+    verify_select(tlogits, w["dlogits"], w["dstat"], drafts, u, w["noise"], T, state.tokens, state.logp,
+                  tcache.lens, dcache.lens, state.end, w["stats"] if stats is None else stats, w)
+
+
+def fused_draft_block(P: Tensor, state: GenState, L: int, T: float, generator, draft_step,
+                      fs: FusedStandard) -> Tensor:
+    """The draft block of ``fused_iteration``: drafts (B, L) (the workspace's), with the draft's
+    logits and their (max, sum) kept for the selection."""
+    from srl.kernels.decode_step import sample_chunks
+    from srl.kernels.spec_select import draft_merge
+
+    w = fs.work
+    drafts, dl, noise = w["drafts"], w["dlogits"], w["noise"]
+    s2 = P[:, None] - 1 + w["ar"]
+    fs.refeed(state.tokens.gather(1, s2), P - 1, head_rows=1, out=dl[0])
+    for t in range(L):
+        noise.exponential_(1.0, generator=generator)
+        if t == 0:
+            sample_chunks(dl[0], noise, w["spart0"], T)
+            draft_merge(w["spart0"], drafts, w["dstat"], 0)
+        else:
+            draft_step.race(drafts[:, t - 1:t], P + t, dl[t], noise, w["spart"])
+            draft_merge(w["spart"], drafts, w["dstat"], t)
+    return drafts
 
 
 class SpeculativeSampler:
@@ -384,7 +454,8 @@ class SpeculativeSampler:
         self.state = GenState.allocate(batch, max_len, dev)
         self.stats = torch.zeros(3, dtype=torch.long, device=dev)
         self.draft_step = fused_draft_step(draft, self.dcache, self.state, self.params, k, dev)
-        self.fused = fused_standard(target, draft, self.tcache, self.dcache, batch, k, draft_len, dev)
+        self.fused = fused_standard(target, draft, self.tcache, self.dcache, batch, k, draft_len, dev,
+                                    params=self.params, draft_step=self.draft_step)
         dummy = torch.zeros(batch, 2, dtype=torch.long, device=dev)
         self.state.reset(dummy, 1)
         with torch.inference_mode():  # capture from a valid state (lens >= 1)

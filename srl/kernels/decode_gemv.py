@@ -254,12 +254,13 @@ def head_chunks(V: int) -> int:
 def head_sample(x_in: Tensor, part: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
                 logits: Tensor, noise: Tensor | None, spart: Tensor | None, temperature: float,
                 tokens: Tensor | None = None, logp: Tensor | None = None, lens: Tensor | None = None,
-                end: Tensor | None = None) -> None:
+                end: Tensor | None = None, merge: bool = True) -> None:
     """logits (B, V) = LayerNorm(x_in + part.sum(0)) * norm_weight @ weight^T; with ``noise``
     (B, V) Exp(1) draws, the token drawn from softmax(logits / T) (the race of
     ``decode_step.sample_write``, same arguments) and its log-probability are written to
     tokens/logp at lens + 1 with lens advanced for unfinished rows. ``spart``: (B, head_chunks(V),
-    4) float32 workspace."""
+    4) float32 workspace. ``merge`` False: only the race's chunk stage into ``spart`` (the caller
+    merges, e.g. ``spec_select.draft_merge``)."""
     B, D = x_in.shape
     V = weight.shape[0]
     _check(B, weight, D, "head_sample")
@@ -272,7 +273,7 @@ def head_sample(x_in: Tensor, part: Tensor, norm_weight: Tensor, eps: float, wei
                             spart if sample else logits, B, V, D, float(eps), temp, chunks, SAMPLE=sample,
                             GREEDY=greedy, BLOCK_N=t["BLOCK_N"], BLOCK_K=triton.next_power_of_2(D),
                             N_SUB=t["N_SUB"], num_warps=t["num_warps"])
-    if sample:
+    if sample and merge:
         _sample_write[(B,)](logits, spart, tokens, logp, lens, end, temp, logits.stride(0),
                             tokens.stride(0), logp.stride(0), chunks, GREEDY=greedy,
                             CHUNKS_P2=max(triton.next_power_of_2(chunks), 2), num_warps=4)

@@ -287,6 +287,20 @@ def sample_write(logits: Tensor, noise: Tensor, tokens: Tensor, logp: Tensor, le
                         CHUNKS_P2=max(triton.next_power_of_2(chunks), 2), num_warps=1)
 
 
+def sample_chunks(logits: Tensor, noise: Tensor, part: Tensor, temperature: float) -> None:
+    """The first stage of ``sample_write`` alone (temperature > 0): per chunk of the vocabulary
+    the max, sum of exp and race winner of softmax(logits / T) against ``noise`` into ``part``
+    (``sample_workspace``); ``spec_select.draft_merge`` finishes it for a draft token."""
+    B, V = logits.shape
+    block = 64 if INTERPRET else SAMPLE_BLOCK
+    chunks = triton.cdiv(V, block)
+    if part.shape != (B, chunks, 4) or temperature <= 0:
+        raise ValueError(f"sample_chunks: part must be {(B, chunks, 4)} and temperature > 0, got "
+                         f"{tuple(part.shape)}, {temperature}")
+    _sample_chunks[(B, chunks)](logits, noise, part, V, float(temperature), logits.stride(0),
+                                noise.stride(0), chunks, GREEDY=False, BLOCK_V=block, num_warps=4)
+
+
 def sample_workspace(B: int, V: int, device) -> Tensor:
     block = 64 if INTERPRET else SAMPLE_BLOCK
     return torch.empty(B, triton.cdiv(V, block), 4, device=device, dtype=torch.float32)
