@@ -382,6 +382,10 @@ class NetworkConfig:
     """Sign every frame of every stream with a per-run secret, drawn at launch and handed to the
     workers in memory (never in files or logs). Off only when set to false here, and then a
     warning says so; Ray runs sign whatever this says."""
+    shared_weights: bool = True
+    """Parameter clients on the trainer's host (policy, generation and draft workers, inline
+    actors) copy new weights from a shared-memory file only this user can open; the signed stream
+    carries its name and layout. Off: every copy goes through the stream, encoded and signed."""
 
 
 @dataclass

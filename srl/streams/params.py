@@ -2,6 +2,8 @@
 
 Clients ask "I have version v"; the server answers with the weights only if it holds a newer
 version, so an idle poll costs one tiny round trip and weights cross the wire once per version.
+A client on the server's host (``shared=True`` on both sides) gets only the name of a shared-memory
+file, the slot and the layout, and copies the weights from there (``srl.streams.shared_weights``).
 """
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ import time
 import numpy as np
 import zmq
 
+from srl.streams import shared_weights
 from srl.streams.base import Endpoint, bind_random, context
 
 
 class ParamServer(Endpoint):
     def __init__(self, host: str = "127.0.0.1", key: bytes | None = None, prefer: str | None = None,
-                 epoch: int = 0):
+                 epoch: int = 0, shared: bool = True):
         super().__init__(context().socket(zmq.ROUTER), key)
+        self.shared = shared and shared_weights.available()
+        self.host_id = shared_weights.host_id()
+        self._file: shared_weights.SharedWeightsWriter | None = None
+        self._slot = 0
         self.address = bind_random(self.sock, host, prefer)
         self.epoch = epoch
         """Trainer incarnation: a restarted trainer may republish lower versions from a checkpoint."""
@@ -32,6 +39,21 @@ class ParamServer(Endpoint):
         # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray makes them (1,): a
         # running count buffer then no longer matched the policy's shape on the other side)
         self._arrays = {k: np.asarray(v, order="C") for k, v in arrays.items()}
+        if self._file is not None and not self._file.fits(self._arrays):
+            self._file.close()
+            self._file = None
+        if self._file is not None:
+            self._slot = self._file.write(version, self._arrays)
+
+    def _shared_file(self):
+        """The shared-memory file, made on the first same-host request (None if it cannot be)."""
+        if self._file is None and self.shared and self._arrays:
+            try:
+                self._file = shared_weights.SharedWeightsWriter(self._arrays)
+                self._slot = self._file.write(self.version, self._arrays)
+            except OSError:
+                self.shared = False
+        return self._file
 
     def serve(self) -> int:
         """Answer every waiting request; returns how many weight copies were sent."""
@@ -44,6 +66,11 @@ class ParamServer(Endpoint):
             newer = self.version >= 0 and isinstance(have, int) and (self.version > have or epoch != self.epoch)
             if newer and msg.meta.get("weights", True) is False:
                 self.send("version", None, meta, prefix=[identity])  # a flow-control query
+            elif newer and msg.meta.get("host") == self.host_id and self._shared_file() is not None:
+                f = self._file
+                self.send("params_shm", None, {**meta, "path": f.path, "slot": self._slot, "manifest": f.manifest},
+                          prefix=[identity])
+                sent += 1
             elif newer:
                 self.send("params", self._arrays, meta, prefix=[identity])
                 sent += 1
@@ -52,13 +79,22 @@ class ParamServer(Endpoint):
             got = self.recv(n_prefix=1)
         return sent
 
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
 
 class ParamClient(Endpoint):
     """Pulls newer weights; with ``weights=False`` it only learns the newest version number
     (actors that use remote policy workers need the version for flow control, not the weights)."""
 
-    def __init__(self, address: str, key: bytes | None = None, interval_s: float = 0.05, weights: bool = True):
+    def __init__(self, address: str, key: bytes | None = None, interval_s: float = 0.05, weights: bool = True,
+                 shared: bool = True):
         super().__init__(context().socket(zmq.DEALER), key)
+        self.host = shared_weights.host_id() if shared and weights else None
+        self._reader: shared_weights.SharedWeightsReader | None = None
         self.sock.connect(address)
         self.version = -1
         self.epoch = -1
@@ -74,7 +110,8 @@ class ParamClient(Endpoint):
         now = time.monotonic()
         stale = self._in_flight and now - self._last_ask > 2.0  # server restarted mid-request
         if (not self._in_flight and now - self._last_ask >= self.interval_s) or stale:
-            self.send("have", None, {"have": self.version, "epoch": self.epoch, "weights": self.weights})
+            self.send("have", None, {"have": self.version, "epoch": self.epoch, "weights": self.weights,
+                                     "host": self.host})
             self._in_flight, self._last_ask = True, now
         got = self.recv(timeout_ms=timeout_ms)
         if got is None:
@@ -83,11 +120,38 @@ class ParamClient(Endpoint):
         self._in_flight = False
         self.status = msg.meta
         version, epoch = msg.meta.get("version", -1), msg.meta.get("epoch", -1)
-        if msg.kind in ("params", "version") and isinstance(version, int) and (
+        if msg.kind in ("params", "version", "params_shm") and isinstance(version, int) and (
                 version > self.version or epoch != self.epoch):
+            arrays = self._read_shared(msg.meta, version) if msg.kind == "params_shm" else msg.arrays
+            if arrays is None:
+                return None
             self.version, self.epoch = version, epoch
-            return version, msg.arrays
+            return version, arrays
         return None
+
+    def _read_shared(self, meta: dict, version: int) -> dict[str, np.ndarray] | None:
+        """The weights from the server's shared-memory file; None when torn (asked again at the
+        next poll) or when the file cannot be used (then over the wire from the next request on)."""
+        path, slot, manifest = meta.get("path"), meta.get("slot"), meta.get("manifest")
+        try:
+            if self._reader is None or self._reader.path != path or self._reader.manifest != manifest:
+                self.close_shared()
+                self._reader = shared_weights.SharedWeightsReader(path, manifest)
+            return self._reader.read(slot, version)
+        except (OSError, ValueError, TypeError) as exc:
+            self.drop(f"shared weights: {type(exc).__name__}: {str(exc)[:200]}")
+            self.close_shared()
+            self.host = None
+            return None
+
+    def close_shared(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def close(self) -> None:
+        self.close_shared()
+        super().close()
 
     def wait_newer(self, than: int, timeout_s: float, should_stop=lambda: False):
         """Block until a version newer than ``than`` arrives (sync mode); None on timeout/stop."""

@@ -33,13 +33,17 @@ class LocalScheduler:
         self.specs[spec.name] = spec
 
     def alive(self, name: str) -> bool:
-        return self.procs[name].is_alive()
+        """False also for a worker not started yet (a stop during start-up asks about every one)."""
+        proc = self.procs.get(name)
+        return proc is not None and proc.is_alive()
 
     def exitcode(self, name: str) -> int | None:
-        return self.procs[name].exitcode
+        proc = self.procs.get(name)
+        return None if proc is None else proc.exitcode
 
     def pid(self, name: str) -> int | None:
-        return self.procs[name].pid
+        proc = self.procs.get(name)
+        return None if proc is None else proc.pid
 
     def names(self) -> list[str]:
         return list(self.procs)

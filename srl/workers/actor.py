@@ -183,7 +183,8 @@ class ActorWorker(RLWorker):
         self.unpushed: list[tuple[dict, int]] = []
         """Trajectories completed by a reply, pushed once that group's next request is out."""
         if a.inline_policy:
-            self.params = self.endpoint(ParamClient(self.address(PARAMS, params_server), self.key, interval_s=0.0))
+            self.params = self.endpoint(ParamClient(self.address(PARAMS, params_server), self.key, interval_s=0.0,
+                                                    shared=self.cfg.network.shared_weights))
             self._wait_weights(-1)
         else:
             addrs = [self.address(INFERENCE, p) for p in inference.servers]

@@ -76,13 +76,14 @@ class DraftWorker(RLWorker):
                                  params=sampling_params(cfg))
         self.distiller = DraftDistiller(DraftAligner(self.draft, self.policy, align), self.device)
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
-        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key))
+        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key,
+                                                shared=cfg.network.shared_weights))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
         self.policy_version = -1 if got is None else self._load(got)
         self.samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=self.published(DRAFT_SAMPLES),
                                                     hwm=2))
         self.server = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(DRAFT_PARAMS),
-                                                epoch=self.spec.incarnation))
+                                                epoch=self.spec.incarnation, shared=cfg.network.shared_weights))
         self.version = 0
         self.server.publish(self.version, weights_to_numpy(self.draft))
         self.publish(DRAFT_SAMPLES, self.samples.address)

@@ -86,7 +86,8 @@ class GenerationWorker(RLWorker):
         self.policy = build_policy(self.info, cfg.policy).to(self.device).eval()
         self.draft = build_draft(cfg, self.vocab, self.device).eval() if cfg.generation.mode != "plain" else None
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
-        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key))
+        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key,
+                                                shared=self.cfg.network.shared_weights))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
         self.version = -1 if got is None else self._load(self.policy, got)
         self.draft_params = None
@@ -94,7 +95,8 @@ class GenerationWorker(RLWorker):
         if has_stream(self.plan, DRAFT_PARAMS):
             server = self.plan.stream(DRAFT_PARAMS).server_of(self.spec.name)
             address = self.address(DRAFT_PARAMS, server)
-            self.draft_params = self.endpoint(ParamClient(address, self.key, interval_s=0.02))
+            self.draft_params = self.endpoint(ParamClient(address, self.key, interval_s=0.02,
+                                                          shared=self.cfg.network.shared_weights))
         self.samplers: dict[int, object] = {}
         self.server = self.endpoint(InferenceServer(self.spec.host, self.key, prefer=self.published(PROMPTS)))
         self.publish(PROMPTS, self.server.address)

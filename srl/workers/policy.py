@@ -38,7 +38,8 @@ class PolicyWorker(RLWorker):
         self.device = cfg.workers.policies.device
         self.policy = build_policy(self.info, cfg.policy).to(self.device)
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
-        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key))
+        self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key,
+                                                shared=cfg.network.shared_weights))
         got = self.params.wait_newer(-1, timeout_s=600.0, should_stop=self.should_stop)
         self.version = -1 if got is None else self._load(got)
         self.server = self.endpoint(InferenceServer(self.spec.host, self.key, prefer=self.published(INFERENCE)))

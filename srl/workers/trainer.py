@@ -71,7 +71,7 @@ class TrainerWorker(RLWorker):
         cfg, a = self.cfg, self.cfg.workers.actors
         samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=self.published(SAMPLES), hwm=4))
         params = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(PARAMS),
-                                           epoch=self.spec.incarnation))
+                                           epoch=self.spec.incarnation, shared=self.cfg.network.shared_weights))
         params.publish(self.version, weights_to_numpy(self.policy))
         layout = self._layout()
         my_actors = len(self.plan.stream(SAMPLES).clients_of(self.spec.name))

@@ -1,0 +1,170 @@
+"""Versioned weights in a shared-memory file, for parameter clients on the server's host.
+
+A 100M-parameter policy is 400 MB of float32: through the wire that is an encode, an HMAC over
+every byte on each side and a socket copy per client and version (most of an RL step of a
+language-model policy). Clients on the same host instead read the weights from a file under
+``/dev/shm`` that only this user may open (mode 0600, random name); the authenticated parameter
+stream carries only the file's name, the slot and the layout. Nothing read from the file is
+unpickled: it is raw array bytes laid out as the authenticated manifest says.
+
+Two slots: version v goes to slot v % 2, so a reader copying version v is not overwritten until
+v + 2 is written. Each slot has a sequence number (odd while its slot is being written) and the
+version it holds; a reader checks both before and after its copy and drops a torn read (the
+client then asks again).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import socket
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+PREFIX = "srl-weights-"
+HEADER_BYTES = 64
+"""Per slot: [sequence, version] as uint64; two slots, padded to a cache line."""
+ALIGN = 64
+
+
+def host_id() -> str:
+    """Identifies this machine (and boot) so that a client uses the file only where it exists."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def available() -> bool:
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+def manifest_of(arrays: dict[str, np.ndarray]) -> list[list]:
+    """[[name, dtype, shape, offset], ...] and the slot size (last entry's end, aligned)."""
+    out, offset = [], 0
+    for name, a in arrays.items():
+        out.append([name, a.dtype.str, list(a.shape), offset])
+        offset += -(-a.nbytes // ALIGN) * ALIGN
+    return out
+
+
+def slot_bytes(manifest: list[list]) -> int:
+    if not manifest:
+        return 0
+    name, dtype, shape, offset = manifest[-1]
+    return offset + -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+
+
+def _remove_stale() -> None:
+    """Files of processes that are gone (a killed trainer cannot unlink its own)."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name[len(PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+        except (ValueError, PermissionError):
+            pass
+
+
+class _Mapped:
+    def __init__(self, path: str, size: int, write: bool):
+        flags = os.O_RDWR if write else os.O_RDONLY
+        fd = os.open(path, flags)
+        try:
+            if os.fstat(fd).st_size < size:
+                raise ValueError(f"shared weights file {os.path.basename(path)} holds "
+                                 f"{os.fstat(fd).st_size} bytes, the manifest needs {size}")
+            self.mm = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if write else 0))
+        finally:
+            os.close(fd)
+        self.header = np.frombuffer(self.mm, np.uint64, 4, 0)
+
+    def view(self, slot: int, entry: list, slot_size: int) -> np.ndarray:
+        name, dtype, shape, offset = entry
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64))
+        start = HEADER_BYTES + slot * slot_size + int(offset)
+        return np.frombuffer(self.mm, dt, n, start).reshape(shape)
+
+    def close(self) -> None:
+        self.header = None
+        try:
+            self.mm.close()
+        except BufferError:  # a caller still holds a view; the mapping goes with it
+            pass
+
+
+class SharedWeightsWriter:
+    """The server's side: owns the file; ``write(version, arrays)`` fills slot version % 2."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        _remove_stale()
+        self.manifest = manifest_of(arrays)
+        self.slot_size = slot_bytes(self.manifest)
+        self.path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, HEADER_BYTES + 2 * self.slot_size)
+        finally:
+            os.close(fd)
+        self.map = _Mapped(self.path, HEADER_BYTES + 2 * self.slot_size, write=True)
+
+    def fits(self, arrays: dict[str, np.ndarray]) -> bool:
+        return manifest_of(arrays) == self.manifest
+
+    def write(self, version: int, arrays: dict[str, np.ndarray]) -> int:
+        """Copy ``arrays`` into the slot of ``version``; returns the slot."""
+        slot = version % 2
+        h = self.map.header
+        h[2 * slot] += np.uint64(1)  # odd: being written
+        for entry in self.manifest:
+            np.copyto(self.map.view(slot, entry, self.slot_size), arrays[entry[0]], casting="no")
+        h[2 * slot + 1] = np.uint64(version)
+        h[2 * slot] += np.uint64(1)
+        return slot
+
+    def close(self) -> None:
+        self.map.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class SharedWeightsReader:
+    """A client's side: ``read(slot, version)`` returns a copy of the arrays, or None if torn."""
+
+    def __init__(self, path: str, manifest: list[list]):
+        if os.path.dirname(path) != SHM_DIR or not os.path.basename(path).startswith(PREFIX):
+            raise ValueError(f"shared weights path {path!r} is not an srl file under {SHM_DIR}")
+        self.path, self.manifest = path, manifest
+        self.slot_size = slot_bytes(manifest)
+        self.map = _Mapped(path, HEADER_BYTES + 2 * self.slot_size, write=False)
+
+    def read(self, slot: int, version: int) -> dict[str, np.ndarray] | None:
+        if slot not in (0, 1):
+            raise ValueError(f"shared weights slot {slot}, expected 0 or 1")
+        h = self.map.header
+        seq = int(h[2 * slot])
+        if seq % 2 or int(h[2 * slot + 1]) != version:
+            return None
+        out = {entry[0]: self.map.view(slot, entry, self.slot_size).copy() for entry in self.manifest}
+        if int(h[2 * slot]) != seq or int(h[2 * slot + 1]) != version:
+            return None
+        return out
+
+    def close(self) -> None:
+        self.map.close()

@@ -1,0 +1,160 @@
+"""Weights through a shared-memory file for same-host parameter clients."""
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from srl.streams import shared_weights as sw
+from srl.streams.params import ParamClient, ParamServer
+
+pytestmark = pytest.mark.skipif(not sw.available(), reason="no writable /dev/shm")
+
+
+def _weights(rng, scale=1.0):
+    return {"w": rng.standard_normal((33, 7)).astype(np.float32) * scale,
+            "b": rng.standard_normal(5),  # float64
+            "count": np.array(3, dtype=np.int64),  # 0-d stays 0-d
+            "t": np.arange(6.0, dtype=np.float32).reshape(2, 3).T}  # a transposed view
+
+
+def _pull(server, client, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        server.serve()
+        got = client.poll(timeout_ms=10)
+        if got is not None:
+            return got
+    raise AssertionError("no weights arrived")
+
+
+def _equal(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == np.asarray(b[k]).shape and a[k].dtype == np.asarray(b[k]).dtype, k
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_same_host_client_reads_the_file_and_gets_every_version():
+    rng = np.random.default_rng(0)
+    server = ParamServer()
+    client = ParamClient(server.address, interval_s=0.0)
+    try:
+        for version in range(4):
+            w = _weights(rng, scale=version + 1)
+            server.publish(version, w)
+            got_version, arrays = _pull(server, client)
+            assert got_version == version
+            _equal(arrays, w)
+            assert client._reader is not None and client._reader.path == server._file.path
+        mode = stat.S_IMODE(os.stat(server._file.path).st_mode)
+        assert mode == 0o600, oct(mode)
+        # the copy is the client's own: the next write does not change it
+        server.publish(4, _weights(rng))
+        _equal(arrays, w)
+    finally:
+        path = server._file.path
+        client.close()
+        server.close()
+    assert not os.path.exists(path)
+
+
+def test_client_without_sharing_gets_the_same_weights_over_the_wire():
+    rng = np.random.default_rng(1)
+    server = ParamServer()
+    client = ParamClient(server.address, interval_s=0.0, shared=False)
+    w = _weights(rng)
+    server.publish(0, w)
+    version, arrays = _pull(server, client)
+    _equal(arrays, w)
+    assert client._reader is None and server._file is None  # negative control: no file was made
+    server.close()
+    client.close()
+
+
+def test_other_host_gets_the_wire():
+    server = ParamServer()
+    client = ParamClient(server.address, interval_s=0.0)
+    client.host = "elsewhere/boot"
+    w = _weights(np.random.default_rng(2))
+    server.publish(0, w)
+    _, arrays = _pull(server, client)
+    _equal(arrays, w)
+    assert client._reader is None and server._file is None
+    server.close()
+    client.close()
+
+
+def test_slots_and_torn_reads():
+    rng = np.random.default_rng(3)
+    w0, w1, w2 = _weights(rng), _weights(rng), _weights(rng)
+    writer = sw.SharedWeightsWriter(w0)
+    try:
+        reader = sw.SharedWeightsReader(writer.path, writer.manifest)
+        assert writer.write(0, w0) == 0 and writer.write(1, w1) == 1
+        _equal(reader.read(0, 0), w0)  # version 0 survives version 1 (the other slot)
+        _equal(reader.read(1, 1), w1)
+        writer.write(2, w2)
+        assert reader.read(0, 0) is None  # overwritten by version 2: refused, not returned torn
+        _equal(reader.read(0, 2), w2)
+        writer.map.header[0] += np.uint64(1)  # slot 0 being written
+        assert reader.read(0, 2) is None
+        writer.map.header[0] += np.uint64(1)
+        _equal(reader.read(0, 2), w2)
+        with pytest.raises(ValueError, match="slot"):
+            reader.read(2, 2)
+        reader.close()
+    finally:
+        writer.close()
+
+
+def test_reader_refuses_paths_outside_the_shared_folder_and_short_files(tmp_path):
+    w = _weights(np.random.default_rng(4))
+    with pytest.raises(ValueError, match="not an srl file"):
+        sw.SharedWeightsReader(str(tmp_path / "x"), sw.manifest_of(w))
+    writer = sw.SharedWeightsWriter({"w": np.zeros(4, np.float32)})
+    try:
+        with pytest.raises(ValueError, match="manifest needs"):
+            sw.SharedWeightsReader(writer.path, sw.manifest_of(w))
+    finally:
+        writer.close()
+
+
+def test_bad_file_from_the_server_falls_back_to_the_wire():
+    server = ParamServer()
+    client = ParamClient(server.address, interval_s=0.0)
+    w = _weights(np.random.default_rng(5))
+    server.publish(0, w)
+    server._shared_file()
+    os.unlink(server._file.path)  # gone before the client maps it
+    deadline = time.monotonic() + 5
+    got = None
+    while got is None and time.monotonic() < deadline:
+        server.serve()
+        got = client.poll(timeout_ms=10)
+    assert got is not None and client.dropped == 1 and "shared weights" in client.last_drop
+    assert client.host is None  # from then on over the wire
+    _equal(got[1], w)
+    server.close()
+    client.close()
+
+
+def test_files_of_dead_processes_are_removed():
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    stale = os.path.join(sw.SHM_DIR, f"{sw.PREFIX}{dead}-deadbeef")
+    mine = os.path.join(sw.SHM_DIR, f"{sw.PREFIX}{os.getpid()}-cafe")
+    for p in (stale, mine):
+        with open(p, "wb") as f:
+            f.write(b"x")
+    try:
+        writer = sw.SharedWeightsWriter({"w": np.zeros(2)})
+        writer.close()
+        assert not os.path.exists(stale) and os.path.exists(mine)  # a live process's file stays
+    finally:
+        for p in (stale, mine):
+            if os.path.exists(p):
+                os.unlink(p)
