@@ -110,8 +110,8 @@ def _accept(TL, TPART, TSTAT, DL, DSTAT, DRAFTS, U, NACC, V, temp, L, N_CHUNKS,
     b = tl.program_id(0).to(tl.int64)
     B = tl.num_programs(0)
     R = L + 1
-    n = 0
-    alive = 1
+    n = tl.program_id(0) * 0  # int32 scalars carried through the loop
+    alive = n + 1
     for j in range(R):
         m, l_sum = _merge_stat(TPART, b * R + j, N_CHUNKS, CHUNKS_P2)
         tl.store(TSTAT + (b * R + j) * 2, m)
