@@ -65,14 +65,19 @@ DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF)
       "dev_m64_w4": _t(64, 64, 4, 3, FUSE_DELTA=True, **DEV_TMA, **HF)}
 
 
-# round B: the candidates measured before the final rows (sink+window); the fastest (device time
-# summed over the Ns) serve the final rows
-FINAL_DKDV = {"default": None, "m32_s3": _t(32, 64, 4, 3, **HF), "w8": _t(64, 64, 8, 2, **HF)}
-# --final --extra: other tiles timed end to end after the defaults (pattern, (fwd, dK/dV, dQ) tiles)
-FINAL_EXTRA = {"fwd_dev": ("sink_window", (_t(128, 64, 8, 3, **DEV_TMA), None, None)),
-               "dkdv_dev": ("s2", (None, _t(64, 64, 4, 2, **DEV_TMA, **HF), None))}
-FINAL_DQ = {"default": None, "m64_w4_s2": _t(64, 64, 4, 2, FUSE_DELTA=True, **HF),
-            "m64_w8_s2": _t(64, 64, 8, 2, FUSE_DELTA=True, **HF)}
+# --final: the candidates measured before the final rows (sink+window); the fastest (device time
+# summed over the Ns) serve the final rows unless --no-pick
+FINAL_DKDV = {"default": None, "host_tma": _t(64, 64, 4, 2, TMA=True, **HF)}
+FINAL_DQ = {"default": None, "s4": _t(128, 64, 8, 4, FUSE_DELTA=True, **HF),
+            "n128_s2": _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)}
+# --final --extra: other settings timed end to end after the defaults: pattern, (fwd, dK/dV, dQ)
+# tiles, module settings of sparse_attention.py (DIRECT_LAUNCH False: every launch through Triton's
+# own path, as before the cached launches)
+FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAUNCH": False}),
+               "fwd_dev": ("sink_window", (_t(128, 64, 8, 3, **DEV_TMA), None, None), {}),
+               "dkdv_host": ("sink_window", (None, _t(64, 64, 4, 2, TMA=True, **HF), None), {}),
+               "dq_s4": ("sink_window", (None, None, _t(128, 64, 8, 4, FUSE_DELTA=True, **HF)), {}),
+               "dq_n128": ("sink_window", (None, None, _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)), {})}
 
 
 def log(msg):
@@ -300,16 +305,25 @@ def host_profile(fn, calls=20):
     return out.getvalue()
 
 
-def time_combo(n, name, pattern, qkvd, tiles, ref, frac):
+def time_combo(n, name, pattern, qkvd, tiles, ref, frac, settings=None):
+    """Four timers of forward and forward+backward with these tiles and module settings."""
     use(*tiles)
-    impl = (lambda a, b, c: sparse_attention(a, b, c, pattern))
-    got = outputs(impl, *qkvd)
-    errs = {f"err_{x}": rel_err(a, b) for x, a, b in zip(("o", "dq", "dk", "dv"), got, ref)} if ref else {}
-    fwd, step = fwd_bwd_fns(impl, *qkvd)
-    row = {"N": n, "pattern": name, "tiles": tiles, "block_fraction": frac,
-           "fwd": four_timers(fwd), "fwd_bwd": four_timers(step, 400.0), **errs}
-    SA.TILE_OVERRIDE.clear()
-    log(f"N={n} {name} {tiles if any(tiles) else 'defaults'}: fwd {row['fwd']} fwd+bwd {row['fwd_bwd']} {errs}")
+    before = {key: getattr(SA, key) for key in settings or {}}
+    for key, value in (settings or {}).items():
+        setattr(SA, key, value)
+    try:
+        impl = (lambda a, b, c: sparse_attention(a, b, c, pattern))
+        got = outputs(impl, *qkvd)
+        errs = {f"err_{x}": rel_err(a, b) for x, a, b in zip(("o", "dq", "dk", "dv"), got, ref)} if ref else {}
+        fwd, step = fwd_bwd_fns(impl, *qkvd)
+        row = {"N": n, "pattern": name, "tiles": tiles, "settings": settings or {}, "block_fraction": frac,
+               "fwd": four_timers(fwd), "fwd_bwd": four_timers(step, 400.0), **errs}
+    finally:
+        for key, value in before.items():
+            setattr(SA, key, value)
+        SA.TILE_OVERRIDE.clear()
+    log(f"N={n} {name} {tiles if any(tiles) else 'defaults'} {settings or ''}: fwd {row['fwd']} "
+        f"fwd+bwd {row['fwd_bwd']} {errs}")
     return row, got
 
 
@@ -337,6 +351,23 @@ def probe(args, results, save):
         del qkvd
         if DEV == "cuda":
             torch.cuda.empty_cache()
+
+
+def profile_defaults(n, pattern, qkvd, results):
+    """cProfile of 20 default calls (forward; forward+backward) and of 20 through Triton's own launch."""
+    impl = (lambda a, b, c: sparse_attention(a, b, c, pattern))
+    fwd, step = fwd_bwd_fns(impl, *qkvd)
+    for direct in (True, False):
+        SA.DIRECT_LAUNCH = direct
+        try:
+            for label, fn in (("fwd", fwd), ("fwd_bwd", step)):
+                fn()
+                text = host_profile(fn)
+                key = f"{n}_{label}" + ("" if direct else "_triton_launch")
+                results["host_profile"][key] = text
+                log(f"host profile {key} (20 calls):\n{text}")
+        finally:
+            SA.DIRECT_LAUNCH = True
 
 
 def pick(rows, stage, seq):
@@ -376,10 +407,13 @@ def final(args, results, save):
             row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac)
             results["final"].append(row)
             save()
-        for variant, (name, tiles) in FINAL_EXTRA.items() if args.extra else ():
-            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, block_fraction(PATTERNS[name], args.heads, n))
+        for variant, (name, tiles, settings) in FINAL_EXTRA.items() if args.extra else ():
+            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, block_fraction(PATTERNS[name], args.heads, n),
+                                settings)
             results["final_extra"].append(dict(row, variant=variant))
             save()
+        if args.profile and n == args.seq[0]:
+            profile_defaults(n, sw, qkvd, results)
         del qkvd
 
 
@@ -435,7 +469,7 @@ def warm(share, shares, n, h, d, patterns, round_b=False, extra=False):
         jobs += [("fwd", t) for t in FWD.values() if t] + [("dkdv", t) for t in DKDV.values() if t] + \
                 [("dq", t) for t in DQ.values() if t]
     if extra:
-        jobs += [("extra", v) for v in FINAL_EXTRA.values()]
+        jobs += [("extra", v[:2]) for v in FINAL_EXTRA.values()]
     for i, (stage, tiles) in enumerate(jobs):
         if i % shares != share:
             continue
@@ -467,6 +501,7 @@ def main(argv=None):
     parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
     parser.add_argument("--no-pick", action="store_true", help="with --final: no backward candidates")
     parser.add_argument("--extra", action="store_true", help="with --final: also time FINAL_EXTRA")
+    parser.add_argument("--profile", action="store_true", help="with --final: cProfile the defaults' host work")
     parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")
     parser.add_argument("--patterns", nargs="*", default=[])
     parser.add_argument("--go-file", default="")
