@@ -361,13 +361,13 @@ def _rope_attend_rows(QKV, FREQS, LENS, KC, VC, O, qk_scale, T, stride_qkv, stri
         tile_ok = j_ok[:, None] & (d < HD)[None, :]
         kt = tl.load(KC + tptr, mask=tile_ok, other=0.0)
         vt = tl.load(VC + tptr, mask=tile_ok, other=0.0)
-        sc = _dot(q, tl.trans(kt), LOWP) * qk_scale
-        sc = tl.where(j_ok[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
+        st = _dot(q, tl.trans(kt), LOWP) * qk_scale
+        st = tl.where(j_ok[None, :], st, float("-inf"))
+        m_new = tl.maximum(m, tl.max(st, 1))
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(sc - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(dt), vt, LOWP)
+        pt = tl.exp2(st - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(pt, 1)
+        acc = acc * alpha[:, None] + _dot(pt.to(dt), vt, LOWP)
         m = m_new
     o = acc / l_sum[:, None]
     tl.store(O + rows[:, None] * stride_o + h * HD + d[None, :], o.to(O.dtype.element_ty), mask=ok)
