@@ -142,6 +142,22 @@ def test_plans_follow_strides_alignment_and_tiles():
     assert rel_err(out, wrong) > 1e-3  # negative control: another pattern's result is far
 
 
+def test_checks_run_once_per_signature_and_still_reject_bad_calls():
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 16, torch.float32, seed=1)
+    pattern = SinkWindow(4, 8)
+    with torch.no_grad():
+        for _ in range(2):  # the second call skips the checks: same signature
+            sparse_attention(q, k, v, pattern)
+        with pytest.raises(ValueError, match="Nq <= Nk"):
+            sparse_attention(q, k[:, :, :30], v[:, :, :30], pattern)
+        with pytest.raises(ValueError, match="dtype"):
+            sparse_attention(q.double(), k, v, pattern)
+        with pytest.raises(ValueError, match="torch.Tensor"):
+            sparse_attention(q.tolist(), k, v, pattern)
+        with pytest.raises(ValueError, match="pattern"):
+            sparse_attention(q, k, v, [4, 8])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(_CPU, reason="needs a CUDA device")
 def test_gpu_direct_launch_repeats_the_first_call():

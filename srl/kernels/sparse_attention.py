@@ -475,7 +475,7 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, pattern, sm_scale):
-        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
         o, lse = _forward(q, k, v, pattern, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.pattern = pattern
@@ -487,6 +487,30 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.pattern, ctx.sm_scale)
         return dq, dk, dv, None, None
+
+
+# Function.apply without its Python wrapper (which binds default arguments and unwraps functorch's
+# dead wrappers, neither of which this Function needs outside functorch transforms): ~10 us a call.
+_APPLY = super(torch.autograd.Function, SparseAttentionFunction).apply
+_VALID: set = set()  # call signatures (shapes, dtypes, devices, pattern) that passed the checks
+
+
+def _check_call(q, k, v, pattern) -> None:
+    """The input checks, once per call signature (they cost as much as the rest of the wrapper)."""
+    try:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, pattern)
+        if key in _VALID:
+            return
+    except (AttributeError, TypeError):  # not tensors, or an unhashable pattern: the checks say what is wrong
+        key = None
+    check_kernel_inputs(q, k, v)
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"sparse attention needs Nq <= Nk, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    check_pattern(pattern, q.shape[1], k.shape[2])
+    if key is not None:
+        if len(_VALID) >= _PLAN_LIMIT:
+            _VALID.clear()
+        _VALID.add(key)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
@@ -505,14 +529,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     Raises:
         ValueError: on shapes, dtypes, devices, head dims or patterns it does not support.
     """
-    check_kernel_inputs(q, k, v)
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(f"sparse attention needs Nq <= Nk, got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    check_pattern(pattern, q.shape[1], k.shape[2])
+    _check_call(q, k, v, pattern)
     scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
     if not (q.is_cuda or INTERPRET):
         return sparse_attention_reference(q, k, v, pattern, sm_scale=scale)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return SparseAttentionFunction.apply(q, k, v, pattern, scale)
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return SparseAttentionFunction.apply(q, k, v, pattern, scale)
+        return _APPLY(q, k, v, pattern, scale)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     return _forward(q, k, v, pattern, scale)[0]
