@@ -50,6 +50,10 @@ CASES = [  # (pattern, B, H, H_kv, Nq, Nk, D, fwd tiles, dK/dV tiles, dQ tiles)
     # descriptors built by the kernels (DESC_DEV), for K/V in the forward and dQ, q/dO in dK/dV
     (SinkWindow(16, 37), 2, 2, 1, 77, 200, 16, ranges(32, 32, PRE_N=16, **DEV), ranges(32, 16, HEADS_FAST=True, **DEV),
      ranges(16, 32, HEADS_FAST=True, FUSE_DELTA=True, **DEV)),
+    # dK/dV with the sink tiles first, then each head's tiles in order (one tile, and many)
+    (SinkWindow(16, 37), 2, 2, 1, 77, 200, 16, ranges(32, 32), ranges(32, 16, SINK_FIRST=True, **DEV),
+     ranges(32, 32, FUSE_DELTA=True)),
+    (SinkWindow(8, 9), 1, 2, 2, 20, 20, 16, ranges(32, 32), ranges(32, 32, SINK_FIRST=True), ranges(32, 32)),
     # host descriptors in the backward; S2 prefix through the descriptors (PRE_N == BLOCK_N)
     (S2Strided(16, 2, 4), 1, 4, 2, 100, 130, 16, ranges(32, 16, **DEV), ranges(16, 16, TMA=True),
      ranges(32, 16, TMA=True)),

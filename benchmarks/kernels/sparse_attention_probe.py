@@ -77,7 +77,10 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                "fwd_dev": ("sink_window", (_t(128, 64, 8, 3, **DEV_TMA), None, None), {}),
                "dkdv_host": ("sink_window", (None, _t(64, 64, 4, 2, TMA=True, **HF), None), {}),
                "dq_s4": ("sink_window", (None, None, _t(128, 64, 8, 4, FUSE_DELTA=True, **HF)), {}),
-               "dq_n128": ("sink_window", (None, None, _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)), {})}
+               "dq_n128": ("sink_window", (None, None, _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)), {}),
+               # dK/dV: sink tiles first, then each head's tiles in order (L2 sharing); dQ with tiles fastest
+               "dkdv_sink_first": ("sink_window", (None, _t(64, 64, 4, 2, SINK_FIRST=True, **DEV_TMA), None), {}),
+               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {})}
 
 
 def log(msg):

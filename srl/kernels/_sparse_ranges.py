@@ -94,6 +94,22 @@ def _tile_and_head(HEADS_FAST: tl.constexpr):
 
 
 @triton.jit
+def _key_tile_and_head(N_K, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr, SINK_FIRST: tl.constexpr):
+    """(key tile, batch * kv head) of a dK/dV program. SINK_FIRST (a (tiles, heads) grid, launched
+    in that order): the first key tile of every head first (a sink seen by every query row), then
+    each head's other tiles in order, so the programs that run together read nearby query rows
+    (they share the L2) and no heavy program starts last."""
+    if SINK_FIRST:
+        n_t = tl.cdiv(N_K, BLOCK_N)
+        n_h = tl.num_programs(1)
+        lin = tl.program_id(0) + tl.program_id(1) * n_t
+        later = lin - n_h
+        rest = tl.maximum(n_t - 1, 1)
+        return tl.where(lin < n_h, 0, 1 + later % rest), tl.where(lin < n_h, lin, later // rest)
+    return _tile_and_head(HEADS_FAST)
+
+
+@triton.jit
 def _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED: tl.constexpr, UPCAST: tl.constexpr,
         DESC: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K, V tiles at keys [start_n, start_n + TILE_N): descriptors (zeros past N_K) or pointers."""
@@ -408,13 +424,13 @@ def _range_bwd_dkdv(Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, qk_scale, sm_scale
                     H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
                     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr = False,
-                    TMA: tl.constexpr = False, DESC_DEV: tl.constexpr = False):
+                    TMA: tl.constexpr = False, DESC_DEV: tl.constexpr = False, SINK_FIRST: tl.constexpr = False):
     """One key tile (first tiles first: the sink and early strided blocks see the most rows).
     Unmasked loop: full band rows, then the rows after the band if they see the whole tile;
     masked loop: the band's lower and upper edges, then the rows after it otherwise. With TMA,
     q and dO rows come through descriptors QD, DOD over (B*H, N_Q, D) with (1, BLOCK_M, D)
-    blocks (built by the program with DESC_DEV)."""
-    pid_t, off_bkv = _tile_and_head(HEADS_FAST)
+    blocks (built by the program with DESC_DEV). SINK_FIRST: see ``_key_tile_and_head``."""
+    pid_t, off_bkv = _key_tile_and_head(N_K, BLOCK_N, HEADS_FAST, SINK_FIRST)
     start_n = pid_t * BLOCK_N
     off_b = (off_bkv // H_KV).to(tl.int64)
     off_kvh = (off_bkv % H_KV).to(tl.int64)

@@ -110,7 +110,8 @@ def _stage_tiles(stage, d, kind):
         return dict(TILE_OVERRIDE[stage])
     gpu = _KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage])
     if INTERPRET:  # small tiles, the GPU default's kernel choice (so that tests run the shipped path)
-        return dict(_INTERP_TILES, **{f: gpu[f] for f in ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA") if f in gpu})
+        flags = ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA", "SINK_FIRST")
+        return dict(_INTERP_TILES, **{f: gpu[f] for f in flags if f in gpu})
     if d > 128:
         return dict(_BIG_HEAD_TILES[stage])
     return dict(gpu)
@@ -376,7 +377,8 @@ def _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale):
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
     if _range_pre(pattern, tiles, key_tiles=True) is None:
         return None
-    fast = tiles.pop("HEADS_FAST", False)
+    sink_first = tiles.pop("SINK_FIRST", False)  # a (tiles, heads) grid, remapped in the kernel
+    fast = tiles.pop("HEADS_FAST", False) and not sink_first
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
     mode = _desc_mode(q, do, tiles)
@@ -384,7 +386,7 @@ def _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale):
     kind, p0, p1, p2 = pattern.kernel_params()
     scalars = (sm_scale * _LOG2E, sm_scale, *_all_strides(q, k, v, do, dk, dv), H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2)
     consts = dict(KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, TMA=mode is not None,
-                  DESC_DEV=mode == "dev", **tiles)
+                  DESC_DEV=mode == "dev", SINK_FIRST=sink_first, **tiles)
     grid = (B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)
     return _Plan(CachedLaunch(_range_bwd_dkdv, grid, consts, DIRECT_LAUNCH),
                  _desc_spec(q, do, tiles["BLOCK_M"]) if mode == "host" else None, (mode,) + scalars)
@@ -400,7 +402,7 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
-    for key in ("RANGES", "PRE_N", "RUNS", "HEADS_FAST", "TMA", "DESC_DEV"):
+    for key in ("RANGES", "PRE_N", "RUNS", "HEADS_FAST", "TMA", "DESC_DEV", "SINK_FIRST"):
         tiles.pop(key, None)
     n_tiles = host_cdiv(Nk, tiles["BLOCK_N"])
     kind, p0, p1, p2 = pattern.kernel_params()
