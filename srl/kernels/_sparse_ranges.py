@@ -190,6 +190,20 @@ def _tile_counts(pre_lo, pre_hi, pre_step, pre_full, band_lo, full_lo, full_hi, 
 
 
 @triton.jit
+def _q_tile(H, N_Q, N_K, M_TILES, BLOCK_M: tl.constexpr, HEADS_FAST: tl.constexpr):
+    """Where a query-tile program (forward, dQ) works, the heaviest (last) query tiles first:
+    (off_bh, off_b, off_h, start_m, offs_m, row_ok, rows, heads); rows are key positions (query i
+    sits at N_K - N_Q + i), heads the head of every row (for the pattern's mask)."""
+    pid_t, off_bh = _tile_and_head(HEADS_FAST)
+    start_m = (M_TILES - 1 - pid_t) * BLOCK_M
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
+    return off_bh, off_b, off_h, start_m, offs_m, offs_m < N_Q, offs_m + (N_K - N_Q), heads
+
+
+@triton.jit
 def _kv_head(K, V, KD, VD, off_bh, H, GROUP, N_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
              HEADS_FAST: tl.constexpr, DESC_DEV: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K and V of query head ``off_bh`` (batch * H + head): base pointers, descriptor row and the
@@ -239,17 +253,8 @@ def _range_fwd(Q, K, V, KD, VD, O, LSE, qk_scale,
     with (1, BLOCK_N, D) blocks when TMA (used by a PRE_N-wide prefix too when PRE_TMA), else
     K, V; with DESC_DEV the program builds them from K, V (whose B and H_kv strides then merge).
     A prefix of BLOCK_N-wide tiles joins the two loops; a narrower one has its own."""
-    pid_t, off_bh = _tile_and_head(HEADS_FAST)
-    pid_m = M_TILES - 1 - pid_t  # the heaviest (last) query tiles first
-    start_m = pid_m * BLOCK_M
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    off_bh, off_b, off_h, start_m, offs_m, row_ok, rows, heads = _q_tile(H, N_Q, N_K, M_TILES, BLOCK_M, HEADS_FAST)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-    shift = N_K - N_Q
-    rows = offs_m + shift
-    heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
@@ -324,17 +329,8 @@ def _range_bwd_dq(Q, K, V, KD, VD, DO, DQ, LSE, DELTA, O, qk_scale, sm_scale,
     stores it in DELTA (the dK/dV kernel, launched after, reads it): no separate pass over O.
     With TMA, K and V tiles of BLOCK_N keys come through descriptors KD, VD as in the forward
     (built by the program with DESC_DEV)."""
-    pid_t, off_bh = _tile_and_head(HEADS_FAST)
-    pid_m = M_TILES - 1 - pid_t
-    start_m = pid_m * BLOCK_M
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    off_bh, off_b, off_h, start_m, offs_m, row_ok, rows, heads = _q_tile(H, N_Q, N_K, M_TILES, BLOCK_M, HEADS_FAST)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-    shift = N_K - N_Q
-    rows = offs_m + shift
-    heads = tl.zeros([BLOCK_M], dtype=tl.int32) + off_h.to(tl.int32)
     q, do, lse, delta = load_dq_rows(Q, DO, LSE, DELTA, off_b, off_h, off_bh, offs_m, offs_d, row_ok,
                                      stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
                                      N_Q, UPCAST)

@@ -401,19 +401,28 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
         return
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
-    for key in ("RANGES", "PRE_N", "RUNS", "HEADS_FAST", "TMA", "DESC_DEV", "SINK_FIRST"):
-        tiles.pop(key, None)
+    tiles, (kind, p0, p1, p2), lists, list_strides = _list_stage("dkdv", pattern, q, k, by_key=True)
     n_tiles = host_cdiv(Nk, tiles["BLOCK_N"])
-    kind, p0, p1, p2 = pattern.kernel_params()
-    by_key = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=True)
-    _, layout, lstrides = _pattern_args(pattern, q.device, by_key.full_cnt)
-    ptrs, list_strides = _list_args(by_key)
     _sparse_bwd_dkdv[(n_tiles, B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout,
-        *_all_strides(q, k, v, do, dk, dv), *list_strides,
-        *lstrides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
+        q, k, v, do, dk, dv, lse, delta, sm_scale * _LOG2E, sm_scale, *lists, *_all_strides(q, k, v, do, dk, dv),
+        *list_strides, H, Hkv, H // Hkv, Nq, Nk, n_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
+
+
+_RANGE_FLAGS = ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV", "SINK_FIRST")
+
+
+def _list_stage(stage, pattern, q, k, by_key=False):
+    """Tiles, pattern parameters, (list pointers, layout) and their strides of a backward list
+    kernel (block layouts, and S2 blocks the range kernels do not take)."""
+    H, Nq, D = q.shape[1], q.shape[2], q.shape[3]
+    tiles = _stage_tiles(stage, D, pattern.kernel_params()[0])
+    for key in _RANGE_FLAGS:
+        tiles.pop(key, None)
+    lists = tile_lists(pattern, H, Nq, k.shape[2], tiles["BLOCK_M"], tiles["BLOCK_N"], q.device, by_key=by_key)
+    _, layout, lstrides = _pattern_args(pattern, q.device, lists.full_cnt)
+    ptrs, list_strides = _list_args(lists)
+    return tiles, pattern.kernel_params(), (*ptrs, layout), (*list_strides, *lstrides)
 
 
 def _all_strides(*tensors):
@@ -455,17 +464,11 @@ def _backward_dq(do, q, k, v, dq, lse, delta, pattern, sm_scale, o=None):
         return
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    tiles = _stage_tiles("dq", D, pattern.kernel_params()[0])
-    for key in ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV"):
-        tiles.pop(key, None)
+    tiles, (kind, p0, p1, p2), lists, list_strides = _list_stage("dq", pattern, q, k)
     m_tiles = host_cdiv(Nq, tiles["BLOCK_M"])
-    kind, p0, p1, p2 = pattern.kernel_params()
-    by_query = tile_lists(pattern, H, Nq, Nk, tiles["BLOCK_M"], tiles["BLOCK_N"], q.device)
-    _, layout, lstrides = _pattern_args(pattern, q.device, by_query.full_cnt)
-    ptrs, list_strides = _list_args(by_query)
     _sparse_bwd_dq[(m_tiles, B * H)](
-        q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale, *ptrs, layout, *_all_strides(q, k, v, do, dq),
-        *list_strides, *lstrides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
+        q, k, v, do, dq, lse, delta, sm_scale * _LOG2E, sm_scale, *lists, *_all_strides(q, k, v, do, dq),
+        *list_strides, H, H // Hkv, Nq, Nk, m_tiles, p0, p1, p2,
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
