@@ -80,3 +80,30 @@ def test_draft_alignment_raises_acceptance():
     assert aligner.samples_seen == 25 * 32 and len(history) == 25
     assert history[-1]["charts/acceptance_rate"] > history[0]["charts/acceptance_rate"]
     assert abs(block_efficiency(0.5, 3) - 1.875) < 1e-12 and block_efficiency(1.0, 3) == 4.0
+
+
+def test_answer_targets_mark_answers_and_eos_only():
+    task = AdditionTask(n_digits=2)
+    rng = np.random.default_rng(7)
+    ids = task.stream(6, 40, rng)
+    mask = task.answer_targets(ids)
+    assert mask.shape == (6, 39) and mask.dtype == torch.bool
+    eq, eos = VOCAB.index["="], VOCAB.eos
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        expected, inside = [], False
+        for prev in row[:-1]:  # a plain scan: is the target after `prev` inside an answer?
+            if prev == eq:
+                inside = True
+            elif prev == eos:
+                inside = False
+            expected.append(inside)
+        assert m == expected
+        targets = [t for t, keep in zip(row[1:], m) if keep]
+        # answers are digits closed by eos: 3 digits then eos for two-digit addition
+        assert set(targets) <= set(VOCAB.digits(range(10))) | {eos}
+        assert 0 < sum(m) < len(m)  # negative control: neither everything nor nothing
+    # a prompt digit is never a target: the token after '<bos>' is a first operand digit
+    for r, row in enumerate(ids.tolist()):
+        for i in range(len(row) - 1):
+            if row[i] == VOCAB.bos:
+                assert not mask[r, i]

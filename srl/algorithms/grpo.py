@@ -74,9 +74,14 @@ def grpo_loss(logp, old_logp, adv, mask, clip: float, ref_logp=None, kl_coef: fl
 # --------------------------------------------------------------------------- learner
 
 
+WARMUP_RAMP_STEPS = 100
+"""The supervised warm-up's learning rate rises linearly over this many steps (or a tenth of them)."""
+
+
 def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, seed: int,
             batch: int = 64, callback=None, cache: str = "") -> float:
-    """Supervised next-token steps on the task's solved problems; returns the last loss.
+    """Supervised next-token steps on the task's solved problems; returns the last loss. The loss
+    covers the answers only when the task marks them (``answer_targets``), in bf16 autocast on CUDA.
     Deterministic given ``seed``, so a restarted trainer warms up to the same reference.
     ``callback(step, loss)``, if given, runs after every step (benchmarks probe accuracy with it).
     ``cache``: a folder of warmed-up weights (:func:`warmup_path`); a hit loads them (loss nan)."""
@@ -91,12 +96,20 @@ def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, s
         return float("nan")
     rng = np.random.default_rng(seed + 4242)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    ramp = max(1, min(WARMUP_RAMP_STEPS, steps // 10))
     seq_len = min(policy.config.max_seq_len, 64)
+    bf16 = torch.device(device).type == "cuda"
     loss = torch.zeros(())
     for step in range(steps):
         ids = torch.as_tensor(task.stream(batch, seq_len + 1, rng), device=device)
-        logits = policy(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            logits = policy(ids[:, :-1])
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                    reduction="none")
+        mask = task.answer_targets(ids).reshape(-1).float() if hasattr(task, "answer_targets") else None
+        loss = per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / ramp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

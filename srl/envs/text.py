@@ -82,6 +82,16 @@ class TextTask:
     def rewards(self, answers: Tensor, completions: Tensor) -> Tensor:
         return torch.tensor([self.reward(a, c) for a, c in zip(answers, completions)])
 
+    def answer_targets(self, ids: Tensor) -> Tensor:
+        """Which next-token targets of packed ``ids`` (batch, T) are answer tokens or the ``<eos>``
+        closing one: (batch, T - 1) bool, True where ``ids[:, 1:]`` follows an '=' with no
+        ``<eos>`` in between (the supervised warm-up learns answers, not random prompt digits)."""
+        x = ids[:, :-1]
+        pos = torch.arange(x.shape[1], device=ids.device).expand_as(x)
+        last_eq = torch.where(x == self.vocab.index["="], pos, -1).cummax(1).values
+        last_eos = torch.where(x == self.vocab.eos, pos, -1).cummax(1).values
+        return (last_eq >= 0) & (last_eq > last_eos)
+
     def stream(self, batch: int, seq_len: int, rng: np.random.Generator) -> Tensor:
         """(batch, seq_len) windows of solved problems packed back to back."""
         rows = []
@@ -196,6 +206,9 @@ class _TextTokenTask(TokenTask):
     def stream(self, batch: int, seq_len: int, rng: np.random.Generator) -> Tensor:
         """Solved problems packed back to back (supervised warm-up before RL)."""
         return self.task.stream(batch, seq_len, rng)
+
+    def answer_targets(self, ids: Tensor) -> Tensor:
+        return self.task.answer_targets(ids)
 
     def reward(self, prompts: np.ndarray, completions: np.ndarray) -> np.ndarray:
         return np.array([self.task.reward(torch.tensor(self.answer(p)), torch.as_tensor(c))
