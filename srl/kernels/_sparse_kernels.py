@@ -39,6 +39,22 @@ def visible(rows, cols, heads, row_ok, col_ok, KIND: tl.constexpr, P0, P1, P2,
 
 
 @triton.jit
+def load_key_tile(K, V, start_n, off_bkv, H_KV, N_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """A dK/dV program's key tile [start_n, start_n + BLOCK_N) of (batch * kv head) ``off_bkv``:
+    (off_b, off_kvh, cols, col_ok, offs_d, k, v), keys past N_K loaded as zeros."""
+    off_b = (off_bkv // H_KV).to(tl.int64)
+    off_kvh = (off_bkv % H_KV).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < N_K
+    k, v = load_kv_tile(K + off_b * stride_kb + off_kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                        V + off_b * stride_vb + off_kvh * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+                        col_ok, True, UPCAST)
+    return off_b, off_kvh, cols, col_ok, offs_d, k, v
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, start_n, k_base, v_base, kv_row, stride_kn, stride_vn,
               offs_n, rows, heads, row_ok, n_k, qk_scale, LAYOUT, stride_lh, stride_lq, P0, P1, P2,
               MASKED: tl.constexpr, KIND: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
@@ -209,19 +225,10 @@ def _sparse_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     pid_n = tl.program_id(0)
     start_n = pid_n * BLOCK_N
     off_bkv = tl.program_id(1)
-    off_b = (off_bkv // H_KV).to(tl.int64)
-    off_kvh = (off_bkv % H_KV).to(tl.int64)
-    cols = start_n + tl.arange(0, BLOCK_N)
+    off_b, off_kvh, cols, col_ok, offs_d, k, v = load_key_tile(
+        K, V, start_n, off_bkv, H_KV, N_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        BLOCK_N, HEAD_DIM, UPCAST)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = cols < N_K
-    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     shift = N_K - N_Q

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from srl.kernels._flash_common import (load_dq_rows, load_kv_desc, load_kv_tile, online_softmax_step,
                                        online_softmax_step_unmasked)
-from srl.kernels._sparse_kernels import visible
+from srl.kernels._sparse_kernels import load_key_tile, visible
 
 
 @triton.jit
@@ -428,18 +428,9 @@ def _range_bwd_dkdv(Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, qk_scale, sm_scale
     blocks (built by the program with DESC_DEV). SINK_FIRST: see ``_key_tile_and_head``."""
     pid_t, off_bkv = _key_tile_and_head(N_K, BLOCK_N, HEADS_FAST, SINK_FIRST)
     start_n = pid_t * BLOCK_N
-    off_b = (off_bkv // H_KV).to(tl.int64)
-    off_kvh = (off_bkv % H_KV).to(tl.int64)
-    cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = cols < N_K
-    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    off_b, off_kvh, cols, col_ok, offs_d, k, v = load_key_tile(
+        K, V, start_n, off_bkv, H_KV, N_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        BLOCK_N, HEAD_DIM, UPCAST)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     shift = N_K - N_Q
