@@ -356,6 +356,13 @@ def probe(args, results, save):
             torch.cuda.empty_cache()
 
 
+def _extras(args):
+    """FINAL_EXTRA, or the variants --extras names, when --extra."""
+    if not args.extra:
+        return {}
+    return {k: v for k, v in FINAL_EXTRA.items() if not args.extras or k in args.extras}
+
+
 def profile_defaults(n, pattern, qkvd, results):
     """cProfile of 20 default calls (forward; forward+backward) and of 20 through Triton's own launch."""
     impl = (lambda a, b, c: sparse_attention(a, b, c, pattern))
@@ -410,7 +417,7 @@ def final(args, results, save):
             row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac)
             results["final"].append(row)
             save()
-        for variant, (name, tiles, settings) in FINAL_EXTRA.items() if args.extra else ():
+        for variant, (name, tiles, settings) in _extras(args).items():
             row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, block_fraction(PATTERNS[name], args.heads, n),
                                 settings)
             results["final_extra"].append(dict(row, variant=variant))
@@ -459,10 +466,10 @@ def flex(args, results, save):
             open(args.next_go, "w").close()
 
 
-def warm(share, shares, n, h, d, patterns, round_b=False, extra=False):
+def warm(share, shares, n, h, d, patterns, round_b=False, extra=None):
     """Compile share ``share`` of the kernels at N = n: the defaults of ``patterns`` (forward, delta
     pass, dK/dV, dQ), and the candidates of --final (``round_b``) or, for sink+window alone, the
-    probe's variants; with ``extra``, FINAL_EXTRA too."""
+    probe's variants; the ``extra`` variants (of FINAL_EXTRA) too."""
     pattern = PATTERNS["sink_window"]
     q, k, v, do = inputs(n, h, d, 0)
     jobs = [("defaults", name) for name in patterns]
@@ -471,8 +478,7 @@ def warm(share, shares, n, h, d, patterns, round_b=False, extra=False):
     elif patterns == ["sink_window"]:
         jobs += [("fwd", t) for t in FWD.values() if t] + [("dkdv", t) for t in DKDV.values() if t] + \
                 [("dq", t) for t in DQ.values() if t]
-    if extra:
-        jobs += [("extra", v[:2]) for v in FINAL_EXTRA.values()]
+    jobs += [("extra", v[:2]) for v in (extra or {}).values()]
     for i, (stage, tiles) in enumerate(jobs):
         if i % shares != share:
             continue
@@ -504,6 +510,7 @@ def main(argv=None):
     parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
     parser.add_argument("--no-pick", action="store_true", help="with --final: no backward candidates")
     parser.add_argument("--extra", action="store_true", help="with --final: also time FINAL_EXTRA")
+    parser.add_argument("--extras", nargs="*", default=[], help="with --extra: only these FINAL_EXTRA variants")
     parser.add_argument("--profile", action="store_true", help="with --final: cProfile the defaults' host work")
     parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")
     parser.add_argument("--patterns", nargs="*", default=[])
@@ -522,7 +529,7 @@ def main(argv=None):
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
         warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS),
-             args.final and not args.no_pick, args.final and args.extra)
+             args.final and not args.no_pick, _extras(args) if args.final else {})
         return
     results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
                "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "final_extra": [], "flex": [],
