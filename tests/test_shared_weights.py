@@ -158,3 +158,21 @@ def test_files_of_dead_processes_are_removed():
         for p in (stale, mine):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def test_a_full_shared_folder_falls_back_to_the_wire(monkeypatch):
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    before = set(os.listdir(sw.SHM_DIR))
+    server = ParamServer()
+    client = ParamClient(server.address, interval_s=0.0)
+    w = _weights(np.random.default_rng(6))
+    server.publish(0, w)
+    _, arrays = _pull(server, client)
+    _equal(arrays, w)
+    assert server._file is None and not server.shared and client._reader is None
+    assert set(os.listdir(sw.SHM_DIR)) == before  # nothing left behind
+    server.close()
+    client.close()

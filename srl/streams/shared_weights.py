@@ -116,10 +116,14 @@ class SharedWeightsWriter:
         self.slot_size = slot_bytes(self.manifest)
         self.path = os.path.join(SHM_DIR, f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, HEADER_BYTES + 2 * self.slot_size)
-        finally:
+        try:  # reserve the pages now: a full tmpfs (containers often give /dev/shm 64 MB) must
+            # fail here, as OSError, not later as SIGBUS on the first write
+            os.posix_fallocate(fd, 0, HEADER_BYTES + 2 * self.slot_size)
+        except OSError:
             os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
         self.map = _Mapped(self.path, HEADER_BYTES + 2 * self.slot_size, write=True)
 
     def fits(self, arrays: dict[str, np.ndarray]) -> bool:
