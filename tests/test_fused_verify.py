@@ -186,3 +186,34 @@ def test_fused_selection_negative_control(monkeypatch):
                         lambda *a, **kw: real(*a[:6], 0.5, *a[7:], **kw))
     s1, *_ = _iterations(target, draft, prompt, True, 3, 3, params, select=True)
     assert not torch.allclose(s1.logp, s0.logp, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fused_iteration_joint_law_in_cuda_graph(monkeypatch):
+    """On the GPU, every part fused (batch 8, one CUDA graph per iteration): the joint law of 3
+    tokens against the exact law of a tiny float32 transformer, and the recorded log-probs are the
+    target's."""
+    import copy
+
+    from test_speculative import PASS, chi2_pvalue, exact_lm_joint, joint_index
+
+    from srl.generation import fused_decode, speculative
+    from srl.generation.speculative import SpeculativeSampler
+
+    monkeypatch.setattr(speculative, "FUSED_VERIFY", 8)
+    monkeypatch.setattr(fused_decode, "FUSED_GEMV", 8)
+    torch.manual_seed(5)
+    cfg = dict(vocab_size=5, max_seq_len=64, init_std=0.6)
+    target = TransformerLM(LMConfig(d_model=32, n_layers=2, n_heads=2, **cfg)).eval()
+    draft = TransformerLM(LMConfig(d_model=32, n_layers=1, n_heads=2, **cfg)).eval()
+    params, prompt = SamplingParams(0.7), (1, 3, 0)
+    exact = exact_lm_joint(copy.deepcopy(target).double(), prompt, 3, params, 5)
+    s = SpeculativeSampler(target.cuda(), draft.cuda(), 8, 32, k=1, draft_len=2, params=params)
+    assert s.fused is not None and s.fused.work is not None and s.draft_step is not None
+    rows = torch.tensor(prompt, device="cuda").expand(8, 3).contiguous()
+    outs = [s.generate(rows, 3) for _ in range(750)]
+    tokens = torch.cat([o.tokens.cpu() for o in outs])
+    logp = torch.cat([o.logp.cpu() for o in outs])
+    idx = joint_index(tokens, 5)
+    assert chi2_pvalue(idx, exact) > PASS
+    assert torch.allclose(logp.sum(1).double(), exact[idx].log(), atol=1e-3)
