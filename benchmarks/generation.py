@@ -140,6 +140,33 @@ def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params
             "seconds": sec, "tokens_per_s": batch * new_tokens / sec, **out.stats, **sane}
 
 
+def check_exact(policy, draft, prompt, params, L=7, new_tokens=128):
+    """Standard speculative sampling at batch 1, fused iteration against the torch one, same seed."""
+    from srl.generation import speculative
+
+    outs = []
+    saved = speculative.FUSED_VERIFY
+    try:
+        for fused in (0, 1):
+            speculative.FUSED_VERIFY = fused
+            g = torch.Generator(device=DEV).manual_seed(11)
+            s = SpeculativeSampler(policy, draft, 1, prompt.shape[1] + new_tokens + 3 * L + 16, k=1,
+                                   draft_len=L, params=params, cuda_graph=False, generator=g)
+            with torch.inference_mode():
+                outs.append(s.generate(prompt, new_tokens))
+    finally:
+        speculative.FUSED_VERIFY = saved
+    same = (outs[0].tokens == outs[1].tokens).float()[0]
+    first = int(same.argmin()) if same.min() < 1 else new_tokens
+    n = max(first, 1)
+    res = {"new_tokens": new_tokens, "L": L, "tokens_equal_fraction": float(same.mean()),
+           "first_differing_position": first,
+           "max_logp_diff_before_it": float((outs[0].logp[:, :n] - outs[1].logp[:, :n]).abs().max()),
+           "tokens_per_pass": [o.stats["tokens_per_pass"] for o in outs]}
+    log(f"  exactness, trained models, fused vs torch iteration: {res}")
+    return res
+
+
 def hf_baseline(batches, new_tokens, repeats):
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -221,6 +248,9 @@ def main():
     ap.add_argument("--draft-seconds", type=float, default=None, help="stop the draft's training after this")
     ap.add_argument("--skip-before-after", action="store_true",
                     help="skip the batch-16 acceptance run of the pretrained and aligned drafts")
+    ap.add_argument("--check-exact", action="store_true",
+                    help="batch 1, L=7: the fused standard iteration against the torch one from the same "
+                         "generator seed with the trained models (bf16, no CUDA graph)")
     ap.add_argument("--verify-compare", action="store_true",
                     help="standard rows also with the torch verification pass (FUSED_VERIFY off)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -321,6 +351,8 @@ def main():
             f"{r['tokens_per_pass']:.2f}, outside vocab {r['outside_task_vocab']:.4f}, "
             f"mean logp {r['mean_logp']:.3f}")
 
+    if args.check_exact:
+        result["check_exact"] = check_exact(pol16, drafts["aligned"], prompts_all[:1], params)
     # ---- throughput grid
     rows = []
     d = drafts["aligned"]

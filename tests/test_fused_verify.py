@@ -195,6 +195,7 @@ def test_fused_iteration_joint_law_in_cuda_graph(monkeypatch):
     target's."""
     import copy
 
+    pytest.importorskip("scipy")
     from test_speculative import PASS, chi2_pvalue, exact_lm_joint, joint_index
 
     from srl.generation import fused_decode, speculative
