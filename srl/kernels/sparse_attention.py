@@ -110,7 +110,7 @@ def _stage_tiles(stage, d, kind):
         return dict(TILE_OVERRIDE[stage])
     gpu = _KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage])
     if INTERPRET:  # small tiles, the GPU default's kernel choice (so that tests run the shipped path)
-        flags = ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA", "SINK_FIRST")
+        flags = ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA", "SINK_FIRST", "PREFETCH")
         return dict(_INTERP_TILES, **{f: gpu[f] for f in flags if f in gpu})
     if d > 128:
         return dict(_BIG_HEAD_TILES[stage])
@@ -409,7 +409,7 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
-_RANGE_FLAGS = ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV", "SINK_FIRST")
+_RANGE_FLAGS = ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV", "SINK_FIRST", "PREFETCH")
 
 
 def _list_stage(stage, pattern, q, k, by_key=False):
