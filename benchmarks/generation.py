@@ -369,7 +369,7 @@ def main():
             f"outside vocab {rows[-1]['outside_task_vocab']:.4f}, mean logp {rows[-1]['mean_logp']:.3f}")
         if b == 1:
             rows.append(bench_config(pol16, d, b, "plain_eager", 0, 0, prompts_all,
-                                     args.new_tokens, params, 1))
+                                     args.new_tokens, params, 1, cuda_graph=False))
             log(f"  batch {b:3d} plain without CUDA graph: {rows[-1]['tokens_per_s']:.0f} tok/s")
         for k in ks:
             for L in Ls:
