@@ -67,9 +67,10 @@ DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF)
 
 # --final: the candidates measured before the final rows (sink+window); the fastest (device time
 # summed over the Ns) serve the final rows unless --no-pick
-FINAL_DKDV = {"default": None, "host_tma": _t(64, 64, 4, 2, TMA=True, **HF)}
-FINAL_DQ = {"default": None, "s4": _t(128, 64, 8, 4, FUSE_DELTA=True, **HF),
-            "n128_s2": _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)}
+FINAL_DKDV = {"default": None, "sink_first": _t(64, 64, 4, 2, SINK_FIRST=True, **DEV_TMA),
+              "prefetch": _t(64, 64, 4, 2, PREFETCH=True, **DEV_TMA, **HF),
+              "prefetch_sink_first": _t(64, 64, 4, 2, SINK_FIRST=True, PREFETCH=True, **DEV_TMA)}
+FINAL_DQ = {"default": None, "tiles_fast": _t(128, 64, 8, 3, FUSE_DELTA=True)}
 # --final --extra: other settings timed end to end after the defaults: pattern, (fwd, dK/dV, dQ)
 # tiles, module settings of sparse_attention.py (DIRECT_LAUNCH False: every launch through Triton's
 # own path, as before the cached launches)
@@ -80,7 +81,12 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                "dq_n128": ("sink_window", (None, None, _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)), {}),
                # dK/dV: sink tiles first, then each head's tiles in order (L2 sharing); dQ with tiles fastest
                "dkdv_sink_first": ("sink_window", (None, _t(64, 64, 4, 2, SINK_FIRST=True, **DEV_TMA), None), {}),
-               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {})}
+               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {}),
+               # lse and delta one iteration ahead in dK/dV, alone and with the sink tiles first
+               "dkdv_prefetch": ("sink_window", (None, FINAL_DKDV["prefetch"], None), {}),
+               "dkdv_prefetch_sink_first": ("sink_window", (None, FINAL_DKDV["prefetch_sink_first"], None), {}),
+               "sink_first_dq_tiles_fast": ("sink_window", (None, FINAL_DKDV["sink_first"],
+                                                            _t(128, 64, 8, 3, FUSE_DELTA=True)), {})}
 
 
 def log(msg):
@@ -401,11 +407,12 @@ def final(args, results, save):
     flex rows)."""
     sw = PATTERNS["sink_window"]
     picks = {}
-    if not args.no_pick:
+    if not args.no_pick or args.bwd_kernels:
         for n in args.seq:
             qkvd = inputs(n, args.heads, args.head_dim, n)
             probe_backward(n, sw, qkvd, results["kernels"], save, FINAL_DKDV, FINAL_DQ)
             del qkvd
+    if not args.no_pick:
         picks = {stage: pick(results["kernels"], stage, args.seq) for stage in ("dkdv", "dq")}
         results["picks"] = picks
         log(f"picks: {picks}")
@@ -418,8 +425,8 @@ def final(args, results, save):
             results["final"].append(row)
             save()
         for variant, (name, tiles, settings) in _extras(args).items():
-            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, block_fraction(PATTERNS[name], args.heads, n),
-                                settings)
+            frac = block_fraction(PATTERNS[name], args.heads, n)
+            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac, settings)
             results["final_extra"].append(dict(row, variant=variant))
             save()
         if args.profile and n == args.seq[0]:
@@ -466,16 +473,16 @@ def flex(args, results, save):
             open(args.next_go, "w").close()
 
 
-def warm(share, shares, n, h, d, patterns, round_b=False, extra=None):
+def warm(share, shares, n, h, d, patterns, round_b=False, extra=None, probe=True):
     """Compile share ``share`` of the kernels at N = n: the defaults of ``patterns`` (forward, delta
     pass, dK/dV, dQ), and the candidates of --final (``round_b``) or, for sink+window alone, the
-    probe's variants; the ``extra`` variants (of FINAL_EXTRA) too."""
+    probe's variants (``probe``: the probe's run, not --final); the ``extra`` variants (of FINAL_EXTRA) too."""
     pattern = PATTERNS["sink_window"]
     q, k, v, do = inputs(n, h, d, 0)
     jobs = [("defaults", name) for name in patterns]
     if round_b:
         jobs += [("dkdv", t) for t in FINAL_DKDV.values() if t] + [("dq", t) for t in FINAL_DQ.values() if t]
-    elif patterns == ["sink_window"]:
+    elif probe and patterns == ["sink_window"]:
         jobs += [("fwd", t) for t in FWD.values() if t] + [("dkdv", t) for t in DKDV.values() if t] + \
                 [("dq", t) for t in DQ.values() if t]
     jobs += [("extra", v[:2]) for v in (extra or {}).values()]
@@ -510,6 +517,8 @@ def main(argv=None):
     parser.add_argument("--final", action="store_true", help="defaults of both patterns only")
     parser.add_argument("--no-pick", action="store_true", help="with --final: no backward candidates")
     parser.add_argument("--extra", action="store_true", help="with --final: also time FINAL_EXTRA")
+    parser.add_argument("--bwd-kernels", action="store_true",
+                        help="with --final --no-pick: still time the FINAL_DKDV / FINAL_DQ kernels alone")
     parser.add_argument("--extras", nargs="*", default=[], help="with --extra: only these FINAL_EXTRA variants")
     parser.add_argument("--profile", action="store_true", help="with --final: cProfile the defaults' host work")
     parser.add_argument("--flex", action="store_true", help="FlexAttention on --patterns[0] only")
@@ -529,7 +538,7 @@ def main(argv=None):
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
         warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS),
-             args.final and not args.no_pick, _extras(args) if args.final else {})
+             args.final and not args.no_pick, _extras(args) if args.final else {}, not args.final)
         return
     results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
                "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "final_extra": [], "flex": [],
