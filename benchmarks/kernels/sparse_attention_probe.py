@@ -462,6 +462,8 @@ def flex(args, results, save):
         for n, qkvd, impl in ready:
             fwd, step = fwd_bwd_fns(impl, *qkvd)
             row = {"N": n, "pattern": name, "fwd": four_timers(fwd), "fwd_bwd": four_timers(step, 400.0)}
+            if args.flex_repeat:  # a second timing of the same compiled function
+                row.update(fwd_repeat=four_timers(fwd), fwd_bwd_repeat=four_timers(step, 400.0))
             ref = outputs(impl, *qkvd)
             got = outputs(lambda a, b, c: sparse_attention(a, b, c, pattern), *qkvd)
             row.update({f"err_vs_flex_{x}": rel_err(a, b) for x, a, b in zip(("o", "dq", "dk", "dv"), got, ref)})
@@ -526,6 +528,7 @@ def main(argv=None):
     parser.add_argument("--go-file", default="")
     parser.add_argument("--next-go", default="", help="with --flex: touched after timing")
     parser.add_argument("--compiled-file", default="", help="with --flex: touched once compiled")
+    parser.add_argument("--flex-repeat", action="store_true", help="with --flex: time everything twice")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--skip-dev", action="store_true", help="leave out the variants with kernel-built descriptors")
