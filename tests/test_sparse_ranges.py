@@ -46,16 +46,10 @@ CASES = [  # (pattern, B, H, H_kv, Nq, Nk, D, fwd tiles, dK/dV tiles, dQ tiles)
     (S2Strided(16, 2, 4), 1, 4, 4, 200, 200, 32, ranges(32, 16, TMA=True), ranges(32, 16), ranges(32, 16)),
     (S2Strided(16, 3, 3), 1, 6, 2, 130, 203, 16, ranges(64, 32, HEADS_FAST=True),
      ranges(16, 16, HEADS_FAST=True), ranges(16, 32, HEADS_FAST=True, FUSE_DELTA=True)),
-    (S2Strided(32, 1, 2), 1, 2, 1, 256, 256, 32, ranges(32, 32, TMA=True), ranges(16, 32, PREFETCH=True),
-     ranges(32, 32)),
+    (S2Strided(32, 1, 2), 1, 2, 1, 256, 256, 32, ranges(32, 32, TMA=True), ranges(16, 32), ranges(32, 32)),
     # descriptors built by the kernels (DESC_DEV), for K/V in the forward and dQ, q/dO in dK/dV
     (SinkWindow(16, 37), 2, 2, 1, 77, 200, 16, ranges(32, 32, PRE_N=16, **DEV), ranges(32, 16, HEADS_FAST=True, **DEV),
      ranges(16, 32, HEADS_FAST=True, FUSE_DELTA=True, **DEV)),
-    # dK/dV with the sink tiles first, then each head's tiles in order (one tile, and many); lse and delta
-    # loaded one iteration ahead (PREFETCH, also in the S2 case above)
-    (SinkWindow(16, 37), 2, 2, 1, 77, 200, 16, ranges(32, 32), ranges(32, 16, SINK_FIRST=True, PREFETCH=True, **DEV),
-     ranges(32, 32, FUSE_DELTA=True)),
-    (SinkWindow(8, 9), 1, 2, 2, 20, 20, 16, ranges(32, 32), ranges(32, 32, SINK_FIRST=True), ranges(32, 32)),
     # host descriptors in the backward; S2 prefix through the descriptors (PRE_N == BLOCK_N)
     (S2Strided(16, 2, 4), 1, 4, 2, 100, 130, 16, ranges(32, 16, **DEV), ranges(16, 16, TMA=True),
      ranges(32, 16, TMA=True)),

@@ -67,9 +67,7 @@ DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF)
 
 # --final: the candidates measured before the final rows (sink+window); the fastest (device time
 # summed over the Ns) serve the final rows unless --no-pick
-FINAL_DKDV = {"default": None, "sink_first": _t(64, 64, 4, 2, SINK_FIRST=True, **DEV_TMA),
-              "prefetch": _t(64, 64, 4, 2, PREFETCH=True, **DEV_TMA, **HF),
-              "prefetch_sink_first": _t(64, 64, 4, 2, SINK_FIRST=True, PREFETCH=True, **DEV_TMA)}
+FINAL_DKDV = {"default": None, "host_tma": _t(64, 64, 4, 2, TMA=True, **HF)}
 FINAL_DQ = {"default": None, "tiles_fast": _t(128, 64, 8, 3, FUSE_DELTA=True)}
 # --final --extra: other settings timed end to end after the defaults: pattern, (fwd, dK/dV, dQ)
 # tiles, module settings of sparse_attention.py (DIRECT_LAUNCH False: every launch through Triton's
@@ -79,14 +77,8 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                "dkdv_host": ("sink_window", (None, _t(64, 64, 4, 2, TMA=True, **HF), None), {}),
                "dq_s4": ("sink_window", (None, None, _t(128, 64, 8, 4, FUSE_DELTA=True, **HF)), {}),
                "dq_n128": ("sink_window", (None, None, _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)), {}),
-               # dK/dV: sink tiles first, then each head's tiles in order (L2 sharing); dQ with tiles fastest
-               "dkdv_sink_first": ("sink_window", (None, _t(64, 64, 4, 2, SINK_FIRST=True, **DEV_TMA), None), {}),
-               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {}),
-               # lse and delta one iteration ahead in dK/dV, alone and with the sink tiles first
-               "dkdv_prefetch": ("sink_window", (None, FINAL_DKDV["prefetch"], None), {}),
-               "dkdv_prefetch_sink_first": ("sink_window", (None, FINAL_DKDV["prefetch_sink_first"], None), {}),
-               "sink_first_dq_tiles_fast": ("sink_window", (None, FINAL_DKDV["sink_first"],
-                                                            _t(128, 64, 8, 3, FUSE_DELTA=True)), {})}
+               # dQ with the query tiles fastest (heads slowest)
+               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {})}
 
 
 def log(msg):

@@ -94,22 +94,6 @@ def _tile_and_head(HEADS_FAST: tl.constexpr):
 
 
 @triton.jit
-def _key_tile_and_head(N_K, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr, SINK_FIRST: tl.constexpr):
-    """(key tile, batch * kv head) of a dK/dV program. SINK_FIRST (a (tiles, heads) grid, launched
-    in that order): the first key tile of every head first (a sink seen by every query row), then
-    each head's other tiles in order, so the programs that run together read nearby query rows
-    (they share the L2) and no heavy program starts last."""
-    if SINK_FIRST:
-        n_t = tl.cdiv(N_K, BLOCK_N)
-        n_h = tl.num_programs(1)
-        lin = tl.program_id(0) + tl.program_id(1) * n_t
-        later = lin - n_h
-        rest = tl.maximum(n_t - 1, 1)
-        return tl.where(lin < n_h, 0, 1 + later % rest), tl.where(lin < n_h, lin, later // rest)
-    return _tile_and_head(HEADS_FAST)
-
-
-@triton.jit
 def _kv(K, V, kd, vd, kv_row, start_n, n_k, stride_kn, stride_vn, MASKED: tl.constexpr, UPCAST: tl.constexpr,
         DESC: tl.constexpr, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K, V tiles at keys [start_n, start_n + TILE_N): descriptors (zeros past N_K) or pointers."""
@@ -375,45 +359,21 @@ def _q_do(Q, DO, qd, dod, q_row, start_m, offs_m, row_ok, stride_qn, stride_don,
 
 
 @triton.jit
-def _row_stats(LSE_ROW, DELTA_ROW, t, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, n_q, shift, MASKED: tl.constexpr,
-               BLOCK_M: tl.constexpr):
-    """lse and delta of the query rows of virtual tile t of ``_dkdv_loop`` (inf and 0 for rows
-    outside the segment, and for t >= n)."""
-    offs_m = _start(t, n0, n1, lo0, BLOCK_M, lo1, BLOCK_M, lo2, BLOCK_M) - shift + tl.arange(0, BLOCK_M)
-    ok = (offs_m < n_q) & (offs_m * 0 + t < n)  # a block: the interpreter takes no scalar mask
-    if MASKED:
-        ok = ok & (offs_m + shift < _seg(t, n0, n1, hi0, hi1, hi2))
-    return tl.load(LSE_ROW + offs_m, mask=ok, other=float("inf")), tl.load(DELTA_ROW + offs_m, mask=ok, other=0.0)
-
-
-@triton.jit
 def _dkdv_loop(dk, dv, k, v, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, Q, DO, qd, dod, q_row, LSE_ROW, DELTA_ROW,
                stride_qn, stride_don, cols, heads, col_ok, n_q, shift, qk_scale, P0, P1, P2, MASKED: tl.constexpr,
                KIND: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PREFETCH: tl.constexpr = False):
+               HEAD_DIM: tl.constexpr):
     """Accumulate dK, dV of one key tile over n query tiles of BLOCK_M rows in three segments
-    (first absolute rows lo*, ends hi*). PREFETCH: each iteration loads the next tile's lse and
-    delta (their loads do not feed a dot, so the pipeliner leaves them in the iteration that
-    uses them, with their latency)."""
-    if PREFETCH:
-        lse_n, delta_n = _row_stats(LSE_ROW, DELTA_ROW, 0, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, n_q, shift,
-                                    MASKED, BLOCK_M)
+    (first absolute rows lo*, ends hi*)."""
     for t in tl.range(0, n):
         start = _start(t, n0, n1, lo0, BLOCK_M, lo1, BLOCK_M, lo2, BLOCK_M)
         offs_m = start - shift + tl.arange(0, BLOCK_M)  # query indices
         if MASKED:
             row_ok = (offs_m < n_q) & (offs_m + shift < _seg(t, n0, n1, hi0, hi1, hi2))
-        else:
-            row_ok = offs_m < n_q
-        if PREFETCH:
-            lse = lse_n
-            delta = delta_n
-            lse_n, delta_n = _row_stats(LSE_ROW, DELTA_ROW, t + 1, n, n0, n1, lo0, lo1, lo2, hi0, hi1, hi2, n_q,
-                                        shift, MASKED, BLOCK_M)
-        elif MASKED:
             lse = tl.load(LSE_ROW + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA_ROW + offs_m, mask=row_ok, other=0.0)
         else:
+            row_ok = offs_m < n_q
             lse = tl.load(LSE_ROW + offs_m)
             delta = tl.load(DELTA_ROW + offs_m)
         q, do = _q_do(Q, DO, qd, dod, q_row, start - shift, offs_m, row_ok, stride_qn, stride_don, MASKED, DESC,
@@ -444,15 +404,13 @@ def _range_bwd_dkdv(Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, qk_scale, sm_scale
                     H, H_KV, GROUP, N_Q, N_K, P0, P1, P2,
                     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS_FAST: tl.constexpr = False,
-                    TMA: tl.constexpr = False, DESC_DEV: tl.constexpr = False, SINK_FIRST: tl.constexpr = False,
-                    PREFETCH: tl.constexpr = False):
+                    TMA: tl.constexpr = False, DESC_DEV: tl.constexpr = False):
     """One key tile (first tiles first: the sink and early strided blocks see the most rows).
     Unmasked loop: full band rows, then the rows after the band if they see the whole tile;
     masked loop: the band's lower and upper edges, then the rows after it otherwise. With TMA,
     q and dO rows come through descriptors QD, DOD over (B*H, N_Q, D) with (1, BLOCK_M, D)
-    blocks (built by the program with DESC_DEV). SINK_FIRST: see ``_key_tile_and_head``; PREFETCH:
-    see ``_dkdv_loop``."""
-    pid_t, off_bkv = _key_tile_and_head(N_K, BLOCK_N, HEADS_FAST, SINK_FIRST)
+    blocks (built by the program with DESC_DEV)."""
+    pid_t, off_bkv = _tile_and_head(HEADS_FAST)
     start_n = pid_t * BLOCK_N
     off_b, off_kvh, cols, col_ok, offs_d, k, v = load_key_tile(
         K, V, start_n, off_bkv, H_KV, N_K, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -483,10 +441,9 @@ def _range_bwd_dkdv(Q, K, V, DO, QD, DOD, DK, DV, LSE, DELTA, qk_scale, sm_scale
                 qd, dod, off_bh.to(tl.int32), LSE + off_bh * N_Q, DELTA + off_bh * N_Q, stride_qn, stride_don, cols,
                 heads, col_ok, N_Q, shift, qk_scale, P0, P1, P2)
         dk, dv = _dkdv_loop(dk, dv, k, v, n_full + n_post_full, n_full, n_post_full, full_lo, band_end, 0,
-                            0, 0, 0, *args, False, KIND, UPCAST, TMA, BLOCK_M, HEAD_DIM, PREFETCH)
+                            0, 0, 0, *args, False, KIND, UPCAST, TMA, BLOCK_M, HEAD_DIM)
         dk, dv = _dkdv_loop(dk, dv, k, v, n_low + n_up + n_post - n_post_full, n_low, n_up, band_lo, full_hi,
-                            post_mid, full_lo, band_end, N_K, *args, True, KIND, UPCAST, TMA, BLOCK_M, HEAD_DIM,
-                            PREFETCH)
+                            post_mid, full_lo, band_end, N_K, *args, True, KIND, UPCAST, TMA, BLOCK_M, HEAD_DIM)
     dk = dk * sm_scale
     tl.store(DK + off_b * stride_dkb + off_kvh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None])

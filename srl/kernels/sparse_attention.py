@@ -110,7 +110,7 @@ def _stage_tiles(stage, d, kind):
         return dict(TILE_OVERRIDE[stage])
     gpu = _KIND_TILES.get(kind, {}).get(stage, _GPU_TILES[stage])
     if INTERPRET:  # small tiles, the GPU default's kernel choice (so that tests run the shipped path)
-        flags = ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA", "SINK_FIRST", "PREFETCH")
+        flags = ("RANGES", "TMA", "DESC_DEV", "HEADS_FAST", "FUSE_DELTA")
         return dict(_INTERP_TILES, **{f: gpu[f] for f in flags if f in gpu})
     if d > 128:
         return dict(_BIG_HEAD_TILES[stage])
@@ -377,8 +377,7 @@ def _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale):
     tiles = _stage_tiles("dkdv", D, pattern.kernel_params()[0])
     if _range_pre(pattern, tiles, key_tiles=True) is None:
         return None
-    sink_first = tiles.pop("SINK_FIRST", False)  # a (tiles, heads) grid, remapped in the kernel
-    fast = tiles.pop("HEADS_FAST", False) and not sink_first
+    fast = tiles.pop("HEADS_FAST", False)
     for key in ("PRE_N", "RUNS"):
         tiles.pop(key, None)
     mode = _desc_mode(q, do, tiles)
@@ -386,7 +385,7 @@ def _dkdv_plan(do, q, k, v, dk, dv, pattern, sm_scale):
     kind, p0, p1, p2 = pattern.kernel_params()
     scalars = (sm_scale * _LOG2E, sm_scale, *_all_strides(q, k, v, do, dk, dv), H, Hkv, H // Hkv, Nq, Nk, p0, p1, p2)
     consts = dict(KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), HEADS_FAST=fast, TMA=mode is not None,
-                  DESC_DEV=mode == "dev", SINK_FIRST=sink_first, **tiles)
+                  DESC_DEV=mode == "dev", **tiles)
     grid = (B * Hkv, n_tiles) if fast else (n_tiles, B * Hkv)
     return _Plan(CachedLaunch(_range_bwd_dkdv, grid, consts, DIRECT_LAUNCH),
                  _desc_spec(q, do, tiles["BLOCK_M"]) if mode == "host" else None, (mode,) + scalars)
@@ -409,7 +408,7 @@ def _backward_dkdv(do, q, k, v, dk, dv, lse, delta, pattern, sm_scale):
         KIND=kind, HEAD_DIM=D, UPCAST=needs_upcast(q), **tiles)
 
 
-_RANGE_FLAGS = ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV", "SINK_FIRST", "PREFETCH")
+_RANGE_FLAGS = ("RANGES", "PRE_N", "RUNS", "FUSE_DELTA", "HEADS_FAST", "TMA", "DESC_DEV")
 
 
 def _list_stage(stage, pattern, q, k, by_key=False):
