@@ -4,6 +4,7 @@ generation worker's sampler factory building the picked sampler."""
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -90,3 +91,18 @@ def test_make_sampler_builds_the_pick(tmp_path):
     assert isinstance(s64, PlainSampler)
     out = s1.generate(torch.randint(0, 16, (1, 4)), 8)
     assert out.tokens.shape == (1, 8)
+
+
+def test_default_table_is_what_the_device_measured():
+    """DEFAULT_TABLE's picks are the fastest modes in the committed H200 results it cites."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    with open(os.path.join(root, "generation_spec_h200_roundA.json")) as fh:
+        batch1 = [r for r in json.load(fh)["generation"]["rows"] if r["batch"] == 1]
+    with open(os.path.join(root, "generation_auto_h200.json")) as fh:
+        larger = [r for r in json.load(fh)["rows"] if r["batch"] in (16, 64)]
+    measured = {e["batch"]: e for e in table_from_rows(batch1) + table_from_rows(larger)}
+    for entry in DEFAULT_TABLE:
+        got, want = pick(DEFAULT_TABLE, entry["batch"]), measured[entry["batch"]]
+        assert got == pick([want], entry["batch"]), (entry, want)
+    # negative control: batch 1's old entry (plain) is not what the device measured there
+    assert pick([measured[1]], 1) != ModeChoice("plain")

@@ -21,14 +21,16 @@ from dataclasses import dataclass
 MODES = ("plain", "standard", "spectr")
 
 DEFAULT_TABLE: list[dict] = [
-    {"batch": 1, "mode": "plain", "k": 1, "draft_len": 1},
+    {"batch": 1, "mode": "standard", "k": 1, "draft_len": 7},
     {"batch": 16, "mode": "plain", "k": 1, "draft_len": 1},
     {"batch": 64, "mode": "plain", "k": 1, "draft_len": 1},
 ]
-"""The H200 table of ``benchmarks/generation.py --auto`` (benchmarks/results/generation_auto_h200.json):
-with the fused plain decode step and that run's short-trained draft (held-out acceptance 0.76)
-plain sampling was fastest at batch 1, 16 and 64. A better-aligned draft shifts the table toward
-speculation at small batches: measure it (``generation.auto_table``)."""
+"""H200 measurements. Batch 1: the fused standard iteration (``speculative.FUSED_VERIFY``) with
+a trained pair (held-out acceptance 0.98): standard L = 7 at 7,096 tok/s, L = 5 at 6,165, plain
+at 2,827 (benchmarks/results/generation_spec_h200_roundA.json). Batch 16 and 64: plain, the
+fastest mode of ``benchmarks/generation.py --auto`` (benchmarks/results/generation_auto_h200.json;
+the fused iteration serves batch 1 only). A draft that follows its policy less well shifts the
+table toward plain: measure it (``generation.auto_table``)."""
 
 
 @dataclass(frozen=True)
