@@ -69,6 +69,7 @@ def fake_launch(monkeypatch):
     driver = _Driver()
     monkeypatch.setattr(SL, "_DRIVER", [driver])
     monkeypatch.setattr(SL, "INTERPRET", False)
+    monkeypatch.setattr(SL, "_TRITON_CHECKED", True)
     return driver
 
 
@@ -106,6 +107,19 @@ def test_other_device_or_launch_hooks_take_tritons_path(fake_launch, monkeypatch
     assert [entry[0] for entry in kernel.log] == ["triton"] * 3
     SL.CachedLaunch(kernel, (1,), {}, direct=False)(7, 8)  # direct off: never adopts
     assert kernel.log[-1][0] == "triton"
+
+
+def test_unchecked_triton_versions_keep_tritons_path(fake_launch, monkeypatch):
+    import triton
+    for version, checked in (("3.6.0", True), ("3.9.1+git1234", True), ("3.5.0", False), ("3.10.0", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert SL._triton_checked() is checked
+    monkeypatch.setattr(SL, "_TRITON_CHECKED", False)
+    kernel = _Kernel()
+    launch = SL.CachedLaunch(kernel, (1,), {})
+    launch(1, 2)
+    launch(3, 4)
+    assert [entry[0] for entry in kernel.log] == ["triton", "triton"]
 
 
 def test_hooks_off_without_hooks():

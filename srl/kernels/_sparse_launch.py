@@ -9,8 +9,9 @@ to its launcher. That is only valid while the specialization cannot change, so t
 its ``CachedLaunch`` on everything it depends on: shapes, strides, dtypes, device, pattern, tile
 choice and the 16-byte alignment of every tensor's data pointer (``signature``).
 
-Under the interpreter, with launch hooks installed (profilers) or on another current device than
-the first call's, every call takes Triton's own path.
+Under the interpreter, with launch hooks installed (profilers), on another current device than
+the first call's, or on a Triton whose launch path has not been checked (``_DIRECT_TRITON``: the
+launcher's argument order is internal to Triton), every call takes Triton's own path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ import torch
 from srl.kernels._flash_common import INTERPRET
 
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # launch options, not kernel parameters
+_DIRECT_TRITON = ((3, 6), (3, 9))  # the Triton versions whose launch path this mirrors (3.6 on the H200)
+
+
+def _triton_checked() -> bool:
+    import triton
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    return _DIRECT_TRITON[0] <= version <= _DIRECT_TRITON[1]
 
 
 def signature(tensors) -> list:
@@ -67,7 +75,7 @@ class CachedLaunch:
         self.compiled = None
         self.tail: tuple = ()
         self.device = None
-        self.direct = direct and not INTERPRET
+        self.direct = direct and not INTERPRET and _TRITON_CHECKED
 
     def __call__(self, *args) -> None:
         ck = self.compiled
@@ -102,6 +110,7 @@ def bind_tail(fn, args: tuple, consts: dict) -> tuple:
 
 
 _DRIVER = []
+_TRITON_CHECKED = _triton_checked()
 
 
 def _driver():
