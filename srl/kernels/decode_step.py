@@ -226,26 +226,36 @@ def _store_chunk(PART, b, c, N_CHUNKS, m, l_sum, best, arg):
 
 
 @triton.jit
-def _sample_write(LOGITS, PART, TOKENS, LOGP, LENS, END, temperature, stride_l, stride_tok,
-                  stride_lp, N_CHUNKS, GREEDY: tl.constexpr, CHUNKS_P2: tl.constexpr):
-    """Program b: merge the chunks (p / E compared on one scale), write token and log p."""
-    b = tl.program_id(0).to(tl.int64)
+def merge_race(PART, b, N_CHUNKS, GREEDY: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """Finish row b's exponential race from its chunk records (max, sum of exp, best score,
+    argmax) in PART (B, N_CHUNKS, 4), each chunk's scores rescaled by exp(m_c - m): the winner
+    y, the row's max m and sum of exp l_sum of logits / T (l_sum 0 under GREEDY), and the top score."""
     cs = tl.arange(0, CHUNKS_P2)
     c_ok = cs < N_CHUNKS
     part = PART + (b * N_CHUNKS + cs) * 4
     m_c = tl.load(part, mask=c_ok, other=float("-inf"))
     best_c = tl.load(part + 2, mask=c_ok, other=float("-inf"))
     arg_c = tl.load(part + 3, mask=c_ok, other=0.0)
+    m = tl.max(m_c, 0)
     if GREEDY:
         score = best_c
+        l_sum = m * 0.0
     else:
-        m = tl.max(m_c, 0)
         scale = tl.where(c_ok, tl.exp(m_c - m), 0.0)
         l_sum = tl.sum(tl.load(part + 1, mask=c_ok, other=0.0) * scale, 0)
         score = tl.where(c_ok, best_c * scale, -1.0)
     top = tl.max(score, 0)
     first = tl.min(tl.where(score == top, cs, CHUNKS_P2), 0)  # the lowest chunk on ties
     y = tl.sum(tl.where(cs == first, arg_c, 0.0), 0).to(tl.int64)
+    return y, m, l_sum, top
+
+
+@triton.jit
+def _sample_write(LOGITS, PART, TOKENS, LOGP, LENS, END, temperature, stride_l, stride_tok,
+                  stride_lp, N_CHUNKS, GREEDY: tl.constexpr, CHUNKS_P2: tl.constexpr):
+    """Program b: merge the chunks (p / E compared on one scale), write token and log p."""
+    b = tl.program_id(0).to(tl.int64)
+    y, m, l_sum, top = merge_race(PART, b, N_CHUNKS, GREEDY, CHUNKS_P2)
     if GREEDY:
         logp = top * 0.0
     else:

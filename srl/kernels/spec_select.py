@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from srl.kernels.decode_step import merge_race
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CHUNK = 2048
 """Vocabulary entries per program of the chunked passes (as ``decode_step.SAMPLE_BLOCK``)."""
@@ -46,19 +48,7 @@ def _draft_merge(PART, DRAFTS, DSTAT, t, stride_d, N_CHUNKS, CHUNKS_P2: tl.const
     does; DRAFTS[b, t] = the token, DSTAT[t, b] = (max, sum of exp) of logits / T."""
     b = tl.program_id(0).to(tl.int64)
     B = tl.num_programs(0)
-    cs = tl.arange(0, CHUNKS_P2)
-    c_ok = cs < N_CHUNKS
-    part = PART + (b * N_CHUNKS + cs) * 4
-    m_c = tl.load(part, mask=c_ok, other=float("-inf"))
-    best_c = tl.load(part + 2, mask=c_ok, other=float("-inf"))
-    arg_c = tl.load(part + 3, mask=c_ok, other=0.0)
-    m = tl.max(m_c, 0)
-    scale = tl.where(c_ok, tl.exp(m_c - m), 0.0)
-    l_sum = tl.sum(tl.load(part + 1, mask=c_ok, other=0.0) * scale, 0)
-    score = tl.where(c_ok, best_c * scale, -1.0)
-    top = tl.max(score, 0)
-    first = tl.min(tl.where(score == top, cs, CHUNKS_P2), 0)
-    y = tl.sum(tl.where(cs == first, arg_c, 0.0), 0).to(tl.int64)
+    y, m, l_sum, _top = merge_race(PART, b, N_CHUNKS, False, CHUNKS_P2)
     tl.store(DRAFTS + b * stride_d + t, y)
     tl.store(DSTAT + (t * B + b) * 2, m)
     tl.store(DSTAT + (t * B + b) * 2 + 1, l_sum)
