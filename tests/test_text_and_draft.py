@@ -107,3 +107,30 @@ def test_answer_targets_mark_answers_and_eos_only():
         for i in range(len(row) - 1):
             if row[i] == VOCAB.bos:
                 assert not mask[r, i]
+
+
+def test_addition_stream_teaches_every_operand_length_and_prompts_stay_full_width():
+    from srl.envs.text import Addition
+
+    task = AdditionTask(n_digits=3)
+    rng = np.random.default_rng(11)
+
+    def operands(prompt):
+        digits = [t - VOCAB.digit0 for t in prompt]
+        return int("".join(map(str, digits[1:4]))), int("".join(map(str, digits[5:8])))
+
+    lengths = []
+    for _ in range(3000):
+        prompt, answer = task.stream_problem(rng)
+        assert len(prompt) == 9 and len(answer) == 4  # one format, zero padded
+        a, b = operands(prompt)
+        assert answer == VOCAB.encode(f"{a + b:04d}"[::-1])
+        lengths.append(len(str(max(a, b, 1))))
+    share = np.bincount(lengths, minlength=4)[1:] / len(lengths)
+    # operands drawn below 10, 100 or 1000 equally often: the largest of two has 1 digit in about
+    # 1/3 * (1 + 0.01 + 0.0001), 2 digits in about 1/3 * (0.99 + 0.0099), 3 digits in about 1/3 * 0.99
+    np.testing.assert_allclose(share, [0.337, 0.333, 0.330], atol=0.03)
+    # the prompts RL draws stay full width: both operands below 100 in about 1% (negative control)
+    prompts = Addition(n_digits=3).sample_prompts(3000, rng)
+    small = np.mean([max(operands(p.tolist())) < 100 for p in prompts])
+    assert small < 0.03

@@ -92,13 +92,17 @@ class TextTask:
         last_eos = torch.where(x == self.vocab.eos, pos, -1).cummax(1).values
         return (last_eq >= 0) & (last_eq > last_eos)
 
+    def stream_problem(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """A problem for ``stream``: ``problem`` unless the task teaches with a curriculum."""
+        return self.problem(rng)
+
     def stream(self, batch: int, seq_len: int, rng: np.random.Generator) -> Tensor:
         """(batch, seq_len) windows of solved problems packed back to back."""
         rows = []
         for _ in range(batch):
             ids: list[int] = []
             while len(ids) < seq_len + 1:
-                p, a = self.problem(rng)
+                p, a = self.stream_problem(rng)
                 ids += p + a + [self.vocab.eos]
             start = int(rng.integers(0, len(ids) - seq_len))
             rows.append(ids[start:start + seq_len])
@@ -115,13 +119,21 @@ class AdditionTask(TextTask):
     def answer_len(self) -> int:
         return self.n_digits + 1
 
-    def problem(self, rng):
-        a, b = (int(x) for x in rng.integers(0, 10 ** self.n_digits, size=2))
+    def problem(self, rng, digits: int | None = None):
+        """Operands uniform below 10 ** ``digits`` (default ``n_digits``), zero padded to ``n_digits``."""
+        a, b = (int(x) for x in rng.integers(0, 10 ** (digits or self.n_digits), size=2))
         fmt = f"{{:0{self.n_digits}d}}"
         prompt = [VOCAB.bos, *VOCAB.encode(fmt.format(a)), VOCAB.index["+"],
                   *VOCAB.encode(fmt.format(b)), VOCAB.index["="]]
         answer = VOCAB.encode(f"{{:0{self.n_digits + 1}d}}".format(a + b)[::-1])
         return prompt, answer
+
+    def stream_problem(self, rng):
+        """Operands of 1 to ``n_digits`` digits, equally often, in the same zero-padded format: a
+        length curriculum. With full-width operands only, a 4 x 128 model on two-digit problems
+        learned the carry digit and then nothing more for 4,100 steps (1% exact match); with this
+        mix it was at 99% on full-width problems by step 900 (same lr 1e-3, 2 shared CPU cores)."""
+        return self.problem(rng, int(rng.integers(1, self.n_digits + 1)))
 
 
 @dataclass
