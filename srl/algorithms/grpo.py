@@ -99,6 +99,7 @@ def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, s
     ramp = max(1, min(WARMUP_RAMP_STEPS, steps // 10))
     seq_len = min(policy.config.max_seq_len, 64)
     bf16 = torch.device(device).type == "cuda"
+    answers_only = hasattr(task, "answer_targets")
     loss = torch.zeros(())
     for step in range(steps):
         ids = torch.as_tensor(task.stream(batch, seq_len + 1, rng), device=device)
@@ -106,8 +107,11 @@ def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, s
             logits = policy(ids[:, :-1])
         per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                     reduction="none")
-        mask = task.answer_targets(ids).reshape(-1).float() if hasattr(task, "answer_targets") else None
-        loss = per_token.mean() if mask is None else (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+        if answers_only:
+            mask = task.answer_targets(ids).reshape(-1).float()
+            loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+        else:
+            loss = per_token.mean()
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / ramp)
         opt.zero_grad(set_to_none=True)

@@ -42,20 +42,29 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _nbytes(dtype: str, shape: list) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 def manifest_of(arrays: dict[str, np.ndarray]) -> list[list]:
-    """[[name, dtype, shape, offset], ...] and the slot size (last entry's end, aligned)."""
+    """[[name, dtype, shape, offset], ...]: each array at an ALIGN-byte boundary of its slot."""
     out, offset = [], 0
     for name, a in arrays.items():
         out.append([name, a.dtype.str, list(a.shape), offset])
-        offset += -(-a.nbytes // ALIGN) * ALIGN
+        offset += _aligned(a.nbytes)
     return out
 
 
 def slot_bytes(manifest: list[list]) -> int:
+    """One slot's size: the last entry's end, aligned."""
     if not manifest:
         return 0
-    name, dtype, shape, offset = manifest[-1]
-    return offset + -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // ALIGN) * ALIGN
+    _, dtype, shape, offset = manifest[-1]
+    return offset + _aligned(_nbytes(dtype, shape))
 
 
 def _remove_stale() -> None:
@@ -93,11 +102,9 @@ class _Mapped:
         self.header = np.frombuffer(self.mm, np.uint64, 4, 0)
 
     def view(self, slot: int, entry: list, slot_size: int) -> np.ndarray:
-        name, dtype, shape, offset = entry
-        dt = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64))
+        _, dtype, shape, offset = entry
         start = HEADER_BYTES + slot * slot_size + int(offset)
-        return np.frombuffer(self.mm, dt, n, start).reshape(shape)
+        return np.frombuffer(self.mm, np.dtype(dtype), int(np.prod(shape, dtype=np.int64)), start).reshape(shape)
 
     def close(self) -> None:
         self.header = None
