@@ -176,3 +176,59 @@ def test_a_full_shared_folder_falls_back_to_the_wire(monkeypatch):
     assert set(os.listdir(sw.SHM_DIR)) == before  # nothing left behind
     server.close()
     client.close()
+
+
+def test_live_tensors_are_published_as_they_were_and_both_kinds_of_client_get_them():
+    """The trainer publishes its live parameters (torch tensors): they go straight into the file's
+    slot once a same-host client has asked, and a client over the wire then gets a copy of that
+    slot. Changing the parameters after publish changes neither (negative control: the live
+    tensors themselves do change)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5))
+    server = ParamServer()
+    near = ParamClient(server.address, interval_s=0.0)
+    far = ParamClient(server.address, interval_s=0.0)
+    far.host = "elsewhere/boot"
+    try:
+        for version in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_()
+            expected = {k: v.detach().clone().numpy() for k, v in model.state_dict().items()}
+            server.publish(version, model.state_dict())
+            with torch.no_grad():  # the next optimizer step, before any client has read
+                for p in model.parameters():
+                    p.add_(1.0)
+            assert not np.array_equal(model.state_dict()["0.weight"].numpy(), expected["0.weight"])
+            for client in (near, far):
+                got_version, arrays = _pull(server, client)
+                assert got_version == version
+                _equal(arrays, expected)
+            assert server._file is not None and near._reader is not None and far._reader is None
+        assert server._arrays is not None  # the wire's copy of the slot, made when far asked
+    finally:
+        near.close()
+        far.close()
+        server.close()
+
+
+def test_loading_weights_writes_the_parameters_in_place():
+    """Generation workers' CUDA graphs keep reading the same parameter storage, so a load must
+    copy into it; a read-only frame off the wire loads too."""
+    import torch
+
+    from srl.policies.weights import load_numpy_weights
+
+    model = torch.nn.Linear(4, 3)
+    storage = model.weight.data_ptr()
+    arrays = {k: np.random.default_rng(5).standard_normal(tuple(v.shape)).astype(np.float32)
+              for k, v in model.state_dict().items()}
+    for a in arrays.values():
+        a.setflags(write=False)
+    load_numpy_weights(model, arrays)
+    assert model.weight.data_ptr() == storage
+    np.testing.assert_array_equal(model.weight.detach().numpy(), arrays["weight"])
+    with pytest.raises(ValueError, match="weights 'bias': shape"):
+        load_numpy_weights(model, {**arrays, "bias": np.zeros(4, np.float32)})

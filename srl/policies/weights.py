@@ -1,6 +1,8 @@
 """Policy weights as numpy arrays: what the parameter stream carries."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,4 +25,8 @@ def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None
     for k, v in arrays.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"weights {k!r}: shape {tuple(v.shape)}, the policy has {tuple(own[k].shape)}")
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    with torch.no_grad(), warnings.catch_warnings():
+        # frames off the wire are read-only buffers: torch warns, though they are only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for k, v in arrays.items():  # in place, no intermediate copy: graphs keep reading them
+            own[k].copy_(torch.from_numpy(np.asarray(v)))

@@ -8,12 +8,21 @@ file, the slot and the layout, and copies the weights from there (``srl.streams.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import zmq
 
 from srl.streams import shared_weights
 from srl.streams.base import Endpoint, bind_random, context
+
+
+def _host_array(value) -> np.ndarray:
+    """A C-ordered host array: a numpy array as it is (0-d stays 0-d, where np.ascontiguousarray
+    would make it (1,)), a tensor copied (on CPU ``.numpy()`` alone would alias live parameters)."""
+    if isinstance(value, np.ndarray):
+        return np.asarray(value, order="C")
+    return value.detach().to("cpu", copy=True).contiguous().numpy()
 
 
 class ParamServer(Endpoint):
@@ -28,22 +37,31 @@ class ParamServer(Endpoint):
         self.epoch = epoch
         """Trainer incarnation: a restarted trainer may republish lower versions from a checkpoint."""
         self.version = -1
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, np.ndarray] | None = {}
         self.status: dict = {}
         """Small metadata sent with every reply (the trainer's per-actor receipt counts)."""
 
-    def publish(self, version: int, arrays: dict[str, np.ndarray]) -> None:
+    def publish(self, version: int, weights: Mapping) -> None:
+        """Publish ``weights``: numpy arrays (kept, not copied: the caller must not change them) or
+        torch tensors (copied before this returns, so live parameters may be passed). Once a client
+        on this host has asked, they go straight into the shared file; a client over the wire then
+        gets a copy of the file's slot."""
         if version <= self.version:
             raise ValueError(f"parameter version must increase: {version} after {self.version}")
         self.version = version
-        # np.asarray(order="C") keeps 0-d arrays 0-d (np.ascontiguousarray makes them (1,): a
-        # running count buffer then no longer matched the policy's shape on the other side)
-        self._arrays = {k: np.asarray(v, order="C") for k, v in arrays.items()}
-        if self._file is not None and not self._file.fits(self._arrays):
+        if self._file is not None and not self._file.fits(weights):
             self._file.close()
             self._file = None
         if self._file is not None:
-            self._slot = self._file.write(version, self._arrays)
+            self._slot = self._file.write(version, weights)
+            self._arrays = None
+        else:
+            self._arrays = {k: _host_array(v) for k, v in weights.items()}
+
+    def _wire_arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:  # published into the shared file only
+            self._arrays = self._file.read(self._slot)
+        return self._arrays
 
     def _shared_file(self):
         """The shared-memory file, made on the first same-host request (None if it cannot be)."""
@@ -72,7 +90,7 @@ class ParamServer(Endpoint):
                           prefix=[identity])
                 sent += 1
             elif newer:
-                self.send("params", self._arrays, meta, prefix=[identity])
+                self.send("params", self._wire_arrays(), meta, prefix=[identity])
                 sent += 1
             else:
                 self.send("same", None, meta, prefix=[identity])

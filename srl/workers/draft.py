@@ -16,7 +16,7 @@ import torch
 from srl.envs.tokens import sampling_params
 from srl.generation.draft import DraftAlignConfig, DraftAligner
 from srl.plan import DRAFT_PARAMS, DRAFT_SAMPLES, PARAMS, build_policy
-from srl.policies.weights import load_numpy_weights, weights_to_numpy
+from srl.policies.weights import load_numpy_weights
 from srl.streams.params import ParamClient, ParamServer
 from srl.streams.sample import SampleConsumer
 from srl.system.wire import Message
@@ -85,7 +85,7 @@ class DraftWorker(RLWorker):
         self.server = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(DRAFT_PARAMS),
                                                 epoch=self.spec.incarnation, shared=cfg.network.shared_weights))
         self.version = 0
-        self.server.publish(self.version, weights_to_numpy(self.draft))
+        self.server.publish(self.version, self.draft.state_dict())
         self.publish(DRAFT_SAMPLES, self.samples.address)
         self.publish(DRAFT_PARAMS, self.server.address)
         self.stats: dict[str, float] = {}
@@ -111,7 +111,7 @@ class DraftWorker(RLWorker):
         if stats is None:
             return PollResult()
         self.version += 1
-        self.server.publish(self.version, weights_to_numpy(self.draft))
+        self.server.publish(self.version, self.draft.state_dict())
         self.server.serve()
         self.stats = {"draft/acceptance_rate": stats["charts/acceptance_rate"],
                       "draft/block_efficiency": stats["charts/block_efficiency"],

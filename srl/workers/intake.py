@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Mapping
 import numpy as np
 import torch
 import zmq
@@ -44,9 +45,9 @@ class SampleIntake(threading.Thread):
         self._halt = threading.Event()
 
     # ------------------------------------------------------------------ learner side
-    def publish(self, version: int, arrays: dict[str, np.ndarray]) -> None:
+    def publish(self, version: int, weights: Mapping) -> None:
         with self.lock:
-            self.params.publish(version, arrays)
+            self.params.publish(version, weights)
             self.version = version
 
     def take(self, timeout_s: float) -> dict[str, torch.Tensor] | None:

@@ -15,7 +15,6 @@ import torch
 
 from srl.envs.frames import FRAMES, with_stacks
 from srl.plan import PARAMS, SAMPLES, TRAINER_GROUP, build_learner, build_policy
-from srl.policies.weights import weights_to_numpy
 from srl.streams.params import ParamServer
 from srl.streams.sample import SampleConsumer
 from srl.system.checkpoint import load_latest, save_checkpoint
@@ -72,7 +71,7 @@ class TrainerWorker(RLWorker):
         samples = self.endpoint(SampleConsumer(self.spec.host, self.key, prefer=self.published(SAMPLES), hwm=4))
         params = self.endpoint(ParamServer(self.spec.host, self.key, prefer=self.published(PARAMS),
                                            epoch=self.spec.incarnation, shared=self.cfg.network.shared_weights))
-        params.publish(self.version, weights_to_numpy(self.policy))
+        params.publish(self.version, self.policy.state_dict())
         layout = self._layout()
         my_actors = len(self.plan.stream(SAMPLES).clients_of(self.spec.name))
         intake = SampleIntake(samples, params, layout, batch_steps=-(-cfg.algorithm.batch_size // self.world),
@@ -116,7 +115,7 @@ class TrainerWorker(RLWorker):
         self.version += 1
         if self.dp is not None:
             self._digest = weights_digest(self.policy)
-        self.intake.publish(self.version, weights_to_numpy(self.policy))
+        self.intake.publish(self.version, self.policy.state_dict())
         learned = int(batch["valid"].sum())
         self.learned_steps += learned
         self._busy_s += time.perf_counter() - t0
