@@ -67,8 +67,19 @@ DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF)
 
 # --final: the candidates measured before the final rows (sink+window); the fastest (device time
 # summed over the Ns) serve the final rows unless --no-pick
-FINAL_DKDV = {"default": None, "host_tma": _t(64, 64, 4, 2, TMA=True, **HF)}
-FINAL_DQ = {"default": None, "tiles_fast": _t(128, 64, 8, 3, FUSE_DELTA=True)}
+FINAL_DKDV = {"default": None, "m32": _t(32, 64, 4, 2, **DEV_TMA, **HF)}
+# dQ on 64-row tiles with K/V descriptors: 4 warps, ~190 registers and ~97 KB of shared memory,
+# so two programs share an SM (the default 128-row tile holds one)
+FINAL_DQ = {"default": None, "m64_tma": _t(64, 64, 4, 2, FUSE_DELTA=True, TMA=True, **HF),
+            "m64_dev": _t(64, 64, 4, 2, FUSE_DELTA=True, **DEV_TMA, **HF)}
+# forward tiles with two programs per SM (the default, 8 warps and 3 stages, holds one: its two
+# warp groups wait at the same block-wide barriers every key tile, and nothing else covers its
+# loads of q and of each loop's first tiles): 64 rows with 4 warps, or 128 rows with 2 stages
+# and at most 128 registers a thread (sm_90 compiles spill only in the masked loop)
+F_M64_S3 = _t(64, 64, 4, 3, TMA=True)
+F_M64_S2 = _t(64, 64, 4, 2, TMA=True)
+F_R128 = _t(128, 64, 8, 2, TMA=True, maxnreg=128)
+DQ_M64 = FINAL_DQ["m64_tma"]
 # --final --extra: other settings timed end to end after the defaults: pattern, (fwd, dK/dV, dQ)
 # tiles, module settings of sparse_attention.py (DIRECT_LAUNCH False: every launch through Triton's
 # own path, as before the cached launches)
@@ -78,7 +89,15 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                "dq_s4": ("sink_window", (None, None, _t(128, 64, 8, 4, FUSE_DELTA=True, **HF)), {}),
                "dq_n128": ("sink_window", (None, None, _t(128, 128, 8, 2, FUSE_DELTA=True, **HF)), {}),
                # dQ with the query tiles fastest (heads slowest)
-               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {})}
+               "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {}),
+               "fwd_m64_s3": ("sink_window", (F_M64_S3, None, None), {}),
+               "fwd_m64_s2": ("sink_window", (F_M64_S2, None, None), {}),
+               "fwd_r128": ("sink_window", (F_R128, None, None), {}),
+               "fwd_n128_s2": ("sink_window", (_t(128, 128, 8, 2, TMA=True), None, None), {}),
+               "dq_m64": ("sink_window", (None, None, DQ_M64), {}),
+               "dkdv_m32": ("sink_window", (None, FINAL_DKDV["m32"], None), {}),
+               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {}),
+               "r128_dq_m64": ("sink_window", (F_R128, None, DQ_M64), {})}
 
 
 def log(msg):
@@ -410,15 +429,16 @@ def final(args, results, save):
         log(f"picks: {picks}")
     for n in args.seq:
         qkvd = inputs(n, args.heads, args.head_dim, n)
+        refs = {}  # O, dQ, dK, dV of each pattern's final row: the extras' errors are against them
         for name in args.patterns or PATTERNS:
             tiles = (None, picks["dkdv"][1], picks["dq"][1]) if picks and name == "sink_window" else (None,) * 3
             frac = block_fraction(PATTERNS[name], args.heads, n)
-            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac)
+            row, refs[name] = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac)
             results["final"].append(row)
             save()
         for variant, (name, tiles, settings) in _extras(args).items():
             frac = block_fraction(PATTERNS[name], args.heads, n)
-            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, None, frac, settings)
+            row, _ = time_combo(n, name, PATTERNS[name], qkvd, tiles, refs.get(name), frac, settings)
             results["final_extra"].append(dict(row, variant=variant))
             save()
         if args.profile and n == args.seq[0]:
@@ -532,8 +552,9 @@ def main(argv=None):
                 del table[name]
     if args.warm:
         share, shares = (int(x) for x in args.warm.split("/"))
+        bwd_candidates = args.final and (not args.no_pick or args.bwd_kernels)
         warm(share, shares, args.warm_seq, args.heads, args.head_dim, args.patterns or list(PATTERNS),
-             args.final and not args.no_pick, _extras(args) if args.final else {}, not args.final)
+             bwd_candidates, _extras(args) if args.final else {}, not args.final)
         return
     results = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
                "triton": triton.__version__, "kernels": [], "combos": [], "final": [], "final_extra": [], "flex": [],
