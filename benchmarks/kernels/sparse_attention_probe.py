@@ -68,18 +68,18 @@ DQ = {"default": None, "tma": _t(128, 64, 8, 3, FUSE_DELTA=True, TMA=True, **HF)
 # --final: the candidates measured before the final rows (sink+window); the fastest (device time
 # summed over the Ns) serve the final rows unless --no-pick
 FINAL_DKDV = {"default": None, "m32": _t(32, 64, 4, 2, **DEV_TMA, **HF)}
-# dQ on 64-row tiles with K/V descriptors: 4 warps, ~190 registers and ~97 KB of shared memory,
-# so two programs share an SM (the default 128-row tile holds one)
-FINAL_DQ = {"default": None, "m64_tma": _t(64, 64, 4, 2, FUSE_DELTA=True, TMA=True, **HF),
-            "m64_dev": _t(64, 64, 4, 2, FUSE_DELTA=True, **DEV_TMA, **HF)}
-# forward tiles with two programs per SM (the default, 8 warps and 3 stages, holds one: its two
-# warp groups wait at the same block-wide barriers every key tile, and nothing else covers its
-# loads of q and of each loop's first tiles): 64 rows with 4 warps, or 128 rows with 2 stages
-# and at most 128 registers a thread (sm_90 compiles spill only in the masked loop)
+# Candidates with two programs per SM. The defaults' forward and dQ (8 warps, 128x64 tiles) hold
+# one: their two warp groups meet at block-wide barriers every key tile, so the softmax of one
+# does not overlap the other's matrix products, and nothing covers the loads of q and of each
+# loop's first tiles. Two programs fit with 64-row tiles and 4 warps, or with 128 rows, 8 warps
+# and at most 128 registers a thread (maxnreg; sm_90 compiles spill only in the masked loop of
+# the 128x64 forward, nowhere in the 128x32 tiles) and ~96-115 KB of shared memory.
+DQ_M64 = _t(64, 64, 4, 2, FUSE_DELTA=True, TMA=True, **HF)
+DQ_N32_S3 = _t(128, 32, 8, 3, FUSE_DELTA=True, TMA=True, maxnreg=128, **HF)
+FINAL_DQ = {"default": None, "m64_tma": DQ_M64, "n32_s3": DQ_N32_S3,
+            "n32_s2": _t(128, 32, 8, 2, FUSE_DELTA=True, TMA=True, maxnreg=128, **HF)}
 F_M64_S3 = _t(64, 64, 4, 3, TMA=True)
-F_M64_S2 = _t(64, 64, 4, 2, TMA=True)
 F_R128 = _t(128, 64, 8, 2, TMA=True, maxnreg=128)
-DQ_M64 = FINAL_DQ["m64_tma"]
 # --final --extra: other settings timed end to end after the defaults: pattern, (fwd, dK/dV, dQ)
 # tiles, module settings of sparse_attention.py (DIRECT_LAUNCH False: every launch through Triton's
 # own path, as before the cached launches)
@@ -91,13 +91,15 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                # dQ with the query tiles fastest (heads slowest)
                "dq_tiles_fast": ("sink_window", (None, None, _t(128, 64, 8, 3, FUSE_DELTA=True)), {}),
                "fwd_m64_s3": ("sink_window", (F_M64_S3, None, None), {}),
-               "fwd_m64_s2": ("sink_window", (F_M64_S2, None, None), {}),
+               "fwd_m64_s2": ("sink_window", (_t(64, 64, 4, 2, TMA=True), None, None), {}),
                "fwd_r128": ("sink_window", (F_R128, None, None), {}),
-               "fwd_n128_s2": ("sink_window", (_t(128, 128, 8, 2, TMA=True), None, None), {}),
+               "fwd_n32_s4": ("sink_window", (_t(128, 32, 8, 4, TMA=True, maxnreg=128), None, None), {}),
                "dq_m64": ("sink_window", (None, None, DQ_M64), {}),
+               "dq_n32_s3": ("sink_window", (None, None, DQ_N32_S3), {}),
+               "dq_n32_s2": ("sink_window", (None, None, FINAL_DQ["n32_s2"]), {}),
                "dkdv_m32": ("sink_window", (None, FINAL_DKDV["m32"], None), {}),
-               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {}),
-               "r128_dq_m64": ("sink_window", (F_R128, None, DQ_M64), {})}
+               "r128_dq_n32_s3": ("sink_window", (F_R128, None, DQ_N32_S3), {}),
+               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {})}
 
 
 def log(msg):
