@@ -232,3 +232,74 @@ def test_loading_weights_writes_the_parameters_in_place():
     np.testing.assert_array_equal(model.weight.detach().numpy(), arrays["weight"])
     with pytest.raises(ValueError, match="weights 'bias': shape"):
         load_numpy_weights(model, {**arrays, "bias": np.zeros(4, np.float32)})
+
+
+def test_load_hands_over_the_slot_and_redoes_a_torn_load():
+    """``reader.load`` gives the loader the slot's arrays without a copy. When the writer rewrites
+    that slot during the load, the load is redone from the newest slot and returns its version;
+    a writer that laps every try gives None."""
+    rng = np.random.default_rng(8)
+    w = [_weights(rng, scale=i + 1) for i in range(12)]
+    writer = sw.SharedWeightsWriter(w[0])
+    reader = sw.SharedWeightsReader(writer.path, writer.manifest)
+    try:
+        writer.write(0, w[0])
+        writer.write(1, w[1])
+        got = {}
+        assert reader.load(0, 0, lambda arrays: got.update({k: v.copy() for k, v in arrays.items()})) == 0
+        _equal(got, w[0])
+
+        def lapped_once(arrays):  # the trainer publishes 2 and 3 while this load copies slot 0
+            got.update({k: v.copy() for k, v in arrays.items()})
+            if not lapped:
+                lapped.append(1)
+                writer.write(2, w[2])
+                writer.write(3, w[3])
+
+        lapped: list = []
+        assert reader.load(0, 0, lapped_once) == 3  # redone from the newest slot
+        _equal(got, w[3])
+        assert lapped  # negative control: the first try was torn (slot 0 now holds version 2)
+
+        version = [3]
+
+        def lapped_always(arrays):
+            version[0] += 2
+            writer.write(version[0], w[version[0] % 12])
+
+        assert reader.load(1, 3, lapped_always) is None
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_clients_load_into_a_module_from_the_file_and_over_the_wire():
+    import torch
+
+    from functools import partial
+
+    from srl.policies.weights import load_numpy_weights
+
+    torch.manual_seed(1)
+    src, dst_near, dst_far = (torch.nn.Linear(6, 4) for _ in range(3))
+    server = ParamServer()
+    near = ParamClient(server.address, interval_s=0.0)
+    far = ParamClient(server.address, interval_s=0.0, shared=False)
+    try:
+        for version in range(3):
+            with torch.no_grad():
+                src.weight.normal_()
+            server.publish(version, src.state_dict())
+            for client, dst in ((near, dst_near), (far, dst_far)):
+                deadline = time.monotonic() + 5.0
+                got = None
+                while got is None and time.monotonic() < deadline:
+                    server.serve()
+                    got = client.poll(timeout_ms=10, load=partial(load_numpy_weights, dst))
+                assert got == (version, None)
+                torch.testing.assert_close(dst.weight, src.weight, rtol=0, atol=0)
+        assert near._reader is not None and far._reader is None
+    finally:
+        near.close()
+        far.close()
+        server.close()

@@ -16,8 +16,9 @@ def weights_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
 
 
 def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Load weights received from a peer; a name or shape that does not match the module's
-    raises ValueError naming it (strict, so a foreign tensor never slips in)."""
+    """Load weights received from a peer into the module's own tensors, in place; a name or shape
+    that does not match the module's raises ValueError naming it (strict, so a foreign tensor never
+    slips in). Returns once the copies are done (from page-locked memory they are asynchronous)."""
     own = module.state_dict()
     if set(arrays) != set(own):
         missing, extra = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
@@ -29,4 +30,6 @@ def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None
         # frames off the wire are read-only buffers: torch warns, though they are only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for k, v in arrays.items():  # in place, no intermediate copy: graphs keep reading them
-            own[k].copy_(torch.from_numpy(np.asarray(v)))
+            own[k].copy_(torch.from_numpy(np.asarray(v)), non_blocking=own[k].is_cuda)
+    if any(t.is_cuda for t in own.values()):
+        torch.cuda.synchronize()  # the source may be a shared file that is checked right after

@@ -8,7 +8,7 @@ file, the slot and the layout, and copies the weights from there (``srl.streams.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import zmq
@@ -123,8 +123,11 @@ class ParamClient(Endpoint):
         self._in_flight = False
         self._last_ask = 0.0
 
-    def poll(self, timeout_ms: int = 0) -> tuple[int, dict[str, np.ndarray]] | None:
-        """Non-blocking: ask if due, and return ``(version, arrays)`` when newer weights arrived."""
+    def poll(self, timeout_ms: int = 0, load: Callable[[dict[str, np.ndarray]], None] | None = None
+             ) -> tuple[int, dict[str, np.ndarray] | None] | None:
+        """Non-blocking: ask if due, and return ``(version, arrays)`` when newer weights arrived.
+        With ``load``, the arrays go to ``load(arrays)`` instead, straight from the shared file's
+        slot when the server is on this host (no intermediate copy), and ``(version, None)`` returns."""
         now = time.monotonic()
         stale = self._in_flight and now - self._last_ask > 2.0  # server restarted mid-request
         if (not self._in_flight and now - self._last_ask >= self.interval_s) or stale:
@@ -138,29 +141,59 @@ class ParamClient(Endpoint):
         self._in_flight = False
         self.status = msg.meta
         version, epoch = msg.meta.get("version", -1), msg.meta.get("epoch", -1)
-        if msg.kind in ("params", "version", "params_shm") and isinstance(version, int) and (
-                version > self.version or epoch != self.epoch):
-            arrays = self._read_shared(msg.meta, version) if msg.kind == "params_shm" else msg.arrays
-            if arrays is None:
+        if msg.kind not in ("params", "version", "params_shm") or not isinstance(version, int) or (
+                version <= self.version and epoch == self.epoch):
+            return None
+        arrays = msg.arrays
+        if msg.kind == "params_shm":
+            if load is not None:
+                version = self._load_shared(msg.meta, version, load)
+                arrays = None
+            else:
+                arrays = self._read_shared(msg.meta, version)
+            if version is None or (load is None and arrays is None):
                 return None
-            self.version, self.epoch = version, epoch
-            return version, arrays
-        return None
+        elif load is not None and msg.kind == "params":
+            load(arrays)
+            arrays = None
+        self.version, self.epoch = version, epoch
+        return version, arrays
+
+    def _reader_for(self, meta: dict) -> shared_weights.SharedWeightsReader:
+        path, manifest = meta.get("path"), meta.get("manifest")
+        if self._reader is None or self._reader.path != path or self._reader.manifest != manifest:
+            self.close_shared()
+            self._reader = shared_weights.SharedWeightsReader(path, manifest)
+        return self._reader
+
+    def _shared_failed(self, exc: Exception) -> None:
+        """The file cannot be used: over the wire from the next request on."""
+        self.drop(f"shared weights: {type(exc).__name__}: {str(exc)[:200]}")
+        self.close_shared()
+        self.host = None
 
     def _read_shared(self, meta: dict, version: int) -> dict[str, np.ndarray] | None:
         """The weights from the server's shared-memory file; None when torn (asked again at the
-        next poll) or when the file cannot be used (then over the wire from the next request on)."""
-        path, slot, manifest = meta.get("path"), meta.get("slot"), meta.get("manifest")
+        next poll) or when the file cannot be used."""
         try:
-            if self._reader is None or self._reader.path != path or self._reader.manifest != manifest:
-                self.close_shared()
-                self._reader = shared_weights.SharedWeightsReader(path, manifest)
-            return self._reader.read(slot, version)
+            return self._reader_for(meta).read(meta.get("slot"), version)
         except (OSError, ValueError, TypeError) as exc:
-            self.drop(f"shared weights: {type(exc).__name__}: {str(exc)[:200]}")
-            self.close_shared()
-            self.host = None
+            self._shared_failed(exc)
             return None
+
+    def _load_shared(self, meta: dict, version: int, load) -> int | None:
+        """``load`` straight from the file; the version loaded, or None. A load torn on every try
+        (the writer lapped this reader again and again) leaves the destination mixed: the full
+        weights then come over the wire at the next poll (version reset)."""
+        try:
+            loaded = self._reader_for(meta).load(meta.get("slot"), version, load)
+        except (OSError, ValueError, TypeError) as exc:
+            self._shared_failed(exc)
+            return None
+        if loaded is None:
+            self._shared_failed(RuntimeError("every load was torn"))
+            self.version = -1
+        return loaded
 
     def close_shared(self) -> None:
         if self._reader is not None:

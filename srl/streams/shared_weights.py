@@ -18,12 +18,13 @@ into fresh memory followed by a second copy into the file.
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -32,6 +33,9 @@ PREFIX = "srl-weights-"
 HEADER_BYTES = 64
 """Per slot: [sequence, version] as uint64; two slots, padded to a cache line."""
 ALIGN = 64
+LOAD_TRIES = 4
+"""A load that the writer lapped (two newer versions written meanwhile) is redone this often."""
+CUDA_HOST_REGISTER_READ_ONLY = 8
 
 
 def host_id() -> str:
@@ -177,7 +181,7 @@ class SharedWeightsWriter:
 
         on_gpu = any(t.is_cuda for _, t in pairs)
         if on_gpu and self.pinned is None:
-            self.pinned = _register(self.map.mm)
+            self.pinned = _register(self.map.mm, 0)
         with torch.no_grad():
             for dst, t in pairs:
                 torch.from_numpy(dst).copy_(t.detach(), non_blocking=t.is_cuda and bool(self.pinned))
@@ -200,14 +204,14 @@ class SharedWeightsWriter:
 
 
 def _address(mm: mmap.mmap) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    return np.frombuffer(mm, np.uint8).ctypes.data
 
 
-def _register(mm: mmap.mmap) -> bool:
+def _register(mm: mmap.mmap, flags: int) -> bool:
     """Page-lock the mapping for CUDA copies; False (pageable copies) if the driver refuses."""
     import torch
 
-    return torch.cuda.cudart().cudaHostRegister(_address(mm), len(mm), 0) == 0
+    return torch.cuda.cudart().cudaHostRegister(_address(mm), len(mm), flags) == 0
 
 
 def _unregister(mm: mmap.mmap) -> None:
@@ -225,6 +229,35 @@ class SharedWeightsReader:
         self.path, self.manifest = path, manifest
         self.slot_size = slot_bytes(manifest)
         self.map = _Mapped(path, HEADER_BYTES + 2 * self.slot_size, write=False)
+        self.pinned: bool | None = None
+
+    def load(self, slot: int, version: int, into: Callable[[dict[str, np.ndarray]], None]) -> int | None:
+        """Hand the slot's arrays to ``into`` without copying them first (a loader that copies them
+        to a GPU reads the file, page-locked for that, directly), then check that the slot was not
+        rewritten meanwhile. A torn load is redone from the newest complete slot. Returns the
+        version loaded (at least ``version``), or None if every try was torn: ``into``'s
+        destination then holds a mix, and the caller must load again."""
+        if slot not in (0, 1):
+            raise ValueError(f"shared weights slot {slot}, expected 0 or 1")
+        self._pin_for_cuda()
+        h = self.map.header
+        for _ in range(LOAD_TRIES):
+            seq, held = int(h[2 * slot]), int(h[2 * slot + 1])
+            if seq % 2 == 0 and held >= version:
+                into({entry[0]: self.map.view(slot, entry, self.slot_size) for entry in self.manifest})
+                if int(h[2 * slot]) == seq:
+                    return held
+            time.sleep(0.001)
+            slot = int(h[3] > h[1])  # the slot with the newer version
+        return None
+
+    def _pin_for_cuda(self) -> None:
+        """Page-lock the mapping (read-only) once, if this process uses CUDA."""
+        if self.pinned is None:
+            torch = sys.modules.get("torch")
+            self.pinned = False
+            if torch is not None and torch.cuda.is_initialized():
+                self.pinned = _register(self.map.mm, CUDA_HOST_REGISTER_READ_ONLY)
 
     def read(self, slot: int, version: int) -> dict[str, np.ndarray] | None:
         if slot not in (0, 1):
@@ -239,4 +272,7 @@ class SharedWeightsReader:
         return out
 
     def close(self) -> None:
+        if self.pinned:
+            _unregister(self.map.mm)
+            self.pinned = False
         self.map.close()

@@ -10,6 +10,8 @@ before the draft trains on it, are logged as ``draft/*``.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -100,9 +102,9 @@ class DraftWorker(RLWorker):
         return to_meta(DraftReport(d.sequences, d.aligner.updates, d.duplicates, self.version, stats))
 
     def _poll(self) -> PollResult:
-        got = self.params.poll()
+        got = self.params.poll(load=partial(load_numpy_weights, self.policy))
         if got is not None:
-            self.policy_version = self._load(got)
+            self.policy_version = got[0]
         self.server.serve()
         got = self.samples.recv(timeout_ms=10, check=self.layout.check)
         if got is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -132,13 +133,13 @@ class GenerationWorker(RLWorker):
         return bucket, self.samplers[bucket]
 
     def _poll(self) -> PollResult:
-        got = self.params.poll()
+        got = self.params.poll(load=partial(load_numpy_weights, self.policy))
         if got is not None:
-            self.version = self._load(self.policy, got)
+            self.version = got[0]
         if self.draft_params is not None:
-            got = self.draft_params.poll()
+            got = self.draft_params.poll(load=partial(load_numpy_weights, self.draft))
             if got is not None:
-                self.draft_version = self._load(self.draft, got)
+                self.draft_version = got[0]
         pending = self.server.pending(self.cfg.workers.policies.max_batch, timeout_ms=20, check=self._check)
         if not pending:
             return PollResult()

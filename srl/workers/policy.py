@@ -6,6 +6,7 @@ so a stateful policy can keep per-env state keyed by those ids.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -175,9 +176,9 @@ class PolicyWorker(RLWorker):
         return action.cpu().numpy(), logp.cpu().numpy(), state
 
     def _poll(self) -> PollResult:
-        got = self.params.poll()
+        got = self.params.poll(load=partial(load_numpy_weights, self.policy))
         if got is not None:
-            self.version = self._load(got)
+            self.version = got[0]
         pending = self.server.pending(self.cfg.workers.policies.max_batch, timeout_ms=20, check=self._check)
         if not pending:
             return PollResult()
