@@ -464,6 +464,11 @@ class DraftConfig:
     lr: float = 1.0e-3
     loss: str = "kl"
     """``kl``: KL(policy || draft) per position; ``tv``: total variation (1 - acceptance)."""
+    warmup_steps: int | None = None
+    """Supervised warm-up steps of the draft on the task (None: ``algorithm.warmup_steps``). A
+    small draft needs more than the policy's, which stops at a modest accuracy on purpose."""
+    warmup_lr: float | None = None
+    """The draft's warm-up learning rate (None: ``algorithm.warmup_lr``)."""
     device: str = "cpu"
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -471,6 +476,10 @@ class DraftConfig:
 
     def validate(self) -> None:
         _in_range("draft.lr", self.lr, 0.0, 10.0, low_open=True)
+        if self.warmup_steps is not None:
+            _at_least("draft.warmup_steps", self.warmup_steps, 0)
+        if self.warmup_lr is not None:
+            _in_range("draft.warmup_lr", self.warmup_lr, 0.0, 10.0, low_open=True)
         if self.loss not in ("kl", "tv"):
             raise ConfigError("draft.loss", f"must be kl or tv, got {self.loss!r}")
         _check_device("draft.device", self.device)

@@ -452,6 +452,13 @@ def test_the_draft_is_warmed_up_like_the_policy_and_alike_in_every_worker():
         return float(per_token[answers].mean())
 
     assert loss(warm_a) < 0.7 * loss(cold)
+    # draft.warmup_steps / warmup_lr replace the policy's settings for the draft alone
+    own = build_draft(_tiny(**{"algorithm.warmup_steps": 30, "algorithm.warmup_lr": 3e-3,
+                               "draft.warmup_steps": 0}), len(VOCAB))
+    for (name, a), b in zip(own.state_dict().items(), cold.state_dict().values()):
+        assert torch.equal(a, b), name
+    longer = build_draft(_tiny(**{"draft.warmup_steps": 60, "draft.warmup_lr": 3e-3}), len(VOCAB))
+    assert loss(longer) < loss(warm_a)
 
 
 def test_rlhf_benchmark_step_time_and_generation_share_from_metrics(tmp_path):

@@ -33,17 +33,18 @@ from srl.workers.reports import GenerationReport, to_meta
 
 def build_draft(cfg, vocab_size: int, device: str = "cpu") -> TransformerLM:
     """The draft model on ``device``; seeded alike in the draft worker and the generation
-    workers, so both start from the same weights. With ``algorithm.warmup_steps`` the draft is
-    warmed up on the task like the policy, so it starts close to the warmed-up policy (and a draft
+    workers, so both start from the same weights. With ``draft.warmup_steps`` (default
+    ``algorithm.warmup_steps``) the draft is warmed up on the task like the policy, so it starts close to the warmed-up policy (and a draft
     that is never aligned, ``draft.align: false``, starts there too and then falls behind)."""
     torch.manual_seed(cfg.seed * 977 + 13)
     draft = TransformerLM(lm_config(vocab_size, cfg.draft.lm)).to(device)
-    if cfg.algorithm.warmup_steps:
+    a, d = cfg.algorithm, cfg.draft
+    steps = a.warmup_steps if d.warmup_steps is None else d.warmup_steps
+    if steps:
         from srl.algorithms.grpo import warm_up
 
-        a = cfg.algorithm
-        warm_up(draft, build_task(cfg), a.warmup_steps, a.warmup_lr, device, cfg.seed + 1, batch=a.warmup_batch,
-                cache=a.warmup_cache)
+        lr = a.warmup_lr if d.warmup_lr is None else d.warmup_lr
+        warm_up(draft, build_task(cfg), steps, lr, device, cfg.seed + 1, batch=a.warmup_batch, cache=a.warmup_cache)
     return draft
 
 
