@@ -321,7 +321,12 @@ def test_gpu_bf16_against_float64(pattern, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=True),
-                                   dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True)])
+                                   dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, TMA=True),
+                                   # the range kernel: sink+window's shipped tile, and two programs an SM
+                                   # with 128 rows (8 warps capped at 128 registers, 2 stages)
+                                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=True, RANGES=True),
+                                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=True, RANGES=True,
+                                        maxnreg=128)])
 def test_gpu_tma_forward(tiles):
     q, k, v = make_qkv(1, 8, 8, 3000, 3000, 128, torch.bfloat16, seed=2)
     TILE_OVERRIDE["fwd"] = tiles

@@ -135,7 +135,7 @@ def test_gpu_device_descriptors_bf16(shape):
     in autograd's thread, which needs an allocator of its own)."""
     b, h, h_kv, n_q, n_k, d = shape
     q, k, v = make_qkv(b, h, h_kv, n_q, n_k, d, torch.bfloat16, seed=n_q)
-    use(ranges(128, 64, **DEV) | {"num_warps": 8, "num_stages": 3}, ranges(64, 64, HEADS_FAST=True, **DEV),
+    use(ranges(64, 64, **DEV) | {"num_stages": 3}, ranges(64, 64, HEADS_FAST=True, **DEV),
         ranges(128, 64, HEADS_FAST=True, FUSE_DELTA=True, **DEV) | {"num_warps": 8, "num_stages": 3})
     try:
         for pattern in (SinkWindow(64, 1024), S2Strided(64, 4, 8)):

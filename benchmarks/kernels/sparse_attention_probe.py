@@ -99,7 +99,9 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                "dq_n32_s2": ("sink_window", (None, None, FINAL_DQ["n32_s2"]), {}),
                "dkdv_m32": ("sink_window", (None, FINAL_DKDV["m32"], None), {}),
                "r128_dq_n32_s3": ("sink_window", (F_R128, None, DQ_N32_S3), {}),
-               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {})}
+               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {}),
+               # sink+window's forward before round F: 128x64 tiles, 8 warps, 3 stages
+               "fwd_prev": ("sink_window", (_t(128, 64, 8, 3, TMA=True), None, None), {})}
 
 
 def log(msg):
