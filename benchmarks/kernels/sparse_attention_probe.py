@@ -101,7 +101,11 @@ FINAL_EXTRA = {"triton_launch": ("sink_window", (None, None, None), {"DIRECT_LAU
                "dq_n32_s2": ("sink_window", (None, None, FINAL_DQ["n32_s2"]), {}),
                "dkdv_m32": ("sink_window", (None, FINAL_DKDV["m32"], None), {}),
                "r128_dq_n32_s3": ("sink_window", (F_R128, None, DQ_N32_S3), {}),
-               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {})}
+               "m64_s3_dq_m64": ("sink_window", (F_M64_S3, None, DQ_M64), {}),
+               # dQ on 64x32 tiles, 4 warps: ~130 registers, 99 KB (4 stages, two programs per SM) or
+               # 66 KB (2 stages, three programs per SM) of shared memory
+               "dq_m64_n32_s4": ("sink_window", (None, None, _t(64, 32, 4, 4, FUSE_DELTA=True, TMA=True, **HF)), {}),
+               "dq_m64_n32_s2": ("sink_window", (None, None, _t(64, 32, 4, 2, FUSE_DELTA=True, TMA=True, **HF)), {})}
 
 
 def log(msg):
