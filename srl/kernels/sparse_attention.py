@@ -96,8 +96,9 @@ def _tiles(block_m, block_n, warps, stages, **extra):
 # cost each program ~1.5 us, more than the ~0.08 ms of host time they save per call at 128k) and
 # takes 64-row query tiles with 4 warps: ~113 KB of shared memory, so two programs share an SM and
 # each one's softmax overlaps the other's matrix products (the 128-row, 8-warp tile holds one SM
-# alone, and its two warp groups meet at block-wide barriers every key tile); 8-15% faster at 32k,
-# 2-4% at 128k on the H200, and a 64-row band wastes fewer keys (34 tiles per 64 rows, not 35 per 128).
+# alone, and its two warp groups meet at block-wide barriers every key tile). On the H200 it is
+# 8-15% faster per call at 32k and forward+backward 1-3% faster at 128k (docs/benchmarks.md, round F);
+# a 64-row band also computes fewer keys (34 tiles per 64 rows, not 35 per 128).
 _R = {"RANGES": True}
 _RH = {"RANGES": True, "HEADS_FAST": True}
 _FD = {"FUSE_DELTA": True}  # the dQ kernel computes rowsum(dO * O) (no separate pass; dQ before dK/dV)
