@@ -509,3 +509,20 @@ def test_grpo_learner_skips_a_non_finite_minibatch_and_counts_it():
     learner.train(batch(torch.rand(B)))
     assert learner.skipped_steps == 2
     assert not all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_workers_warming_up_longer_than_the_heartbeat_timeout_start(tmp_path, monkeypatch):
+    """A draft warm-up longer than workers.heartbeat_timeout_s: the generation and draft workers
+    say "starting" meanwhile, so the run starts without a restart. Negative control: without
+    those messages the same run fails to start."""
+    from srl.errors import SrlError
+    from srl.system import worker as worker_module
+
+    over = {"workers.heartbeat_s": 0.3, "workers.heartbeat_timeout_s": 2.5, "draft.warmup_steps": 500,
+            "draft.warmup_lr": 3e-3, "stop.mean_return": "null", "stop.wall_s": 14}
+    result = Experiment(_tiny(tmp_path / "a", **over), run_dir=str(tmp_path / "a" / "run")).run()
+    last = _rows(result.run_dir)[-1]
+    assert result.reason == "wall_s" and last["restarts"] == 0 and last["version"] > 0, (result, last)
+    monkeypatch.setattr(worker_module, "MAX_CONFIGURE_S", 0.0)  # forked workers inherit it
+    with pytest.raises(SrlError, match="failed to start|silent"):
+        Experiment(_tiny(tmp_path / "b", **over), run_dir=str(tmp_path / "b" / "run")).run()

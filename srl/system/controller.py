@@ -29,7 +29,7 @@ from srl.system.topology import Plan
 from srl.system.worker import WorkerSpec
 
 log = logging.getLogger("srl")
-EVENTS = ("ready", "heartbeat", "error", "exit", "checkpoint")
+EVENTS = ("starting", "ready", "heartbeat", "error", "exit", "checkpoint")
 MAX_COUNT = 1 << 40
 """No honest heartbeat reports more samples or batches than this."""
 
@@ -271,8 +271,9 @@ class Controller:
         spec = self.specs[name]
         code = self.scheduler.exitcode(name)  # (a Ray scheduler also keeps Ray's account in .errors)
         error = self.last_error.get(name) or getattr(self.scheduler, "errors", {}).get(name) or f"exit code {code}"
-        if name not in self.worker_stats or self.worker_stats[name].get("incarnation") != spec.incarnation:
-            self.start_failures[name] = self.start_failures.get(name, 0) + 1  # died before it said a word
+        last = self.worker_stats.get(name, {})
+        if last.get("incarnation") != spec.incarnation or last.get("event") == "starting":
+            self.start_failures[name] = self.start_failures.get(name, 0) + 1  # died before it was ready
         if self.start_failures.get(name, 0) >= 3:
             raise SrlError(f"worker {name} failed to start 3 times in a row (last: {error})")
         if self.restarts >= self.settings.max_restarts:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,9 @@ import zmq
 from srl.streams.base import Endpoint, context
 from srl.system.name_resolve import Interrupted, NameResolver, make_resolver
 from srl.system.topology import Plan, WorkerPlan
+
+MAX_CONFIGURE_S = 900.0
+"""How long a configuring worker keeps saying "starting" (then it may be taken for silent)."""
 
 
 @dataclass
@@ -142,7 +146,7 @@ class Worker:
         stats.connect(self.spec.stats_address)
         self._stats_ep = Endpoint(stats, self.key)
         try:
-            self._configure()
+            self._configure_saying_starting()
             self._configured = True
             self.send_event("ready")
             self._loop()
@@ -153,6 +157,26 @@ class Worker:
             raise
         finally:
             self._finish()
+
+    def _configure_saying_starting(self) -> None:
+        """Run ``_configure``, which may take minutes (a supervised warm-up, a peer's first
+        weights), while a thread sends "starting" every heartbeat so that the controller does not
+        take the worker for silent. The thread owns the stats socket until ``_configure`` ends, and
+        gives up after ``MAX_CONFIGURE_S`` (a worker configuring that long is taken for hung)."""
+        done = threading.Event()
+
+        def say_starting() -> None:
+            deadline = time.monotonic() + MAX_CONFIGURE_S
+            while not done.wait(self.spec.heartbeat_s) and time.monotonic() < deadline:
+                self.send_event("starting")
+
+        beats = threading.Thread(target=say_starting, name="srl-starting", daemon=True)
+        beats.start()
+        try:
+            self._configure()
+        finally:
+            done.set()
+            beats.join()
 
     def _finish(self) -> None:
         if self._configured:
