@@ -66,12 +66,14 @@ CURVE_KEYS = ("wall_s", "version", "env_steps", "mean_return", "charts/reward", 
 class Evaluator:
     """Greedy exact-match accuracy of a policy on ``n`` held-out prompts."""
 
-    def __init__(self, cfg, n: int = 1024, seed: int = 10**6):
+    def __init__(self, cfg, n: int = 1024, seed: int = 10**6, model: torch.nn.Module | None = None):
         task = build_task(cfg)
         self.task = type(task)(**{**cfg.env.kwargs, "partial": False}) if "partial" in cfg.env.kwargs else task
         self.device = cfg.workers.trainers.device
         torch.manual_seed(cfg.seed)
-        self.policy = build_policy(task_space(cfg, task), cfg.policy).to(self.device).eval()
+        if model is None:
+            model = build_policy(task_space(cfg, task), cfg.policy)
+        self.policy = model.to(self.device).eval()
         self.prompts = np.asarray(task.sample_prompts(n, np.random.default_rng(seed)), np.int64)
         self.N = max_new_tokens(cfg, task)
         self.sampler = PlainSampler(self.policy, n, self.prompts.shape[1] + self.N + 16,
@@ -135,8 +137,9 @@ def prepare_draft(cfg) -> dict:
     from srl.workers.generation import build_draft
 
     t0 = time.perf_counter()
-    build_draft(cfg, build_task(cfg).vocab_size, cfg.workers.policies.device)
-    return {"draft_warmup_s": time.perf_counter() - t0}
+    draft = build_draft(cfg, build_task(cfg).vocab_size, cfg.workers.policies.device)
+    seconds = time.perf_counter() - t0
+    return {"draft_warmup_s": seconds, "draft_accuracy": Evaluator(cfg, model=draft)()}
 
 
 def summarize(run_dir: str) -> dict:
