@@ -215,6 +215,9 @@ class Controller:
             self.stats.dropped += 1
             return
         event = meta["event"]
+        if event == "starting":  # still configuring: alive, nothing to report, not ready yet
+            self.last_seen[name] = time.monotonic()
+            return
         try:
             fields = self.monitor.on_report(name, spec.kind, event, meta["report"])
         except (ValueError, TypeError, KeyError):
@@ -271,8 +274,7 @@ class Controller:
         spec = self.specs[name]
         code = self.scheduler.exitcode(name)  # (a Ray scheduler also keeps Ray's account in .errors)
         error = self.last_error.get(name) or getattr(self.scheduler, "errors", {}).get(name) or f"exit code {code}"
-        last = self.worker_stats.get(name, {})
-        if last.get("incarnation") != spec.incarnation or last.get("event") == "starting":
+        if name not in self.worker_stats or self.worker_stats[name].get("incarnation") != spec.incarnation:
             self.start_failures[name] = self.start_failures.get(name, 0) + 1  # died before it was ready
         if self.start_failures.get(name, 0) >= 3:
             raise SrlError(f"worker {name} failed to start 3 times in a row (last: {error})")
