@@ -420,14 +420,19 @@ def test_grpo_with_sophia_refreshes_its_hessian():
 
 def test_published_weights_are_a_snapshot_not_the_live_parameters():
     """The parameter stream sends without copying; weights that aliased the parameters changed
-    under it with the next optimizer step (seen as frames failing their HMAC in live runs)."""
-    from srl.policies.weights import weights_to_numpy
+    under it with the next optimizer step (seen as frames failing their HMAC in live runs). The
+    trainer publishes its live CPU tensors: the server keeps a copy."""
+    from srl.streams.params import ParamServer
 
     layer = torch.nn.Linear(3, 2)
-    arrays = weights_to_numpy(layer)
-    with torch.no_grad():
-        layer.weight.add_(1.0)
-    assert not np.allclose(arrays["weight"], layer.weight.detach().numpy())
+    server = ParamServer(shared=False)
+    try:
+        server.publish(0, layer.state_dict())
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        assert not np.allclose(server._wire_arrays()["weight"], layer.weight.detach().numpy())
+    finally:
+        server.close()
 
 
 def test_the_draft_is_warmed_up_like_the_policy_and_alike_in_every_worker():

@@ -1,4 +1,4 @@
-"""Policy weights as numpy arrays: what the parameter stream carries."""
+"""Loading policy weights that arrive as numpy arrays (what the parameter stream carries)."""
 from __future__ import annotations
 
 import warnings
@@ -6,13 +6,6 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-
-
-def weights_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
-    """A snapshot of the weights. Always a copy: on CPU ``.cpu().numpy()`` would alias the live
-    parameters, which the next optimizer step changes while the parameter stream sends them
-    without copying (torn weights, and frames whose HMAC no longer matches)."""
-    return {k: v.detach().to("cpu", copy=True).numpy() for k, v in module.state_dict().items()}
 
 
 def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:

@@ -145,15 +145,15 @@ class ParamClient(Endpoint):
                 version <= self.version and epoch == self.epoch):
             return None
         arrays = msg.arrays
-        if msg.kind == "params_shm":
-            if load is not None:
-                version = self._load_shared(msg.meta, version, load)
-                arrays = None
-            else:
-                arrays = self._read_shared(msg.meta, version)
-            if version is None or (load is None and arrays is None):
+        if msg.kind == "params_shm" and load is None:
+            arrays = self._read_shared(msg.meta, version)
+            if arrays is None:
                 return None
-        elif load is not None and msg.kind == "params":
+        elif msg.kind == "params_shm":
+            version, arrays = self._load_shared(msg.meta, version, load), None
+            if version is None:
+                return None
+        elif msg.kind == "params" and load is not None:
             load(arrays)
             arrays = None
         self.version, self.epoch = version, epoch
