@@ -8,6 +8,10 @@ field each:
 - ``plain``: ``generation.mode=plain`` (no draft);
 - ``spectr_stale_draft``: ``draft.align=false`` (the draft, warmed up like the policy, never follows
   it: acceptance should fall as the policy moves);
+- ``spectr_frozen_draft``: ``draft.align_updates=150`` (the draft worker aligns the draft for its
+  first 150 updates, about 15 s on the H200, then only measures: from the same aligned start,
+  acceptance should hold with the draft worker and fall without it);
+- ``standard``: ``generation.mode=standard`` (one draft, speculative sampling of Leviathan et al.);
 - ``sophia``: ``optimizer.type=sophia``;
 - ``spectr_lr6e-5``: ``optimizer.lr=6e-5`` (3x the config's RL learning rate: a tenth of the
   warm-up's 6e-4, the ratio that learned at CPU scale, where the warm-up's own lr collapsed RL).
@@ -56,6 +60,7 @@ from srl.generation import PlainSampler, SamplingParams  # noqa: E402
 from srl.plan import build_policy  # noqa: E402
 
 VARIANTS = {"spectr": [], "plain": ["generation.mode=plain"], "spectr_stale_draft": ["draft.align=false"],
+            "spectr_frozen_draft": ["draft.align_updates=150"], "standard": ["generation.mode=standard"],
             "sophia": ["optimizer.type=sophia"], "spectr_lr6e-5": ["optimizer.lr=6e-5"]}
 CURVE_KEYS = ("wall_s", "version", "env_steps", "mean_return", "charts/reward", "generation/acceptance_rate",
               "generation/tokens_per_pass", "generation/batch", "generation/batch_s", "generation/busy_s", "draft/acceptance_rate",

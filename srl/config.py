@@ -461,6 +461,9 @@ class DraftConfig:
     """Run a draft worker: it distils the policy into the draft on every sequence of the sample
     stream once and publishes the draft's weights to the generation workers. False keeps the
     draft at its initial weights."""
+    align_updates: int | None = None
+    """The draft worker stops distilling after this many updates (None: never) and goes on measuring
+    acceptance on every sample message: the ablation of a draft that stops following the policy."""
     lr: float = 1.0e-3
     loss: str = "kl"
     """``kl``: KL(policy || draft) per position; ``tv``: total variation (1 - acceptance)."""
@@ -476,6 +479,8 @@ class DraftConfig:
 
     def validate(self) -> None:
         _in_range("draft.lr", self.lr, 0.0, 10.0, low_open=True)
+        if self.align_updates is not None:
+            _at_least("draft.align_updates", self.align_updates, 0)
         if self.warmup_steps is not None:
             _at_least("draft.warmup_steps", self.warmup_steps, 0)
         if self.warmup_lr is not None:

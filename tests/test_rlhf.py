@@ -265,7 +265,7 @@ def test_draft_distiller_uses_every_sequence_exactly_once():
     aligner = DraftAligner(draft, policy, DraftAlignConfig(params=sampling_params(cfg)))
     seen: list[tuple] = []
     step = aligner.step
-    aligner.step = lambda tokens, mask: (seen.extend(map(tuple, tokens.tolist())), step(tokens, mask))[1]
+    aligner.step = lambda tokens, mask, update: (seen.extend(map(tuple, tokens.tolist())), step(tokens, mask, update))[1]
     distiller = DraftDistiller(aligner)
     rng = np.random.default_rng(5)
     msgs = [_sample_message(task, layout, a, s, rng) for s in range(4) for a in range(2)]
@@ -274,6 +274,29 @@ def test_draft_distiller_uses_every_sequence_exactly_once():
         distiller.consume(m)
     assert sorted(seen) == sorted(sent) and aligner.updates == len(msgs)
     assert distiller.duplicates == 3 and distiller.sequences == len(sent)
+
+
+def test_draft_distiller_stops_updating_after_max_updates_and_keeps_measuring():
+    cfg = _tiny()
+    task, info = build_task(cfg), compile_info(cfg)
+    layout = token_layout(cfg, info)
+    rng = np.random.default_rng(6)
+    msgs = [_sample_message(task, layout, 0, s, rng) for s in range(4)]
+    weights = {}
+    for limit in (2, None):  # None: the control, which keeps updating
+        policy, draft = _generation_models(cfg)
+        distiller = DraftDistiller(DraftAligner(draft, policy, DraftAlignConfig(params=sampling_params(cfg))),
+                                   max_updates=limit)
+        stats = [distiller.consume(m) for m in msgs[:2]]
+        after_two = {k: v.clone() for k, v in draft.state_dict().items()}
+        stats += [distiller.consume(m) for m in msgs[2:]]
+        weights[limit] = (after_two, draft.state_dict())
+        assert all(0.0 < s["charts/acceptance_rate"] <= 1.0 for s in stats)
+        assert distiller.sequences == sum(m.arrays["valid"].size for m in msgs)
+        assert distiller.aligner.updates == (2 if limit else 4) and distiller.frozen == bool(limit)
+    for limit, (two, last) in weights.items():
+        same = all(torch.equal(two[k], last[k]) for k in two)
+        assert same == (limit is not None), limit
 
 
 # --------------------------------------------------------------------------- live runs

@@ -85,20 +85,23 @@ class DraftAligner:
         self.samples_seen = 0
         self.updates = 0
 
-    def step(self, tokens: Tensor, mask: Tensor | None = None) -> dict[str, float]:
-        """One update on policy-generated ``tokens`` (B, T); the batch is not kept."""
+    def step(self, tokens: Tensor, mask: Tensor | None = None, update: bool = True) -> dict[str, float]:
+        """One update on policy-generated ``tokens`` (B, T); the batch is not kept. ``update=False``
+        only measures (the loss and acceptance the update would have started from)."""
         with torch.no_grad():
             target_logits = self.target(tokens)
-        self.draft.train()
-        draft_logits = self.draft(tokens)
-        loss, accept = distill_loss(draft_logits, target_logits, self.config.params.temperature,
-                                    mask, self.config.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
+        self.draft.train(update)
+        with torch.set_grad_enabled(update):
+            draft_logits = self.draft(tokens)
+            loss, accept = distill_loss(draft_logits, target_logits, self.config.params.temperature,
+                                        mask, self.config.loss)
+        if update:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.updates += 1
         self.samples_seen += tokens.shape[0]
-        self.updates += 1
         alpha = float(accept.mean())
         return {
             "losses/distill": float(loss.detach()),

@@ -31,10 +31,11 @@ from srl.workers.token_layout import token_layout
 
 class DraftDistiller:
     """The draft's learning, apart from the process: ``consume(message)`` distils on each new
-    sample message once and returns its statistics (None for a message already used)."""
+    sample message once and returns its statistics (None for a message already used). After
+    ``max_updates`` updates (None: never) it only measures."""
 
-    def __init__(self, aligner: DraftAligner, device: str = "cpu"):
-        self.aligner, self.device = aligner, device
+    def __init__(self, aligner: DraftAligner, device: str = "cpu", max_updates: int | None = None):
+        self.aligner, self.device, self.max_updates = aligner, device, max_updates
         self.seen: set[tuple[int, int, int]] = set()
         self.sequences = self.duplicates = 0
 
@@ -45,9 +46,14 @@ class DraftDistiller:
             return None
         self.seen.add(key)
         tokens, mask = sequences(msg.arrays)
-        stats = self.aligner.step(tokens.to(self.device), mask.to(self.device))
+        stats = self.aligner.step(tokens.to(self.device), mask.to(self.device), update=not self.frozen)
         self.sequences += tokens.shape[0]
         return stats
+
+
+    @property
+    def frozen(self) -> bool:
+        return self.max_updates is not None and self.aligner.updates >= self.max_updates
 
 
 def sequences(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +82,8 @@ class DraftWorker(RLWorker):
         self.draft = build_draft(cfg, self.info.n_actions, self.device)
         align = DraftAlignConfig(lr=cfg.draft.lr, loss=cfg.draft.loss, gamma=cfg.generation.draft_len,
                                  params=sampling_params(cfg))
-        self.distiller = DraftDistiller(DraftAligner(self.draft, self.policy, align), self.device)
+        self.distiller = DraftDistiller(DraftAligner(self.draft, self.policy, align), self.device,
+                                        cfg.draft.align_updates)
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
         self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key,
                                                 shared=cfg.network.shared_weights))
@@ -109,12 +116,14 @@ class DraftWorker(RLWorker):
         got = self.samples.recv(timeout_ms=10, check=self.layout.check)
         if got is None:
             return PollResult()
+        updates = self.distiller.aligner.updates
         stats = self.distiller.consume(got[1])
         if stats is None:
             return PollResult()
-        self.version += 1
-        self.server.publish(self.version, self.draft.state_dict())
-        self.server.serve()
+        if self.distiller.aligner.updates > updates:
+            self.version += 1
+            self.server.publish(self.version, self.draft.state_dict())
+            self.server.serve()
         self.stats = {"draft/acceptance_rate": stats["charts/acceptance_rate"],
                       "draft/block_efficiency": stats["charts/block_efficiency"],
                       "draft/distill_loss": stats["losses/distill"], "draft/policy_version": float(self.policy_version)}
