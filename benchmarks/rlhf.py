@@ -101,8 +101,8 @@ class _Enough(Exception):
 def probe_warmup(cfg, steps: int, every: int, out: str = "", stop_at: float = 2.0) -> dict:
     """Accuracy of the supervised warm-up every ``every`` steps, and its seconds per step (the rows
     so far are saved to ``out`` at each probe). With ``algorithm.warmup_cache`` the weights at each
-    probe are kept there, under the key a run with ``warmup_steps`` = that step looks up. Stops
-    once the accuracy reaches ``stop_at``."""
+    probe are kept there, under the key a run with ``warmup_steps`` = that step and no
+    ``warmup_target`` looks up. Stops once the accuracy reaches ``stop_at``."""
     from srl.algorithms.grpo import save_warmup, warmup_path
 
     a = cfg.algorithm
@@ -119,8 +119,8 @@ def probe_warmup(cfg, steps: int, every: int, out: str = "", stop_at: float = 2.
                 torch.cuda.synchronize()
             t_train += time.perf_counter() - t0
             if a.warmup_cache:
-                save_warmup(warmup_path(a.warmup_cache, policy, task, step, a.warmup_lr, cfg.seed, a.warmup_batch),
-                            policy)
+                save_warmup(warmup_path(a.warmup_cache, policy, task, step, a.warmup_lr, cfg.seed, a.warmup_batch,
+                                        target=None), policy)
             rows.append({"step": step, "loss": float(loss), "accuracy": ev(), "train_s": t_train})
             policy.train()
             print("warmup", json.dumps(rows[-1]), flush=True)

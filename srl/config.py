@@ -150,9 +150,13 @@ class AlgorithmConfig:
     """GRPO: AdamW learning rate of the warm-up."""
     warmup_batch: int = 64
     """GRPO: sequences (of up to 64 tokens) per warm-up step."""
+    warmup_target: float | None = None
+    """GRPO: stop the warm-up at the first check (every ``WARMUP_CHECK_EVERY`` steps) where greedy
+    exact match on held-out prompts reaches this; ``warmup_steps`` is then the cap. None: run all
+    ``warmup_steps``."""
     warmup_cache: str = ""
-    """GRPO: a folder where warmed-up weights are kept, keyed by model, task, steps, lr, batch and
-    seed; a later warm-up with the same key loads them instead of training ("": none)."""
+    """GRPO: a folder where warmed-up weights are kept, keyed by model, task, steps, lr, batch, seed
+    and target; a later warm-up with the same key loads them instead of training ("": none)."""
 
     def validate(self) -> None:
         from srl.registry import check_name
@@ -173,6 +177,8 @@ class AlgorithmConfig:
         _at_least("algorithm.warmup_steps", self.warmup_steps, 0)
         _in_range("algorithm.warmup_lr", self.warmup_lr, 0.0, 10.0, low_open=True)
         _at_least("algorithm.warmup_batch", self.warmup_batch, 1)
+        if self.warmup_target is not None:
+            _in_range("algorithm.warmup_target", self.warmup_target, 0.0, 1.0, low_open=True)
         if self.value_clip is not None:
             _in_range("algorithm.value_clip", self.value_clip, 0.0, 1e9, low_open=True)
         _in_range("algorithm.rho_bar", self.rho_bar, 0.0, 1e6, low_open=True)

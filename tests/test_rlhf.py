@@ -399,11 +399,88 @@ def test_warm_up_cache_loads_the_same_weights_and_keys_on_the_settings(tmp_path)
     for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert any((a != b).any() for a, b in zip(trained.state_dict().values(), fresh().state_dict().values()))
-    for other in (dict(steps=4), dict(lr=1e-3), dict(seed=1), dict(batch=4)):  # each a different key: trains
-        kw = dict(dict(steps=5, lr=3e-3, seed=0, batch=8), **other)
+    for other in (dict(steps=4), dict(lr=1e-3), dict(seed=1), dict(batch=4), dict(target=0.99)):  # each a new key
+        kw = dict(dict(steps=5, lr=3e-3, seed=0, batch=8, target=None), **other)
         assert not math.isnan(warm_up(fresh(), task, kw["steps"], kw["lr"], "cpu", seed=kw["seed"],
-                                      batch=kw["batch"], cache=cache))
-    assert len(os.listdir(cache)) == 5
+                                      batch=kw["batch"], cache=cache, target=kw["target"]))
+    assert len(os.listdir(cache)) == 6
+
+
+class _Spell(torch.nn.Module):
+    """Logits that spell ``tokens[i]`` (one row per prompt) after the prompt, whatever was generated."""
+
+    def __init__(self, tokens: np.ndarray, prompt_len: int, vocab: int):
+        super().__init__()
+        self.tokens, self.prompt_len, self.vocab, self.modes = torch.as_tensor(tokens), prompt_len, vocab, []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        logits = torch.zeros(*ids.shape, self.vocab)
+        k = ids.shape[1] - self.prompt_len  # tokens generated so far
+        logits[:, -1].scatter_(1, self.tokens[:, k:k + 1], 1.0)
+        return logits
+
+
+def test_warmup_greedy_exact_match_scores_spelled_answers():
+    from srl.algorithms.grpo import greedy_exact_match
+
+    task = Addition(n_digits=2)
+    prompts = task.sample_prompts(8, np.random.default_rng(0))
+    right = np.array([task.answer(p) + [task.eos_id] for p in prompts])
+    junk = np.full((8, 2), VOCAB.index["7"])  # after the eos: padded away, not graded
+    wrong = right.copy()
+    wrong[:, 0] = VOCAB.index["+"]
+    half = np.where(np.arange(8)[:, None] % 2 == 0, right, wrong)
+    for spelled, expected in ((right, 1.0), (wrong, 0.0), (half, 0.5)):
+        stub = _Spell(np.concatenate([spelled, junk], 1), prompts.shape[1], task.vocab_size).train()
+        assert greedy_exact_match(stub, task, prompts, task.answer_len + 2, "cpu") == expected
+        assert stub.training and stub.modes == [False] * (task.answer_len + 2)  # eval while decoding, then restored
+
+
+class _Graded:
+    """The tiny task's problems, every completion scored ``score`` (a stand-in accuracy)."""
+
+    def __init__(self, task, score: float):
+        self.task, self.score = task, score
+        self.answer_len, self.eos_id, self.pad_id = task.answer_len, task.eos_id, task.pad_id
+
+    def stream(self, *args):
+        return self.task.stream(*args)
+
+    def sample_prompts(self, n, rng):
+        return self.task.sample_prompts(n, rng)
+
+    def reward(self, prompts, completions):
+        return np.full(len(prompts), self.score)
+
+
+def test_warm_up_with_a_target_stops_at_the_first_check_that_reaches_it(monkeypatch, caplog):
+    from srl.algorithms import grpo
+
+    monkeypatch.setattr(grpo, "WARMUP_CHECK_EVERY", 3)
+    cfg = _tiny()
+    task, info = build_task(cfg), compile_info(cfg)
+    for score, target, ran in ((1.0, 0.5, 3), (0.5, 0.5, 3), (0.0, 0.5, 10), (0.0, None, 10)):
+        torch.manual_seed(0)
+        steps = []
+        with caplog.at_level("INFO", logger=grpo.__name__):
+            caplog.clear()
+            grpo.warm_up(LMPolicy(info, cfg.policy), _Graded(task, score), 10, 3e-3, "cpu", seed=0, batch=8,
+                         callback=lambda step, loss: steps.append(step), target=target)
+        assert steps == list(range(1, ran + 1)), (score, target)
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert ("step 3" in said) if ran == 3 else ("cap of 10" in said) if target else not said
+    no_answer_len = _Graded(task, 1.0)
+    del no_answer_len.answer_len
+    with pytest.raises(ValueError, match="algorithm.warmup_target needs a task with answer_len"):
+        grpo.warm_up(LMPolicy(info, cfg.policy), no_answer_len, 10, 3e-3, "cpu", seed=0, target=0.5)
+
+
+def test_warmup_target_out_of_range_is_refused_naming_the_field():
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="algorithm.warmup_target"):
+            _tiny(**{"algorithm.warmup_target": bad})
+    assert _tiny(**{"algorithm.warmup_target": 1.0}).algorithm.warmup_target == 1.0
 
 
 def test_rlhf_addition_config_validates_at_gpu_size():

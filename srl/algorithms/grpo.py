@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import time
 
+import numpy as np
 import torch
 
 from srl.algorithms.steps import GuardedStep, averages
@@ -82,58 +84,110 @@ WARMUP_CLIP = 1.0
 torch's defaults (beta2 0.999, no clip) the ~100M policy's loss spiked at lr 1e-3 (H200)."""
 
 
+WARMUP_CHECK_EVERY = 50
+WARMUP_EVAL_PROMPTS = 256
+"""With ``algorithm.warmup_target``: held-out greedy exact match on this many prompts every this many steps."""
+
+
+def greedy_exact_match(policy: torch.nn.Module, task, prompts: np.ndarray, new_tokens: int, device: str) -> float:
+    """Mean reward of the greedy completions of ``prompts`` (exact match for the built-in tasks).
+    No KV cache: the warm-up checks rarely, and a plain loop needs nothing but ``policy(ids)``."""
+    from srl.envs.tokens import finish_completions
+
+    was_training = policy.training
+    policy.eval()
+    ids = torch.as_tensor(np.asarray(prompts, np.int64), device=device)
+    try:
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            for _ in range(new_tokens):
+                ids = torch.cat([ids, policy(ids)[:, -1].argmax(-1)[:, None]], 1)
+    finally:
+        policy.train(was_training)
+    out = ids[:, prompts.shape[1]:].cpu().numpy()
+    tokens, _, _ = finish_completions(out, np.zeros(out.shape, np.float32), task.eos_id, task.pad_id)
+    return float(np.mean(task.reward(prompts, tokens)))
+
+
+def _warmup_loss(policy: torch.nn.Module, task, ids: torch.Tensor, answers_only: bool, bf16: bool) -> torch.Tensor:
+    """Next-token cross-entropy of ``ids`` (B, T + 1), over the answers only when the task marks them."""
+    import torch.nn.functional as F
+
+    with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+        logits = policy(ids[:, :-1])
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                reduction="none")
+    if not answers_only:
+        return per_token.mean()
+    mask = task.answer_targets(ids).reshape(-1).float()
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, seed: int,
-            batch: int = 64, callback=None, cache: str = "") -> float:
+            batch: int = 64, callback=None, cache: str = "", target: float | None = None) -> float:
     """Supervised next-token steps on the task's solved problems; returns the last loss. The loss
     covers the answers only when the task marks them (``answer_targets``), in bf16 autocast on CUDA.
     Deterministic given ``seed``, so a restarted trainer warms up to the same reference.
     ``callback(step, loss)``, if given, runs after every step (benchmarks probe accuracy with it).
-    ``cache``: a folder of warmed-up weights (:func:`warmup_path`); a hit loads them (loss nan)."""
-    import numpy as np
-    import torch.nn.functional as F
-
+    ``cache``: a folder of warmed-up weights (:func:`warmup_path`); a hit loads them (loss nan).
+    ``target``: stop at the first check (every ``WARMUP_CHECK_EVERY`` steps) whose held-out greedy
+    exact match reaches it, since accuracy at a fixed step varied from run to run (3% to 30%)."""
     if not hasattr(task, "stream"):
         raise ValueError("algorithm.warmup_steps needs a task with stream(batch, seq_len, rng)")
-    path = warmup_path(cache, policy, task, steps, lr, seed, batch) if cache else ""
+    if target is not None and not getattr(task, "answer_len", 0):
+        raise ValueError("algorithm.warmup_target needs a task with answer_len")
+    path = warmup_path(cache, policy, task, steps, lr, seed, batch, target) if cache else ""
     if path and os.path.exists(path):
         policy.load_state_dict(torch.load(path, map_location=device))
         return float("nan")
     rng = np.random.default_rng(seed + 4242)
+    held_out = np.asarray(task.sample_prompts(WARMUP_EVAL_PROMPTS, np.random.default_rng(seed + 10**6)),
+                          np.int64) if target is not None else None
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=WARMUP_BETAS)
     ramp = max(1, min(WARMUP_RAMP_STEPS, steps // 10))
     seq_len = min(policy.config.max_seq_len, 64)
     bf16 = torch.device(device).type == "cuda"
-    answers_only = hasattr(task, "answer_targets")
-    loss = torch.zeros(())
-    for step in range(steps):
+    loss, accuracy, step = torch.zeros(()), None, 0
+    for step in range(1, steps + 1):
         ids = torch.as_tensor(task.stream(batch, seq_len + 1, rng), device=device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            logits = policy(ids[:, :-1])
-        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                                    reduction="none")
-        if answers_only:
-            mask = task.answer_targets(ids).reshape(-1).float()
-            loss = (per_token * mask).sum() / mask.sum().clamp_min(1.0)
-        else:
-            loss = per_token.mean()
+        loss = _warmup_loss(policy, task, ids, hasattr(task, "answer_targets"), bf16)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / ramp)
+            group["lr"] = lr * min(1.0, step / ramp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), WARMUP_CLIP)
         opt.step()
         if callback is not None:
-            callback(step + 1, loss)
+            callback(step, loss)
+        if held_out is not None and step % WARMUP_CHECK_EVERY == 0:
+            accuracy = greedy_exact_match(policy, task, held_out, int(task.answer_len), device)
+            if accuracy >= target:
+                break
+    if target is not None:
+        _log_warmup_stop(step, steps, accuracy, target)
     if path:
         save_warmup(path, policy)
     return float(loss.detach())
 
 
-def warmup_path(cache: str, policy: torch.nn.Module, task, steps: int, lr: float, seed: int, batch: int) -> str:
+def _log_warmup_stop(step: int, steps: int, accuracy: float | None, target: float) -> None:
+    """One line saying where a warm-up with a target stopped, and why."""
+    log = logging.getLogger(__name__)
+    if accuracy is not None and accuracy >= target:
+        log.info("warm-up stopped at step %d: held-out exact match %.3f >= target %.3f", step, accuracy, target)
+    else:
+        last = "none" if accuracy is None else f"{accuracy:.3f}"
+        log.info("warm-up ran to its cap of %d steps below target %.3f (last held-out exact match: %s)",
+                 steps, target, last)
+
+
+def warmup_path(cache: str, policy: torch.nn.Module, task, steps: int, lr: float, seed: int, batch: int,
+                target: float | None = None) -> str:
     """The file in ``cache`` for these warm-up settings: the model's config, the task's type and
-    fields, steps, lr, seed and batch (a task whose fields print with addresses never hits)."""
+    fields, steps, lr, seed, batch and target (a task whose fields print with addresses never hits)."""
     fields = {k: repr(v) for k, v in sorted(vars(task).items())} if hasattr(task, "__dict__") else {}
     recipe = (WARMUP_RAMP_STEPS, WARMUP_BETAS, WARMUP_CLIP)
+    if target is not None:  # without one, the key (and the weights kept under it) stay as before
+        recipe += (target, WARMUP_CHECK_EVERY, WARMUP_EVAL_PROMPTS)
     key = repr((repr(getattr(policy, "config", None)), type(task).__qualname__, fields, steps, lr, seed, batch, recipe))
     return os.path.join(cache, f"warmup-{hashlib.sha1(key.encode()).hexdigest()[:20]}.pt")
 
@@ -162,7 +216,7 @@ class GRPOLearner:
         self.sampling = sampling or SamplingParams()
         if algo.warmup_steps:
             warm_up(self.policy, task, algo.warmup_steps, algo.warmup_lr, device, seed, batch=algo.warmup_batch,
-                    cache=algo.warmup_cache)
+                    cache=algo.warmup_cache, target=algo.warmup_target)
         self.reference = None
         if algo.kl_coef > 0:  # the frozen initial policy (identical after a restart: same seed)
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
