@@ -30,7 +30,8 @@ use the GPU while they run. Two phases:
 ``--probe-warmup STEPS`` measures the supervised warm-up alone: accuracy every ``--every`` steps
 and seconds per step, to size ``algorithm.warmup_steps``; with ``algorithm.warmup_cache`` it keeps
 the weights of each probe there, so runs warmed up to one of those steps load them.
-``--prepare-draft`` builds the warmed-up draft into that cache the same way.
+``--prepare-policy`` and ``--prepare-draft`` build the warmed-up policy (to ``algorithm.warmup_target``)
+and draft into that cache the same way, so variants started at once share them.
 
     PYTHONPATH=. python3 benchmarks/rlhf.py --phase time --variants spectr,plain --wall-s 120
     PYTHONPATH=. python3 benchmarks/rlhf.py --smoke      # CPU, configs/rlhf_tiny.yaml, seconds
@@ -135,6 +136,22 @@ def probe_warmup(cfg, steps: int, every: int, out: str = "", stop_at: float = 2.
         pass
     done = rows[-1]["step"] if rows else steps
     return {"curve": rows, "s_per_step": t_train / max(done, 1), "params": sum(p.numel() for p in policy.parameters())}
+
+
+def prepare_policy(cfg) -> dict:
+    """Warm the policy up as the trainer does (``algorithm.warmup_*``, the trainer's seed), into
+    ``algorithm.warmup_cache``, so variants run at once start from the same weights: the steps
+    taken, the seconds, and the held-out accuracy reached."""
+    from srl.algorithms.grpo import warm_up
+
+    a, ev = cfg.algorithm, Evaluator(cfg)
+    steps = [0]
+    t0 = time.perf_counter()
+    warm_up(ev.policy.train(), build_task(cfg), a.warmup_steps, a.warmup_lr,
+            ev.device, cfg.seed, batch=a.warmup_batch, cache=a.warmup_cache, target=a.warmup_target,
+            callback=lambda step, loss: steps.__setitem__(0, step))
+    return {"policy_warmup_steps": steps[0], "policy_warmup_s": time.perf_counter() - t0,
+            "policy_accuracy": ev(), "warmup_target": a.warmup_target}
 
 
 def prepare_draft(cfg) -> dict:
@@ -294,6 +311,8 @@ def main() -> None:
     ap.add_argument("--probe-warmup", type=int, default=0, help="only the supervised warm-up, this many steps")
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--stop-at", type=float, default=2.0, help="warm-up probe: stop at this accuracy")
+    ap.add_argument("--prepare-policy", action="store_true",
+                    help="only warm the policy up (kept in algorithm.warmup_cache for the runs)")
     ap.add_argument("--prepare-draft", action="store_true",
                     help="only build the warmed-up draft (kept in algorithm.warmup_cache for the runs)")
     ap.add_argument("--run-one", default="", help=argparse.SUPPRESS)
@@ -306,7 +325,9 @@ def main() -> None:
     if args.smoke:
         args.config = os.path.join(ROOT, "configs", "rlhf_tiny.yaml")
         args.wall_s, args.log_every, args.ckpt_every = 15.0, 1.0, 4.0
-    if args.prepare_draft:
+    if args.prepare_policy:
+        results = prepare_policy(load_experiment(args.config, list(args.set)))
+    elif args.prepare_draft:
         results = prepare_draft(load_experiment(args.config, list(args.set)))
     elif args.probe_warmup:
         results = probe_warmup(load_experiment(args.config, list(args.set)), args.probe_warmup, args.every, args.out,
