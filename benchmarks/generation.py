@@ -108,31 +108,37 @@ def timed(fn, repeats):
     return statistics.median(times), last
 
 
-def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params, repeats,
-                 cuda_graph=True):
-    """``method`` "standard_torch_verify": standard with the torch verification pass and re-feed
-    (``speculative.FUSED_VERIFY`` off), for comparison."""
+def build_sampler(policy, draft, batch, method, k, L, prompts, new_tokens, params, cuda_graph=True):
+    """(sampler, fused_verify) of one grid cell. ``method`` "standard_torch_verify": standard with
+    the torch verification pass and re-feed (``speculative.FUSED_VERIFY`` off), for comparison."""
     from srl.generation import speculative
 
     max_len = prompts.shape[1] + new_tokens + (k + 2) * L + 16
-    fused_verify = None
     if method.startswith("plain"):
-        s = PlainSampler(policy, batch, max_len, params, cuda_graph=cuda_graph)
-    else:
-        saved = speculative.FUSED_VERIFY
-        if method == "standard_torch_verify":
-            speculative.FUSED_VERIFY = 0
-        try:
-            s = SpeculativeSampler(policy, draft, batch, max_len, k=k, draft_len=L, params=params,
-                                   cuda_graph=cuda_graph)
-        finally:
-            speculative.FUSED_VERIFY = saved
-        fused_verify = s.fused is not None and s.fused.verify is not None
-    p = prompts[:batch]
-    sec, out = timed(lambda: s.generate(p, new_tokens), repeats)
-    s.close()
+        return PlainSampler(policy, batch, max_len, params, cuda_graph=cuda_graph), None
+    saved = speculative.FUSED_VERIFY
+    if method == "standard_torch_verify":
+        speculative.FUSED_VERIFY = 0
+    try:
+        s = SpeculativeSampler(policy, draft, batch, max_len, k=k, draft_len=L, params=params,
+                               cuda_graph=cuda_graph)
+    finally:
+        speculative.FUSED_VERIFY = saved
+    return s, s.fused is not None and s.fused.verify is not None
+
+
+def release(sampler) -> None:
+    sampler.close()
     if DEV == "cuda":
         torch.cuda.empty_cache()
+
+
+def bench_config(policy, draft, batch, method, k, L, prompts, new_tokens, params, repeats,
+                 cuda_graph=True):
+    s, fused_verify = build_sampler(policy, draft, batch, method, k, L, prompts, new_tokens, params, cuda_graph)
+    p = prompts[:batch]
+    sec, out = timed(lambda: s.generate(p, new_tokens), repeats)
+    release(s)
     sane = {"outside_task_vocab": float((out.tokens >= len(VOCAB)).float().mean()),
             "logp_finite": bool(torch.isfinite(out.logp).all()),
             "mean_logp": float(out.logp.mean())}
@@ -194,22 +200,40 @@ def hf_baseline(batches, new_tokens, repeats):
 
 
 def auto_rows(policy, draft, rows, prompts, args, params):
-    """The auto table from the grid (fastest mode per batch), then auto's pick timed again."""
-    from srl.generation.auto import pick, table_from_rows
+    """The auto table from the grid (fastest mode per batch), then auto's pick and the best fixed
+    mode of the grid timed again, alternating, ``2 * repeats + 1`` times each: speculative
+    sampling's time varies with the random acceptance from one call to the next, so a pick timed
+    apart from the mode it picked compares noise. The ratio is of the median times."""
+    from srl.generation.auto import ModeChoice, pick, table_from_rows
 
     table = table_from_rows(rows)
     out = []
     for b in sorted({r["batch"] for r in rows}):
         c = pick(table, b)
-        r = bench_config(policy, draft, b, c.mode, c.k, c.draft_len if c.mode != "plain" else 0,
-                         prompts, args.new_tokens, params, args.repeats)
         best = max((x for x in rows if x["batch"] == b and x["method"] in ("plain", "standard", "spectr")),
                    key=lambda x: x["tokens_per_s"])
-        r.update(auto_pick=c.describe(), best_fixed=best["tokens_per_s"],
-                 auto_vs_best=r["tokens_per_s"] / best["tokens_per_s"])
+        fixed = ModeChoice(best["method"], best["k"] or 1, best["L"] or 1)
+        built = {}
+        for name, m in (("auto", c), ("best", fixed)):
+            built[name] = build_sampler(policy, draft, b, m.mode, m.k, m.draft_len if m.mode != "plain" else 0,
+                                        prompts, args.new_tokens, params)[0]
+        p = prompts[:b]
+        times = {"auto": [], "best": []}
+        for s in built.values():
+            s.generate(p, args.new_tokens)  # warm-up
+        for i in range(2 * args.repeats + 1):
+            for name in (("auto", "best") if i % 2 == 0 else ("best", "auto")):
+                sync()
+                times[name].append(built[name].generate(p, args.new_tokens).seconds)
+        for s in built.values():
+            release(s)
+        tps = {n: b * args.new_tokens / statistics.median(t) for n, t in times.items()}
+        r = {"batch": b, "auto_pick": c.describe(), "best_fixed": fixed.describe(), "tokens_per_s": tps["auto"],
+             "best_tokens_per_s": tps["best"], "auto_vs_best": tps["auto"] / tps["best"], "grid_best": best["tokens_per_s"],
+             "times": times}
         out.append(r)
-        log(f"  batch {b:3d} auto -> {c.describe()}: {r['tokens_per_s']:.0f} tok/s, "
-            f"{r['auto_vs_best']:.3f}x the best fixed mode in the grid ({best['tokens_per_s']:.0f})")
+        log(f"  batch {b:3d} auto -> {c.describe()}: {tps['auto']:.0f} tok/s against {fixed.describe()} "
+            f"{tps['best']:.0f} timed alternately: {r['auto_vs_best']:.3f}x")
     return table, out
 
 
