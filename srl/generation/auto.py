@@ -22,15 +22,15 @@ MODES = ("plain", "standard", "spectr")
 
 DEFAULT_TABLE: list[dict] = [
     {"batch": 1, "mode": "standard", "k": 1, "draft_len": 7},
-    {"batch": 16, "mode": "plain", "k": 1, "draft_len": 1},
+    {"batch": 16, "mode": "standard", "k": 1, "draft_len": 7},
     {"batch": 64, "mode": "plain", "k": 1, "draft_len": 1},
 ]
-"""H200 measurements. Batch 1: the fused standard iteration (``speculative.FUSED_VERIFY``) with
-a trained pair (held-out acceptance 0.98): standard L = 7 at 7,096 tok/s, L = 5 at 6,165, plain
-at 2,827 (benchmarks/results/generation_spec_h200_roundA.json). Batch 16 and 64: plain, the
-fastest mode of ``benchmarks/generation.py --auto`` (benchmarks/results/generation_auto_h200.json;
-the fused iteration serves batch 1 only). A draft that follows its policy less well shifts the
-table toward plain: measure it (``generation.auto_table``)."""
+"""H200 measurement with a trained pair (held-out acceptance 0.97), one grid of
+``benchmarks/generation.py --auto`` (benchmarks/results/generation_spec_h200_roundD.json): batch 1
+standard L = 7 at 7,268 tok/s (the fused iteration; plain 2,601, SpecTr k = 4 2,963); batch 16
+standard L = 7 at 40,012 (plain 31,531, SpecTr 32,380); batch 64 plain at 106,990 (standard
+106,795, SpecTr 60,884). A draft that follows its policy less well shifts the table toward
+plain: measure it (``generation.auto_table``)."""
 
 
 @dataclass(frozen=True)
