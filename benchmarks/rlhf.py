@@ -12,7 +12,7 @@ field each:
   first 150 updates, about 15 s on the H200, then only measures: from the same aligned start,
   acceptance should hold with the draft worker and fall without it);
 - ``spectr_tv``: ``draft.loss=tv`` (the draft worker minimizes total variation, 1 - acceptance,
-  instead of KL); ``spectr_tv_frozen``: the same, frozen after 150 updates;
+  instead of KL); ``spectr_tv_frozen``: the same, frozen after 80 updates;
 - ``standard``: ``generation.mode=standard`` (one draft, speculative sampling of Leviathan et al.);
 - ``sophia``: ``optimizer.type=sophia``;
 - ``spectr_lr6e-5``: ``optimizer.lr=6e-5`` (3x the config's RL learning rate: a tenth of the
@@ -64,7 +64,7 @@ from srl.plan import build_policy  # noqa: E402
 
 VARIANTS = {"spectr": [], "plain": ["generation.mode=plain"], "spectr_stale_draft": ["draft.align=false"],
             "spectr_frozen_draft": ["draft.align_updates=150"], "standard": ["generation.mode=standard"],
-            "spectr_tv": ["draft.loss=tv"], "spectr_tv_frozen": ["draft.loss=tv", "draft.align_updates=150"],
+            "spectr_tv": ["draft.loss=tv"], "spectr_tv_frozen": ["draft.loss=tv", "draft.align_updates=80"],
             "sophia": ["optimizer.type=sophia"], "spectr_lr6e-5": ["optimizer.lr=6e-5"]}
 CURVE_KEYS = ("wall_s", "version", "env_steps", "mean_return", "charts/reward", "generation/acceptance_rate",
               "generation/tokens_per_pass", "generation/batch", "generation/batch_s", "generation/busy_s", "draft/acceptance_rate",
