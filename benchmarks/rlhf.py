@@ -9,8 +9,8 @@ field each:
 - ``spectr_stale_draft``: ``draft.align=false`` (the draft, warmed up like the policy, never follows
   it: acceptance should fall as the policy moves);
 - ``spectr_frozen_draft``: ``draft.align_updates=150`` (the draft worker aligns the draft for its
-  first 150 updates, about 15 s on the H200, then only measures: from the same aligned start,
-  acceptance should hold with the draft worker and fall without it);
+  first 150 updates, about 25 s of RL on the H200 with three runs sharing it, then only measures:
+  from the same aligned start, acceptance should hold with the draft worker and fall without it);
 - ``spectr_tv``: ``draft.loss=tv`` (the draft worker minimizes total variation, 1 - acceptance,
   instead of KL); ``spectr_tv_frozen``: the same, frozen after 80 updates;
 - ``standard``: ``generation.mode=standard`` (one draft, speculative sampling of Leviathan et al.);
