@@ -203,7 +203,8 @@ def auto_rows(policy, draft, rows, prompts, args, params):
     """The auto table from the grid (fastest mode per batch), then auto's pick and the best fixed
     mode of the grid timed again, alternating, ``2 * repeats + 1`` times each: speculative
     sampling's time varies with the random acceptance from one call to the next, so a pick timed
-    apart from the mode it picked compares noise. The ratio is of the median times."""
+    apart from the mode it picked compares noise. The ratio is of the median times; when the pick
+    is the best mode, one sampler serves both."""
     from srl.generation.auto import ModeChoice, pick, table_from_rows
 
     table = table_from_rows(rows)
@@ -213,19 +214,21 @@ def auto_rows(policy, draft, rows, prompts, args, params):
         best = max((x for x in rows if x["batch"] == b and x["method"] in ("plain", "standard", "spectr")),
                    key=lambda x: x["tokens_per_s"])
         fixed = ModeChoice(best["method"], best["k"] or 1, best["L"] or 1)
-        built = {}
-        for name, m in (("auto", c), ("best", fixed)):
-            built[name] = build_sampler(policy, draft, b, m.mode, m.k, m.draft_len if m.mode != "plain" else 0,
-                                        prompts, args.new_tokens, params)[0]
+        built = {"auto": build_sampler(policy, draft, b, c.mode, c.k, c.draft_len if c.mode != "plain" else 0,
+                                       prompts, args.new_tokens, params)[0]}
+        built["best"] = built["auto"] if fixed == c else build_sampler(  # the same mode: one sampler
+            policy, draft, b, fixed.mode, fixed.k, fixed.draft_len if fixed.mode != "plain" else 0,
+            prompts, args.new_tokens, params)[0]
+        samplers = list({id(s): s for s in built.values()}.values())
         p = prompts[:b]
         times = {"auto": [], "best": []}
-        for s in built.values():
+        for s in samplers:
             s.generate(p, args.new_tokens)  # warm-up
         for i in range(2 * args.repeats + 1):
             for name in (("auto", "best") if i % 2 == 0 else ("best", "auto")):
                 sync()
                 times[name].append(built[name].generate(p, args.new_tokens).seconds)
-        for s in built.values():
+        for s in samplers:
             release(s)
         tps = {n: b * args.new_tokens / statistics.median(t) for n, t in times.items()}
         r = {"batch": b, "auto_pick": c.describe(), "best_fixed": fixed.describe(), "tokens_per_s": tps["auto"],

@@ -148,12 +148,12 @@ def prepare_policy(cfg) -> dict:
     from srl.algorithms.grpo import warm_up
 
     a, ev = cfg.algorithm, Evaluator(cfg)
-    steps = [0]
+    steps: list[int] = []  # the steps taken (none on a cache hit)
     t0 = time.perf_counter()
     warm_up(ev.policy.train(), build_task(cfg), a.warmup_steps, a.warmup_lr,
             ev.device, cfg.seed, batch=a.warmup_batch, cache=a.warmup_cache, target=a.warmup_target,
-            callback=lambda step, loss: steps.__setitem__(0, step))
-    return {"policy_warmup_steps": steps[0], "policy_warmup_s": time.perf_counter() - t0,
+            callback=lambda step, loss: steps.append(step))
+    return {"policy_warmup_steps": len(steps), "policy_warmup_s": time.perf_counter() - t0,
             "policy_accuracy": ev(), "warmup_target": a.warmup_target}
 
 

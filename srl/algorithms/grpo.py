@@ -146,10 +146,11 @@ def warm_up(policy: torch.nn.Module, task, steps: int, lr: float, device: str, s
     ramp = max(1, min(WARMUP_RAMP_STEPS, steps // 10))
     seq_len = min(policy.config.max_seq_len, 64)
     bf16 = torch.device(device).type == "cuda"
+    answers_only = hasattr(task, "answer_targets")
     loss, accuracy, step = torch.zeros(()), None, 0
     for step in range(1, steps + 1):
         ids = torch.as_tensor(task.stream(batch, seq_len + 1, rng), device=device)
-        loss = _warmup_loss(policy, task, ids, hasattr(task, "answer_targets"), bf16)
+        loss = _warmup_loss(policy, task, ids, answers_only, bf16)
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, step / ramp)
         opt.zero_grad(set_to_none=True)

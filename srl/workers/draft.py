@@ -50,7 +50,6 @@ class DraftDistiller:
         self.sequences += tokens.shape[0]
         return stats
 
-
     @property
     def frozen(self) -> bool:
         return self.max_updates is not None and self.aligner.updates >= self.max_updates

@@ -34,8 +34,9 @@ from srl.workers.reports import GenerationReport, to_meta
 def build_draft(cfg, vocab_size: int, device: str = "cpu") -> TransformerLM:
     """The draft model on ``device``; seeded alike in the draft worker and the generation
     workers, so both start from the same weights. With ``draft.warmup_steps`` (default
-    ``algorithm.warmup_steps``) the draft is warmed up on the task like the policy, so it starts close to the warmed-up policy (and a draft
-    that is never aligned, ``draft.align: false``, starts there too and then falls behind)."""
+    ``algorithm.warmup_steps``) the draft is warmed up on the task like the policy, so it starts
+    close to the warmed-up policy (and a draft that is never aligned, ``draft.align: false``,
+    starts there too and then falls behind)."""
     torch.manual_seed(cfg.seed * 977 + 13)
     draft = TransformerLM(lm_config(vocab_size, cfg.draft.lm)).to(device)
     a, d = cfg.algorithm, cfg.draft
