@@ -17,6 +17,12 @@ field each:
 - ``sophia``: ``optimizer.type=sophia``;
 - ``spectr_lr6e-5``: ``optimizer.lr=6e-5`` (3x the config's RL learning rate: a tenth of the
   warm-up's 6e-4, the ratio that learned at CPU scale, where the warm-up's own lr collapsed RL).
+- ``plain_fp32``, ``spectr_fp32``: ``policy.autocast=none`` (learner and generation in float32,
+  as before the config took bf16);
+- ``standard_stale_draft``: standard speculative sampling with no draft worker (its GPU time out
+  of the step);
+- ``plain_b16``, ``standard_b16``: 16 completions per generation call (one prompt's group)
+  instead of up to 256, where the generation benchmark finds speculation paying.
 
 Every variant runs as its own ``srl run``-like child process (``--run-one``), so this process may
 use the GPU while they run. Two phases:
@@ -62,10 +68,16 @@ from srl.envs.tokens import build_task, finish_completions, max_new_tokens, task
 from srl.generation import PlainSampler, SamplingParams  # noqa: E402
 from srl.plan import build_policy  # noqa: E402
 
+SMALL_CALLS = ["workers.actors.envs_per_actor=1", "workers.actors.ring=1", "workers.actors.count=8",
+               "workers.policies.max_batch=16"]
+"""16 completions (one prompt's group) per generation call instead of 256."""
 VARIANTS = {"spectr": [], "plain": ["generation.mode=plain"], "spectr_stale_draft": ["draft.align=false"],
             "spectr_frozen_draft": ["draft.align_updates=150"], "standard": ["generation.mode=standard"],
             "spectr_tv": ["draft.loss=tv"], "spectr_tv_frozen": ["draft.loss=tv", "draft.align_updates=80"],
-            "sophia": ["optimizer.type=sophia"], "spectr_lr6e-5": ["optimizer.lr=6e-5"]}
+            "sophia": ["optimizer.type=sophia"], "spectr_lr6e-5": ["optimizer.lr=6e-5"],
+            "plain_fp32": ["generation.mode=plain", "policy.autocast=none"],
+            "spectr_fp32": ["policy.autocast=none"], "standard_stale_draft": ["generation.mode=standard", "draft.align=false"],
+            "plain_b16": ["generation.mode=plain"] + SMALL_CALLS, "standard_b16": ["generation.mode=standard"] + SMALL_CALLS}
 CURVE_KEYS = ("wall_s", "version", "env_steps", "mean_return", "charts/reward", "generation/acceptance_rate",
               "generation/tokens_per_pass", "generation/batch", "generation/batch_s", "generation/busy_s", "draft/acceptance_rate",
               "generation/draft_version", "losses/kl", "losses/approx_kl", "losses/logp_gap", "perf/train_s",

@@ -69,8 +69,10 @@ class PolicyConfig:
     channels_last: bool = False
     """``cnn``: convolutions in channels-last memory format. Used on CUDA only (ignored on CPU)."""
     autocast: str = "none"
-    """``cnn``: ``bf16`` runs the trunk under bfloat16 autocast on CUDA (heads and losses stay
-    float32); ``none`` keeps float32. Ignored on CPU."""
+    """``bf16`` on CUDA: ``cnn`` runs the trunk under bfloat16 autocast (heads and losses stay
+    float32); ``lm`` runs the learner's forward passes under bfloat16 autocast (float32 master
+    weights, log-probabilities and losses) and generation workers sample from a bfloat16 copy of
+    the policy and the draft. ``none`` keeps float32. Ignored on CPU."""
     lm: dict = field(default_factory=dict)
     """``type: lm`` (token tasks): :class:`srl.policies.lm.LMConfig` fields (``d_model``,
     ``n_layers``, ``n_heads``, ``max_seq_len``, ...); ``vocab_size`` comes from the task."""

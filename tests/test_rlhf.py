@@ -496,6 +496,49 @@ def test_rlhf_addition_config_validates_at_gpu_size():
     assert 80e6 < n < 120e6
 
 
+def test_bf16_autocast_is_cuda_only_and_sampling_copies_follow_it():
+    from srl.policies.lm_policy import sampling_dtype
+
+    fp32, bf16 = _tiny(), _tiny(**{"policy.autocast": "bf16"})
+    assert sampling_dtype(bf16.policy, "cuda") == torch.bfloat16
+    assert sampling_dtype(bf16.policy, "cuda:0") == torch.bfloat16
+    assert sampling_dtype(bf16.policy, "cpu") == torch.float32
+    assert sampling_dtype(fp32.policy, "cuda") == torch.float32
+    info = compile_info(bf16)
+    torch.manual_seed(3)
+    policy = LMPolicy(info, bf16.policy)
+    twin = LMPolicy(info, fp32.policy)
+    twin.load_state_dict(policy.state_dict())
+    prompts = torch.from_numpy(build_task(bf16).sample_prompts(4, np.random.default_rng(0)))
+    completion = torch.randint(0, info.n_actions, (4, 5))
+    got, want = policy.completion_logits(prompts, completion), twin.completion_logits(prompts, completion)
+    assert got.dtype == torch.float32 and torch.equal(got, want)  # CPU: autocast does not apply
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_learner_log_probs_track_a_bfloat16_sampling_copy():
+    """On CUDA the learner's bf16-autocast log-probabilities and a bfloat16 copy's agree to bf16
+    round-off, and both differ from float32 by more than that (the autocast is really on)."""
+    cfg = _tiny(**{"policy.autocast": "bf16"})
+    info = compile_info(cfg)
+    torch.manual_seed(4)
+    policy = LMPolicy(info, cfg.policy).cuda()
+    copy_ = LMPolicy(info, cfg.policy).cuda().to(torch.bfloat16)
+    copy_.load_state_dict(policy.state_dict())
+    prompts = torch.from_numpy(build_task(cfg).sample_prompts(32, np.random.default_rng(1))).cuda()
+    completion = torch.randint(0, info.n_actions, (32, 6), device="cuda")
+    params = sampling_params(cfg)
+    from srl.generation.sampling import token_log_probs
+
+    with torch.no_grad():
+        amp = token_log_probs(policy.completion_logits(prompts, completion), completion, params)
+        policy.bf16 = False
+        exact = token_log_probs(policy.completion_logits(prompts, completion), completion, params)
+        low = token_log_probs(copy_.completion_logits(prompts, completion), completion, params)
+    assert float((amp - low).abs().max()) < 0.05
+    assert float((amp - exact).abs().max()) > 1e-4
+
+
 def test_grpo_with_sophia_refreshes_its_hessian():
     cfg = _tiny(**{"optimizer.type": "sophia", "optimizer.kwargs": "{update_period: 1}"})
     task, info = build_task(cfg), compile_info(cfg)

@@ -234,6 +234,26 @@ def test_loading_weights_writes_the_parameters_in_place():
         load_numpy_weights(model, {**arrays, "bias": np.zeros(4, np.float32)})
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_float32_weights_load_into_a_bfloat16_copy(device):
+    """A generation worker samples from a bfloat16 copy: float32 weights off the stream load into
+    it rounded to bfloat16, in place (on CUDA the cast runs on the device)."""
+    import torch
+
+    from srl.policies.weights import load_numpy_weights
+
+    model = torch.nn.Linear(8, 5).to(device, torch.bfloat16)
+    storage = model.weight.data_ptr()
+    arrays = {k: np.random.default_rng(6).standard_normal(tuple(v.shape)).astype(np.float32)
+              for k, v in model.state_dict().items()}
+    load_numpy_weights(model, arrays)
+    assert model.weight.data_ptr() == storage and model.weight.dtype == torch.bfloat16
+    for k, v in model.state_dict().items():
+        expected = torch.from_numpy(arrays[k]).to(torch.bfloat16)
+        assert torch.equal(v.cpu(), expected), k
+        assert not torch.equal(v.cpu().float(), torch.from_numpy(arrays[k])), k  # rounded, not bit-equal
+
+
 def test_load_hands_over_the_slot_and_redoes_a_torn_load():
     """``reader.load`` gives the loader the slot's arrays without a copy. When the writer rewrites
     that slot during the load, the load is redone from the newest slot and returns its version;

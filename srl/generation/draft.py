@@ -42,6 +42,9 @@ class DraftAlignConfig:
     """Draft length for the logged block efficiency."""
     params: SamplingParams = field(default_factory=SamplingParams)
     """Sampling parameters shared with generation (the temperature scales both models)."""
+    bf16: bool = False
+    """Both models' passes under bfloat16 autocast on CUDA (float32 master weights for the draft):
+    the numerics a bfloat16 generation copy samples with."""
 
     def validate(self) -> "DraftAlignConfig":
         if self.loss not in ("kl", "tv"):
@@ -88,10 +91,11 @@ class DraftAligner:
     def step(self, tokens: Tensor, mask: Tensor | None = None, update: bool = True) -> dict[str, float]:
         """One update on policy-generated ``tokens`` (B, T); the batch is not kept. ``update=False``
         only measures (the loss and acceptance the update would have started from)."""
-        with torch.no_grad():
+        amp = torch.autocast("cuda", torch.bfloat16, enabled=self.config.bf16 and tokens.is_cuda)
+        with torch.no_grad(), amp:
             target_logits = self.target(tokens)
         self.draft.train(update)
-        with torch.set_grad_enabled(update):
+        with torch.set_grad_enabled(update), amp:
             draft_logits = self.draft(tokens)
             loss, accept = distill_loss(draft_logits, target_logits, self.config.params.temperature,
                                         mask, self.config.loss)

@@ -11,7 +11,7 @@ from torch import nn
 def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Load weights received from a peer into the module's own tensors, in place; a name or shape
     that does not match the module's raises ValueError naming it (strict, so a foreign tensor never
-    slips in). Returns once the copies are done (from page-locked memory they are asynchronous)."""
+    slips in). Float32 weights load into a bfloat16 module (a generation worker's copy) as well. Returns once the copies are done (from page-locked memory they are asynchronous)."""
     own = module.state_dict()
     if set(arrays) != set(own):
         missing, extra = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
@@ -22,7 +22,10 @@ def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None
     with torch.no_grad(), warnings.catch_warnings():
         # frames off the wire are read-only buffers: torch warns, though they are only read here
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for k, v in arrays.items():  # in place, no intermediate copy: graphs keep reading them
-            own[k].copy_(torch.from_numpy(np.asarray(v)), non_blocking=own[k].is_cuda)
+        for k, v in arrays.items():  # in place: graphs keep reading them
+            src, dst = torch.from_numpy(np.asarray(v)), own[k]
+            if dst.is_cuda and src.dtype != dst.dtype:  # cast on the GPU (torch would cast on the host)
+                src = src.to(dst.device, non_blocking=True)
+            dst.copy_(src, non_blocking=dst.is_cuda)
     if any(t.is_cuda for t in own.values()):
         torch.cuda.synchronize()  # the source may be a shared file that is checked right after

@@ -18,6 +18,7 @@ import torch
 from srl.envs.tokens import sampling_params
 from srl.generation.draft import DraftAlignConfig, DraftAligner
 from srl.plan import DRAFT_PARAMS, DRAFT_SAMPLES, PARAMS, build_policy
+from srl.policies.lm_policy import sampling_dtype
 from srl.policies.weights import load_numpy_weights
 from srl.streams.params import ParamClient, ParamServer
 from srl.streams.sample import SampleConsumer
@@ -77,10 +78,11 @@ class DraftWorker(RLWorker):
         self.device = cfg.draft.device
         self.layout = token_layout(cfg, self.info)
         torch.manual_seed(cfg.seed)
-        self.policy = build_policy(self.info, cfg.policy).to(self.device).eval()
+        dtype = sampling_dtype(cfg.policy, self.device)  # the teacher as generation samples from it
+        self.policy = build_policy(self.info, cfg.policy).to(self.device, dtype).eval()
         self.draft = build_draft(cfg, self.info.n_actions, self.device)
         align = DraftAlignConfig(lr=cfg.draft.lr, loss=cfg.draft.loss, gamma=cfg.generation.draft_len,
-                                 params=sampling_params(cfg))
+                                 params=sampling_params(cfg), bf16=dtype == torch.bfloat16)
         self.distiller = DraftDistiller(DraftAligner(self.draft, self.policy, align), self.device,
                                         cfg.draft.align_updates)
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)

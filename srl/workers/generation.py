@@ -21,7 +21,7 @@ from srl.generation import PlainSampler, SpeculativeSampler
 from srl.generation.auto import load_table, pick
 from srl.plan import DRAFT_PARAMS, PARAMS, PROMPTS, build_policy, has_stream
 from srl.policies.lm import TransformerLM
-from srl.policies.lm_policy import lm_config
+from srl.policies.lm_policy import lm_config, sampling_dtype
 from srl.policies.weights import load_numpy_weights
 from srl.streams.inference import InferenceServer
 from srl.streams.params import ParamClient
@@ -86,8 +86,11 @@ class GenerationWorker(RLWorker):
         task = build_task(cfg)
         self.eos, self.pad, self.vocab = task.eos_id, task.pad_id, task.vocab_size
         self.P, self.N = prompt_len(task), max_new_tokens(cfg, task)
-        self.policy = build_policy(self.info, cfg.policy).to(self.device).eval()
-        self.draft = build_draft(cfg, self.vocab, self.device).eval() if cfg.generation.mode != "plain" else None
+        dtype = sampling_dtype(cfg.policy, self.device)
+        self.policy = build_policy(self.info, cfg.policy).to(self.device, dtype).eval()
+        self.draft = None
+        if cfg.generation.mode != "plain":
+            self.draft = build_draft(cfg, self.vocab, self.device).to(dtype).eval()
         trainer = self.plan.stream(PARAMS).server_of(self.spec.name)
         self.params = self.endpoint(ParamClient(self.address(PARAMS, trainer), self.key,
                                                 shared=self.cfg.network.shared_weights))
