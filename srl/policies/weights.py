@@ -11,7 +11,8 @@ from torch import nn
 def load_numpy_weights(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Load weights received from a peer into the module's own tensors, in place; a name or shape
     that does not match the module's raises ValueError naming it (strict, so a foreign tensor never
-    slips in). Float32 weights load into a bfloat16 module (a generation worker's copy) as well. Returns once the copies are done (from page-locked memory they are asynchronous)."""
+    slips in). Float32 weights load into a bfloat16 module (a generation worker's copy) as well.
+    Returns once the copies are done (from page-locked memory they are asynchronous)."""
     own = module.state_dict()
     if set(arrays) != set(own):
         missing, extra = sorted(set(own) - set(arrays)), sorted(set(arrays) - set(own))
