@@ -24,6 +24,7 @@ from srl.envs.tokens import build_task, finish_completions, sampling_params
 from srl.errors import ConfigError
 from srl.experiment import Experiment, controller_for
 from srl.generation.draft import DraftAlignConfig, DraftAligner
+from srl.generation.sampling import token_log_probs
 from srl.plan import DRAFT_PARAMS, DRAFT_SAMPLES, PROMPTS, compile_plan
 from srl.policies.lm_policy import LMPolicy
 from srl.system import wire
@@ -234,8 +235,8 @@ def test_generation_records_the_policys_log_probs_not_the_drafts(mode):
     learner = GRPOLearner(policy, cfg.algorithm, cfg.optimizer, sampling=sampling_params(cfg))
     with torch.no_grad():
         policy_logp = learner.log_probs(policy, prompts, tokens_t)
-        draft.completion_logits = lambda p, c: LMPolicy.completion_logits(draft, p, c)
-        draft_logp = learner.log_probs(draft, prompts, tokens_t)
+        draft_logits = draft(torch.cat([prompts, tokens_t], 1)[:, :-1])[:, prompts.shape[1] - 1:]
+        draft_logp = token_log_probs(draft_logits, tokens_t, sampling_params(cfg))
     assert _stream_gap(torch.from_numpy(logp), policy_logp, mask) < EXACT_ATOL
     # negative control: a stream that recorded the draft's log-probabilities fails the same check
     assert _stream_gap(draft_logp.float(), policy_logp, mask) > 100 * EXACT_ATOL
@@ -528,8 +529,6 @@ def test_bf16_autocast_learner_log_probs_track_a_bfloat16_sampling_copy():
     prompts = torch.from_numpy(build_task(cfg).sample_prompts(32, np.random.default_rng(1))).cuda()
     completion = torch.randint(0, info.n_actions, (32, 6), device="cuda")
     params = sampling_params(cfg)
-    from srl.generation.sampling import token_log_probs
-
     with torch.no_grad():
         amp = token_log_probs(policy.completion_logits(prompts, completion), completion, params)
         policy.bf16 = False

@@ -31,8 +31,7 @@ class LMPolicy(TransformerLM):
         self.bf16 = policy_cfg.autocast == "bf16"
 
     def _autocast(self, x: Tensor):
-        """bfloat16 autocast for ``x``'s pass (also when called on a plain TransformerLM: off)."""
-        return torch.autocast("cuda", torch.bfloat16, enabled=getattr(self, "bf16", False) and x.is_cuda)
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.bf16 and x.is_cuda)
 
     def state_dict(self, *args, **kwargs):
         """Tied embeddings saved as two tensors (checkpoints refuse shared memory); loading
@@ -47,7 +46,7 @@ class LMPolicy(TransformerLM):
         """Logits (n, N, V) of each completion token given everything before it: one causal
         pass over prompt (n, P) + completion (n, N); bfloat16 under ``policy.autocast: bf16``."""
         tokens = torch.cat([prompt, completion], 1)[:, :-1]
-        with LMPolicy._autocast(self, tokens):
+        with self._autocast(tokens):
             return self(tokens)[:, prompt.shape[1] - 1:]
 
     def forward_with_value(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
